@@ -1,0 +1,37 @@
+"""imgclf: from a folder of images to a trained, evaluated classifier saved as one artifact.
+
+Importing ``imgclf`` is cheap and has no side effects; the heavy modules load on first use.
+
+Example:
+    >>> import imgclf
+    >>> result = imgclf.train()                      # doctest: +SKIP  (the embedded Fashion-MNIST job)
+    >>> imgclf.evaluate(result.run_dir, "builtin:fashion-mnist:test")["top1"]  # doctest: +SKIP
+    0.91
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["Config", "ImgclfError", "evaluate", "load", "make_config", "predict", "train"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import evaluate, load, make_config, predict, train
+    from .config import Config
+    from .errors import ImgclfError
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("evaluate", "load", "make_config", "predict", "train"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "Config":
+        from .config import Config
+
+        return Config
+    if name == "ImgclfError":
+        from .errors import ImgclfError
+
+        return ImgclfError
+    raise AttributeError(f"module 'imgclf' has no attribute {name!r}")

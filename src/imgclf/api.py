@@ -1,0 +1,106 @@
+"""The public Python API: the same verbs as the CLI, taking configs and keyword arguments.
+
+Example:
+    >>> import imgclf
+    >>> cfg = imgclf.make_config(data="my_images/", overrides={"train.epochs": 3})  # doctest: +SKIP
+    >>> result = imgclf.train(cfg)                                                  # doctest: +SKIP
+    >>> imgclf.predict(result.run_dir, ["photo.jpg"]).rows[0]["top"][0]            # doctest: +SKIP
+    {'label': 'cat', 'prob': 0.97}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from .artifact import Artifact, load_artifact
+from .config import Config, build_config, load_yaml, recipe_path
+from .errors import ImgclfError
+from .eval.evaluate import evaluate_run
+from .predict import Predictions, predict_run
+from .train.trainer import LAST_CKPT, TrainResult, fit
+
+#: The recipe applied when no training data is given: the embedded Fashion-MNIST job.
+DEFAULT_RECIPE = "default"
+
+
+def nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"optim.lr": 1}`` -> ``{"optim": {"lr": 1}}``; keys must be ``section.field``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        sec, dot, name = key.partition(".")
+        if not dot or not name:
+            raise ImgclfError(f"override '{key}' must be written section.field (e.g. optim.lr)")
+        out.setdefault(sec, {})[name] = value
+    return out
+
+
+def make_config(
+    data: str | None = None,
+    *,
+    config_file: str | Path | None = None,
+    recipe: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Build a training ``Config``: defaults < recipe < config file < overrides (dotted keys).
+
+    With no data anywhere, the embedded Fashion-MNIST subset and the ``default`` recipe are used.
+    """
+    flat = dict(overrides or {})
+    if data is not None:
+        flat["data.path"] = str(data)
+    layers: list[dict] = []
+    sources: list[str] = []
+    user = load_yaml(config_file) if config_file else {}
+    user_data = (user.get("data") or {}).get("path") if isinstance(user.get("data"), dict) else None
+    if recipe is None and not flat.get("data.path") and not user_data:
+        recipe = DEFAULT_RECIPE
+    if recipe:
+        layers.append(load_yaml(recipe_path(recipe)))
+        sources.append(f"recipe '{recipe}'")
+    if config_file:
+        layers.append(user)
+        sources.append(str(config_file))
+    layers.append(nest(flat))
+    sources.append("command line")
+    return build_config(layers, sources)
+
+
+def resume_config(output: str | Path, name: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    """The saved config of a run to resume (by name, else the newest with a checkpoint), plus overrides."""
+    out = Path(output)
+    if name:
+        run = out / name
+    else:
+        cands = sorted(out.glob(f"*/{LAST_CKPT}"), key=lambda p: p.stat().st_mtime)
+        if not cands:
+            raise ImgclfError(f"--resume: no run with a checkpoint under {out}/ (pass --name of the run)")
+        run = cands[-1].parents[1]
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise ImgclfError(f"--resume: {run} has no config.yaml; is it an imgclf run?")
+    flat = dict(overrides or {})
+    flat.update({"run.output": str(out), "run.name": run.name})
+    return build_config([load_yaml(saved), nest(flat)], [str(saved), "command line"])
+
+
+def train(cfg: Config | None = None, *, resume: bool = False) -> TrainResult:
+    """Train per ``cfg`` (default: the embedded job) and return the run directory and metrics."""
+    return fit(cfg or make_config(), resume=resume)
+
+
+def evaluate(run_dir: str | Path, data: str, **kwargs: Any) -> dict[str, Any]:
+    """Metrics of a saved run on labelled ``data``; see ``imgclf.eval.evaluate.evaluate_run``."""
+    return evaluate_run(run_dir, data, **kwargs)
+
+
+def predict(run_dir: str | Path, inputs: list[str], **kwargs: Any) -> Predictions:
+    """Top-k predictions for image files, folders and CSVs; see ``imgclf.predict.predict_run``."""
+    return predict_run(run_dir, inputs, **kwargs)
+
+
+def load(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Artifact]:
+    """The trained model (eval mode) and its artifact metadata."""
+    return load_artifact(run_dir, device)

@@ -1,0 +1,130 @@
+"""The run artifact: ``model.safetensors`` + ``imgclf.json``, the hub every later stage reads.
+
+The JSON holds everything needed to use the weights without the training code: architecture,
+class names, preprocessing, the resolved config, metrics and package versions (later: calibration,
+OOD and drift statistics under their own keys). Loading never unpickles anything.
+
+The weights also load in plain timm::
+
+    timm.create_model(arch, pretrained=True, num_classes=K,
+                      pretrained_cfg_overlay=dict(file="runs/x/model.safetensors", num_classes=K))
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import ImgclfError
+from .io import atomic_write, write_json
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "imgclf.json"
+FORMAT_VERSION = 1
+_REQUIRED = ("format_version", "arch", "class_names", "preprocessing")
+
+
+@dataclass
+class Artifact:
+    """What a run leaves behind, apart from the weights."""
+
+    arch: str
+    class_names: list[str]
+    preprocessing: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    weights_source: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(vars(self))
+        extra = d.pop("extra")
+        return {**d, **extra}
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape results, for the record next to every figure."""
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("imgclf", "torch", "torchvision", "timm", "torchmetrics", "safetensors", "numpy", "pillow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    out["cuda"] = torch.version.cuda or "none"
+    return out
+
+
+def save_weights(path: Path, model: nn.Module, meta: dict[str, str] | None = None) -> None:
+    """Write a state dict as safetensors atomically (tensors copied, so shared storage is not an issue)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta or {}))
+
+
+def save_artifact(run_dir: str | Path, model: nn.Module, art: Artifact) -> Path:
+    """Write weights then metadata into ``run_dir`` (each atomically); returns the directory."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    art.created = art.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    art.versions = art.versions or package_versions()
+    save_weights(run_dir / WEIGHTS_FILE, model, {"arch": art.arch, "num_classes": str(art.num_classes)})
+    write_json(run_dir / META_FILE, art.to_json())
+    return run_dir
+
+
+def read_artifact(run_dir: str | Path) -> Artifact:
+    """Read and validate ``imgclf.json`` of a run directory."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / META_FILE
+    if not run_dir.exists():
+        raise ImgclfError(f"run directory not found: {run_dir}")
+    if not meta_path.is_file():
+        raise ImgclfError(f"{run_dir}: not a finished imgclf run (no {META_FILE}; train it or use --resume)")
+    try:
+        doc = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ImgclfError(f"{meta_path}: cannot read run metadata ({e})") from None
+    missing = [k for k in _REQUIRED if k not in doc]
+    if missing:
+        raise ImgclfError(f"{meta_path}: missing field(s) {', '.join(missing)}")
+    if doc["format_version"] > FORMAT_VERSION:
+        raise ImgclfError(f"{meta_path}: format {doc['format_version']} is newer than this imgclf; upgrade imgclf")
+    known = {k: doc.pop(k) for k in list(doc) if k in Artifact.__dataclass_fields__ and k != "extra"}
+    return Artifact(**known, extra=doc)
+
+
+def load_artifact(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Artifact]:
+    """The model (eval mode) and its metadata from a run directory."""
+    from safetensors.torch import load_file
+
+    from .models.factory import build_model
+
+    run_dir = Path(run_dir)
+    art = read_artifact(run_dir)
+    wpath = run_dir / WEIGHTS_FILE
+    if not wpath.is_file():
+        raise ImgclfError(f"{run_dir}: weights file {WEIGHTS_FILE} is missing")
+    model = build_model(art.arch, art.num_classes)
+    try:
+        state = load_file(str(wpath), device=str(device))
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or mismatched file
+        first = str(e).strip().splitlines()[0][:200]
+        raise ImgclfError(f"{wpath}: cannot load weights into {art.arch} ({first})") from None
+    return model.to(device).eval(), art

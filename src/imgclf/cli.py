@@ -1,0 +1,312 @@
+"""The command line: thin verbs over the public API. Flags for every config field are generated
+from the dataclasses in ``imgclf.config`` (``--section.field VALUE``); a few common ones have short names.
+
+Errors a user can fix print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from typing import Any
+
+from .config import field_types, section_fields
+from .errors import ImgclfError
+
+#: short flag -> dotted config key
+SHORTCUTS = {
+    "--data": ("data.path", "training data: folder, CSV, .npz or builtin:fashion-mnist (default: embedded)"),
+    "--val-data": ("data.val_path", "validation data (default: stratified split of --data)"),
+    "--test-data": ("data.test_path", "test data evaluated with the best weights at the end"),
+    "--model": ("model.name", "any timm architecture (default tf_efficientnet_lite0)"),
+    "--weights": ("model.weights", "auto | packaged | hub | none | FILE.safetensors/.pth"),
+    "--epochs": ("train.epochs", "number of epochs"),
+    "--batch-size": ("data.batch_size", "batch size"),
+    "--lr": ("optim.lr", "peak learning rate"),
+    "--input-size": ("data.input_size", "square input size (default: the model's)"),
+    "--seed": ("train.seed", "random seed"),
+    "--device": ("train.device", "auto | cpu | cuda | cuda:N | mps"),
+    "--name": ("run.name", "run directory name under --output"),
+    "--output": ("run.output", "directory for run directories (default runs)"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ImgclfError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("imgclf")
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def _type_hint(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if origin in (tuple, list):
+        return "[A,B]"
+    if args:
+        return "/".join(_type_hint(a) for a in args if a is not type(None))
+    return getattr(tp, "__name__", "V").upper()
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model (no arguments: the embedded Fashion-MNIST job)",
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a classifier. Precedence: defaults < --recipe < --config < flags.",
+    )
+    p.add_argument("--config", help="YAML file with sections data, aug, model, optim, sched, train, run")
+    p.add_argument("--recipe", help="a recipe shipped with imgclf (e.g. default)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run named by --name (or the newest) from its last checkpoint",
+    )
+    p.add_argument(
+        "--strict-images", action="store_true", help="stop at the first unreadable image instead of skipping it"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="only the final summary")
+    for flag, (key, help_) in SHORTCUTS.items():
+        p.add_argument(flag, dest=key, metavar=_type_hint(field_types()[key]), help=f"{help_} (= --{key})")
+    types_ = field_types()
+    for sec, fields in section_fields().items():
+        g = p.add_argument_group(f"{sec} (config section)")
+        for name, f in fields.items():
+            key = f"{sec}.{name}"
+            default = f.default if f.default is not f.default_factory else None  # type: ignore[comparison-overlap]
+            g.add_argument(
+                f"--{key}", dest=key, metavar=_type_hint(types_[key]), help=f"{f.metadata.get('help', '')} [{default}]"
+            )
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="metrics of a saved run on labelled data")
+    p.add_argument("run", help="run directory (runs/<name>)")
+    p.add_argument("--data", required=True, help="labelled data: folder, CSV, .npz or builtin:fashion-mnist:test")
+    p.add_argument("--split", default="test", help="split of a multi-split .npz (default test)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=-1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--format", choices=["table", "json"], default="table", help="stdout format")
+    p.add_argument("--json", dest="json_out", help="also write the metrics JSON to this file")
+    p.add_argument("--strict-images", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-k labels for images, folders or a CSV of paths")
+    p.add_argument("run", help="run directory (runs/<name>)")
+    p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or CSV files with a 'path' column")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=-1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--strict-images", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list timm architectures and the weight sources available offline")
+    p.add_argument("pattern", nargs="?", default="", help="substring or glob, e.g. resnet or 'efficientnet_b*'")
+    p.add_argument(
+        "--pretrained", action="store_true", help="only architectures with hub weights (needs internet to use)"
+    )
+    p.add_argument("--limit", type=int, default=50, help="show at most this many names (0 = all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="imgclf", description="From a folder of images to a trained, evaluated classifier.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    for add in (_add_train, _add_eval, _add_predict, _add_models):
+        add(sub)
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import api
+    from .eval.metrics import metrics_table
+
+    ns = vars(args)
+    flat = {k: v for k, v in ns.items() if "." in k}
+    if ns.get("strict_images"):
+        flat["data.strict_images"] = "true"
+    if ns.get("no_progress"):
+        flat["run.progress"] = "false"
+    if ns.get("resume"):
+        out = flat.pop("run.output", "runs")
+        cfg = api.resume_config(out, flat.pop("run.name", None), flat)
+    else:
+        cfg = api.make_config(config_file=ns.get("config"), recipe=ns.get("recipe"), overrides=flat)
+    result = api.train(cfg, resume=bool(ns.get("resume")))
+    print(metrics_table(result.val_metrics, f"validation (best epoch {result.best_epoch})"))
+    if result.test_metrics is not None:
+        print()
+        print(metrics_table(result.test_metrics, "test"))
+    _print_skipped(result.skipped)
+    print(f"\nrun: {result.run_dir}  ({result.seconds / 60:.1f} min)")
+    return 0
+
+
+def _print_skipped(skipped: dict[str, str]) -> None:
+    if skipped:
+        print(f"\nskipped {len(skipped)} unreadable file(s):", file=sys.stderr)
+        for path, why in sorted(skipped.items()):
+            print(f"  {path}: {why}", file=sys.stderr)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from . import api
+    from .artifact import read_artifact
+    from .eval.metrics import confusion_table, metrics_table
+    from .io import write_json
+
+    m = api.evaluate(
+        args.run,
+        args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        strict_images=args.strict_images,
+        progress=not args.no_progress,
+    )
+    if args.json_out:
+        write_json(args.json_out, m)
+    if args.format == "json":
+        print(json.dumps(m, indent=2))
+    else:
+        names = read_artifact(args.run).class_names
+        print(metrics_table(m, f"{args.run} on {m['data']}"))
+        print("\nconfusion matrix (rows: true, columns: predicted class index)")
+        print(confusion_table(m, names))
+        _print_skipped(m.get("skipped_files", {}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from . import api
+    from .io import write_text
+    from .predict import render
+
+    preds = api.predict(
+        args.run,
+        args.inputs,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        strict_images=args.strict_images,
+        progress=not args.no_progress,
+    )
+    text = render(preds, args.format)
+    if args.output:
+        write_text(args.output, text if text.endswith("\n") else text + "\n")
+        print(f"wrote {len(preds.rows)} prediction(s) to {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    _print_skipped(preds.skipped)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import timm
+
+    from .eval.metrics import format_table
+    from .models.factory import list_models
+    from .models.weights import PACKAGED_PIP, packaged_available
+
+    names = list_models(args.pattern, pretrained=False)
+    hub = {n.split(".")[0] for n in timm.list_models(pretrained=True)}
+    if args.pretrained:
+        names = [n for n in names if n in hub]
+    avail = packaged_available()
+    shown = names if args.limit == 0 else names[: args.limit]
+    rows = [
+        [
+            n,
+            "installed" if avail.get(n) else ("pip install " + PACKAGED_PIP[n] if n in avail else "-"),
+            "yes" if n in hub else "-",
+        ]
+        for n in shown
+    ]
+    print(format_table(rows, ["architecture", "packaged weights (offline)", "hub weights (online)"]))
+    if len(shown) < len(names):
+        print(f"... {len(names) - len(shown)} more (use --limit 0 to list all)")
+    print(f"\n{len(names)} architecture(s) match. Weight sources for --weights:")
+    print(
+        "  packaged  ImageNet weights shipped in PyPI packages: "
+        + ", ".join(f"{a} ({'installed' if ok else 'not installed'})" for a, ok in avail.items())
+    )
+    print("  FILE      a local .safetensors or .pth state dict (loaded with weights_only=True)")
+    print("  hub       timm / Hugging Face pretrained download (needs internet)")
+    print("  none      random initialisation")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``imgclf``; returns the exit code (0 ok, 2 usage/input error)."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.version:
+            from importlib.metadata import version
+
+            print(f"imgclf {version('imgclf')}")
+            return 0
+        if extra:
+            _unknown(args.command, extra)
+        if not args.command:
+            parser.print_help()
+            return 2
+        _setup_logging(getattr(args, "quiet", False))
+        return COMMANDS[args.command](args)
+    except ImgclfError as e:
+        print(f"imgclf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imgclf: interrupted", file=sys.stderr)
+        return 130
+
+
+def _unknown(command: str | None, extra: list[str]) -> typing.NoReturn:
+    flag = next((x for x in extra if x.startswith("--")), extra[0])
+    key = flag[2:].split("=", 1)[0]
+    if command == "train" and "." in key:
+        sec = key.split(".", 1)[0]
+        fields = section_fields()
+        if sec in fields:
+            raise ImgclfError(f"unknown config key '{key}' (fields of {sec}: {', '.join(fields[sec])})")
+        raise ImgclfError(f"unknown config key '{key}' (sections: {', '.join(fields)})")
+    raise ImgclfError(f"imgclf {command or ''}: unrecognized argument '{flag}' (see --help)".replace("  ", " "))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

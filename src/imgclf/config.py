@@ -1,0 +1,363 @@
+"""Typed configuration: dataclasses with help text and validation, YAML files and dotted overrides.
+
+Precedence, lowest first: the defaults below < a recipe (``--recipe`` or the embedded default's)
+< ``--config FILE.yaml`` < command-line flags such as ``--optim.lr 3e-4`` or ``--epochs 5``.
+Every layer is checked against the schema, so a misspelt key is an error that names it and its source.
+
+Example:
+    >>> cfg = build_config([{"optim": {"lr": 0.01}}], ["test"])
+    >>> cfg.optim.lr
+    0.01
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ImgclfError
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best at call sites
+    """A dataclass field with help text (shown by ``--help``) and a default."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are batched."""
+
+    path: str | None = opt(None, "training data: ImageFolder dir, CSV (path,label), .npz, or 'builtin:fashion-mnist'")
+    val_path: str | None = opt(None, "validation data; default: a stratified split of the training data")
+    test_path: str | None = opt(None, "test data evaluated once at the end with the best checkpoint")
+    val_split: float = opt(0.1, "fraction of the training data held out for validation when val_path is unset")
+    input_size: int | None = opt(None, "square input size; default: the model's pretrained config")
+    crop_pct: float | None = opt(None, "eval centre-crop fraction; default: the model's pretrained config")
+    interpolation: str | None = opt(None, "resize interpolation (bilinear, bicubic, ...); default: the model's")
+    batch_size: int = opt(64, "training batch size per device")
+    eval_batch_size: int | None = opt(None, "evaluation batch size; default: 2 x batch_size")
+    num_workers: int = opt(-1, "data loader worker processes; -1 picks from the CPU count")
+    strict_images: bool = opt(False, "stop on the first corrupt or non-image file instead of skipping it")
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.val_split < 1.0, "data.val_split", "must be in [0, 1)", self.val_split)
+        _check(self.input_size is None or self.input_size >= 8, "data.input_size", "must be >= 8", self.input_size)
+        _check(self.crop_pct is None or 0 < self.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]", self.crop_pct)
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1", self.batch_size)
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (timm's transform factory); eval and predict never augment."""
+
+    scale: tuple[float, float] = opt((0.08, 1.0), "RandomResizedCrop area range")
+    ratio: tuple[float, float] = opt((0.75, 4 / 3), "RandomResizedCrop aspect-ratio range")
+    hflip: float = opt(0.5, "horizontal flip probability")
+    vflip: float = opt(0.0, "vertical flip probability")
+    color_jitter: float | None = opt(None, "ColorJitter strength (brightness/contrast/saturation); None disables")
+    auto_augment: str | None = opt(None, "timm auto-augment spec, e.g. 'rand-m9-mstd0.5' or 'trivialaugment'")
+    re_prob: float = opt(0.0, "RandomErasing probability")
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale
+        _check(0 < lo <= hi <= 1, "aug.scale", "must be 0 < min <= max <= 1", self.scale)
+        _check(0 < self.ratio[0] <= self.ratio[1], "aug.ratio", "must be 0 < min <= max", self.ratio)
+        for name in ("hflip", "vflip", "re_prob"):
+            _check(0 <= getattr(self, name) <= 1, f"aug.{name}", "must be a probability in [0, 1]", getattr(self, name))
+
+
+@dataclass
+class ModelConfig:
+    """The network: any timm architecture with a new head for the data's classes."""
+
+    name: str = opt("tf_efficientnet_lite0", "timm architecture name (see `imgclf models`)")
+    weights: str = opt(
+        "auto", "auto | packaged | hub | none | path/to/file.safetensors|.pth  (auto: packaged if any, else hub)"
+    )
+    drop_rate: float | None = opt(None, "dropout before the classifier; default: the architecture's")
+    drop_path_rate: float | None = opt(None, "stochastic depth rate; default: the architecture's")
+    channels_last: bool = opt(True, "use channels_last memory format (faster convolutions on CPU and GPU)")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer (timm factory: no weight decay on norms and biases)."""
+
+    name: Literal["adamw", "sgd"] = opt("adamw", "optimizer")
+    lr: float = opt(1e-3, "peak learning rate")
+    weight_decay: float = opt(0.05, "weight decay (skipped for norm and bias parameters)")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(True, "SGD Nesterov momentum")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    clip_grad: float | None = opt(None, "clip the gradient norm to this value; None disables")
+    accum_steps: int = opt(1, "gradient accumulation steps per optimizer update")
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be > 0", self.lr)
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.accum_steps >= 1, "optim.accum_steps", "must be >= 1", self.accum_steps)
+        _check(self.clip_grad is None or self.clip_grad > 0, "optim.clip_grad", "must be > 0", self.clip_grad)
+
+
+@dataclass
+class SchedConfig:
+    """Learning-rate schedule, stepped every optimizer update."""
+
+    name: Literal["cosine", "constant"] = opt("cosine", "cosine decay with linear warmup, or constant after warmup")
+    warmup_epochs: float = opt(1.0, "linear warmup length in epochs (fractions allowed)")
+    warmup_lr_ratio: float = opt(0.01, "warmup starts at lr x this")
+    min_lr_ratio: float = opt(0.01, "cosine ends at lr x this")
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_epochs >= 0, "sched.warmup_epochs", "must be >= 0", self.warmup_epochs)
+
+
+@dataclass
+class TrainConfig:
+    """The loop: epochs, loss, precision, EMA, model selection and stopping."""
+
+    epochs: int = opt(10, "number of epochs")
+    label_smoothing: float = opt(0.1, "label smoothing for the cross-entropy loss")
+    amp: Literal["auto", "none", "bf16", "fp16"] = opt(
+        "auto", "mixed precision: auto = bf16/fp16 on CUDA, none on CPU (fp32 channels_last is faster here)"
+    )
+    ema: bool = opt(True, "keep an exponential moving average of the weights (timm ModelEmaV3)")
+    ema_decay: float = opt(0.998, "EMA decay (with warmup, so early epochs are not dominated by init)")
+    metric: Literal["top1", "top5", "macro_f1", "balanced_accuracy", "loss"] = opt(
+        "top1", "validation metric that picks the best checkpoint"
+    )
+    patience: int | None = opt(None, "stop after this many epochs without improvement; None disables")
+    seed: int = opt(0, "random seed for split, init, shuffling and augmentation")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", self.label_smoothing)
+        _check(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1)", self.ema_decay)
+        _check(self.patience is None or self.patience >= 1, "train.patience", "must be >= 1", self.patience)
+
+
+@dataclass
+class RunConfig:
+    """Where results go."""
+
+    output: str = opt("runs", "directory that holds run directories")
+    name: str | None = opt(None, "run directory name; default: <model>-<timestamp>")
+    progress: bool = opt(True, "show progress bars")
+
+
+@dataclass
+class Config:
+    """Everything `imgclf train` needs; saved resolved in the run directory and the artifact."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ImgclfError(f"config field '{key}' {rule} (got {value!r})")
+
+
+# --------------------------------------------------------------------------- schema walking
+
+
+def section_fields(cls: type = Config) -> dict[str, dict[str, dataclasses.Field]]:
+    """``{section: {field_name: Field}}`` for every section of ``Config``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: {g.name: g for g in dataclasses.fields(hints[f.name])} for f in dataclasses.fields(cls)}
+
+
+def field_types(cls: type = Config) -> dict[str, Any]:
+    """``{"section.field": type}`` with resolved annotations."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for sec in dataclasses.fields(cls):
+        sub = typing.get_type_hints(hints[sec.name])
+        for name in section_fields(cls)[sec.name]:
+            out[f"{sec.name}.{name}"] = sub[name]
+    return out
+
+
+def coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to ``tp`` or raise a one-line error."""
+
+    def fail() -> ImgclfError:
+        return ImgclfError(f"{where}: field '{key}' expects {_type_name(tp)}, got {value!r}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, key, where)
+            except ImgclfError:
+                pass
+        raise fail()
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ImgclfError(f"{where}: field '{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = _yaml_scalar(value)
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise fail()
+            return tuple(coerce(v, a, key, where) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        return origin(coerce(v, inner, key, where) for v in value)
+    if tp is Any:
+        return value
+    if isinstance(value, str) and tp is not str:
+        value = _yaml_scalar(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:  # YAML 1.1 reads "3e-4" as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise fail() from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    raise fail()
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (tuple, list):
+        return f"a list [{', '.join(_type_name(a) for a in args if a is not Ellipsis)}]"
+    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+# --------------------------------------------------------------------------- layering
+
+
+def check_layer(layer: dict, where: str) -> dict[str, Any]:
+    """Validate one layer's keys and types against the schema; return it flattened to dotted keys."""
+    if not isinstance(layer, dict):
+        raise ImgclfError(
+            f"{where}: expected a mapping of sections (data, model, optim, ...), got {type(layer).__name__}"
+        )
+    types_ = field_types()
+    sections = section_fields()
+    flat: dict[str, Any] = {}
+    for sec, body in layer.items():
+        if sec not in sections:
+            raise ImgclfError(f"{where}: unknown config key '{sec}' (sections: {', '.join(sections)})")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ImgclfError(f"{where}: config key '{sec}' must be a mapping of fields, got {body!r}")
+        for name, value in body.items():
+            key = f"{sec}.{name}"
+            if key not in types_:
+                raise ImgclfError(f"{where}: unknown config key '{key}' (fields of {sec}: {', '.join(sections[sec])})")
+            flat[key] = coerce(value, types_[key], key, where)
+    return flat
+
+
+def build_config(layers: list[dict], sources: list[str]) -> Config:
+    """Merge layers (lowest precedence first) over the defaults into a validated ``Config``."""
+    merged: dict[str, Any] = {}
+    for layer, where in zip(layers, sources):
+        merged.update(check_layer(layer, where))
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in merged.items():
+        sec, name = key.split(".", 1)
+        nested.setdefault(sec, {})[name] = value
+    hints = typing.get_type_hints(Config)
+    return Config(**{sec: hints[sec](**nested.get(sec, {})) for sec in section_fields()})
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (tuples become lists) suitable for YAML and JSON."""
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {sec: {k: plain(v) for k, v in vars(getattr(cfg, sec)).items()} for sec in section_fields()}
+
+
+def config_from_dict(d: dict, where: str = "saved config") -> Config:
+    """Rebuild a ``Config`` from ``config_to_dict`` output (e.g. from an artifact)."""
+    return build_config([d], [where])
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping or raise a one-line error naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ImgclfError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImgclfError(f"cannot read config file {p}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ImgclfError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ImgclfError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (what `--config` accepts back)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def recipe_path(name: str) -> Path:
+    """Path of a recipe shipped in the package (``imgclf/recipes/NAME.yaml``)."""
+    here = Path(__file__).parent / "recipes"
+    p = here / f"{name}.yaml"
+    if not p.is_file():
+        known = sorted(q.stem for q in here.glob("*.yaml"))
+        raise ImgclfError(f"unknown recipe '{name}' (known: {', '.join(known)})")
+    return p

@@ -1,0 +1,59 @@
+"""Decode one image into RGB the same way for training, evaluation, prediction and serving."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Extensions we treat as images when scanning folders for prediction (training folders take every file).
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+
+
+class BadImage(Exception):
+    """An input that is not a decodable image; ``reason`` is a short human-readable cause."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert grey, palette, CMYK and alpha images to 3-channel RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file as RGB, or raise ``BadImage`` naming the cause."""
+    path = str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+    except FileNotFoundError:
+        raise BadImage(path, "file not found") from None
+    except UnidentifiedImageError:
+        raise BadImage(path, "not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(path, f"too many pixels ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage(path, f"corrupt or truncated image ({e})") from None
+
+
+def array_to_image(arr: np.ndarray) -> Image.Image:
+    """A HW, HWC (C = 1, 3, 4) uint8 array as an RGB PIL image."""
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))

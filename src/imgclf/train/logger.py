@@ -1,0 +1,70 @@
+"""Per-epoch metrics to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard when installed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, dump_yaml
+from ..io import write_text
+
+
+class RunLogger:
+    """Appends one row per epoch; only the main process writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self.tb = None
+
+    def save_config(self, cfg: Config) -> None:
+        if self.enabled:
+            write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._truncate_after(row["epoch"] - 1)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
+                    self.tb.add_scalar(k, v, row["epoch"])
+
+    def _truncate_after(self, epoch: int) -> None:
+        """After a resume, drop rows of epochs that the interrupted run logged past its checkpoint."""
+        for name in ("metrics.jsonl", "metrics.csv"):
+            path = self.run_dir / name
+            if not path.exists():
+                continue
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if name.endswith(".csv"):
+                head, body = lines[:1], lines[1:]
+                keep = head + body[:epoch]
+            else:
+                keep = lines[:epoch]
+            if len(keep) != len(lines):
+                write_text(path, "".join(keep))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny generated image data sets, a CLI runner, and one tiny trained run."""
+
+from __future__ import annotations
+
+import io
+import os
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach for the network
+
+#: fast settings for end-to-end runs on tiny data with timm's tiny test models
+TINY = [
+    "--model",
+    "test_efficientnet",
+    "--weights",
+    "none",
+    "--input-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--data.num_workers",
+    "0",
+    "--no-progress",
+    "--train.ema",
+    "false",
+    "--lr",
+    "0.01",
+    "--sched.warmup_epochs",
+    "0",
+]
+
+#: one clearly separable colour per class
+PALETTE = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 230, 40)]
+
+
+def make_image(cls: int, rng: np.random.Generator, size: int = 24) -> Image.Image:
+    """A noisy image dominated by the class colour, with a class-dependent bright stripe."""
+    base = np.array(PALETTE[cls], dtype=np.float32)
+    arr = base + rng.normal(0, 25, (size, size, 3))
+    arr[:, (cls * size // 4) : (cls * size // 4) + 3] = 255
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def make_folder(root: Path, n_per_class: int = 12, classes: int = 3, seed: int = 0, nested: bool = False) -> Path:
+    """An ImageFolder of PNGs: ``root/class_k/[sub/]img_i.png``."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class_{c}"
+        for i in range(n_per_class):
+            sub = d / "nested" if nested and i % 2 else d
+            sub.mkdir(parents=True, exist_ok=True)
+            make_image(c, rng).save(sub / f"img_{i:03d}.png")
+    return root
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"Result(code={self.code}, out={self.out[-500:]!r}, err={self.err[-800:]!r})"
+
+
+def run_cli(*argv: str) -> Result:
+    """``imgclf.cli.main(argv)`` with stdout/stderr captured."""
+    from imgclf.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("tiny") / "train", n_per_class=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_test_folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("tiny_test") / "test", n_per_class=8, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_folder) -> Path:
+    """A run trained once per session on the tiny folder (used by eval/predict/artifact tests)."""
+    out = tmp_path_factory.mktemp("runs")
+    r = run_cli("train", "--data", tiny_folder, "--epochs", "4", "--output", out, "--name", "tiny", *TINY)
+    assert r.code == 0, r
+    return out / "tiny"

@@ -1,0 +1,175 @@
+"""End to end through ``main(argv)`` on tiny generated data with timm's tiny test models."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import TINY, make_folder, run_cli
+
+
+def test_train_learns_separable_tiny_data(tiny_run):
+    doc = json.loads((tiny_run / "imgclf.json").read_text())
+    assert doc["metrics"]["val"]["top1"] >= 0.8  # 3 colour classes; chance is 0.33
+    assert doc["metrics"]["epochs_run"] == 4
+
+
+def test_eval_reports_metrics_on_unseen_data(tiny_run, tiny_test_folder, tmp_path):
+    out = tmp_path / "m.json"
+    r = run_cli("eval", tiny_run, "--data", tiny_test_folder, "--json", out, "--no-progress", "--workers", "0")
+    assert r.code == 0, r
+    assert "top1" in r.out and "class_2" in r.out and "confusion matrix" in r.out
+    m = json.loads(out.read_text())
+    assert m["n"] == 24 and m["top1"] >= 0.8
+    assert sum(map(sum, m["confusion_matrix"])) == 24
+
+
+def test_eval_json_format_on_stdout(tiny_run, tiny_test_folder):
+    r = run_cli("eval", tiny_run, "--data", tiny_test_folder, "--format", "json", "--no-progress", "--workers", "0")
+    assert r.code == 0 and json.loads(r.out)["num_classes"] == 3
+
+
+def test_predict_skips_corrupt_and_text_files_and_reports_them(tiny_run, tmp_path):
+    folder = make_folder(tmp_path / "p", n_per_class=2, classes=3, seed=5)
+    (folder / "class_0" / "notes.txt").write_text("not an image")
+    good = folder / "class_1" / "img_000.png"
+    (folder / "broken.png").write_bytes(good.read_bytes()[:50])
+    r = run_cli("predict", tiny_run, folder, "--format", "json", "--no-progress", "--workers", "0")
+    assert r.code == 0, r
+    doc = json.loads(r.out)
+    assert len(doc["predictions"]) == 6
+    assert {s["path"].rsplit("/", 1)[-1] for s in doc["skipped"]} == {"notes.txt", "broken.png"}
+    assert "skipped 2 unreadable file(s)" in r.err
+    right = sum(p["top"][0]["label"] == p["path"].split("/")[-2] for p in doc["predictions"])
+    assert right >= 5
+    for p in doc["predictions"]:
+        probs = [t["prob"] for t in p["top"]]
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-4)
+
+
+def test_predict_csv_and_table_and_output_file(tiny_run, tmp_path):
+    folder = make_folder(tmp_path / "q", n_per_class=1, classes=3, seed=6)
+    listing = tmp_path / "list.csv"
+    listing.write_text("path\n" + "\n".join(f"q/class_{c}/img_000.png" for c in range(3)) + "\n")
+    out = tmp_path / "preds.csv"
+    r = run_cli("predict", tiny_run, listing, "--format", "csv", "--top-k", "2", "-o", out, "--no-progress")
+    assert r.code == 0, r
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == 3 and set(rows[0]) == {"path", "label_1", "prob_1", "label_2", "prob_2"}
+    r = run_cli("predict", tiny_run, folder / "class_2" / "img_000.png", "--no-progress")
+    assert r.code == 0 and "top1" in r.out and "%" in r.out
+
+
+def test_train_on_csv_and_npz_sources(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n_per_class=10, classes=2)
+    listing = tmp_path / "train.csv"
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(folder.rglob("*.png"))]
+    listing.write_text("path,label\n" + "\n".join(rows) + "\n")
+    r = run_cli("train", "--data", listing, "--epochs", "1", "--output", tmp_path / "runs", "--name", "csv", *TINY)
+    assert r.code == 0, r
+    rng = np.random.default_rng(0)
+    imgs = np.stack([np.asarray(Image.open(p)) for p in sorted(folder.rglob("*.png"))])
+    npz = tmp_path / "arr.npz"
+    np.savez(npz, images=imgs, labels=np.repeat([0, 1], 10), class_names=np.array(["red", "green"]))
+    r = run_cli("train", "--data", npz, "--epochs", "1", "--output", tmp_path / "runs", "--name", "npz", *TINY)
+    assert r.code == 0, r
+    doc = json.loads((tmp_path / "runs" / "npz" / "imgclf.json").read_text())
+    assert doc["class_names"] == ["red", "green"]
+    assert rng is not None
+
+
+def test_training_skips_bad_files_and_lists_them(tmp_path):
+    folder = make_folder(tmp_path / "d", n_per_class=8, classes=2)
+    (folder / "class_0" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (folder / "class_1" / "readme.txt").write_text("hello")
+    r = run_cli("train", "--data", folder, "--epochs", "1", "--output", tmp_path / "r", "--name", "x", *TINY)
+    assert r.code == 0, r
+    assert "skipped 2 unreadable file(s)" in r.err and "corrupt.png" in r.err and "readme.txt" in r.err
+    doc = json.loads((tmp_path / "r" / "x" / "imgclf.json").read_text())
+    assert len(doc["metrics"]["skipped_files"]) == 2
+    strict = run_cli(
+        "train", "--data", folder, "--epochs", "1", "--output", tmp_path / "r", "--name", "y", "--strict-images", *TINY
+    )
+    assert strict.code == 2 and ("corrupt.png" in strict.err or "readme.txt" in strict.err)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--optim.name", "sgd", "--lr", "0.05", "--optim.accum_steps", "2", "--optim.clip_grad", "1.0"],
+        ["--train.amp", "bf16", "--train.ema", "true", "--model", "test_convnext"],
+        ["--model", "test_vit", "--aug.auto_augment", "rand-m9-mstd0.5", "--aug.re_prob", "0.25"],
+    ],
+    ids=["sgd-accum-clip", "bf16-ema-convnext", "vit-randaugment-erasing"],
+)
+def test_training_options_run_and_learn(tmp_path, tiny_folder, extra):
+    r = run_cli(
+        "train",
+        "--data",
+        tiny_folder,
+        "--epochs",
+        "5",
+        "--output",
+        tmp_path,
+        "--name",
+        "o",
+        *TINY,
+        "--batch-size",
+        "8",
+        *extra,
+    )
+    assert r.code == 0, r
+    rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(np.isfinite(r["train_loss"]) for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    doc = json.loads((tmp_path / "o" / "imgclf.json").read_text())
+    assert doc["metrics"]["val"]["top1"] > 0.5  # chance is 1/3
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path, tiny_folder):
+    # lr so small that nothing improves after the first epoch: patience 1 stops at epoch 2
+    r = run_cli(
+        "train",
+        "--data",
+        tiny_folder,
+        "--epochs",
+        "6",
+        "--output",
+        tmp_path,
+        "--name",
+        "es",
+        *TINY,
+        "--lr",
+        "1e-9",
+        "--train.patience",
+        "1",
+        "--train.metric",
+        "loss",
+    )
+    assert r.code == 0, r
+    doc = json.loads((tmp_path / "es" / "imgclf.json").read_text())
+    assert doc["metrics"]["epochs_run"] < 6
+    rows = [json.loads(x) for x in (tmp_path / "es" / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: -r["val_loss"])
+    assert doc["metrics"]["best_epoch"] == best["epoch"]
+
+
+def test_existing_run_is_never_overwritten(tmp_path, tiny_folder):
+    args = ["train", "--data", tiny_folder, "--epochs", "1", "--output", tmp_path, "--name", "keep", *TINY]
+    assert run_cli(*args).code == 0
+    before = (tmp_path / "keep" / "model.safetensors").read_bytes()
+    r = run_cli(*args)
+    assert r.code == 2 and "already exists" in r.err
+    assert (tmp_path / "keep" / "model.safetensors").read_bytes() == before
+
+
+def test_models_lists_architectures_and_offline_weights():
+    r = run_cli("models", "efficientnet_lite")
+    assert r.code == 0
+    assert "tf_efficientnet_lite0" in r.out and "installed" in r.out and "packaged" in r.out
+    assert "hub" in r.out and "none" in r.out
