@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import TINY, make_folder, run_cli
+from .conftest import TINY, make_folder, make_image, run_cli
 
 
 def test_train_learns_separable_tiny_data(tiny_run):
@@ -173,3 +173,34 @@ def test_models_lists_architectures_and_offline_weights():
     assert r.code == 0
     assert "tf_efficientnet_lite0" in r.out and "installed" in r.out and "packaged" in r.out
     assert "hub" in r.out and "none" in r.out
+
+
+def test_default_model_trains_unchanged_on_a_new_png_folder(tmp_path):
+    """`imgclf train --data <PNG folder> --epochs N` with nothing else: packaged Lite0 at its own 224 px."""
+    folder = make_folder(tmp_path / "pngs", n_per_class=6, classes=2, seed=9)
+    r = run_cli(
+        "train", "--data", folder, "--epochs", "1", "--output", tmp_path / "runs", "--name", "d", "--no-progress"
+    )
+    assert r.code == 0, r
+    doc = json.loads((tmp_path / "runs" / "d" / "imgclf.json").read_text())
+    assert doc["arch"] == "tf_efficientnet_lite0" and doc["weights_source"].startswith("packaged:")
+    assert doc["preprocessing"]["input_size"] == [3, 224, 224] and doc["preprocessing"]["crop_pct"] == 0.875
+    assert "test" not in doc["metrics"] and doc["metrics"]["val"]["n"] == 2
+
+
+def test_multi_split_npz_supplies_its_own_val_and_test(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = {
+        s: np.stack([np.asarray(make_image(c, rng)) for c in [0, 1, 2] * n])
+        for s, n in [("train", 8), ("val", 2), ("test", 3)]
+    }
+    npz = tmp_path / "splits.npz"
+    np.savez(
+        npz,
+        **{f"{s}_images": v for s, v in imgs.items()},
+        **{f"{s}_labels": np.array([0, 1, 2] * (len(v) // 3)) for s, v in imgs.items()},
+    )
+    r = run_cli("train", "--data", npz, "--epochs", "2", "--output", tmp_path, "--name", "s", *TINY)
+    assert r.code == 0, r
+    m = json.loads((tmp_path / "s" / "imgclf.json").read_text())["metrics"]
+    assert m["val"]["n"] == 6 and m["test"]["n"] == 9

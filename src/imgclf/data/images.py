@@ -8,11 +8,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-#: Extensions we treat as images when scanning folders for prediction (training folders take every file).
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
-)
-
 
 class BadImage(Exception):
     """An input that is not a decodable image; ``reason`` is a short human-readable cause."""

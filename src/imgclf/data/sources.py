@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImgclfError
-from .images import IMAGE_EXTENSIONS, array_to_image, open_image
+from .images import array_to_image, open_image
 
 BUILTIN_PREFIX = "builtin:"
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
@@ -36,6 +36,8 @@ class Samples:
     class_names: list[str]
     name: str  # what the user passed, for messages
     arrays: np.ndarray | None = field(default=None, repr=False)
+    other_splits: tuple[str, ...] = ()  # further splits in the same file (multi-split .npz, builtin)
+    origin: str = ""  # the spec to open those splits with
 
     def __len__(self) -> int:
         return len(self.items)
@@ -55,6 +57,10 @@ class Samples:
         idx = np.asarray(idx, dtype=np.int64)
         return Samples([self.items[i] for i in idx], self.labels[idx], self.class_names, self.name, self.arrays)
 
+    def companion(self, split: str) -> Samples | None:
+        """Another split of the same multi-split source (e.g. ``test`` of an .npz), if it has one."""
+        return open_source(self.origin, split) if split in self.other_splits else None
+
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels[self.labels >= 0], minlength=len(self.class_names))
 
@@ -71,7 +77,7 @@ class Samples:
             )
         lut = np.array([index.get(c, -1) for c in self.class_names], dtype=np.int64)
         labels = np.where(self.labels >= 0, lut[np.maximum(self.labels, 0)], -1)
-        return Samples(self.items, labels, list(class_names), self.name, self.arrays)
+        return Samples(self.items, labels, list(class_names), self.name, self.arrays, self.other_splits, self.origin)
 
 
 def open_source(spec: str | Path, split: str = "train") -> Samples:
@@ -86,7 +92,7 @@ def open_source(spec: str | Path, split: str = "train") -> Samples:
         if name not in BUILTIN:
             raise ImgclfError(f"unknown built-in data set '{name}' (known: {', '.join(BUILTIN)})")
         s = read_npz(BUILTIN[name], sp or split)
-        s.name = spec if sp else f"{spec}:{sp or split}"
+        s.name, s.origin = f"{BUILTIN_PREFIX}{name}:{sp or split}", f"{BUILTIN_PREFIX}{name}"
         return s
     p = Path(spec).expanduser()
     if not p.exists():
@@ -193,6 +199,8 @@ def read_npz(path: Path, split: str = "train") -> Samples:
         if k not in data:
             raise ImgclfError(f"{path}: missing array '{k}' (found: {', '.join(sorted(data))})")
     images, labels = _nhwc_uint8(data[ik], path, ik), data[lk]
+    splits = {k[: -len("_images")] for k in data if k.endswith("_images") and k[: -len("_images")] + "_labels" in data}
+    others = tuple(sorted(splits - {split})) if ik != "images" else ()
     if len(images) != len(labels):
         raise ImgclfError(f"{path}: '{ik}' has {len(images)} images but '{lk}' has {len(labels)} labels")
     if labels.dtype.kind in "iu":
@@ -207,7 +215,7 @@ def read_npz(path: Path, split: str = "train") -> Samples:
         lab = np.asarray([index[str(x)] for x in labels], dtype=np.int64)
     else:
         raise ImgclfError(f"{path}: '{lk}' must hold integers or strings, not {labels.dtype}")
-    return Samples(list(range(len(images))), lab, names, str(path), images)
+    return Samples(list(range(len(images))), lab, names, str(path), images, others, str(path))
 
 
 def _nhwc_uint8(a: np.ndarray, path: Path, key: str) -> np.ndarray:
@@ -258,7 +266,6 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "Samples",
     "open_source",
     "read_csv",

@@ -63,13 +63,13 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, str]:
 
 
 def zero_head(model: nn.Module) -> None:
-    """Zero the final classifier layer(s) of a timm model (weights and bias)."""
+    """Zero the last layer of a timm model's classifier (weight and bias); earlier head layers keep their init."""
     head = model.get_classifier()
-    for m in head.modules() if isinstance(head, nn.Module) else ():
-        if isinstance(m, nn.Linear | nn.Conv2d):
-            nn.init.zeros_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    layers = [m for m in head.modules() if isinstance(m, nn.Linear | nn.Conv2d)] if isinstance(head, nn.Module) else []
+    if layers:
+        nn.init.zeros_(layers[-1].weight)
+        if layers[-1].bias is not None:
+            nn.init.zeros_(layers[-1].bias)
 
 
 def _create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, str]:

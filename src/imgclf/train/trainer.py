@@ -84,18 +84,17 @@ def prepare_data(cfg: Config) -> DataSplits:
     present = [c for c, n in zip(names, source.class_counts()) if n]
     if len(present) < 2:
         raise ImgclfError(f"{source.name}: only one class ({', '.join(present) or 'none'}); need at least two")
-    if cfg.data.val_path:
-        train, val = source, open_source(cfg.data.val_path, "val").remap_to(names)
+    val = open_source(cfg.data.val_path, "val") if cfg.data.val_path else source.companion("val")
+    if val is not None:
+        train, val = source, val.remap_to(names)
     else:
         if cfg.data.val_split <= 0:
             raise ImgclfError("data.val_split must be > 0 when no data.val_path is given")
         tr, va = stratified_split(source.labels, cfg.data.val_split, cfg.train.seed)
         train, val = source.subset(tr), source.subset(va)
-    test = None
-    if cfg.data.test_path:
-        test = open_source(cfg.data.test_path, "test").remap_to(names)
-    elif spec.startswith("builtin:") and not cfg.data.val_path:
-        test = open_source(spec.split(":")[0] + ":" + spec.split(":")[1] + ":test").remap_to(names)
+    test = open_source(cfg.data.test_path, "test") if cfg.data.test_path else source.companion("test")
+    if test is not None:
+        test = test.remap_to(names)
     return DataSplits(train, val, test, names)
 
 
