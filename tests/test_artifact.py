@@ -56,6 +56,13 @@ def test_damaged_artifacts_give_one_line_errors(tmp_path, tiny_run):
     (bad / META_FILE).write_text(json.dumps({"arch": "x"}))
     with pytest.raises(ImgclfError, match="missing field"):
         read_artifact(bad)
+    (bad / META_FILE).write_text("[1, 2]")
+    with pytest.raises(ImgclfError, match="expected a JSON object"):
+        read_artifact(bad)
+    doc = {"format_version": "1", "arch": "x", "class_names": ["a"], "preprocessing": {}}
+    (bad / META_FILE).write_text(json.dumps(doc))
+    with pytest.raises(ImgclfError, match="wrong type: format_version"):
+        read_artifact(bad)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / META_FILE).write_text((tiny_run / META_FILE).read_text())

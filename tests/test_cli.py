@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -72,15 +73,16 @@ def test_train_on_csv_and_npz_sources(tmp_path):
     listing.write_text("path,label\n" + "\n".join(rows) + "\n")
     r = run_cli("train", "--data", listing, "--epochs", "1", "--output", tmp_path / "runs", "--name", "csv", *TINY)
     assert r.code == 0, r
-    rng = np.random.default_rng(0)
+    doc = json.loads((tmp_path / "runs" / "csv" / "imgclf.json").read_text())
+    assert doc["class_names"] == ["class_0", "class_1"]
+    assert doc["data"]["n_train"] + doc["data"]["n_val"] == 20 and doc["data"]["train"] == str(listing)
     imgs = np.stack([np.asarray(Image.open(p)) for p in sorted(folder.rglob("*.png"))])
     npz = tmp_path / "arr.npz"
     np.savez(npz, images=imgs, labels=np.repeat([0, 1], 10), class_names=np.array(["red", "green"]))
     r = run_cli("train", "--data", npz, "--epochs", "1", "--output", tmp_path / "runs", "--name", "npz", *TINY)
     assert r.code == 0, r
     doc = json.loads((tmp_path / "runs" / "npz" / "imgclf.json").read_text())
-    assert doc["class_names"] == ["red", "green"]
-    assert rng is not None
+    assert doc["class_names"] == ["red", "green"] and doc["data"]["n_train"] + doc["data"]["n_val"] == 20
 
 
 def test_training_skips_bad_files_and_lists_them(tmp_path):
@@ -101,7 +103,7 @@ def test_training_skips_bad_files_and_lists_them(tmp_path):
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--optim.name", "sgd", "--lr", "0.05", "--optim.accum_steps", "2", "--optim.clip_grad", "1.0"],
+        ["--optim.name", "sgd", "--lr", "0.1", "--optim.accum_steps", "2", "--optim.clip_grad", "1.0"],
         ["--train.amp", "bf16", "--train.ema", "true", "--model", "test_convnext"],
         ["--model", "test_vit", "--aug.auto_augment", "rand-m9-mstd0.5", "--aug.re_prob", "0.25"],
     ],
@@ -204,3 +206,39 @@ def test_multi_split_npz_supplies_its_own_val_and_test(tmp_path):
     assert r.code == 0, r
     m = json.loads((tmp_path / "s" / "imgclf.json").read_text())["metrics"]
     assert m["val"]["n"] == 6 and m["test"]["n"] == 9
+
+
+def test_same_seed_same_run_without_workers(tmp_path, tiny_folder):
+    """Augmentation in the main process (num_workers 0) is seeded too: two runs give identical numbers."""
+    rows = []
+    for name in ("a", "b"):
+        r = run_cli("train", "--data", tiny_folder, "--epochs", "2", "--output", tmp_path, "--name", name, *TINY)
+        assert r.code == 0, r
+        rows.append([json.loads(x)["train_loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    assert rows[0] == rows[1]
+
+
+def test_a_trained_run_as_weights_keeps_its_head(tiny_run, tmp_path, tiny_folder):
+    """--weights runs/x/model.safetensors continues from the trained head instead of zeroing it."""
+    r = run_cli("train", "--data", tiny_folder, "--epochs", "1", "--output", tmp_path, "--name", "cont",
+                *TINY, "--weights", tiny_run / "model.safetensors", "--lr", "1e-9")  # fmt: skip
+    assert r.code == 0, r
+    before = json.loads((tiny_run / "imgclf.json").read_text())["metrics"]["val"]["top1"]
+    after = json.loads((tmp_path / "cont" / "imgclf.json").read_text())["metrics"]["val"]["top1"]
+    assert after >= 0.8 and before >= 0.8  # a zeroed head would predict one class (1/3)
+
+
+def test_resume_refusals(tmp_path, tiny_folder):
+    args = ["train", "--data", tiny_folder, "--epochs", "1", "--output", tmp_path, "--name", "r", *TINY]
+    assert run_cli(*args).code == 0
+    r = run_cli("train", "--resume", "--output", tmp_path, "--name", "r", "--epochs", "3")
+    assert r.code == 2 and "'train.epochs' cannot change (1 -> 3)" in r.err
+    r = run_cli("train", "--resume", "--output", tmp_path, "--name", "r", "--recipe", "default")
+    assert r.code == 2 and "drop --config/--recipe" in r.err
+
+
+def test_artifact_files_get_the_usual_permissions_not_0600(tiny_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "imgclf.json", "config.yaml"):
+        assert (tiny_run / name).stat().st_mode & 0o777 == 0o666 & ~umask

@@ -100,10 +100,22 @@ def test_unknown_recipe_lists_known_ones():
         recipe_path("nope")
 
 
-def test_resume_config_reads_the_saved_config(tmp_path):
+def _saved_run(tmp_path):
     run = tmp_path / "runs" / "r1"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_bytes(b"")
     (run / "config.yaml").write_text(dump_yaml(make_config("imgs/", overrides={"train.epochs": 4})))
-    cfg = resume_config(tmp_path / "runs", None, {"train.epochs": 6})
-    assert cfg.run.name == "r1" and cfg.data.path == "imgs/" and cfg.train.epochs == 6
+    return run
+
+
+def test_resume_config_reads_the_saved_config(tmp_path):
+    _saved_run(tmp_path)
+    cfg = resume_config(tmp_path / "runs", None, {"run.progress": "false", "train.epochs": "4"})
+    assert cfg.run.name == "r1" and cfg.data.path == "imgs/" and cfg.train.epochs == 4
+    assert cfg.run.progress is False
+
+
+def test_resume_refuses_changes_that_break_exact_continuation(tmp_path):
+    _saved_run(tmp_path)
+    with pytest.raises(ImgclfError, match=r"'train.epochs' cannot change \(4 -> 6\)"):
+        resume_config(tmp_path / "runs", "r1", {"train.epochs": 6})

@@ -47,3 +47,12 @@ def test_tables_show_every_class():
     t = metrics_table(m, "val")
     assert "top1" in t and "66.67 %" in t and "cat" in t and "dog" in t
     assert "0 cat" in confusion_table(m, ["cat", "dog"])
+
+
+def test_balanced_accuracy_and_macro_f1_match_sklearn_definitions_with_an_absent_class():
+    # class 2 never occurs in the targets but is predicted once
+    y = torch.tensor([0, 0, 1, 1])
+    m = compute_metrics(_logits([0, 0, 1, 2], 3), y, ["a", "b", "c"])
+    assert m["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)  # sklearn.balanced_accuracy_score: 0.75
+    # sklearn f1_score(average="macro") over labels present in y_true or y_pred: (1 + 2/3 + 0) / 3
+    assert m["macro_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)

@@ -151,3 +151,37 @@ def test_preprocessing_is_derived_from_the_model_and_overrides_apply():
     assert pre2["input_size"] == [3, 96, 96] and pre2["crop_pct"] == 1.0
     x = eval_transform(pre2)(Image.new("RGB", (50, 30), (255, 255, 255)))
     assert x.shape == (3, 96, 96) and torch.allclose(x, torch.ones_like(x))  # white -> (1 - 0.5) / 0.5
+
+
+def test_hub_path_with_a_local_file_standing_in_for_the_download(tmp_path, monkeypatch):
+    """The real hub code path (timm pretrained=True); only the download is replaced by a local file."""
+    src = timm.create_model("test_resnet", num_classes=1000)
+    path = tmp_path / "hub_weights.safetensors"
+    save_file({k: v.clone() for k, v in src.state_dict().items()}, str(path))
+    real_create = timm.create_model
+
+    def offline_create(name, pretrained=False, **kw):
+        if pretrained:
+            kw["pretrained_cfg_overlay"] = dict(file=str(path))
+        return real_create(name, pretrained=pretrained, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline_create)
+    model, desc = create_model(ModelConfig(name="test_resnet", weights="hub"), num_classes=4)
+    assert desc == "hub:test_resnet" and model.get_classifier().out_features == 4
+    assert torch.count_nonzero(model.get_classifier().weight) == 0  # new head, zeroed
+    stem = next(n for n in src.state_dict() if n.endswith("weight"))
+    assert torch.equal(model.state_dict()[stem], src.state_dict()[stem])
+    same, _ = create_model(ModelConfig(name="test_resnet", weights="hub"), num_classes=1000)
+    assert torch.equal(same.get_classifier().weight, src.get_classifier().weight)  # same classes: head kept
+
+
+def test_hf_hub_names_are_accepted_and_need_hub_weights():
+    check_model_name("hf-hub:timm/resnet18.a1_in1k")
+    with pytest.raises(ImgclfError, match="use --weights hub"):
+        create_model(ModelConfig(name="hf-hub:timm/resnet18.a1_in1k", weights="none"), num_classes=3)
+
+
+def test_unrecognised_efficientnet_keys_are_a_clear_error():
+    state = {"_conv_stem.weight": torch.zeros(32, 3, 3, 3), "_blocks.0._se_reduce.weight": torch.zeros(8, 32, 1, 1)}
+    with pytest.raises(ImgclfError, match="do not fit"):
+        load_into(timm.create_model("tf_efficientnet_lite0"), state, "x.pth")

@@ -171,3 +171,26 @@ def test_remap_to_matches_class_names_and_rejects_unknown(tmp_path):
     assert list(r.labels) == [1, 2, 0]
     with pytest.raises(ImgclfError, match="classes not known to the model: class_2"):
         s.remap_to(["class_0", "class_1"])
+
+
+def test_corrupt_npz_is_a_clear_error(tmp_path):
+    p = tmp_path / "bad.npz"
+    p.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ImgclfError, match="cannot read .npz"):
+        open_source(p)
+
+
+def test_split_of_single_image_classes_is_an_error(tmp_path):
+    root = make_folder(tmp_path / "single", n_per_class=1, classes=3)
+    cfg = Config()
+    cfg.data.path = str(root)
+    with pytest.raises(ImgclfError, match="validation split is empty"):
+        prepare_data(cfg)
+
+
+def test_top5_metric_needs_more_than_five_classes(tmp_path):
+    cfg = Config()
+    cfg.data.path = str(make_folder(tmp_path / "f", n_per_class=2, classes=3))
+    cfg.train.metric = "top5"
+    with pytest.raises(ImgclfError, match="top5 needs more than 5 classes"):
+        prepare_data(cfg)

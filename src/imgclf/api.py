@@ -16,14 +16,21 @@ from typing import Any
 import torch.nn as nn
 
 from .artifact import Artifact, load_artifact
-from .config import Config, build_config, load_yaml, recipe_path
+from .config import Config, build_config, config_to_dict, load_yaml, recipe_path
 from .errors import ImgclfError
 from .eval.evaluate import evaluate_run
+from .pipeline import TrainResult, run_training
 from .predict import Predictions, predict_run
-from .train.trainer import LAST_CKPT, TrainResult, fit
+from .train.trainer import LAST_CKPT
 
 #: The recipe applied when no training data is given: the embedded Fashion-MNIST job.
 DEFAULT_RECIPE = "default"
+
+#: Settings that may differ when resuming; anything else would break the exact continuation.
+RESUME_MAY_CHANGE = frozenset(
+    {"run.output", "run.name", "run.progress", "train.device", "data.num_workers", "data.eval_batch_size",
+     "data.strict_images"}
+)  # fmt: skip
 
 
 def nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -83,12 +90,26 @@ def resume_config(output: str | Path, name: str | None, overrides: dict[str, Any
         raise ImgclfError(f"--resume: {run} has no config.yaml; is it an imgclf run?")
     flat = dict(overrides or {})
     flat.update({"run.output": str(out), "run.name": run.name})
-    return build_config([load_yaml(saved), nest(flat)], [str(saved), "command line"])
+    saved_cfg = load_yaml(saved)
+    cfg = build_config([saved_cfg, nest(flat)], [str(saved), "command line"])
+    before, after = _flat(build_config([saved_cfg], [str(saved)])), _flat(cfg)
+    changed = [k for k in flat if k not in RESUME_MAY_CHANGE and before.get(k) != after.get(k)]
+    if changed:
+        k = changed[0]
+        raise ImgclfError(
+            f"--resume continues {run} exactly, so '{k}' cannot change ({before[k]!r} -> {after[k]!r}); "
+            f"start a new run instead, e.g. with --weights {run}/model.safetensors"
+        )
+    return cfg
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    return {f"{sec}.{k}": v for sec, body in config_to_dict(cfg).items() for k, v in body.items()}
 
 
 def train(cfg: Config | None = None, *, resume: bool = False) -> TrainResult:
     """Train per ``cfg`` (default: the embedded job) and return the run directory and metrics."""
-    return fit(cfg or make_config(), resume=resume)
+    return run_training(cfg or make_config(), resume=resume)
 
 
 def evaluate(run_dir: str | Path, data: str, **kwargs: Any) -> dict[str, Any]:

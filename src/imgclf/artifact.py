@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ImgclfError
-from .io import atomic_write, write_json
+from .io import save_safetensors, write_json
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "imgclf.json"
@@ -69,21 +69,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def save_weights(path: Path, model: nn.Module, meta: dict[str, str] | None = None) -> None:
-    """Write a state dict as safetensors atomically (tensors copied, so shared storage is not an issue)."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta or {}))
-
-
 def save_artifact(run_dir: str | Path, model: nn.Module, art: Artifact) -> Path:
     """Write weights then metadata into ``run_dir`` (each atomically); returns the directory."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     art.created = art.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     art.versions = art.versions or package_versions()
-    save_weights(run_dir / WEIGHTS_FILE, model, {"arch": art.arch, "num_classes": str(art.num_classes)})
+    save_safetensors(
+        run_dir / WEIGHTS_FILE, model.state_dict(), {"arch": art.arch, "num_classes": str(art.num_classes)}
+    )
     write_json(run_dir / META_FILE, art.to_json())
     return run_dir
 
@@ -98,11 +92,22 @@ def read_artifact(run_dir: str | Path) -> Artifact:
         raise ImgclfError(f"{run_dir}: not a finished imgclf run (no {META_FILE}; train it or use --resume)")
     try:
         doc = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ImgclfError(f"{meta_path}: cannot read run metadata ({e})") from None
+    if not isinstance(doc, dict):
+        raise ImgclfError(f"{meta_path}: expected a JSON object, got {type(doc).__name__}")
     missing = [k for k in _REQUIRED if k not in doc]
     if missing:
         raise ImgclfError(f"{meta_path}: missing field(s) {', '.join(missing)}")
+    checks = {
+        "format_version": isinstance(doc["format_version"], int),
+        "arch": isinstance(doc["arch"], str),
+        "class_names": isinstance(doc["class_names"], list) and all(isinstance(c, str) for c in doc["class_names"]),
+        "preprocessing": isinstance(doc["preprocessing"], dict),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise ImgclfError(f"{meta_path}: field(s) of the wrong type: {', '.join(bad)}")
     if doc["format_version"] > FORMAT_VERSION:
         raise ImgclfError(f"{meta_path}: format {doc['format_version']} is newer than this imgclf; upgrade imgclf")
     known = {k: doc.pop(k) for k in list(doc) if k in Artifact.__dataclass_fields__ and k != "extra"}

@@ -12,7 +12,7 @@ import sys
 import typing
 from typing import Any
 
-from .config import field_types, section_fields
+from .config import Config, config_to_dict, field_types, section_fields
 from .errors import ImgclfError
 
 #: short flag -> dotted config key
@@ -86,17 +86,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="only the final summary")
-    for flag, (key, help_) in SHORTCUTS.items():
-        p.add_argument(flag, dest=key, metavar=_type_hint(field_types()[key]), help=f"{help_} (= --{key})")
     types_ = field_types()
+    for flag, (key, help_) in SHORTCUTS.items():
+        p.add_argument(flag, dest=key, metavar=_type_hint(types_[key]), help=f"{help_} (= --{key})")
+    defaults = config_to_dict(Config())
     for sec, fields in section_fields().items():
         g = p.add_argument_group(f"{sec} (config section)")
         for name, f in fields.items():
             key = f"{sec}.{name}"
-            default = f.default if f.default is not f.default_factory else None  # type: ignore[comparison-overlap]
-            g.add_argument(
-                f"--{key}", dest=key, metavar=_type_hint(types_[key]), help=f"{f.metadata.get('help', '')} [{default}]"
-            )
+            help_ = f"{f.metadata.get('help', '')} [{defaults[sec][name]}]"
+            g.add_argument(f"--{key}", dest=key, metavar=_type_hint(types_[key]), help=help_)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -104,7 +113,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("--data", required=True, help="labelled data: folder, CSV, .npz or builtin:fashion-mnist:test")
     p.add_argument("--split", default="test", help="split of a multi-split .npz (default test)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--workers", type=int, default=-1)
     p.add_argument("--device", default="auto")
     p.add_argument("--format", choices=["table", "json"], default="table", help="stdout format")
@@ -117,10 +126,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k labels for images, folders or a CSV of paths")
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or CSV files with a 'path' column")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--workers", type=int, default=-1)
     p.add_argument("--device", default="auto")
     p.add_argument("--strict-images", action="store_true")
@@ -156,6 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ns.get("no_progress"):
         flat["run.progress"] = "false"
     if ns.get("resume"):
+        if ns.get("config") or ns.get("recipe"):
+            raise ImgclfError("--resume uses the run's saved config.yaml; drop --config/--recipe")
         out = flat.pop("run.output", "runs")
         cfg = api.resume_config(out, flat.pop("run.name", None), flat)
     else:

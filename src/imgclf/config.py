@@ -52,6 +52,12 @@ class DataConfig:
         _check(self.input_size is None or self.input_size >= 8, "data.input_size", "must be >= 8", self.input_size)
         _check(self.crop_pct is None or 0 < self.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]", self.crop_pct)
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1", self.batch_size)
+        ebs = self.eval_batch_size
+        _check(ebs is None or ebs >= 1, "data.eval_batch_size", "must be >= 1", ebs)
+        interp = self.interpolation
+        _check(
+            interp is None or interp in INTERPOLATIONS, "data.interpolation", f"must be one of {INTERPOLATIONS}", interp
+        )
 
 
 @dataclass
@@ -118,6 +124,9 @@ class SchedConfig:
 
     def __post_init__(self) -> None:
         _check(self.warmup_epochs >= 0, "sched.warmup_epochs", "must be >= 0", self.warmup_epochs)
+        for name in ("warmup_lr_ratio", "min_lr_ratio"):
+            v = getattr(self, name)
+            _check(0 <= v <= 1, f"sched.{name}", "must be in [0, 1]", v)
 
 
 @dataclass
@@ -167,9 +176,20 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+
+
+class ConfigFieldError(ImgclfError):
+    """A field failed validation; ``key`` lets the caller name the file or flag that set it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
-        raise ImgclfError(f"config field '{key}' {rule} (got {value!r})")
+        raise ConfigFieldError(key, f"config field '{key}' {rule} (got {value!r})")
 
 
 # --------------------------------------------------------------------------- schema walking
@@ -302,14 +322,20 @@ def check_layer(layer: dict, where: str) -> dict[str, Any]:
 def build_config(layers: list[dict], sources: list[str]) -> Config:
     """Merge layers (lowest precedence first) over the defaults into a validated ``Config``."""
     merged: dict[str, Any] = {}
+    where_set: dict[str, str] = {}
     for layer, where in zip(layers, sources):
-        merged.update(check_layer(layer, where))
+        flat = check_layer(layer, where)
+        merged.update(flat)
+        where_set.update(dict.fromkeys(flat, where))
     nested: dict[str, dict[str, Any]] = {}
     for key, value in merged.items():
         sec, name = key.split(".", 1)
         nested.setdefault(sec, {})[name] = value
     hints = typing.get_type_hints(Config)
-    return Config(**{sec: hints[sec](**nested.get(sec, {})) for sec in section_fields()})
+    try:
+        return Config(**{sec: hints[sec](**nested.get(sec, {})) for sec in section_fields()})
+    except ConfigFieldError as e:
+        raise ImgclfError(f"{where_set.get(e.key, 'default config')}: {e}") from None
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
@@ -319,11 +345,6 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
         return list(v) if isinstance(v, tuple) else v
 
     return {sec: {k: plain(v) for k, v in vars(getattr(cfg, sec)).items()} for sec in section_fields()}
-
-
-def config_from_dict(d: dict, where: str = "saved config") -> Config:
-    """Rebuild a ``Config`` from ``config_to_dict`` output (e.g. from an artifact)."""
-    return build_config([d], [where])
 
 
 def load_yaml(path: str | Path) -> dict:

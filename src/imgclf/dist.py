@@ -51,6 +51,8 @@ def setup(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(resolve_device(device))
+    if "RANK" not in os.environ:
+        raise ImgclfError("WORLD_SIZE > 1 but RANK is not set: launch distributed runs with torchrun")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -69,7 +71,24 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         if device.type != "cuda":
             return None  # measured: fp32 + channels_last beats bf16 autocast for small convnets on CPU
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ImgclfError("train.amp: this GPU has no bf16 support; use fp16 or auto")
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def broadcast(obj, dist: Dist):
+    """Rank 0's ``obj`` on every rank (identity when not distributed)."""
+    if dist.world_size == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(dist: Dist) -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if dist.world_size > 1:
+        torch.distributed.barrier()
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

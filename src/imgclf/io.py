@@ -26,10 +26,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and some writers) make 0600; use the usual permissions
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> None:
@@ -46,6 +53,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def save_safetensors(path: str | os.PathLike, state: dict[str, Any], meta: dict[str, str] | None = None) -> None:
+    """Write a state dict as safetensors atomically (tensors copied to CPU, so shared storage is fine)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta or {}))
 
 
 def _json_default(o: Any) -> Any:

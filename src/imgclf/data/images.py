@@ -39,12 +39,14 @@ def open_image(path: str | Path) -> Image.Image:
                 return to_rgb(img)
     except FileNotFoundError:
         raise BadImage(path, "file not found") from None
+    except (PermissionError, IsADirectoryError) as e:
+        raise BadImage(path, f"cannot read ({e.strerror or e})") from None
     except UnidentifiedImageError:
         raise BadImage(path, "not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(path, f"too many pixels ({e})") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise BadImage(path, f"corrupt or truncated image ({e})") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise OSError, ValueError, EOFError, struct.error, ...
+        raise BadImage(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
 def array_to_image(arr: np.ndarray) -> Image.Image:

@@ -53,9 +53,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         try:
             img = self.samples.load(i)
+            return self.transform(img), int(self.samples.labels[i]), i
         except BadImage as e:
             return Skipped(i, self.samples.describe(i), e.reason)
-        return self.transform(img), int(self.samples.labels[i]), i
+        except Exception as e:  # noqa: BLE001 - one odd file must never end an epoch
+            return Skipped(i, self.samples.describe(i), f"could not be processed ({type(e).__name__}: {e})")
 
 
 def collate(batch: list) -> Batch:
@@ -79,13 +81,6 @@ class SkipLog:
             if self.strict:
                 raise ImgclfError(f"{s.source}: {s.reason} (drop --strict-images to skip bad files instead)")
             self.items.setdefault(s.source, s.reason)
-
-    def report(self) -> str:
-        if not self.items:
-            return ""
-        lines = [f"skipped {len(self.items)} unreadable file(s):"]
-        lines += [f"  {src}: {why}" for src, why in sorted(self.items.items())]
-        return "\n".join(lines)
 
 
 def auto_workers(requested: int) -> int:

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from .images import array_to_image, open_image
 BUILTIN_PREFIX = "builtin:"
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 BUILTIN = {"fashion-mnist": EMBEDDED_DIR / "fashion_mnist_subset.npz"}
+DEFAULT_DATA = "builtin:fashion-mnist"  # what `imgclf train` uses when no data is given
 
 
 @dataclass
@@ -55,7 +57,10 @@ class Samples:
 
     def subset(self, idx: np.ndarray | list[int]) -> Samples:
         idx = np.asarray(idx, dtype=np.int64)
-        return Samples([self.items[i] for i in idx], self.labels[idx], self.class_names, self.name, self.arrays)
+        items = [self.items[i] for i in idx]
+        return Samples(
+            items, self.labels[idx], self.class_names, self.name, self.arrays, self.other_splits, self.origin
+        )
 
     def companion(self, split: str) -> Samples | None:
         """Another split of the same multi-split source (e.g. ``test`` of an .npz), if it has one."""
@@ -77,7 +82,7 @@ class Samples:
             )
         lut = np.array([index.get(c, -1) for c in self.class_names], dtype=np.int64)
         labels = np.where(self.labels >= 0, lut[np.maximum(self.labels, 0)], -1)
-        return Samples(self.items, labels, list(class_names), self.name, self.arrays, self.other_splits, self.origin)
+        return dataclasses.replace(self, labels=labels, class_names=list(class_names))
 
 
 def open_source(spec: str | Path, split: str = "train") -> Samples:
@@ -192,8 +197,8 @@ def read_npz(path: Path, split: str = "train") -> Samples:
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ImgclfError(f"{path}: cannot read .npz ({e})") from None
+    except Exception as e:  # noqa: BLE001 - BadZipFile, EOFError, pickle refusal, ...
+        raise ImgclfError(f"{path}: cannot read .npz ({type(e).__name__}: {e})") from None
     ik, lk = ("images", "labels") if "images" in data else (f"{split}_images", f"{split}_labels")
     for k in (ik, lk):
         if k not in data:

@@ -36,11 +36,12 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, class_names: li
     if k > 5:
         out["top5"] = float(MulticlassAccuracy(k, top_k=5, average="micro")(logits, targets))
     out["macro_f1"] = float(MulticlassF1Score(k, average="macro")(logits, targets))
-    out["balanced_accuracy"] = float(MulticlassRecall(k, average="macro")(logits, targets))
     prec = MulticlassPrecision(k, average=None)(logits, targets)
     rec = MulticlassRecall(k, average=None)(logits, targets)
     f1 = MulticlassF1Score(k, average=None)(logits, targets)
     support = torch.bincount(targets, minlength=k)
+    # balanced accuracy = mean recall over the classes present in the targets (as scikit-learn defines it)
+    out["balanced_accuracy"] = float(rec[support > 0].mean())
     out["per_class"] = {
         name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for name, p, r, f, s in zip(class_names, prec, rec, f1, support)

@@ -22,8 +22,16 @@ from .weights import PACKAGED, PACKAGED_PIP, load_into, packaged_weights_file, r
 _FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
+HUB_PREFIX = "hf-hub:"
+
+
 def check_model_name(name: str) -> None:
-    """Raise a one-line error with suggestions when ``name`` is not a timm architecture."""
+    """Raise a one-line error with suggestions when ``name`` is not a timm architecture.
+
+    ``hf-hub:org/repo`` names are checked by the hub itself when the weights are fetched.
+    """
+    if name.startswith(HUB_PREFIX) and len(name) > len(HUB_PREFIX):
+        return
     base = name.split(".", 1)[0]
     if timm.is_model(base):
         return
@@ -56,8 +64,8 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, str]:
     pretrained features with large random logits (timm's default head init gives an initial loss of
     5.5 instead of ln 10 = 2.3 on EfficientNet-Lite0).
     """
-    model, source = _create(cfg, num_classes)
-    if source != "random init":
+    model, source, new_head = _create(cfg, num_classes)
+    if new_head and source != "random init":
         zero_head(model)
     return model, source
 
@@ -72,15 +80,19 @@ def zero_head(model: nn.Module) -> None:
             nn.init.zeros_(layers[-1].bias)
 
 
-def _create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, str]:
+def _create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, str, bool]:
+    """(model, source description, whether the head is new)."""
     check_model_name(cfg.name)
     source = resolve_weights(cfg)
     kw = _model_kwargs(cfg)
     if source == "hub":
-        return _from_hub(cfg.name, num_classes, kw), f"hub:{cfg.name}"
+        model = _from_hub(cfg.name, num_classes, kw)
+        return model, f"hub:{cfg.name}", model.pretrained_cfg.get("num_classes") != num_classes
+    if cfg.name.startswith(HUB_PREFIX):
+        raise ImgclfError(f"model '{cfg.name}' comes from the hub: use --weights hub (or auto)")
     model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **kw)
     if source == "none":
-        return model, "random init"
+        return model, "random init", True
     if source == "packaged":
         path = packaged_weights_file(cfg.name)
         if path is None:
@@ -89,13 +101,13 @@ def _create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, str]:
             raise ImgclfError(
                 f"no packaged weights for '{cfg.name}' (packaged: {', '.join(PACKAGED)}); use --weights hub|none|FILE"
             )
-        load_into(model, read_state_dict(path), f"packaged:{path.name}")
-        return model, f"packaged:{path.name}"
+        head = load_into(model, read_state_dict(path), f"packaged:{path.name}")
+        return model, f"packaged:{path.name}", not head
     path = Path(source).expanduser()
     if path.suffix not in _FILE_SUFFIXES and not path.exists():
         raise ImgclfError(f"model.weights: '{source}' is not auto, packaged, hub, none or an existing weights file")
-    load_into(model, read_state_dict(path), str(path))
-    return model, f"file:{path}"
+    head = load_into(model, read_state_dict(path), str(path))
+    return model, f"file:{path}", not head
 
 
 def _from_hub(name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
@@ -107,6 +119,12 @@ def _from_hub(name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
             f"could not get pretrained weights for '{name}' from the hub ({msg}); "
             "check the network, or use --weights none|packaged|FILE"
         ) from None
+
+
+def architecture_of(model: nn.Module, name: str) -> str:
+    """The timm architecture behind ``name`` (drops pretrained tags and hub prefixes) for the artifact."""
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture")
+    return arch if isinstance(arch, str) and timm.is_model(arch) else name
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:

@@ -93,13 +93,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {re.sub(r"^(module\.|_orig_mod\.)", "", k): v for k, v in state.items()}
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a backbone state dict into ``model``; the head is skipped when its shape differs (new classes).
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> bool:
+    """Load a state dict into ``model``; the head is skipped when its shape differs (new classes).
 
     Anything else missing or mismatched is an error, so a wrong file never silently leaves random weights.
+    Returns True when the head came from ``state`` too.
     """
     if any(k.startswith("_blocks.") for k in state) and hasattr(model, "blocks"):
-        state = remap_efficientnet_lite(state, model)
+        try:
+            state = remap_efficientnet_lite(state, model)
+        except (KeyError, ValueError, IndexError) as e:
+            raise ImgclfError(
+                f"weights {source} do not fit '{type(model).__name__}' (unrecognised EfficientNet key {e})"
+            ) from None
     own = model.state_dict()
     head = _head_keys(model)
     keep, dropped_head, bad = {}, [], []
@@ -118,6 +124,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
             f"({len(bad)} shape mismatches, {len(missing)} missing keys; e.g. {'; '.join(detail)})"
         )
     model.load_state_dict(keep, strict=False)
+    return bool(head) and all(k in keep for k in head)
 
 
 def _head_keys(model: nn.Module) -> set[str]:

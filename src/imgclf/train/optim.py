@@ -26,7 +26,7 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, updates_per_ep
     lr = opt.param_groups[0]["lr"]
     return CosineLRScheduler(
         opt,
-        t_initial=total,
+        t_initial=total - warmup,  # warmup_prefix: the cosine starts after warmup and ends at lr_min
         lr_min=lr * (cfg.min_lr_ratio if cfg.name == "cosine" else 1.0),
         warmup_t=warmup,
         warmup_lr_init=lr * cfg.warmup_lr_ratio,
