@@ -188,6 +188,17 @@ def _print_skipped(skipped: dict[str, str]) -> None:
             print(f"  {path}: {why}", file=sys.stderr)
 
 
+def _run_opts(args: argparse.Namespace) -> dict[str, Any]:
+    """The options eval and predict share, as keyword arguments of ``infer_run``."""
+    return {
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "device": args.device,
+        "strict_images": args.strict_images,
+        "progress": not args.no_progress,
+    }
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -196,16 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.metrics import confusion_table, metrics_table
     from .io import write_json
 
-    m = api.evaluate(
-        args.run,
-        args.data,
-        split=args.split,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=args.device,
-        strict_images=args.strict_images,
-        progress=not args.no_progress,
-    )
+    m = api.evaluate(args.run, args.data, split=args.split, **_run_opts(args))
     if args.json_out:
         write_json(args.json_out, m)
     if args.format == "json":
@@ -224,16 +226,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .io import write_text
     from .predict import render
 
-    preds = api.predict(
-        args.run,
-        args.inputs,
-        top_k=args.top_k,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=args.device,
-        strict_images=args.strict_images,
-        progress=not args.no_progress,
-    )
+    preds = api.predict(args.run, args.inputs, top_k=args.top_k, **_run_opts(args))
     text = render(preds, args.format)
     if args.output:
         write_text(args.output, text if text.endswith("\n") else text + "\n")

@@ -9,13 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import load_artifact
-from .data.loader import ImageDataset, SkipLog, make_loader
 from .data.sources import scan_inputs
-from .data.transforms import eval_transform
-from .dist import resolve_device
 from .errors import ImgclfError
-from .eval.inference import infer
+from .eval.inference import infer_run
 from .eval.metrics import format_table
 
 
@@ -27,28 +23,14 @@ class Predictions:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def predict_run(
-    run_dir: str | Path,
-    inputs: list[str],
-    *,
-    top_k: int = 5,
-    batch_size: int = 64,
-    num_workers: int = -1,
-    device: str = "auto",
-    strict_images: bool = False,
-    progress: bool = True,
-) -> Predictions:
-    """Batched top-k labels and probabilities for every readable input."""
+def predict_run(run_dir: str | Path, inputs: list[str], *, top_k: int = 5, **run_opts: Any) -> Predictions:
+    """Batched top-k labels and probabilities for every readable input.
+
+    ``run_opts``: batch_size, num_workers, device, strict_images, progress (see ``infer_run``).
+    """
     if top_k < 1:
         raise ImgclfError(f"--top-k must be >= 1 (got {top_k})")
-    dev = resolve_device(device)
-    model, art = load_artifact(run_dir, dev)
-    samples = scan_inputs(inputs)
-    loader = make_loader(
-        ImageDataset(samples, eval_transform(art.preprocessing)), batch_size, train=False, num_workers=num_workers
-    )
-    skips = SkipLog(strict=strict_images)
-    out = infer(model, loader, dev, skips=skips, progress=progress, desc="predict")
+    out, art, samples, skips = infer_run(run_dir, lambda a: scan_inputs(inputs), desc="predict", **run_opts)
     k = min(top_k, art.num_classes)
     probs, idx = out.logits.softmax(-1).topk(k, dim=-1)
     rows = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -9,8 +11,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.loader import SkipLog
-from ..dist import autocast
+from ..artifact import Artifact, load_artifact
+from ..data.loader import ImageDataset, SkipLog, make_loader
+from ..data.sources import Samples
+from ..data.transforms import eval_transform
+from ..dist import autocast, resolve_device
 
 
 class Outputs(NamedTuple):
@@ -50,3 +55,25 @@ def infer(
         k = getattr(model, "num_classes", 0)
         return Outputs(torch.empty(0, k), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
     return Outputs(torch.cat(logits), torch.cat(labels), torch.cat(indices))
+
+
+def infer_run(
+    run_dir: str | Path,
+    open_samples: Callable[[Artifact], Samples],
+    *,
+    batch_size: int = 64,
+    num_workers: int = -1,
+    device: str = "auto",
+    strict_images: bool = False,
+    progress: bool = True,
+    desc: str = "infer",
+) -> tuple[Outputs, Artifact, Samples, SkipLog]:
+    """Load a saved run and run it over ``open_samples(artifact)`` with the artifact's eval preprocessing."""
+    dev = resolve_device(device)
+    model, art = load_artifact(run_dir, dev)
+    samples = open_samples(art)
+    loader = make_loader(ImageDataset(samples, eval_transform(art.preprocessing)), batch_size, train=False,
+                         num_workers=num_workers, pin_memory=dev.type == "cuda")  # fmt: skip
+    skips = SkipLog(strict=strict_images)
+    out = infer(model, loader, dev, skips=skips, progress=progress, desc=desc)
+    return out, art, samples, skips
