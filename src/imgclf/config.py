@@ -68,16 +68,47 @@ class AugmentConfig:
     ratio: tuple[float, float] = opt((0.75, 4 / 3), "RandomResizedCrop aspect-ratio range")
     hflip: float = opt(0.5, "horizontal flip probability")
     vflip: float = opt(0.0, "vertical flip probability")
+    rotation: float = opt(0.0, "random rotation range in degrees (+/-)")
+    translate: float = opt(0.0, "random affine translation, fraction of the size")
+    shear: float = opt(0.0, "random affine shear range in degrees (+/-)")
+    perspective: float = opt(0.0, "RandomPerspective distortion scale (applied with p=0.5); 0 disables")
     color_jitter: float | None = opt(None, "ColorJitter strength (brightness/contrast/saturation); None disables")
-    auto_augment: str | None = opt(None, "timm auto-augment spec, e.g. 'rand-m9-mstd0.5' or 'trivialaugment'")
+    grayscale: float = opt(0.0, "RandomGrayscale probability")
+    auto_augment: str | None = opt(
+        None,
+        "rand-m9-mstd0.5 (RandAugment N,M), augmix-m5-w4-d2 (AugMix), original (AutoAugment) or trivialaugment",
+    )
     re_prob: float = opt(0.0, "RandomErasing probability")
+    mixup: float = opt(0.0, "MixUp alpha; 0 disables")
+    cutmix: float = opt(0.0, "CutMix alpha; 0 disables")
+    mix_prob: float = opt(1.0, "probability of mixing a batch when MixUp or CutMix is on")
+    mix_switch_prob: float = opt(0.5, "probability of CutMix instead of MixUp when both are on")
+    mix_off_epochs: int = opt(0, "turn MixUp/CutMix off for this many final epochs")
+    repeats: int = opt(1, "repeated augmentation: each image appears this many times per epoch, differently augmented")
 
     def __post_init__(self) -> None:
         lo, hi = self.scale
         _check(0 < lo <= hi <= 1, "aug.scale", "must be 0 < min <= max <= 1", self.scale)
         _check(0 < self.ratio[0] <= self.ratio[1], "aug.ratio", "must be 0 < min <= max", self.ratio)
-        for name in ("hflip", "vflip", "re_prob"):
+        for name in ("hflip", "vflip", "re_prob", "grayscale", "mix_prob", "mix_switch_prob"):
             _check(0 <= getattr(self, name) <= 1, f"aug.{name}", "must be a probability in [0, 1]", getattr(self, name))
+        for name in ("rotation", "shear", "mixup", "cutmix", "mix_off_epochs"):
+            _check(getattr(self, name) >= 0, f"aug.{name}", "must be >= 0", getattr(self, name))
+        _check(0 <= self.translate < 1, "aug.translate", "must be in [0, 1)", self.translate)
+        _check(0 <= self.perspective <= 1, "aug.perspective", "must be in [0, 1]", self.perspective)
+        _check(self.repeats >= 1, "aug.repeats", "must be >= 1", self.repeats)
+        aa = self.auto_augment
+        ok = aa is None or aa == "trivialaugment" or aa.split("-")[0] in AUTO_AUGMENT_FAMILIES
+        _check(
+            ok,
+            "aug.auto_augment",
+            "must start with rand, augmix, original, originalr, v0, v0r or be trivialaugment",
+            aa,
+        )
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
 
 
 @dataclass
@@ -91,6 +122,57 @@ class ModelConfig:
     drop_rate: float | None = opt(None, "dropout before the classifier; default: the architecture's")
     drop_path_rate: float | None = opt(None, "stochastic depth rate; default: the architecture's")
     channels_last: bool = opt(True, "use channels_last memory format (faster convolutions on CPU and GPU)")
+
+
+@dataclass
+class TransferConfig:
+    """How the pretrained backbone is used: the strategy and what is frozen or slowed down."""
+
+    strategy: Literal["finetune", "probe", "staged", "scratch"] = opt(
+        "finetune",
+        "finetune: all layers, backbone at lr x backbone_lr_scale | probe: frozen backbone, head on cached features"
+        " | staged: head first, then unfreeze | scratch: random init",
+    )
+    backbone_lr_scale: float = opt(0.1, "backbone learning rate = optim.lr x this (the head gets optim.lr)")
+    layer_decay: float | None = opt(None, "layer-wise LR decay: each layer towards the stem gets x this (e.g. 0.75)")
+    freeze_stages: int = opt(0, "freeze the stem and the first K stages (finetune, staged)")
+    freeze_bn: bool = opt(False, "keep every BatchNorm in eval mode (running statistics frozen)")
+    head_epochs: int = opt(2, "staged: epochs that train only the head (backbone and its BatchNorm frozen)")
+    unfreeze_stages: int | None = opt(None, "staged: after the head epochs unfreeze the top K stages (None = all)")
+
+    def __post_init__(self) -> None:
+        _check(self.backbone_lr_scale > 0, "transfer.backbone_lr_scale", "must be > 0", self.backbone_lr_scale)
+        ld = self.layer_decay
+        _check(ld is None or 0 < ld <= 1, "transfer.layer_decay", "must be in (0, 1]", ld)
+        _check(self.freeze_stages >= 0, "transfer.freeze_stages", "must be >= 0", self.freeze_stages)
+        _check(self.head_epochs >= 1, "transfer.head_epochs", "must be >= 1", self.head_epochs)
+        us = self.unfreeze_stages
+        _check(us is None or us >= 0, "transfer.unfreeze_stages", "must be >= 0", us)
+
+
+@dataclass
+class ProbeConfig:
+    """The linear probe: a head trained on cached backbone features."""
+
+    solver: Literal["lbfgs", "sgd"] = opt(
+        "lbfgs",
+        "lbfgs: full-batch L-BFGS per weight decay in `wd_grid`, best on val | sgd: mini-batch optim.*, train.epochs",
+    )
+    wd_grid: list[float] = opt([1e-6, 1e-5, 1e-4, 1e-3, 1e-2], "L2 strengths tried by lbfgs, chosen on the val split")
+    max_iter: int = opt(200, "lbfgs iterations per weight decay")
+    aug_passes: int = opt(0, "extra augmented passes over the training data added to the cached features")
+    cache: bool = opt(True, "cache features on disk; false recomputes the backbone every epoch (for comparison)")
+    cache_dir: str | None = opt(None, "feature cache directory; default $XDG_CACHE_HOME/imgclf/features")
+
+    def __post_init__(self) -> None:
+        _check(
+            all(w >= 0 for w in self.wd_grid) and len(self.wd_grid) > 0,
+            "probe.wd_grid",
+            "must be >= 0 values",
+            self.wd_grid,
+        )
+        _check(self.max_iter >= 1, "probe.max_iter", "must be >= 1", self.max_iter)
+        _check(self.aug_passes >= 0, "probe.aug_passes", "must be >= 0", self.aug_passes)
 
 
 @dataclass
@@ -117,13 +199,22 @@ class OptimConfig:
 class SchedConfig:
     """Learning-rate schedule, stepped every optimizer update."""
 
-    name: Literal["cosine", "constant"] = opt("cosine", "cosine decay with linear warmup, or constant after warmup")
-    warmup_epochs: float = opt(1.0, "linear warmup length in epochs (fractions allowed)")
+    name: Literal["cosine", "cosine_restarts", "onecycle", "constant"] = opt(
+        "cosine",
+        "cosine (linear warmup, then decay) | cosine_restarts (sched.cycles warm restarts) | onecycle | constant",
+    )
+    warmup_epochs: float = opt(1.0, "linear warmup length in epochs (fractions allowed; onecycle: its rise)")
     warmup_lr_ratio: float = opt(0.01, "warmup starts at lr x this")
     min_lr_ratio: float = opt(0.01, "cosine ends at lr x this")
+    cycles: int = opt(3, "cosine_restarts: number of cycles")
+    cycle_mul: float = opt(1.0, "cosine_restarts: each cycle is this many times longer than the previous")
+    cycle_decay: float = opt(1.0, "cosine_restarts: peak lr of each cycle is x this of the previous")
 
     def __post_init__(self) -> None:
         _check(self.warmup_epochs >= 0, "sched.warmup_epochs", "must be >= 0", self.warmup_epochs)
+        _check(self.cycles >= 1, "sched.cycles", "must be >= 1", self.cycles)
+        _check(self.cycle_mul >= 1, "sched.cycle_mul", "must be >= 1", self.cycle_mul)
+        _check(0 < self.cycle_decay <= 1, "sched.cycle_decay", "must be in (0, 1]", self.cycle_decay)
         for name in ("warmup_lr_ratio", "min_lr_ratio"):
             v = getattr(self, name)
             _check(0 <= v <= 1, f"sched.{name}", "must be in [0, 1]", v)
@@ -170,12 +261,15 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
+AUTO_AUGMENT_FAMILIES = ("rand", "augmix", "original", "originalr", "v0", "v0r")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
 
 

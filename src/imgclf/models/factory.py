@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..errors import ImgclfError
+from . import smallcnn  # noqa: F401 - registers the simplecnn_* architectures with timm
 from .weights import PACKAGED, PACKAGED_PIP, load_into, packaged_weights_file, read_state_dict
 
 _FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
