@@ -115,13 +115,20 @@ def read_artifact(run_dir: str | Path) -> Artifact:
 
 
 def load_artifact(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Artifact]:
-    """The model (eval mode) and its metadata from a run directory."""
+    """The model (eval mode) and its metadata from a run directory.
+
+    A few-shot index (``"kind": "knn"`` in ``imgclf.json``) loads as ``imgclf.fewshot.KNNClassifier``.
+    """
     from safetensors.torch import load_file
 
     from .models.factory import build_model
 
     run_dir = Path(run_dir)
     art = read_artifact(run_dir)
+    if art.extra.get("kind") == "knn":
+        from .fewshot import load_from_artifact
+
+        return load_from_artifact(run_dir, art, device), art
     wpath = run_dir / WEIGHTS_FILE
     if not wpath.is_file():
         raise ImgclfError(f"{run_dir}: weights file {WEIGHTS_FILE} is missing")

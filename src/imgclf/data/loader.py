@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import ImgclfError
@@ -107,11 +108,18 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    repeats: int = 1,
 ) -> DataLoader:
-    """A loader for training (seeded per-epoch shuffling, drop_last) or evaluation (in order)."""
+    """A loader for training (seeded per-epoch shuffling, drop_last) or evaluation (in order).
+
+    ``repeats > 1`` uses timm's ``RepeatAugSampler``: each image appears that many times in a row,
+    differently augmented (repeated augmentation, DeiT); an epoch keeps its usual length.
+    """
     workers = auto_workers(num_workers)
     sampler: Any = None
-    if train:
+    if train and repeats > 1:
+        sampler = RepeatAugSampler(dataset, world_size, rank, shuffle=True, num_repeats=repeats, selected_round=0)
+    elif train:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     elif world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
@@ -134,5 +142,7 @@ def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     """Make shuffling and augmentation of ``epoch`` depend only on (seed, epoch)."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
+    elif isinstance(loader.sampler, RepeatAugSampler):
+        loader.sampler.set_epoch(seed * 100_003 + epoch)  # it seeds its shuffle with the epoch alone
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 1000 + epoch)

@@ -12,6 +12,7 @@ from typing import Any
 
 import timm.data
 import torch.nn as nn
+from torchvision.transforms import v2
 
 from ..config import AugmentConfig, DataConfig
 
@@ -51,8 +52,14 @@ def eval_transform(pre: dict[str, Any]):
 
 
 def train_transform(pre: dict[str, Any], aug: AugmentConfig):
-    """timm's training pipeline (RandomResizedCrop, flips, jitter, auto-augment, erasing), same normalisation."""
-    return timm.data.create_transform(
+    """timm's training pipeline on the same normalisation, plus torchvision v2 geometric ops.
+
+    Order: RandomResizedCrop + flips (timm) -> affine / perspective / TrivialAugmentWide (torchvision)
+    -> RandAugment / AugMix / AutoAugment / colour jitter / grayscale (timm) -> tensor, normalise,
+    RandomErasing (timm).
+    """
+    aa = None if aug.auto_augment == "trivialaugment" else aug.auto_augment
+    primary, secondary, final = timm.data.create_transform(
         input_size=tuple(pre["input_size"]),
         is_training=True,
         scale=tuple(aug.scale),
@@ -60,9 +67,26 @@ def train_transform(pre: dict[str, Any], aug: AugmentConfig):
         hflip=aug.hflip,
         vflip=aug.vflip,
         color_jitter=aug.color_jitter,
-        auto_augment=aug.auto_augment,
+        grayscale_prob=aug.grayscale,
+        auto_augment=aa,
         interpolation=pre["interpolation"],
         mean=tuple(pre["mean"]),
         std=tuple(pre["std"]),
         re_prob=aug.re_prob,
+        separate=True,
     )
+    extra: list = []
+    if aug.rotation or aug.translate or aug.shear:
+        extra.append(
+            v2.RandomAffine(
+                degrees=aug.rotation,
+                translate=(aug.translate, aug.translate) if aug.translate else None,
+                shear=aug.shear or None,
+                interpolation=v2.InterpolationMode.BILINEAR,
+            )
+        )
+    if aug.perspective:
+        extra.append(v2.RandomPerspective(distortion_scale=aug.perspective, p=0.5))
+    if aug.auto_augment == "trivialaugment":
+        extra.append(v2.TrivialAugmentWide())
+    return v2.Compose([*primary.transforms, *extra, *secondary.transforms, *final.transforms])

@@ -1,13 +1,15 @@
 """The training loop: a plain function per step of the recipe, read top to bottom.
 
-``fit(cfg)`` prepares data and model, trains epoch by epoch (AMP, accumulation, clipping, EMA,
-per-update LR schedule), validates the raw and EMA weights, keeps the best by the chosen metric
-(``checkpoints/best.safetensors``), stops early and checkpoints atomically for exact resume.
-What happens after training (test evaluation, the artifact) lives in ``imgclf.pipeline``.
+``fit(cfg)`` prepares data and model, trains epoch by epoch through the strategy's phases
+(``imgclf.train.strategy``: what trains at which learning rate), with AMP, accumulation, clipping,
+MixUp/CutMix, EMA and a per-update LR schedule; validates the raw and EMA weights, keeps the best
+by the chosen metric (``checkpoints/best.safetensors``), stops early and checkpoints atomically for
+exact resume. What happens after training (test evaluation, the artifact) lives in ``imgclf.pipeline``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,6 +21,7 @@ from typing import Any
 import timm.utils
 import torch
 import torch.nn as nn
+from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -36,6 +39,7 @@ from ..models.factory import create_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler
+from .strategy import Phase, apply_phase, phase_at, plan
 from .task import ClassificationTask
 
 log = logging.getLogger("imgclf")
@@ -59,6 +63,7 @@ class State:
 
     epoch: int = 0  # epochs completed
     updates: int = 0
+    phase_updates: int = 0  # updates since the current phase began (drives its schedule)
     best: float | None = None
     best_epoch: int = -1
     best_which: str = "model"
@@ -81,6 +86,11 @@ class Loop:
     skips: SkipLog
     dtype: torch.dtype | None
     fmt: torch.memory_format
+    phases: list[Phase]
+    phase: Phase
+    updates_per_epoch: int
+    frozen: list[nn.Module]  # norm layers kept in eval mode in this phase
+    mixup: Mixup | None
 
 
 @dataclass
@@ -134,10 +144,12 @@ def eval_loader(samples: Samples, pre: dict, cfg: Config, pin: bool = False) -> 
 
 def train_loader(samples: Samples, pre: dict, cfg: Config, dist: Dist) -> DataLoader:
     """The shuffled, augmented loader; shuffling is a function of (seed, epoch) via ``set_epoch``."""
-    ds = ImageDataset(samples, train_transform(pre, cfg.aug))
+    probe = cfg.transfer.strategy == "probe"  # a probe sees the eval view: features as a cached probe would
+    ds = ImageDataset(samples, eval_transform(pre) if probe else train_transform(pre, cfg.aug))
     return make_loader(
         ds, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         rank=dist.rank, world_size=dist.world_size, pin_memory=dist.device.type == "cuda",
+        repeats=1 if probe else cfg.aug.repeats,
     )  # fmt: skip
 
 
@@ -145,6 +157,8 @@ def train_one_epoch(loop: Loop, loader: DataLoader, state: State, desc: str) -> 
     """One pass over the training data; returns mean loss, images/s and the last learning rate."""
     cfg, dist = loop.cfg, loop.dist
     loop.task.train()
+    for m in loop.frozen:
+        m.eval()
     accum, pending, nonfinite = cfg.optim.accum_steps, 0, 0
     total_loss, seen, t0 = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not (cfg.run.progress and dist.is_main), leave=False, unit="batch")
@@ -155,6 +169,10 @@ def train_one_epoch(loop: Loop, loader: DataLoader, state: State, desc: str) -> 
             continue  # every item was unreadable, or BatchNorm would see a single sample
         x = batch.images.to(dist.device, non_blocking=True).contiguous(memory_format=loop.fmt)
         y = batch.labels.to(dist.device, non_blocking=True)
+        if loop.mixup is not None:
+            if len(y) % 2:  # timm's batch mixing pairs images
+                x, y = x[:-1], y[:-1]
+            x, y = loop.mixup(x, y)  # y: (B, K) soft targets
         step_now = pending + 1 == accum or i + 1 == len(loader)
         sync = nullcontext() if step_now or not hasattr(loop.task, "no_sync") else loop.task.no_sync()
         with sync:
@@ -201,7 +219,8 @@ def _update(loop: Loop, state: State) -> None:
     loop.scaler.update()
     loop.opt.zero_grad(set_to_none=True)
     state.updates += 1
-    loop.sched.step_update(state.updates)
+    state.phase_updates += 1
+    loop.sched.step_update(state.phase_updates)
     if loop.ema is not None:
         loop.ema.update(loop.model, step=state.updates)
 
@@ -245,21 +264,41 @@ def _run_dir(cfg: Config, resume: bool, dist: Dist) -> Path:
     return Path(broadcast(str(d), dist))  # every rank uses rank 0's choice
 
 
-def build_loop(cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int) -> Loop:
-    """Task, optimizer, schedule, EMA and scaler around ``model`` for this config."""
+def build_loop(cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int, num_classes: int) -> Loop:
+    """EMA, scaler, MixUp and the first phase's task, optimizer and schedule around ``model``."""
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(dist.device, memory_format=fmt)
-    task: nn.Module = ClassificationTask(model, cfg.train.label_smoothing)
-    if dist.world_size > 1:
-        ids = [dist.local_rank] if dist.device.type == "cuda" else None
-        task = torch.nn.parallel.DistributedDataParallel(task, device_ids=ids)
-    opt = build_optimizer(model, cfg.optim)
-    sched = build_scheduler(opt, cfg.sched, updates_per_epoch, cfg.train.epochs)
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema else None
     dtype = amp_dtype(cfg.train.amp, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
-    skips = SkipLog(strict=cfg.data.strict_images)
-    return Loop(cfg, dist, model, task, opt, sched, ema, scaler, skips, dtype, fmt)
+    mixup = None
+    if cfg.aug.mixing and cfg.transfer.strategy != "probe":
+        mixup = Mixup(
+            mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mix_prob,
+            switch_prob=cfg.aug.mix_switch_prob, label_smoothing=cfg.train.label_smoothing, num_classes=num_classes,
+        )  # fmt: skip
+    phases = plan(cfg)
+    loop = Loop(cfg, dist, model, model, None, None, ema, scaler, SkipLog(strict=cfg.data.strict_images), dtype, fmt,
+                phases, phases[0], updates_per_epoch, [], mixup)  # fmt: skip
+    enter_phase(loop, phases[0])
+    return loop
+
+
+def enter_phase(loop: Loop, phase: Phase) -> None:
+    """Freeze per ``phase`` and build its task (DDP-wrapped when distributed), optimizer and schedule."""
+    cfg, dist = loop.cfg, loop.dist
+    groups, loop.frozen = apply_phase(loop.model, phase, cfg.optim.weight_decay)
+    if not groups:
+        raise ImgclfError(f"phase '{phase.name}' has nothing to train (check transfer.freeze_stages)")
+    task: nn.Module = ClassificationTask(loop.model, cfg.train.label_smoothing)
+    if dist.world_size > 1:  # re-wrapped per phase: DDP only syncs parameters that trained at wrap time
+        ids = [dist.local_rank] if dist.device.type == "cuda" else None
+        task = torch.nn.parallel.DistributedDataParallel(task, device_ids=ids)
+    loop.task, loop.phase = task, phase
+    loop.opt = build_optimizer(loop.model, cfg.optim, groups)
+    sched_cfg = cfg.sched
+    loop.sched = build_scheduler(loop.opt, sched_cfg, loop.updates_per_epoch, phase.epochs)
+    loop.sched.step_update(0)
 
 
 def fit(cfg: Config, resume: bool = False) -> Fitted:
@@ -269,10 +308,10 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     run_dir = _run_dir(cfg, resume, dist)
     timm.utils.random_seed(cfg.train.seed, dist.rank)  # torch, numpy and python (timm's crops use random)
     splits = prepare_data(cfg)
-    model, wsrc = create_model(cfg.model, len(splits.class_names))
+    model, wsrc = create_model(model_config(cfg), len(splits.class_names))
     pre = resolve_preprocessing(model, cfg.data)
     tl, vl = train_loader(splits.train, pre, cfg, dist), eval_loader(splits.val, pre, cfg, dist.device.type == "cuda")
-    loop = build_loop(cfg, dist, model, math.ceil(len(tl) / cfg.optim.accum_steps))
+    loop = build_loop(cfg, dist, model, math.ceil(len(tl) / cfg.optim.accum_steps), len(splits.class_names))
     state = State()
     if resume:
         _restore(run_dir, loop, state)
@@ -292,6 +331,15 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     return Fitted(cfg, run_dir, loop.model, state, splits, pre, wsrc, dist, loop.skips, time.perf_counter() - t_start)
 
 
+def model_config(cfg: Config):
+    """``cfg.model``, with random init for the scratch strategy (which refuses explicit pretrained weights)."""
+    if cfg.transfer.strategy != "scratch":
+        return cfg.model
+    if cfg.model.weights not in ("auto", "none"):
+        raise ImgclfError(f"transfer.strategy scratch trains from random init; drop model.weights={cfg.model.weights}")
+    return dataclasses.replace(cfg.model, weights="none")
+
+
 def _stopped(cfg: Config, state: State) -> bool:
     return cfg.train.patience is not None and state.stale >= cfg.train.patience
 
@@ -301,8 +349,15 @@ def _epochs(loop: Loop, state: State, run_dir: Path, tl: DataLoader, vl: DataLoa
     cfg, dist, ema = loop.cfg, loop.dist, loop.ema
     while state.epoch < cfg.train.epochs and not _stopped(cfg, state):
         e = state.epoch + 1
+        phase = phase_at(loop.phases, state.epoch)
+        if phase != loop.phase:
+            enter_phase(loop, phase)
+            state.phase_updates = 0
+            log.info("phase '%s' (epochs %d-%d)", phase.name, phase.start + 1, phase.end)
+        if loop.mixup is not None:
+            loop.mixup.mixup_enabled = e <= cfg.train.epochs - cfg.aug.mix_off_epochs
         set_epoch(tl, cfg.train.seed, e)
-        stats = train_one_epoch(loop, tl, state, f"epoch {e}/{cfg.train.epochs}")
+        stats = train_one_epoch(loop, tl, state, f"epoch {e}/{cfg.train.epochs} {phase.name}")
         val = validate(loop, vl, names)
         which = max(val, key=lambda k: _score(val[k], cfg.train.metric))
         score = _score(val[which], cfg.train.metric)
@@ -346,6 +401,7 @@ def _save(run_dir: Path, loop: Loop, state: State) -> None:
             "scheduler": loop.sched.state_dict(),
             "ema": loop.ema.module.state_dict() if loop.ema is not None else {},
             "scaler": loop.scaler.state_dict(),
+            "phase": loop.phase.name,
             "state": {k: v for k, v in vars(state).items() if k != "history"},
             "history": state.history,
             "rng": rng_state(),
@@ -357,14 +413,20 @@ def _restore(run_dir: Path, loop: Loop, state: State) -> None:
     ck = load_checkpoint(run_dir / LAST_CKPT)
     try:
         loop.model.load_state_dict(ck["model"])
-        loop.opt.load_state_dict(ck["optimizer"])
-        loop.sched.load_state_dict(ck["scheduler"])
+        for k, v in ck["state"].items():
+            setattr(state, k, v)
+        phase = phase_at(loop.phases, min(state.epoch, loop.cfg.train.epochs - 1))
+        if phase != loop.phase:
+            enter_phase(loop, phase)
+        if ck.get("phase") == phase.name:  # else the checkpoint closed the previous phase: start this one fresh
+            loop.opt.load_state_dict(ck["optimizer"])
+            loop.sched.load_state_dict(ck["scheduler"])
+        else:
+            state.phase_updates = 0
         if loop.ema is not None and ck["ema"]:
             loop.ema.module.load_state_dict(ck["ema"])
         if ck["scaler"]:
             loop.scaler.load_state_dict(ck["scaler"])
-        for k, v in ck["state"].items():
-            setattr(state, k, v)
         state.history = list(ck["history"])
         set_rng_state(ck["rng"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
