@@ -21,6 +21,8 @@ SHORTCUTS = {
     "--val-data": ("data.val_path", "validation data (default: stratified split of --data)"),
     "--test-data": ("data.test_path", "test data evaluated with the best weights at the end"),
     "--model": ("model.name", "any timm architecture (default tf_efficientnet_lite0)"),
+    "--strategy": ("transfer.strategy", "finetune | probe | staged | scratch"),
+    "--freeze-stages": ("transfer.freeze_stages", "freeze the stem and the first K stages"),
     "--weights": ("model.weights", "auto | packaged | hub | none | FILE.safetensors/.pth"),
     "--epochs": ("train.epochs", "number of epochs"),
     "--batch-size": ("data.batch_size", "batch size"),

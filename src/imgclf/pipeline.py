@@ -14,6 +14,7 @@ from .data.sources import Samples
 from .eval.inference import infer
 from .eval.metrics import compute_metrics
 from .models.factory import architecture_of
+from .train.probe import fit_probe
 from .train.trainer import Fitted, eval_loader, fit
 
 
@@ -32,7 +33,8 @@ class TrainResult:
 
 def run_training(cfg: Config, resume: bool = False) -> TrainResult:
     """Train, then evaluate the best weights and save ``model.safetensors`` + ``imgclf.json``."""
-    f = fit(cfg, resume=resume)
+    cached_probe = cfg.transfer.strategy == "probe" and cfg.probe.cache
+    f = fit_probe(cfg, resume=resume) if cached_probe else fit(cfg, resume=resume)
     val_m = _measure(f, f.splits.val, "val")
     test_m = _measure(f, f.splits.test, "test") if f.splits.test is not None else None
     metrics: dict[str, Any] = {

@@ -20,8 +20,8 @@ from timm.models import group_parameters
 
 
 def head_names(model: nn.Module) -> set[str]:
-    """Parameter names of the final classifier layer (``model.get_classifier()``)."""
-    head = model.get_classifier()
+    """Parameter names of the final classifier layer (``model.get_classifier()``; none for plain modules)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Module):
         return set()
     ids = {id(p) for p in head.parameters()}
@@ -77,7 +77,7 @@ def layer_scales(model: nn.Module, layer_decay: float | None) -> dict[str, float
     if not layer_decay or layer_decay == 1 or not hasattr(model, "group_matcher"):
         return dict.fromkeys(names, 1.0)
     layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
-    top = max(layer_of.values()) + 1  # unmatched parameters (the head) sit on top
+    top = max(layer_of.values())  # as timm: unmatched parameters (the head) form the top layer
     return {n: layer_decay ** (top - layer_of.get(n, top)) for n in names}
 
 

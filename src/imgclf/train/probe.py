@@ -1,0 +1,278 @@
+"""Linear probe on cached features: the backbone runs once per image, the head trains in seconds.
+
+Features (timm ``forward_head(pre_logits=True)``, eval preprocessing, plus ``probe.aug_passes``
+augmented passes over the training data) are cached on disk under a key made of the architecture,
+the weights' content, the preprocessing, the data and the view, so a second run with another head
+setting skips the backbone entirely. The head is then fitted either
+
+- ``lbfgs``: multinomial logistic regression on standardised features, full-batch L-BFGS for each L2
+  strength in ``probe.wd_grid`` (warm-started), the best on the validation split kept; or
+- ``sgd``: mini-batch training of the head with ``optim.*``/``sched.*`` for ``train.epochs``, the
+  same optimisation the uncached probe (``probe.cache false``) runs through the full network.
+
+The fitted head is folded back into the model's classifier, so the artifact is a plain timm model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm.utils
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ..config import Config
+from ..data.loader import ImageDataset, SkipLog, make_loader
+from ..data.sources import Samples
+from ..data.transforms import eval_transform, resolve_preprocessing, train_transform
+from ..dist import Dist, setup
+from ..errors import ImgclfError
+from ..eval.features import Features, extract_features
+from ..io import save_safetensors
+from ..models.factory import create_model
+from ..models.weights import packaged_weights_file
+from .checkpoint import load_checkpoint, save_checkpoint
+from .logger import RunLogger
+from .optim import build_optimizer, build_scheduler
+from .trainer import LAST_CKPT, Fitted, State, _run_dir, prepare_data
+
+log = logging.getLogger("imgclf")
+CACHE_FORMAT = 1
+
+
+def cache_dir(cfg: Config) -> Path:
+    """``probe.cache_dir`` or ``$XDG_CACHE_HOME/imgclf/features`` (default ``~/.cache/imgclf/features``)."""
+    if cfg.probe.cache_dir:
+        return Path(cfg.probe.cache_dir).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "imgclf" / "features"
+
+
+def _sha(parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_identity(weights_source: str, cfg: Config) -> str:
+    """What the backbone's weights are: a content hash for files, the name for hub weights."""
+    kind, _, rest = weights_source.partition(":")
+    if kind == "packaged":
+        return "sha256:" + _file_sha(packaged_weights_file(cfg.model.name))
+    if kind == "file":
+        return "sha256:" + _file_sha(Path(rest))
+    if kind == "hub":
+        return weights_source
+    return f"random-init:seed{cfg.train.seed}"
+
+
+def data_identity(samples: Samples) -> str:
+    """Content of in-memory arrays, or path + size + mtime of every file, plus the labels."""
+    h = hashlib.sha256(np.ascontiguousarray(samples.labels).tobytes())
+    if samples.arrays is not None:
+        h.update(np.ascontiguousarray(samples.arrays[np.asarray(samples.items)]).tobytes())
+    else:
+        for p in samples.items:
+            st = os.stat(p) if os.path.exists(p) else None
+            h.update(f"{p}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
+    return h.hexdigest()
+
+
+def cached_features(
+    model: nn.Module, samples: Samples, transform, view: dict, key_base: dict, cfg: Config, dist: Dist, skips: SkipLog
+) -> Features:
+    """Features of ``samples`` under ``transform``, from the cache when the key matches."""
+    key = _sha({**key_base, "data": data_identity(samples), "view": view, "format": CACHE_FORMAT})[:40]
+    path = cache_dir(cfg) / f"{key}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        log.info("features %s: cache hit (%d x %d)", view["name"], *t["features"].shape)
+        return Features(t["features"], t["labels"], t["indices"])
+    if "seed" in view:
+        timm.utils.random_seed(view["seed"])
+    bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+    loader = make_loader(ImageDataset(samples, transform), bs, train=False, num_workers=cfg.data.num_workers,
+                         pin_memory=dist.device.type == "cuda")  # fmt: skip
+    t0 = time.perf_counter()
+    f = extract_features(model, loader, dist.device, skips=skips, channels_last=cfg.model.channels_last,
+                         progress=cfg.run.progress and dist.is_main, desc=f"features {view['name']}")  # fmt: skip
+    if dist.is_main:
+        meta = {"view": json.dumps(view), "data": samples.name, "arch": key_base["arch"]}
+        save_safetensors(path, {"features": f.features, "labels": f.labels, "indices": f.indices}, meta)
+    secs = time.perf_counter() - t0
+    log.info("features %s: computed %d in %.1fs (%.0f img/s), cached", view["name"], len(f.labels), secs,
+             len(f.labels) / max(secs, 1e-9))  # fmt: skip
+    return f
+
+
+def fit_lbfgs(
+    xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor, k: int, wd_grid: list[float],
+    max_iter: int,
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:  # fmt: skip
+    """Multinomial logistic regression per L2 strength (strongest first, warm-started); best by val top-1.
+
+    Returns the head (weight (K, D), bias (K,)) in the raw feature space and one row per strength.
+    """
+    mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xs, xv = (xtr - mu) / sd, (xva - mu) / sd
+    w = torch.zeros(k, xs.shape[1], requires_grad=True)
+    b = torch.zeros(k, requires_grad=True)
+    rows, best = [], None
+    for wd in sorted(wd_grid, reverse=True):
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure(opt: torch.optim.Optimizer = opt, wd: float = wd) -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(xs @ w.T + b, ytr) + 0.5 * wd * (w * w).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            logits = xv @ w.T + b
+            row = {"wd": wd, "val_top1": float((logits.argmax(1) == yva).float().mean()),
+                   "val_loss": float(F.cross_entropy(logits, yva))}  # fmt: skip
+        rows.append(row)
+        if best is None or (row["val_top1"], -row["val_loss"]) > (best[0]["val_top1"], -best[0]["val_loss"]):
+            best = (row, w.detach().clone(), b.detach().clone())
+    _, wb, bb = best
+    weight = wb / sd  # fold the standardisation into the head
+    return weight, bb - weight @ mu, rows
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+def fit_sgd(
+    head: nn.Linear, tr: Features, va: Features, cfg: Config, run_dir: Path, state: State, logger: RunLogger,
+    ck: dict | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Mini-batch head training on cached features; checkpoints every epoch; returns the best head state."""
+    bs = cfg.data.batch_size
+    per_epoch = len(tr.labels) // bs if len(tr.labels) > bs else 1
+    opt = build_optimizer(head, cfg.optim)
+    sched = build_scheduler(opt, cfg.sched, math.ceil(per_epoch / cfg.optim.accum_steps), cfg.train.epochs)
+    best_state = {k: v.clone() for k, v in head.state_dict().items()}
+    ck_path = run_dir / LAST_CKPT
+    if ck is not None and "optimizer" in ck:  # resuming
+        head.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        best_state = ck["best_head"]
+    sched.step_update(state.updates)
+    while state.epoch < cfg.train.epochs and not (cfg.train.patience and state.stale >= cfg.train.patience):
+        e, t0, total = state.epoch + 1, time.perf_counter(), 0.0
+        order = _epoch_order(len(tr.labels), cfg.train.seed, e)
+        for i in range(per_epoch):
+            idx = order[i * bs : (i + 1) * bs]
+            loss = F.cross_entropy(head(tr.features[idx]), tr.labels[idx], label_smoothing=cfg.train.label_smoothing)
+            (loss / cfg.optim.accum_steps).backward()
+            if (i + 1) % cfg.optim.accum_steps == 0 or i + 1 == per_epoch:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                state.updates += 1
+                sched.step_update(state.updates)
+            total += float(loss) * len(idx)
+        with torch.no_grad():
+            logits = head(va.features)
+            top1 = float((logits.argmax(1) == va.labels).float().mean())
+            val = {"top1": top1, "loss": float(F.cross_entropy(logits, va.labels))}
+        score = -val["loss"] if cfg.train.metric == "loss" else val["top1"]
+        improved = state.best is None or score > state.best
+        if improved:
+            state.best, state.best_epoch, state.stale = score, e, 0
+            best_state = {k: v.clone() for k, v in head.state_dict().items()}
+        else:
+            state.stale += 1
+        secs = time.perf_counter() - t0
+        row = {"epoch": e, "train_loss": total / max(per_epoch * bs, 1), "lr": opt.param_groups[0]["lr"],
+               "img_per_s": per_epoch * bs / max(secs, 1e-9), "epoch_seconds": secs,
+               "val_loss": val["loss"], "val_top1": val["top1"], "best": improved}  # fmt: skip
+        state.history.append(row)
+        state.epoch = e
+        logger.log_epoch(row)
+        save_checkpoint(ck_path, {"model": head.state_dict(), "optimizer": opt.state_dict(),
+                                  "scheduler": sched.state_dict(), "best_head": best_state, "probe": True,
+                                  "state": {k: v for k, v in vars(state).items() if k != "history"},
+                                  "history": state.history})  # fmt: skip
+        log.info("epoch %d/%d  loss %.4f  val top1 %.2f %%%s", e, cfg.train.epochs, row["train_loss"],
+                 100 * val["top1"], " *" if improved else "")  # fmt: skip
+    return best_state
+
+
+def _lbfgs_head(tr: Features, va: Features, k: int, cfg: Config, run_dir: Path, state: State, logger: RunLogger):
+    weight, bias, rows = fit_lbfgs(tr.features, tr.labels, va.features, va.labels, k, cfg.probe.wd_grid,
+                                   cfg.probe.max_iter)  # fmt: skip
+    state.history = [{"epoch": i + 1, **r} for i, r in enumerate(rows)]
+    best = max(rows, key=lambda r: (r["val_top1"], -r["val_loss"]))
+    state.epoch, state.best, state.best_epoch = len(rows), best["val_top1"], rows.index(best) + 1
+    for row in state.history:
+        logger.log_epoch(row)
+    log.info("probe L-BFGS: best wd %g, val top1 %.2f %%", best["wd"], 100 * best["val_top1"])
+    head_state = {"weight": weight, "bias": bias}
+    plain = {k2: v for k2, v in vars(state).items() if k2 != "history"}
+    save_checkpoint(run_dir / LAST_CKPT, {"model": head_state, "probe": True, "history": state.history, "state": plain})
+    return head_state
+
+
+def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
+    """Frozen backbone, cached features, a fitted linear head; see the module docstring."""
+    t_start = time.perf_counter()
+    dist = setup(cfg.train.device)
+    run_dir = _run_dir(cfg, resume, dist)
+    timm.utils.random_seed(cfg.train.seed, dist.rank)
+    splits = prepare_data(cfg)
+    k = len(splits.class_names)
+    model, wsrc = create_model(cfg.model, k)
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise ImgclfError(f"the cached probe needs a Linear classifier; {cfg.model.name} has {type(head).__name__}")
+    pre = resolve_preprocessing(model, cfg.data)
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = model.to(dist.device, memory_format=fmt).eval()
+    skips = SkipLog(strict=cfg.data.strict_images)
+    base = {"arch": cfg.model.name, "weights": weights_identity(wsrc, cfg), "preprocessing": pre}
+    ev = eval_transform(pre)
+    feats = [cached_features(model, splits.train, ev, {"name": "train"}, base, cfg, dist, skips)]
+    for i in range(cfg.probe.aug_passes):
+        view = {"name": f"train-aug{i + 1}", "aug": vars(cfg.aug), "seed": cfg.train.seed * 1000 + i}
+        feats.append(cached_features(model, splits.train, train_transform(pre, cfg.aug), view, base, cfg, dist, skips))
+    tr = Features(*(torch.cat(parts) for parts in zip(*feats)))
+    va = cached_features(model, splits.val, ev, {"name": "val"}, base, cfg, dist, skips)
+    if len(va.labels) == 0 or len(tr.labels) == 0:
+        raise ImgclfError("no training or validation image could be read; see the skipped files")
+    logger = RunLogger(run_dir, enabled=dist.is_main)
+    logger.save_config(cfg)
+    state, ck = State(), load_checkpoint(run_dir / LAST_CKPT) if resume else None
+    if ck is not None:
+        for key, v in ck["state"].items():
+            setattr(state, key, v)
+        state.history = list(ck["history"])
+    if cfg.probe.solver == "lbfgs":
+        head_state = ck["model"] if ck is not None else _lbfgs_head(tr, va, k, cfg, run_dir, state, logger)
+    else:
+        head_cpu = nn.Linear(head.in_features, k)
+        nn.init.zeros_(head_cpu.weight)
+        nn.init.zeros_(head_cpu.bias)
+        head_state = fit_sgd(head_cpu, tr, va, cfg, run_dir, state, logger, ck)
+    logger.close()
+    head.load_state_dict({k2: v.to(head.weight.device) for k2, v in head_state.items()})
+    save_safetensors(run_dir / "checkpoints" / "best.safetensors", model.state_dict())
+    return Fitted(cfg, run_dir, model, state, splits, pre, wsrc, dist, skips, time.perf_counter() - t_start)
