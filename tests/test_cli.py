@@ -242,3 +242,25 @@ def test_artifact_files_get_the_usual_permissions_not_0600(tiny_run):
     os.umask(umask)
     for name in ("model.safetensors", "imgclf.json", "config.yaml"):
         assert (tiny_run / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_knn_verbs_build_add_predict_and_episodes(tmp_path):
+    support = make_folder(tmp_path / "support", n_per_class=4, classes=2, seed=11)
+    more = make_folder(tmp_path / "more", n_per_class=4, classes=3, seed=12)  # adds class_2
+    tiny = ["--model", "test_efficientnet", "--weights", "none", "--input-size", "32", "--workers", "0",
+            "--no-progress"]  # fmt: skip
+    r = run_cli("knn", "build", support, "--name", "idx", "--output", tmp_path / "runs", *tiny, "--k", "3")
+    assert r.code == 0, r
+    assert "8 images, 2 classes" in r.out
+    idx = tmp_path / "runs" / "idx"
+    r = run_cli("knn", "add", idx, more, "--workers", "0", "--no-progress")
+    assert r.code == 0 and "20 support images, 3 classes" in r.out, r
+    r = run_cli("predict", idx, more / "class_2", "--format", "json", "--no-progress", "--workers", "0")
+    assert r.code == 0, r
+    assert {t["label"] for p in json.loads(r.out)["predictions"] for t in p["top"]} <= {"class_0", "class_1", "class_2"}
+    out = tmp_path / "episodes.json"
+    r = run_cli("knn", "episodes", more, "--shots", "1", "2", "--episodes", "5", "--queries", "2", "--json", out, *tiny)
+    assert r.code == 0, r
+    assert "3-way episode accuracy" in r.out and "1-shot" in r.out and "2-shot" in r.out
+    rep = json.loads(out.read_text())
+    assert 0 <= rep["results"]["prototype"]["2"]["mean"] <= 1

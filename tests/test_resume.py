@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .conftest import TINY, make_folder
 
 EPOCHS = 4
@@ -55,3 +57,60 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert abs(full_val["top1"] - res_val["top1"]) <= 0.005
     for a, b in zip(full_rows, res_rows):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-4, (a, b)
+
+
+class _Killed(Exception):
+    """Stands in for SIGKILL right after a checkpoint, in-process (the subprocess test covers the real signal)."""
+
+
+STRATEGIES = {
+    "finetune": ({}, 2),
+    "staged-at-phase-boundary": ({"transfer.strategy": "staged", "transfer.head_epochs": 2}, 2),
+    "staged-mid-phase": ({"transfer.strategy": "staged", "transfer.head_epochs": 1}, 2),
+    "scratch": ({"transfer.strategy": "scratch"}, 1),
+    "probe-uncached": ({"transfer.strategy": "probe", "probe.cache": False}, 2),
+    "probe-sgd-cached": ({"transfer.strategy": "probe", "probe.solver": "sgd"}, 2),
+    "probe-lbfgs": ({"transfer.strategy": "probe"}, None),
+}
+
+
+@pytest.mark.parametrize("case", list(STRATEGIES))
+def test_resume_gives_the_same_run_for_every_strategy(case, tmp_path, monkeypatch):
+    import imgclf.train.probe as probe_mod
+    import imgclf.train.trainer as trainer_mod
+    from imgclf.api import make_config, resume_config, train
+
+    extra, kill_after = STRATEGIES[case]
+    data = make_folder(tmp_path / "d", n_per_class=12, classes=3, seed=4)
+    over = {"model.name": "test_efficientnet", "model.weights": "none", "data.input_size": 32,
+            "data.batch_size": 8, "data.num_workers": 0, "run.progress": False, "train.epochs": 4,
+            "optim.lr": 0.01, "run.output": str(tmp_path / "runs"), "probe.cache_dir": str(tmp_path / "cache"),
+            **extra}  # fmt: skip
+    full = train(make_config(data, overrides={**over, "run.name": "full"}))
+
+    real_save, real_ck = trainer_mod._save, probe_mod.save_checkpoint
+
+    def save_then_die(run_dir, loop, state):
+        real_save(run_dir, loop, state)
+        if state.epoch == kill_after:
+            raise _Killed
+
+    def ck_then_die(path, state):
+        real_ck(path, state)
+        if kill_after is None or state["state"]["epoch"] == kill_after:
+            raise _Killed
+
+    monkeypatch.setattr(trainer_mod, "_save", save_then_die)
+    monkeypatch.setattr(probe_mod, "save_checkpoint", ck_then_die)
+    with pytest.raises(_Killed):
+        train(make_config(data, overrides={**over, "run.name": "killed"}))
+    monkeypatch.setattr(trainer_mod, "_save", real_save)
+    monkeypatch.setattr(probe_mod, "save_checkpoint", real_ck)
+    resumed = train(resume_config(tmp_path / "runs", "killed"), resume=True)
+
+    assert [r["epoch"] for r in resumed.history] == [r["epoch"] for r in full.history]
+    for a, b in zip(full.history, resumed.history):
+        for key in ("train_loss", "val_loss", "val_top1"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
+    assert resumed.val_metrics["top1"] == pytest.approx(full.val_metrics["top1"], abs=1e-6)

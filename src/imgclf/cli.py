@@ -68,36 +68,101 @@ def _type_hint(tp: Any) -> str:
     return getattr(tp, "__name__", "V").upper()
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="fine-tune a model (no arguments: the embedded Fashion-MNIST job)",
-        argument_default=argparse.SUPPRESS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a classifier. Precedence: defaults < --recipe < --config < flags.",
-    )
-    p.add_argument("--config", help="YAML file with sections data, aug, model, optim, sched, train, run")
-    p.add_argument("--recipe", help="a recipe shipped with imgclf (e.g. default)")
+def _config_parser(sub: argparse._SubParsersAction, name: str, help_: str, description: str) -> argparse.ArgumentParser:
+    """A sub-command that takes the training config: --config, --recipe, shortcuts and every --section.field."""
+    p = sub.add_parser(name, help=help_, description=description, argument_default=argparse.SUPPRESS)
     p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run named by --name (or the newest) from its last checkpoint",
+        "--config", help="YAML file with sections data, aug, model, transfer, probe, optim, sched, train, run"
     )
+    p.add_argument("--recipe", help=f"a recipe shipped with imgclf: {', '.join(_recipes())}")
     p.add_argument(
         "--strict-images", action="store_true", help="stop at the first unreadable image instead of skipping it"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="only the final summary")
     types_ = field_types()
-    for flag, (key, help_) in SHORTCUTS.items():
-        p.add_argument(flag, dest=key, metavar=_type_hint(types_[key]), help=f"{help_} (= --{key})")
+    for flag, (key, h) in SHORTCUTS.items():
+        p.add_argument(flag, dest=key, metavar=_type_hint(types_[key]), help=f"{h} (= --{key})")
     defaults = config_to_dict(Config())
     for sec, fields in section_fields().items():
         g = p.add_argument_group(f"{sec} (config section)")
-        for name, f in fields.items():
-            key = f"{sec}.{name}"
-            help_ = f"{f.metadata.get('help', '')} [{defaults[sec][name]}]"
-            g.add_argument(f"--{key}", dest=key, metavar=_type_hint(types_[key]), help=help_)
+        for fname, f in fields.items():
+            key = f"{sec}.{fname}"
+            g.add_argument(f"--{key}", dest=key, metavar=_type_hint(types_[key]),
+                           help=f"{f.metadata.get('help', '')} [{defaults[sec][fname]}]")  # fmt: skip
+    return p
+
+
+def _recipes() -> list[str]:
+    from pathlib import Path
+
+    return sorted(q.stem for q in (Path(__file__).parent / "recipes").glob("*.yaml"))
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = _config_parser(
+        sub, "train", "fine-tune a model (no arguments: the embedded Fashion-MNIST job)",
+        "Train a classifier. Precedence: defaults < --recipe < --config < flags.",
+    )  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run named by --name (or the newest) from its last checkpoint")  # fmt: skip
+
+
+def _add_lr_find(sub: argparse._SubParsersAction) -> None:
+    p = _config_parser(
+        sub, "lr-find", "LR range test: plot loss against learning rate and suggest a value",
+        "Runs --steps updates with the learning rate rising exponentially, on the same data, model and strategy"
+        " as `imgclf train` with the same flags; writes lr_find.png and lr_find.json.",
+    )  # fmt: skip
+    p.add_argument("--start-lr", type=float, default=1e-7)
+    p.add_argument("--end-lr", type=float, default=1.0)
+    p.add_argument("--steps", type=_positive_int, default=100)
+    p.add_argument("--out", help="output directory (default runs/lr-find-<model>-<time>)")
+
+
+def _add_knn(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("knn", help="few-shot classification without training: build, extend and test k-NN indexes")
+    verbs = p.add_subparsers(dest="knn_command", parser_class=_Parser, required=True)
+
+    def embed_opts(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--per-class", type=_positive_int, help="use at most this many images per class (seeded)")
+        q.add_argument("--split", default="train", help="split of a multi-split .npz / builtin data (default train)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--batch-size", type=_positive_int, default=64)
+        q.add_argument("--workers", type=int, default=-1)
+        q.add_argument("--device", default="auto")
+        q.add_argument("--strict-images", action="store_true")
+        q.add_argument("--no-progress", action="store_true")
+
+    def model_opts(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--model", default="tf_efficientnet_lite0", help="any timm backbone")
+        q.add_argument("--weights", default="auto", help="auto | packaged | hub | none | FILE")
+        q.add_argument("--input-size", type=_positive_int, help="square input size (default: the model's)")
+        q.add_argument("--crop-pct", type=float, help="eval centre-crop fraction (default: the model's)")
+        q.add_argument("--k", type=_positive_int, default=10, help="neighbours that vote")
+        q.add_argument("--temperature", type=float, default=0.07, help="vote / prototype softmax temperature")
+
+    b = verbs.add_parser("build", help="embed a labelled support set into an index run directory")
+    b.add_argument("support", help="support set: folder (one sub-folder per class), CSV, .npz or builtin:NAME")
+    b.add_argument("--name", required=True, help="run directory name under --output")
+    b.add_argument("--output", default="runs")
+    b.add_argument("--mode", choices=["knn", "prototype"], default="knn")
+    model_opts(b)
+    embed_opts(b)
+    a = verbs.add_parser("add", help="add images (and new classes) to an index, no training")
+    a.add_argument("run", help="index run directory")
+    a.add_argument("support", help="more labelled images: folder, CSV, .npz or builtin:NAME")
+    embed_opts(a)
+    e = verbs.add_parser("episodes", help="N-way K-shot episode accuracy (mean and 95 %% CI)")
+    e.add_argument("data", help="labelled pool: folder, CSV, .npz or builtin:NAME")
+    e.add_argument("--shots", type=_positive_int, nargs="+", default=[1, 5, 10])
+    e.add_argument("--ways", type=_positive_int, help="classes per episode (default: all)")
+    e.add_argument("--queries", type=_positive_int, default=15, help="query images per class and episode")
+    e.add_argument("--episodes", type=_positive_int, default=200)
+    e.add_argument("--modes", nargs="+", choices=["knn", "prototype"], default=["prototype", "knn"])
+    e.add_argument("--json", dest="json_out", help="also write the report JSON here")
+    model_opts(e)
+    embed_opts(e)
 
 
 def _positive_int(text: str) -> int:
@@ -151,9 +216,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="imgclf", description="From a folder of images to a trained, evaluated classifier.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    for add in (_add_train, _add_eval, _add_predict, _add_models):
+    for add in (_add_train, _add_lr_find, _add_eval, _add_predict, _add_knn, _add_models):
         add(sub)
     return p
+
+
+def _flat_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    ns = vars(args)
+    flat = {k: v for k, v in ns.items() if "." in k}
+    if ns.get("strict_images"):
+        flat["data.strict_images"] = "true"
+    if ns.get("no_progress"):
+        flat["run.progress"] = "false"
+    return flat
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from . import api
+    from .train.lr_find import lr_find, save_lr_find
+
+    ns = vars(args)
+    cfg = api.make_config(config_file=ns.get("config"), recipe=ns.get("recipe"), overrides=_flat_overrides(args))
+    res = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+    stem = f"lr-find-{cfg.model.name.replace('/', '_').replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) if getattr(args, "out", None) else Path(cfg.run.output) / stem
+    js, png = save_lr_find(res, out)
+    print(
+        f"suggested lr {res['suggested_lr']:.3g} (steepest fall of the loss); minimum loss at {res['min_loss_lr']:.3g}"
+    )
+    print(f"{res['steps_run']} steps in {res['seconds']}s; plot {png}, data {js}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -161,11 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .eval.metrics import metrics_table
 
     ns = vars(args)
-    flat = {k: v for k, v in ns.items() if "." in k}
-    if ns.get("strict_images"):
-        flat["data.strict_images"] = "true"
-    if ns.get("no_progress"):
-        flat["run.progress"] = "false"
+    flat = _flat_overrides(args)
     if ns.get("resume"):
         if ns.get("config") or ns.get("recipe"):
             raise ImgclfError("--resume uses the run's saved config.yaml; drop --config/--recipe")
@@ -239,6 +330,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_knn(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import fewshot
+    from .eval.metrics import format_table
+    from .io import write_json
+
+    common = {"split": args.split, "seed": args.seed, "device": args.device, "batch_size": args.batch_size,
+              "num_workers": args.workers, "strict_images": args.strict_images, "progress": not args.no_progress,
+              "per_class": args.per_class}  # fmt: skip
+    if args.knn_command == "add":
+        clf, art = fewshot.add_to_index(args.run, args.support, **common)
+        print(f"{args.run}: {clf.embeddings.shape[0]} support images, {len(art.class_names)} classes")
+        return 0
+    model = {"input_size": args.input_size, "crop_pct": args.crop_pct, "k": args.k, "temperature": args.temperature}
+    if args.knn_command == "build":
+        clf, art = fewshot.build_index(args.support, args.model, args.weights, mode=args.mode, **model, **common)
+        run = fewshot.save_index(Path(args.output) / args.name, clf, art)
+        loo = art.metrics.get("support_loo_top1")
+        extra = f"; leave-one-out accuracy on the support set {100 * loo:.1f} %" if loo is not None else ""
+        print(f"index {run}: {clf.embeddings.shape[0]} images, {len(art.class_names)} classes{extra}")
+        print(f"use it like a trained run: imgclf predict {run} IMAGES")
+        return 0
+    episodes = {"shots": args.shots, "ways": args.ways, "queries": args.queries, "episodes": args.episodes}
+    rep = fewshot.few_shot_report(args.data, args.model, args.weights, modes=args.modes, **episodes, **model, **common)
+    if args.json_out:
+        write_json(args.json_out, rep)
+    rows = [[mode, *[f"{100 * r[str(s)]['mean']:.2f} ± {100 * r[str(s)]['ci95']:.2f}" for s in args.shots]]
+            for mode, r in rep["results"].items()]  # fmt: skip
+    ways = rep["results"][args.modes[0]][str(args.shots[0])]["ways"]
+    print(f"{ways}-way episode accuracy % (mean ± 95 % CI over {args.episodes} episodes, {args.queries} queries/class)")
+    print(format_table(rows, ["mode", *[f"{s}-shot" for s in args.shots]]))
+    print(f"{rep['model']} ({rep['weights']}) on {rep['n_images']} images of {rep['data']}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import timm
 
@@ -274,7 +401,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}
+COMMANDS = {
+    "train": cmd_train,
+    "lr-find": cmd_lr_find,
+    "eval": cmd_eval,
+    "predict": cmd_predict,
+    "knn": cmd_knn,
+    "models": cmd_models,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
 def _unknown(command: str | None, extra: list[str]) -> typing.NoReturn:
     flag = next((x for x in extra if x.startswith("--")), extra[0])
     key = flag[2:].split("=", 1)[0]
-    if command == "train" and "." in key:
+    if command in ("train", "lr-find") and "." in key:
         sec = key.split(".", 1)[0]
         fields = section_fields()
         if sec in fields:

@@ -189,7 +189,7 @@ def fit_sgd(
                 opt.zero_grad(set_to_none=True)
                 state.updates += 1
                 sched.step_update(state.updates)
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         with torch.no_grad():
             logits = head(va.features)
             top1 = float((logits.argmax(1) == va.labels).float().mean())
