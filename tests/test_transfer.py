@@ -17,7 +17,7 @@ from imgclf.dist import Dist
 from imgclf.models.transfer import head_names, layer_scales, stage_groups
 from imgclf.train.optim import build_optimizer, build_scheduler
 from imgclf.train.strategy import phase_at, plan
-from imgclf.train.trainer import build_loop, enter_phase
+from imgclf.train.trainer import build_loop, enter_phase, set_train_mode
 
 MODELS = ["test_efficientnet", "test_vit", "test_convnext", "simplecnn_s"]
 
@@ -48,9 +48,7 @@ def _scale_of(loop) -> dict[str, float]:
 
 
 def _bn_training(loop) -> list[bool]:
-    loop.task.train()
-    for m in loop.frozen:
-        m.eval()
+    set_train_mode(loop)
     return [m.training for m in loop.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 

@@ -27,7 +27,7 @@ from ..data.transforms import resolve_preprocessing
 from ..dist import autocast, setup
 from ..errors import ImgclfError
 from ..io import write_json
-from .trainer import build_loop, model_config, prepare_data, train_loader
+from .trainer import build_loop, model_config, prepare_data, set_train_mode, train_loader
 
 log = logging.getLogger("imgclf")
 
@@ -65,9 +65,7 @@ def lr_find(
     model, _ = create_model(model_config(cfg), len(splits.class_names))
     tl = train_loader(splits.train, resolve_preprocessing(model, cfg.data), cfg, dist)
     loop = build_loop(cfg, dist, model, updates_per_epoch=len(tl), num_classes=len(splits.class_names))
-    loop.task.train()
-    for m in loop.frozen:
-        m.eval()
+    set_train_mode(loop)
     lrs, losses, best = [], [], math.inf
     batches = iter(tl)
     t0 = time.perf_counter()

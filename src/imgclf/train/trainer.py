@@ -156,9 +156,7 @@ def train_loader(samples: Samples, pre: dict, cfg: Config, dist: Dist) -> DataLo
 def train_one_epoch(loop: Loop, loader: DataLoader, state: State, desc: str) -> dict[str, float]:
     """One pass over the training data; returns mean loss, images/s and the last learning rate."""
     cfg, dist = loop.cfg, loop.dist
-    loop.task.train()
-    for m in loop.frozen:
-        m.eval()
+    set_train_mode(loop)
     accum, pending, nonfinite = cfg.optim.accum_steps, 0, 0
     total_loss, seen, t0 = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not (cfg.run.progress and dist.is_main), leave=False, unit="batch")
@@ -208,6 +206,16 @@ def train_one_epoch(loop: Loop, loader: DataLoader, state: State, desc: str) -> 
         "img_per_s": seen * dist.world_size / max(secs, 1e-9),
         "epoch_seconds": secs,
     }
+
+
+def set_train_mode(loop: Loop) -> None:
+    """Training mode, except frozen BatchNorm layers; a head-only phase runs the whole backbone in eval mode
+    (no dropout or stochastic depth on frozen features), exactly as a cached probe sees them."""
+    loop.task.train()
+    if loop.phase.head_only:
+        loop.model.eval()
+    for m in loop.frozen:
+        m.eval()
 
 
 def _update(loop: Loop, state: State) -> None:
