@@ -57,3 +57,21 @@ def test_probe_artifact_predicts_like_its_cached_head(tmp_path):
     best = max(res.history, key=lambda r: (r["val_top1"], -r["val_loss"]))
     assert res.val_metrics["top1"] == pytest.approx(best["val_top1"], abs=1e-6)
     assert res.val_metrics["loss"] == pytest.approx(best["val_loss"], rel=1e-3)
+
+
+def test_changed_data_or_weights_miss_the_cache(tmp_path, monkeypatch):
+    from PIL import Image
+
+    data = make_folder(tmp_path / "d", n_per_class=6, classes=2)
+    calls = []
+    real = probe.extract_features
+    monkeypatch.setattr(probe, "extract_features", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    base = {**TINY, "run.output": str(tmp_path / "runs"), "probe.cache_dir": str(tmp_path / "cache")}
+    train(make_config(data, overrides={**base, "run.name": "a"}))
+    assert len(calls) == 2
+    img = data / "class_0" / "img_000.png"
+    Image.new("RGB", (24, 24), (1, 2, 3)).save(img)  # same path, new content (size and mtime change)
+    train(make_config(data, overrides={**base, "run.name": "b"}))
+    assert calls[2:] == ["features train"] or calls[2:] == ["features val"]  # the split holding it is recomputed
+    train(make_config(data, overrides={**base, "run.name": "c", "train.seed": 1}))  # other random init
+    assert len(calls) >= 5

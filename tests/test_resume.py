@@ -68,9 +68,20 @@ STRATEGIES = {
     "staged-at-phase-boundary": ({"transfer.strategy": "staged", "transfer.head_epochs": 2}, 2),
     "staged-mid-phase": ({"transfer.strategy": "staged", "transfer.head_epochs": 1}, 2),
     "scratch": ({"transfer.strategy": "scratch"}, 1),
-    "probe-uncached": ({"transfer.strategy": "probe", "probe.cache": False}, 2),
+    "probe-uncached": ({"transfer.strategy": "probe", "probe.cache": False, "probe.solver": "sgd"}, 2),
     "probe-sgd-cached": ({"transfer.strategy": "probe", "probe.solver": "sgd"}, 2),
     "probe-lbfgs": ({"transfer.strategy": "probe"}, None),
+    "mixup-onecycle-repeats-accum": (
+        {
+            "aug.mixup": 0.4,
+            "aug.cutmix": 1.0,
+            "aug.mix_off_epochs": 1,
+            "sched.name": "onecycle",
+            "aug.repeats": 2,
+            "optim.accum_steps": 2,
+        },
+        2,
+    ),
 }
 
 

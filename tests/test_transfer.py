@@ -26,6 +26,7 @@ def _loop(arch: str, strategy: str, **transfer):
     cfg = Config()
     cfg.model.name, cfg.model.weights = arch, "auto"  # not "none": discriminative rates apply
     cfg.transfer.strategy = strategy
+    cfg.probe.solver = "sgd"  # the uncached probe (through the training loop) trains its head with optim.*
     cfg.train.epochs = 5
     for k, v in transfer.items():
         setattr(cfg.transfer, k, v)
@@ -150,12 +151,33 @@ def test_mixup_cutmix_targets_are_distributions_and_mix():
     assert torch.isfinite(loss)
 
 
-def test_mixup_switches_off_for_the_last_epochs(tmp_path, tiny_folder):
+def test_training_mixes_batches_and_stops_mixing_for_the_last_epochs(tmp_path, tiny_folder, monkeypatch):
+    """Through imgclf's loop: soft (B, K) targets summing to 1 while mixing, hard labels in the final epoch."""
+    from imgclf.train import task as task_mod
+
     from .conftest import TINY, run_cli
 
+    seen = []
+    real = task_mod.ClassificationTask.forward
+
+    def spy(self, images, targets):
+        if self.training:
+            seen.append(
+                (
+                    targets.ndim,
+                    bool(torch.allclose(targets.sum(1), torch.ones(len(targets)))) if targets.ndim == 2 else None,
+                )
+            )
+        return real(self, images, targets)
+
+    monkeypatch.setattr(task_mod.ClassificationTask, "forward", spy)
     r = run_cli("train", "--data", tiny_folder, "--epochs", "3", "--output", tmp_path, "--name", "m", *TINY,
                 "--aug.mixup", "0.4", "--aug.cutmix", "1.0", "--aug.mix_off_epochs", "1")  # fmt: skip
     assert r.code == 0, r
+    per_epoch = len(seen) // 3
+    assert per_epoch >= 2
+    assert all(nd == 2 and sums for nd, sums in seen[: 2 * per_epoch])  # epochs 1-2: mixed soft targets
+    assert all(nd == 1 for nd, _ in seen[2 * per_epoch :])  # epoch 3: MixUp/CutMix off
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")  # no optimizer steps in this schedule-only test
@@ -204,3 +226,21 @@ def test_repeated_augmentation_repeats_each_image():
     order = [int(i) for b in loader for i in b.indices]
     assert len(order) == 12
     assert all(order[i] == order[i + 1] == order[i + 2] for i in range(0, 12, 3))
+
+
+def test_uncached_probe_refuses_lbfgs_and_scratch_refuses_freezing():
+    from imgclf.errors import ImgclfError
+
+    cfg = Config()
+    cfg.transfer.strategy = "probe"
+    with pytest.raises(ImgclfError, match="set probe.solver sgd"):
+        plan(cfg)
+    cfg.transfer.strategy, cfg.transfer.freeze_stages = "scratch", 1
+    with pytest.raises(ImgclfError, match="freeze random weights"):
+        plan(cfg)
+
+
+def test_unfreezing_more_stages_than_exist_unfreezes_all():
+    loop, cfg = _loop("test_resnet", "staged", head_epochs=1, unfreeze_stages=99)
+    enter_phase(loop, phase_at(plan(cfg), 1))
+    assert _trainable(loop.model) == {n for n, _ in loop.model.named_parameters()}

@@ -126,9 +126,9 @@ def load_artifact(run_dir: str | Path, device: str | torch.device = "cpu") -> tu
     run_dir = Path(run_dir)
     art = read_artifact(run_dir)
     if art.extra.get("kind") == "knn":
-        from .fewshot import load_from_artifact
+        from .models.knn import load_knn
 
-        return load_from_artifact(run_dir, art, device), art
+        return load_knn(Path(run_dir) / WEIGHTS_FILE, Path(run_dir) / META_FILE, art, device), art
     wpath = run_dir / WEIGHTS_FILE
     if not wpath.is_file():
         raise ImgclfError(f"{run_dir}: weights file {WEIGHTS_FILE} is missing")

@@ -85,6 +85,15 @@ def broadcast(obj, dist: Dist):
     return box[0]
 
 
+def any_rank(flag: bool, dist: Dist) -> bool:
+    """True on every rank when ``flag`` is true on any (so all ranks skip a step together)."""
+    if dist.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=dist.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(dist: Dist) -> None:
     """Wait for every rank (no-op when not distributed)."""
     if dist.world_size > 1:

@@ -36,230 +36,31 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
-from .artifact import META_FILE, WEIGHTS_FILE, Artifact, package_versions
+from .artifact import META_FILE, WEIGHTS_FILE, Artifact, load_artifact, package_versions
+from .config import DataConfig, ModelConfig
+from .data.loader import ImageDataset, SkipLog, make_loader
+from .data.sources import open_source
+from .data.transforms import eval_transform, resolve_preprocessing
+from .dist import resolve_device
 from .errors import ImgclfError
-from .io import atomic_path
+from .eval.features import extract_features
+from .io import atomic_path, write_json
+from .models.factory import architecture_of, create_model
+from .models.knn import (
+    DEFAULT_K,
+    DEFAULT_TEMPERATURE,
+    KIND,
+    MODES,
+    KNNClassifier,
+    check_params,
+    class_prototypes,
+    classify_embeddings,
+    vote,
+)
 
-KIND = "knn"  #: ``imgclf.json`` ``kind`` of a saved index
-MODES = ("knn", "prototype")
-DEFAULT_K = 10
-DEFAULT_TEMPERATURE = 0.07  # DINO's k-NN temperature; cosines of one backbone differ by a few 0.01
-EMB_KEY, LABEL_KEY = "knn.embeddings", "knn.labels"  # index tensors next to the backbone's own keys
-_LOG_FLOOR = 1e-12  # classes without votes get log(1e-12), not -inf, so NLL and calibration stay finite
 DEFAULT_MODEL = "tf_efficientnet_lite0"
-
-
-def check_params(k: int, mode: str, temperature: float, where: str = "knn") -> None:
-    """Raise ``ImgclfError`` naming the field when ``k``, ``mode`` or ``temperature`` is invalid."""
-    if mode not in MODES:
-        raise ImgclfError(f"{where}: mode must be one of {', '.join(MODES)} (got {mode!r})")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ImgclfError(f"{where}: k must be an integer >= 1 (got {k!r})")
-    if not isinstance(temperature, int | float) or not temperature > 0:
-        raise ImgclfError(f"{where}: temperature must be > 0 (got {temperature!r})")
-
-
-# --------------------------------------------------------------------------- scoring on embeddings
-
-
-def class_prototypes(support: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """L2-normalised mean of the normalised embeddings of each class.
-
-    Args:
-        support: (..., S, D) L2-normalised embeddings (leading dims: independent problems, e.g. episodes).
-        labels: (..., S) class indices in ``[0, num_classes)``.
-        num_classes: K.
-
-    Returns:
-        (..., K, D) unit vectors (a zero vector for a class without support).
-
-    Example:
-        >>> class_prototypes(torch.eye(2), torch.tensor([0, 1]), 2)
-        tensor([[1., 0.],
-                [0., 1.]])
-    """
-    *batch, s, d = support.shape
-    n = math.prod(batch)
-    offset = torch.arange(n, device=labels.device).repeat_interleave(s) * num_classes  # problem i -> rows i*K..
-    sums = torch.zeros(n * num_classes, d, dtype=support.dtype, device=support.device)
-    sums.index_add_(0, labels.reshape(-1) + offset, support.reshape(-1, d))  # one op for every problem
-    return F.normalize(sums.view(*batch, num_classes, d), dim=-1)
-
-
-def _vote(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int, temperature: float) -> torch.Tensor:
-    """(..., B, K) log vote shares from (..., B, S) similarities: the top ``k`` vote with ``softmax(sim / T)``."""
-    top, idx = sims.topk(min(k, sims.shape[-1]), dim=-1)  # (..., B, k)
-    w = torch.softmax(top / temperature, dim=-1)  # stable for any T; -inf sims (masked) get weight 0
-    voter = labels.unsqueeze(-2).expand(sims.shape).gather(-1, idx)  # (..., B, k) labels of the k nearest
-    votes = torch.zeros(*sims.shape[:-1], num_classes, dtype=w.dtype, device=w.device)
-    votes.scatter_add_(-1, voter, w)  # (..., B, K), rows sum to 1
-    return votes.clamp_min(_LOG_FLOOR).log()
-
-
-def classify_embeddings(
-    query: torch.Tensor,
-    support: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    *,
-    mode: str = "knn",
-    k: int = DEFAULT_K,
-    temperature: float = DEFAULT_TEMPERATURE,
-    prototypes: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Log-probabilities of each query over the classes, from L2-normalised embeddings.
-
-    Leading dimensions are independent problems (``episode_accuracy`` scores many episodes at once).
-
-    Args:
-        query: (..., B, D) normalised query embeddings.
-        support: (..., S, D) normalised support embeddings.
-        labels: (..., S) support labels in ``[0, num_classes)``.
-        num_classes: K.
-        mode: ``knn`` (weighted vote of the ``k`` nearest) or ``prototype`` (nearest class mean).
-        k: neighbours that vote (``knn`` only; at most S are used).
-        temperature: softness of the vote weights / prototype probabilities.
-        prototypes: (..., K, D) precomputed ``class_prototypes`` (``prototype`` only).
-
-    Returns:
-        (..., B, K) log-probabilities; ``softmax`` of them is the vote distribution (to within 1e-11).
-
-    Example:
-        >>> s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-        >>> classify_embeddings(torch.tensor([[0.6, 0.8]]), s, torch.tensor([0, 1]), 2, k=1).exp()
-        tensor([[1.0000e-12, 1.0000e+00]])
-    """
-    check_params(k, mode, temperature)
-    if mode == "prototype":
-        protos = class_prototypes(support, labels, num_classes) if prototypes is None else prototypes
-        return torch.log_softmax(query @ protos.transpose(-1, -2) / temperature, dim=-1)  # (..., B, K)
-    return _vote(query @ support.transpose(-1, -2), labels, num_classes, k, temperature)
-
-
-# --------------------------------------------------------------------------- the classifier module
-
-
-class KNNClassifier(nn.Module):
-    """A timm backbone plus an index of support embeddings that classifies without a trained head.
-
-    ``forward(x)`` returns (B, K) log-probabilities, so code written for classifiers (``model(x)`` then
-    softmax/argmax) works unchanged. The timm contract is kept: ``forward_features``,
-    ``forward_head(pre_logits=True)`` (the pooled backbone features), ``num_features``, ``num_classes``,
-    ``pretrained_cfg``.
-
-    Example:
-        >>> backbone = timm.create_model("test_efficientnet", num_classes=0)            # doctest: +SKIP
-        >>> clf = KNNClassifier(backbone, torch.randn(6, backbone.num_features),
-        ...                     torch.tensor([0, 0, 1, 1, 2, 2]), 3, k=3)                 # doctest: +SKIP
-        >>> clf(torch.randn(2, 3, 32, 32)).softmax(-1).sum(-1)                            # doctest: +SKIP
-        tensor([1.0000, 1.0000])
-    """
-
-    embeddings: torch.Tensor  # (S, D) L2-normalised, float32
-    labels: torch.Tensor  # (S,) int64
-    prototypes: torch.Tensor  # (K, D) derived from the two above
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        num_classes: int,
-        *,
-        k: int = DEFAULT_K,
-        mode: str = "knn",
-        temperature: float = DEFAULT_TEMPERATURE,
-        normalised: bool = False,
-    ):
-        super().__init__()
-        check_params(k, mode, temperature)
-        self.backbone = backbone
-        self.k, self.mode, self.temperature = k, mode, float(temperature)
-        self.num_classes = 0
-        # not persistent: ``save_index`` writes them next to the backbone's keys (see ``index_state``)
-        self.register_buffer("embeddings", torch.empty(0, 0), persistent=False)
-        self.register_buffer("labels", torch.empty(0, dtype=torch.long), persistent=False)
-        self.register_buffer("prototypes", torch.empty(0, 0), persistent=False)
-        self.set_support(embeddings, labels, num_classes, normalised=normalised)
-
-    @property
-    def num_features(self) -> int:
-        return int(self.backbone.num_features)
-
-    @property
-    def pretrained_cfg(self) -> dict[str, Any]:
-        return getattr(self.backbone, "pretrained_cfg", {})
-
-    def set_support(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, *, normalised: bool = False
-    ) -> None:
-        """Replace the index; every class in ``[0, num_classes)`` needs at least one support embedding.
-
-        ``embeddings`` (S, D) are L2-normalised here unless ``normalised`` says they already are.
-        """
-        emb, lab = torch.as_tensor(embeddings), torch.as_tensor(labels)
-        d = self.num_features
-        if emb.ndim != 2 or emb.shape[0] == 0 or emb.shape[1] != d:
-            raise ImgclfError(f"knn: support embeddings must be (S >= 1, {d}), got {tuple(emb.shape)}")
-        if lab.shape != (emb.shape[0],) or lab.dtype.is_floating_point:
-            raise ImgclfError(f"knn: support labels must be {emb.shape[0]} integers, got {tuple(lab.shape)}")
-        counts = torch.bincount(lab.long().clamp_min(0), minlength=num_classes)
-        if lab.min() < 0 or len(counts) > num_classes or (counts == 0).any():
-            empty = (counts[:num_classes] == 0).nonzero().flatten().tolist()
-            raise ImgclfError(
-                f"knn: support labels must cover every class in [0, {num_classes}) "
-                f"(labels {int(lab.min())}..{int(lab.max())}; classes without images: {empty[:10]})"
-            )
-        dev = self.embeddings.device
-        self.embeddings = (
-            emb.detach().float().to(dev) if normalised else F.normalize(emb.detach().float(), dim=-1).to(dev)
-        )
-        self.labels = lab.detach().long().to(dev)
-        self.num_classes = int(num_classes)
-        self.prototypes = class_prototypes(self.embeddings, self.labels, self.num_classes)
-
-    def add_support(self, embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> None:
-        """Append support embeddings (new labels ``>= num_classes`` add classes); nothing is retrained."""
-        lab = torch.as_tensor(labels).long().to(self.labels.device)
-        k = max(self.num_classes, int(lab.max()) + 1 if len(lab) else 0) if num_classes is None else num_classes
-        emb = torch.as_tensor(embeddings).float().to(self.embeddings.device)
-        both = torch.cat([self.embeddings, F.normalize(emb, dim=-1)])  # the existing rows stay bit-identical
-        self.set_support(both, torch.cat([self.labels, lab]), k, normalised=True)
-
-    def support_counts(self) -> list[int]:
-        """Support images per class, in class order."""
-        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(x)  # (B, C, H, W) for CNNs, (B, N, C) for ViTs
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        f = self.backbone.forward_head(x, pre_logits=True)  # (B, D) pooled
-        return f if pre_logits else self.classify(f)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed images -> (B, D) L2-normalised float32 embeddings."""
-        return F.normalize(self.forward_head(self.forward_features(x), pre_logits=True).float(), dim=-1)
-
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, D) pooled features (normalised here) -> (B, K) log-probabilities."""
-        q = F.normalize(features.float(), dim=-1)
-        return classify_embeddings(
-            q, self.embeddings, self.labels, self.num_classes,
-            mode=self.mode, k=self.k, temperature=self.temperature, prototypes=self.prototypes,
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.forward_head(self.forward_features(x), pre_logits=True))  # (B, K)
-
-    def index_state(self) -> dict[str, torch.Tensor]:
-        """What ``model.safetensors`` holds: the backbone's own keys plus ``knn.embeddings``/``knn.labels``."""
-        return {**self.backbone.state_dict(), EMB_KEY: self.embeddings, LABEL_KEY: self.labels}
-
-    def extra_repr(self) -> str:
-        n = self.embeddings.shape[0]
-        return f"mode={self.mode}, k={self.k}, temperature={self.temperature}, classes={self.num_classes}, support={n}"
 
 
 # --------------------------------------------------------------------------- embedding data
@@ -281,10 +82,6 @@ def _backbone(
     model_name: str, weights: str, input_size: int | None, crop_pct: float | None, interpolation: str | None
 ) -> tuple[nn.Module, str, str, dict[str, Any]]:
     """(headless model, weights source, timm arch, preprocessing with the overrides applied)."""
-    from .config import DataConfig, ModelConfig
-    from .data.transforms import resolve_preprocessing
-    from .models.factory import architecture_of, create_model
-
     overrides = DataConfig(input_size=input_size, crop_pct=crop_pct, interpolation=interpolation)
     model, source = create_model(ModelConfig(name=model_name, weights=weights), num_classes=0)
     return model.eval(), source, architecture_of(model, model_name), resolve_preprocessing(model, overrides)
@@ -292,8 +89,6 @@ def _backbone(
 
 def _open(data: str | Path, split: str, per_class: int | None, seed: int):
     """The labelled ``Samples`` of ``data``, at most ``per_class`` per class (a seeded random choice)."""
-    from .data.sources import open_source
-
     samples = open_source(data, split)
     if per_class is None:
         return samples
@@ -316,10 +111,6 @@ def _embed_samples(
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
     """(N, D) normalised embeddings, (N,) labels of ``samples`` and the unreadable files."""
-    from .data.loader import ImageDataset, SkipLog, make_loader
-    from .data.transforms import eval_transform
-    from .eval.features import extract_features
-
     loader = make_loader(ImageDataset(samples, eval_transform(pre)), batch_size, train=False,
                          num_workers=num_workers, pin_memory=device.type == "cuda")  # fmt: skip
     skips = SkipLog(strict=strict_images)
@@ -341,8 +132,6 @@ def _embed(
     input_size: int | None, crop_pct: float | None, interpolation: str | None, device: str,
     batch_size: int, num_workers: int, strict_images: bool, progress: bool,
 ) -> tuple[Embeddings, nn.Module]:  # fmt: skip
-    from .dist import resolve_device
-
     dev = resolve_device(device)
     model, source, arch, pre = _backbone(model_name, weights, input_size, crop_pct, interpolation)
     samples = _open(data, split, per_class, seed)
@@ -426,7 +215,7 @@ def support_loo_accuracy(clf: KNNClassifier, max_queries: int = 2000, seed: int 
         if clf.mode == "knn":
             sims = x @ emb.T  # (B, S)
             sims[torch.arange(len(chunk)), chunk] = -math.inf  # not its own neighbour
-            out = _vote(sims, lab, clf.num_classes, min(clf.k, n - 1), clf.temperature)
+            out = vote(sims, lab, clf.num_classes, min(clf.k, n - 1), clf.temperature)
         else:
             out = x @ F.normalize(sums, dim=-1).T  # (B, K)
             own = sums[y] - x  # its class sum without itself
@@ -553,57 +342,11 @@ def save_index(run_dir: str | Path, clf: KNNClassifier, art: Artifact, *, overwr
         "class_names": json.dumps(art.class_names),
     }
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in clf.index_state().items()}
-    from safetensors.torch import save_file
-
-    from .io import write_json
-
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / META_FILE) as tmp_meta, atomic_path(run_dir / WEIGHTS_FILE) as tmp_weights:
         save_file(tensors, str(tmp_weights), metadata=meta)
         write_json(tmp_meta, art.to_json())
     return run_dir  # on leaving the block the weights are renamed into place first, then the JSON
-
-
-def load_from_artifact(run_dir: str | Path, art: Artifact, device: str | torch.device = "cpu") -> KNNClassifier:
-    """Rebuild the ``KNNClassifier`` of a run directory whose ``imgclf.json`` says ``"kind": "knn"``.
-
-    ``imgclf.artifact.load_artifact`` calls this; use that (or ``load_index``) rather than calling it directly.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .models.factory import build_model
-
-    wpath, mpath = Path(run_dir) / WEIGHTS_FILE, Path(run_dir) / META_FILE
-    info = art.extra.get(KIND)
-    if not isinstance(info, dict):
-        raise ImgclfError(f"{mpath}: missing the '{KIND}' section of a k-NN index")
-    k, mode, temperature = info.get("k"), info.get("mode"), info.get("temperature")
-    check_params(k, mode, temperature, where=f"{mpath}: field '{KIND}'")  # type: ignore[arg-type]
-    if not wpath.is_file():
-        raise ImgclfError(f"{run_dir}: weights file {WEIGHTS_FILE} is missing")
-    try:
-        with safe_open(str(wpath), framework="pt") as f:
-            stored_names = json.loads((f.metadata() or {}).get("class_names", "null"))
-        state = load_file(str(wpath))
-        emb, labels = state.pop(EMB_KEY), state.pop(LABEL_KEY)
-        backbone = build_model(art.arch, 0)
-        backbone.load_state_dict(state, strict=True)
-    except ImgclfError:
-        raise
-    except Exception as e:  # noqa: BLE001 - corrupt file, missing index tensors, mismatched backbone
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ImgclfError(f"{wpath}: cannot load the k-NN index into {art.arch} ({first})") from None
-    if stored_names != art.class_names:
-        raise ImgclfError(
-            f"{run_dir}: {WEIGHTS_FILE} and {META_FILE} come from different writes (interrupted save?);"
-            " rebuild the index"
-        )
-    # stored normalised: normalising again would move them by an ulp and loads would not reproduce saves
-    clf = KNNClassifier(
-        backbone, emb, labels, art.num_classes, k=k, mode=mode, temperature=temperature, normalised=True
-    )
-    return clf.to(device).eval()
 
 
 def load_index(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[KNNClassifier, Artifact]:
@@ -613,8 +356,6 @@ def load_index(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
         >>> clf, art = load_index("runs/knn1")  # doctest: +SKIP
         >>> art.class_names[clf(images).argmax(1)[0]]  # doctest: +SKIP
     """
-    from .artifact import load_artifact
-
     model, art = load_artifact(run_dir, device)
     if not isinstance(model, KNNClassifier):
         raise ImgclfError(f"{run_dir}: a trained classifier, not a k-NN index (build one with `imgclf knn`)")
@@ -653,8 +394,6 @@ def add_to_index(
         >>> art.class_names[-1]
         'zebra'
     """
-    from .dist import resolve_device
-
     dev = resolve_device(device)
     clf, art = load_index(run_dir, dev)
     samples = _open(more_support, split, per_class, seed)
@@ -875,7 +614,6 @@ __all__ = [
     "embed",
     "episode_accuracy",
     "few_shot_report",
-    "load_from_artifact",
     "load_index",
     "sample_episodes",
     "save_index",

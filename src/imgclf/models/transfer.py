@@ -47,7 +47,7 @@ def trainable_names(
         return head
     groups = stage_groups(model)
     if top_stages is not None:
-        chosen = groups[len(groups) - top_stages :] if top_stages else []
+        chosen = groups[max(0, len(groups) - top_stages) :] if top_stages else []
     else:
         chosen = groups[freeze_stages + 1 :] if freeze_stages else groups
     return head | {n for g in chosen for n in g}

@@ -1,8 +1,8 @@
 """LR range test: raise the learning rate exponentially for a few hundred steps, watch the loss.
 
-The same data, model, strategy phase and optimizer groups as ``imgclf train`` (so discriminative rates
-keep their ratios); the suggestion is the rate where the smoothed loss falls fastest, the usual
-"steepest descent" reading of the curve (Smith 2017; fastai's ``lr_find``).
+The same data, model, first strategy phase (for ``staged``: the head phase) and optimizer groups as
+``imgclf train`` (so discriminative rates keep their ratios); the suggestion is the rate where the
+smoothed loss falls fastest, the usual "steepest descent" reading of the curve (Smith 2017; fastai).
 
 Example:
     >>> res = lr_find(make_config("images/"), steps=100)  # doctest: +SKIP
@@ -89,11 +89,14 @@ def lr_find(
         loop.scaler.scale(loss).backward()
         loop.scaler.step(loop.opt)
         loop.scaler.update()
+        value = loss.item()
+        if not math.isfinite(value):
+            break  # diverged: the non-finite point is not recorded
         lrs.append(lr)
-        losses.append(loss.item())
+        losses.append(value)
         s = smooth(losses)[-1]
         best = min(best, s)
-        if not math.isfinite(s) or (i > 10 and s > diverge * best):
+        if i > 10 and s > diverge * best:
             break
     sm = smooth(losses)
     lr_min = lrs[int(np.argmin(sm))]

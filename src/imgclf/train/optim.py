@@ -42,6 +42,7 @@ class OneCycle:
             pct_start=min(max(warmup, 1) / total, 0.9),
             div_factor=1 / start,
             final_div_factor=start / max(cfg.min_lr_ratio, 1e-6),
+            cycle_momentum=False,  # keep optim.betas / optim.momentum as configured
         )
 
     def step_update(self, num_updates: int) -> None:

@@ -31,20 +31,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ..artifact import package_versions
 from ..config import Config
-from ..data.loader import ImageDataset, SkipLog, make_loader
+from ..data.loader import ImageDataset, SkipLog, Skipped, make_loader
 from ..data.sources import Samples
 from ..data.transforms import eval_transform, resolve_preprocessing, train_transform
 from ..dist import Dist, setup
 from ..errors import ImgclfError
 from ..eval.features import Features, extract_features
+from ..eval.metrics import compute_metrics
 from ..io import save_safetensors
 from ..models.factory import create_model
 from ..models.weights import packaged_weights_file
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler
-from .trainer import LAST_CKPT, Fitted, State, _run_dir, prepare_data
+from .trainer import LAST_CKPT, Fitted, State, prepare_data, run_dir_for, score_of
 
 log = logging.getLogger("imgclf")
 CACHE_FORMAT = 1
@@ -70,16 +72,22 @@ def _file_sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def weights_identity(weights_source: str, cfg: Config) -> str:
-    """What the backbone's weights are: a content hash for files, the name for hub weights."""
+def weights_identity(weights_source: str, cfg: Config, model: nn.Module) -> str:
+    """What the backbone's weights are: a content hash for files, the pretrained tag for hub weights."""
     kind, _, rest = weights_source.partition(":")
     if kind == "packaged":
         return "sha256:" + _file_sha(packaged_weights_file(cfg.model.name))
     if kind == "file":
         return "sha256:" + _file_sha(Path(rest))
     if kind == "hub":
-        return weights_source
+        pc = getattr(model, "pretrained_cfg", {})
+        return f"{weights_source}|{pc.get('hf_hub_id') or pc.get('url')}|{pc.get('tag')}"
     return f"random-init:seed{cfg.train.seed}"
+
+
+#: augmentation fields that change what a training image looks like (MixUp & co. act on batches, not here)
+_VIEW_AUG_FIELDS = ("scale", "ratio", "hflip", "vflip", "rotation", "translate", "shear", "perspective",
+                    "color_jitter", "grayscale", "auto_augment", "re_prob")  # fmt: skip
 
 
 def data_identity(samples: Samples) -> str:
@@ -97,23 +105,33 @@ def data_identity(samples: Samples) -> str:
 def cached_features(
     model: nn.Module, samples: Samples, transform, view: dict, key_base: dict, cfg: Config, dist: Dist, skips: SkipLog
 ) -> Features:
-    """Features of ``samples`` under ``transform``, from the cache when the key matches."""
+    """Features of ``samples`` under ``transform``, from the cache when the key matches.
+
+    The key holds the architecture, the weights' identity, the preprocessing, the data's content, the view
+    (augmentation and seed) and the torch/timm/imgclf versions; unreadable files found when the features
+    were computed are stored with them and reported again on a cache hit.
+    """
     key = _sha({**key_base, "data": data_identity(samples), "view": view, "format": CACHE_FORMAT})[:40]
     path = cache_dir(cfg) / f"{key}.safetensors"
     if path.is_file():
         t = load_file(str(path))
+        skipped = json.loads(safe_open_meta(path).get("skipped", "[]"))
+        skips.add([Skipped(-1, src, why) for src, why in skipped])
         log.info("features %s: cache hit (%d x %d)", view["name"], *t["features"].shape)
         return Features(t["features"], t["labels"], t["indices"])
-    if "seed" in view:
-        timm.utils.random_seed(view["seed"])
     bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+    seed = view.get("seed", 0)
+    timm.utils.random_seed(seed)  # augmentation in the main process (num_workers 0); workers get seeds from it
     loader = make_loader(ImageDataset(samples, transform), bs, train=False, num_workers=cfg.data.num_workers,
-                         pin_memory=dist.device.type == "cuda")  # fmt: skip
+                         seed=seed, pin_memory=dist.device.type == "cuda")  # fmt: skip
     t0 = time.perf_counter()
-    f = extract_features(model, loader, dist.device, skips=skips, channels_last=cfg.model.channels_last,
+    local = SkipLog(strict=skips.strict)
+    f = extract_features(model, loader, dist.device, skips=local, channels_last=cfg.model.channels_last,
                          progress=cfg.run.progress and dist.is_main, desc=f"features {view['name']}")  # fmt: skip
+    skips.items.update(local.items)
     if dist.is_main:
-        meta = {"view": json.dumps(view), "data": samples.name, "arch": key_base["arch"]}
+        meta = {"view": json.dumps(view), "data": samples.name, "arch": key_base["arch"],
+                "skipped": json.dumps(sorted(local.items.items()))}  # fmt: skip
         save_safetensors(path, {"features": f.features, "labels": f.labels, "indices": f.indices}, meta)
     secs = time.perf_counter() - t0
     log.info("features %s: computed %d in %.1fs (%.0f img/s), cached", view["name"], len(f.labels), secs,
@@ -121,11 +139,19 @@ def cached_features(
     return f
 
 
+def safe_open_meta(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
 def fit_lbfgs(
     xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor, k: int, wd_grid: list[float],
-    max_iter: int,
+    max_iter: int, metric: str = "top1",
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:  # fmt: skip
-    """Multinomial logistic regression per L2 strength (strongest first, warm-started); best by val top-1.
+    """Multinomial logistic regression per L2 strength (strongest first, warm-started); best by val ``metric``.
 
     Returns the head (weight (K, D), bias (K,)) in the raw feature space and one row per strength.
     """
@@ -145,15 +171,18 @@ def fit_lbfgs(
 
         opt.step(closure)
         with torch.no_grad():
-            logits = xv @ w.T + b
-            row = {"wd": wd, "val_top1": float((logits.argmax(1) == yva).float().mean()),
-                   "val_loss": float(F.cross_entropy(logits, yva))}  # fmt: skip
+            row = {"wd": wd, **_val_row(xv @ w.T + b, yva, k, metric)}
         rows.append(row)
-        if best is None or (row["val_top1"], -row["val_loss"]) > (best[0]["val_top1"], -best[0]["val_loss"]):
+        if best is None or (row["score"], -row["val_loss"]) > (best[0]["score"], -best[0]["val_loss"]):
             best = (row, w.detach().clone(), b.detach().clone())
     _, wb, bb = best
     weight = wb / sd  # fold the standardisation into the head
     return weight, bb - weight @ mu, rows
+
+
+def _val_row(logits: torch.Tensor, targets: torch.Tensor, k: int, metric: str) -> dict[str, float]:
+    m = compute_metrics(logits, targets, [str(i) for i in range(k)])
+    return {"val_top1": m["top1"], "val_loss": m["loss"], "val_macro_f1": m["macro_f1"], "score": score_of(m, metric)}
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -191,10 +220,8 @@ def fit_sgd(
                 sched.step_update(state.updates)
             total += loss.item() * len(idx)
         with torch.no_grad():
-            logits = head(va.features)
-            top1 = float((logits.argmax(1) == va.labels).float().mean())
-            val = {"top1": top1, "loss": float(F.cross_entropy(logits, va.labels))}
-        score = -val["loss"] if cfg.train.metric == "loss" else val["top1"]
+            val = _val_row(head(va.features), va.labels, head.out_features, cfg.train.metric)
+        score = val["score"]
         improved = state.best is None or score > state.best
         if improved:
             state.best, state.best_epoch, state.stale = score, e, 0
@@ -202,33 +229,38 @@ def fit_sgd(
         else:
             state.stale += 1
         secs = time.perf_counter() - t0
-        row = {"epoch": e, "train_loss": total / max(per_epoch * bs, 1), "lr": opt.param_groups[0]["lr"],
-               "img_per_s": per_epoch * bs / max(secs, 1e-9), "epoch_seconds": secs,
-               "val_loss": val["loss"], "val_top1": val["top1"], "best": improved}  # fmt: skip
+        seen = min(per_epoch * bs, len(tr.labels))
+        row = {"epoch": e, "train_loss": total / max(seen, 1), "lr": opt.param_groups[0]["lr"],
+               "img_per_s": seen / max(secs, 1e-9), "epoch_seconds": secs,
+               **{k: v for k, v in val.items() if k != "score"}, "best": improved}  # fmt: skip
         state.history.append(row)
         state.epoch = e
         logger.log_epoch(row)
-        save_checkpoint(ck_path, {"model": head.state_dict(), "optimizer": opt.state_dict(),
+        if logger.enabled:
+            save_checkpoint(ck_path, {"model": head.state_dict(), "optimizer": opt.state_dict(),
                                   "scheduler": sched.state_dict(), "best_head": best_state, "probe": True,
                                   "state": {k: v for k, v in vars(state).items() if k != "history"},
                                   "history": state.history})  # fmt: skip
         log.info("epoch %d/%d  loss %.4f  val top1 %.2f %%%s", e, cfg.train.epochs, row["train_loss"],
-                 100 * val["top1"], " *" if improved else "")  # fmt: skip
+                 100 * val["val_top1"], " *" if improved else "")  # fmt: skip
     return best_state
 
 
 def _lbfgs_head(tr: Features, va: Features, k: int, cfg: Config, run_dir: Path, state: State, logger: RunLogger):
     weight, bias, rows = fit_lbfgs(tr.features, tr.labels, va.features, va.labels, k, cfg.probe.wd_grid,
-                                   cfg.probe.max_iter)  # fmt: skip
-    state.history = [{"epoch": i + 1, **r} for i, r in enumerate(rows)]
-    best = max(rows, key=lambda r: (r["val_top1"], -r["val_loss"]))
-    state.epoch, state.best, state.best_epoch = len(rows), best["val_top1"], rows.index(best) + 1
+                                   cfg.probe.max_iter, cfg.train.metric)  # fmt: skip
+    state.history = [{"epoch": i + 1, **{key: v for key, v in r.items() if key != "score"}} for i, r in enumerate(rows)]
+    best = max(rows, key=lambda r: (r["score"], -r["val_loss"]))  # ties: the lower validation loss
+    state.epoch, state.best, state.best_epoch = len(rows), best["score"], rows.index(best) + 1
     for row in state.history:
         logger.log_epoch(row)
     log.info("probe L-BFGS: best wd %g, val top1 %.2f %%", best["wd"], 100 * best["val_top1"])
     head_state = {"weight": weight, "bias": bias}
     plain = {k2: v for k2, v in vars(state).items() if k2 != "history"}
-    save_checkpoint(run_dir / LAST_CKPT, {"model": head_state, "probe": True, "history": state.history, "state": plain})
+    if logger.enabled:
+        save_checkpoint(
+            run_dir / LAST_CKPT, {"model": head_state, "probe": True, "history": state.history, "state": plain}
+        )
     return head_state
 
 
@@ -236,7 +268,7 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
     """Frozen backbone, cached features, a fitted linear head; see the module docstring."""
     t_start = time.perf_counter()
     dist = setup(cfg.train.device)
-    run_dir = _run_dir(cfg, resume, dist)
+    run_dir = run_dir_for(cfg, resume, dist)
     timm.utils.random_seed(cfg.train.seed, dist.rank)
     splits = prepare_data(cfg)
     k = len(splits.class_names)
@@ -248,11 +280,14 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(dist.device, memory_format=fmt).eval()
     skips = SkipLog(strict=cfg.data.strict_images)
-    base = {"arch": cfg.model.name, "weights": weights_identity(wsrc, cfg), "preprocessing": pre}
+    versions = {k: v for k, v in package_versions().items() if k in ("torch", "timm", "imgclf")}
+    base = {"arch": cfg.model.name, "weights": weights_identity(wsrc, cfg, model), "preprocessing": pre,
+            "versions": versions}  # fmt: skip
     ev = eval_transform(pre)
     feats = [cached_features(model, splits.train, ev, {"name": "train"}, base, cfg, dist, skips)]
     for i in range(cfg.probe.aug_passes):
-        view = {"name": f"train-aug{i + 1}", "aug": vars(cfg.aug), "seed": cfg.train.seed * 1000 + i}
+        aug = {k: getattr(cfg.aug, k) for k in _VIEW_AUG_FIELDS}
+        view = {"name": f"train-aug{i + 1}", "aug": aug, "seed": cfg.train.seed * 1000 + i + 1}
         feats.append(cached_features(model, splits.train, train_transform(pre, cfg.aug), view, base, cfg, dist, skips))
     tr = Features(*(torch.cat(parts) for parts in zip(*feats)))
     va = cached_features(model, splits.val, ev, {"name": "val"}, base, cfg, dist, skips)
@@ -274,5 +309,6 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
         head_state = fit_sgd(head_cpu, tr, va, cfg, run_dir, state, logger, ck)
     logger.close()
     head.load_state_dict({k2: v.to(head.weight.device) for k2, v in head_state.items()})
-    save_safetensors(run_dir / "checkpoints" / "best.safetensors", model.state_dict())
+    if dist.is_main:
+        save_safetensors(run_dir / "checkpoints" / "best.safetensors", model.state_dict())
     return Fitted(cfg, run_dir, model, state, splits, pre, wsrc, dist, skips, time.perf_counter() - t_start)

@@ -61,8 +61,15 @@ def plan(cfg: Config) -> list[Phase]:
             Phase("unfrozen", t.head_epochs, e, freeze_stages=t.freeze_stages, top_stages=t.unfreeze_stages,
                   backbone_lr_scale=scale, layer_decay=t.layer_decay, freeze_all_bn=t.freeze_bn),
         ]  # fmt: skip
-    if t.strategy == "probe":
+    if t.strategy == "probe":  # the uncached probe (probe.cache false); the cached one never gets here
+        if cfg.probe.solver != "sgd" or cfg.probe.aug_passes:
+            raise ImgclfError(
+                "probe.cache false recomputes features every epoch and trains the head with optim.*: "
+                "set probe.solver sgd and probe.aug_passes 0"
+            )
         return [Phase("probe", 0, e, head_only=True, freeze_all_bn=True)]
+    if t.strategy == "scratch" and t.freeze_stages:
+        raise ImgclfError("transfer.freeze_stages would freeze random weights under the scratch strategy; drop it")
     if t.strategy == "scratch":
         return [Phase("scratch", 0, e, freeze_stages=t.freeze_stages, freeze_all_bn=t.freeze_bn)]
     return [

@@ -30,7 +30,7 @@ from ..config import Config
 from ..data.loader import ImageDataset, SkipLog, make_loader, set_epoch
 from ..data.sources import DEFAULT_DATA, Samples, open_source, stratified_split
 from ..data.transforms import eval_transform, resolve_preprocessing, train_transform
-from ..dist import Dist, amp_dtype, autocast, barrier, broadcast, setup
+from ..dist import Dist, amp_dtype, any_rank, autocast, barrier, broadcast, setup
 from ..errors import ImgclfError
 from ..eval.inference import infer
 from ..eval.metrics import compute_metrics
@@ -163,11 +163,12 @@ def train_one_epoch(loop: Loop, loader: DataLoader, state: State, desc: str) -> 
     loop.opt.zero_grad(set_to_none=True)
     for i, batch in enumerate(bar):
         loop.skips.add(batch.skipped)
-        if batch.images is None or (len(batch.labels) < 2 and dist.world_size == 1):
-            continue  # every item was unreadable, or BatchNorm would see a single sample
+        # every item unreadable, or BatchNorm would see a single sample: skip (on every rank together)
+        if any_rank(batch.images is None or len(batch.labels) < 2, dist):
+            continue
         x = batch.images.to(dist.device, non_blocking=True).contiguous(memory_format=loop.fmt)
         y = batch.labels.to(dist.device, non_blocking=True)
-        if loop.mixup is not None:
+        if loop.mixup is not None and loop.mixup.mixup_enabled:  # off for the last aug.mix_off_epochs
             if len(y) % 2:  # timm's batch mixing pairs images
                 x, y = x[:-1], y[:-1]
             x, y = loop.mixup(x, y)  # y: (B, K) soft targets
@@ -177,7 +178,7 @@ def train_one_epoch(loop: Loop, loader: DataLoader, state: State, desc: str) -> 
             with autocast(dist.device, loop.dtype):
                 loss, _ = loop.task(x, y)
             value = loss.item()
-            if not math.isfinite(value):
+            if any_rank(not math.isfinite(value), dist):
                 nonfinite += 1
                 if nonfinite >= MAX_NONFINITE:
                     raise ImgclfError(f"training diverged (loss {value}) in epoch {state.epoch + 1}; lower optim.lr")
@@ -233,7 +234,7 @@ def _update(loop: Loop, state: State) -> None:
         loop.ema.update(loop.model, step=state.updates)
 
 
-def _score(metrics: dict[str, Any], metric: str) -> float:
+def score_of(metrics: dict[str, Any], metric: str) -> float:
     """Higher is better for every metric (loss is negated)."""
     return -metrics["loss"] if metric == "loss" else metrics[metric]
 
@@ -251,7 +252,8 @@ def validate(loop: Loop, loader: DataLoader, names: list[str]) -> dict[str, dict
     return out
 
 
-def _run_dir(cfg: Config, resume: bool, dist: Dist) -> Path:
+def run_dir_for(cfg: Config, resume: bool, dist: Dist) -> Path:
+    """The run directory: the named one to resume, a new named one (never overwritten), or a fresh timestamped one."""
     out = Path(cfg.run.output)
     if resume:
         if not cfg.run.name:
@@ -298,14 +300,14 @@ def enter_phase(loop: Loop, phase: Phase) -> None:
     groups, loop.frozen = apply_phase(loop.model, phase, cfg.optim.weight_decay)
     if not groups:
         raise ImgclfError(f"phase '{phase.name}' has nothing to train (check transfer.freeze_stages)")
+    loop.task = None  # drop the previous phase's DDP wrapper (and its gradient hooks) before wrapping again
     task: nn.Module = ClassificationTask(loop.model, cfg.train.label_smoothing)
     if dist.world_size > 1:  # re-wrapped per phase: DDP only syncs parameters that trained at wrap time
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
         task = torch.nn.parallel.DistributedDataParallel(task, device_ids=ids)
     loop.task, loop.phase = task, phase
     loop.opt = build_optimizer(loop.model, cfg.optim, groups)
-    sched_cfg = cfg.sched
-    loop.sched = build_scheduler(loop.opt, sched_cfg, loop.updates_per_epoch, phase.epochs)
+    loop.sched = build_scheduler(loop.opt, cfg.sched, loop.updates_per_epoch, phase.epochs)
     loop.sched.step_update(0)
 
 
@@ -313,7 +315,7 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     """Train per ``cfg`` (or continue the run named by ``cfg.run.name``); see the module docstring."""
     t_start = time.perf_counter()
     dist = setup(cfg.train.device)
-    run_dir = _run_dir(cfg, resume, dist)
+    run_dir = run_dir_for(cfg, resume, dist)
     timm.utils.random_seed(cfg.train.seed, dist.rank)  # torch, numpy and python (timm's crops use random)
     splits = prepare_data(cfg)
     model, wsrc = create_model(model_config(cfg), len(splits.class_names))
@@ -367,8 +369,8 @@ def _epochs(loop: Loop, state: State, run_dir: Path, tl: DataLoader, vl: DataLoa
         set_epoch(tl, cfg.train.seed, e)
         stats = train_one_epoch(loop, tl, state, f"epoch {e}/{cfg.train.epochs} {phase.name}")
         val = validate(loop, vl, names)
-        which = max(val, key=lambda k: _score(val[k], cfg.train.metric))
-        score = _score(val[which], cfg.train.metric)
+        which = max(val, key=lambda k: score_of(val[k], cfg.train.metric))
+        score = score_of(val[which], cfg.train.metric)
         improved = state.best is None or score > state.best
         if improved:
             state.best, state.best_epoch, state.best_which, state.stale = score, e, which, 0
