@@ -14,10 +14,10 @@ import argparse
 import json
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from imgclf.artifact import package_versions
 from imgclf.io import write_json
 
 RESULTS = Path(__file__).parent / "results" / "recipes_fmnist.json"
+#: the trained runs stay here (gitignored) for bench/trust_fmnist.py; a re-run replaces its run
+RUNS_DIR = Path(__file__).parent / "runs"
 
 #: name -> flags after `imgclf train --data FMNIST`; input sizes keep each run inside ~30 CPU-minutes here
 SMALL = "--input-size 64 --data.crop_pct 1.0"  # 28 px images upsampled for the ImageNet backbone
@@ -41,6 +43,8 @@ RUNS = {
 
 
 def run_one(name: str, flags: str, data: Path, out: Path) -> dict:
+    if (out / name).exists():
+        shutil.rmtree(out / name)
     args = ["train", "--data", str(data), "--output", str(out), "--name", name, "--no-progress", *shlex.split(flags)]
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "imgclf", *args], capture_output=True, text=True)
@@ -86,13 +90,12 @@ def main() -> int:
     results = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else {}
     if not a.list:
         data = ensure_full()
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in a.only or list(RUNS):
-                results[name] = run_one(name, RUNS[name], data, Path(tmp))
-                print(f"{name}: test top-1 {100 * results[name]['test_top1']:.2f} %, "
-                      f"{results[name]['wall_minutes']} min", flush=True)  # fmt: skip
-                order = {n: results[n] for n in RUNS if n in results}
-                write_json(RESULTS, {"runs": order, "machine": machine(), "versions": package_versions()})
+        for name in a.only or list(RUNS):
+            results[name] = run_one(name, RUNS[name], data, RUNS_DIR)
+            print(f"{name}: test top-1 {100 * results[name]['test_top1']:.2f} %, "
+                  f"{results[name]['wall_minutes']} min", flush=True)  # fmt: skip
+            order = {n: results[n] for n in RUNS if n in results}
+            write_json(RESULTS, {"runs": order, "machine": machine(), "versions": package_versions()})
     print(table({n: results[n] for n in RUNS if n in results}))
     return 0
 

@@ -61,7 +61,8 @@ def test_predict_csv_and_table_and_output_file(tiny_run, tmp_path):
     r = run_cli("predict", tiny_run, listing, "--format", "csv", "--top-k", "2", "-o", out, "--no-progress")
     assert r.code == 0, r
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert len(rows) == 3 and set(rows[0]) == {"path", "label_1", "prob_1", "label_2", "prob_2"}
+    assert len(rows) == 3
+    assert set(rows[0]) == {"path", "label", "unknown", "ood_score", "label_1", "prob_1", "label_2", "prob_2"}
     r = run_cli("predict", tiny_run, folder / "class_2" / "img_000.png", "--no-progress")
     assert r.code == 0 and "top1" in r.out and "%" in r.out
 

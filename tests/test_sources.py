@@ -9,8 +9,8 @@ from PIL import Image
 from imgclf.config import Config
 from imgclf.data.images import BadImage, open_image
 from imgclf.data.sources import open_source, read_npz, scan_inputs, stratified_split
+from imgclf.data.splits import prepare_data
 from imgclf.errors import ImgclfError
-from imgclf.train.trainer import prepare_data
 
 from .conftest import make_folder
 

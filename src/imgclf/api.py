@@ -122,6 +122,34 @@ def predict(run_dir: str | Path, inputs: list[str], **kwargs: Any) -> Prediction
     return predict_run(run_dir, inputs, **kwargs)
 
 
+def evaluate_ensemble(run_dirs: list[str | Path], data: str, **kwargs: Any) -> dict[str, Any]:
+    """Averaged calibrated probabilities of several runs vs each member; see ``evaluate_ensemble``."""
+    from .eval.evaluate import evaluate_ensemble as _ens
+
+    return _ens(run_dirs, data, **kwargs)
+
+
+def calibrate(run_dir: str | Path, data: str, **kwargs: Any) -> dict[str, Any]:
+    """Re-fit a run's temperature and OOD thresholds on held-out labelled data; see ``calibrate_run``."""
+    from .eval.evaluate import calibrate_run
+
+    return calibrate_run(run_dir, data, **kwargs)
+
+
+def explain(run_dir: str | Path, image: str | Path, output: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Write a class-activation-map PNG for one image; see ``imgclf.eval.explain.explain_image``."""
+    from .eval.explain import explain_image
+
+    return explain_image(run_dir, image, output, **kwargs)
+
+
+def report(run_dir: str | Path, **kwargs: Any) -> Path:
+    """(Re)write ``report.html`` of a run; see ``imgclf.eval.report.report_run``."""
+    from .eval.report import report_run
+
+    return report_run(run_dir, **kwargs)
+
+
 def load(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Artifact]:
     """The trained model (eval mode) and its artifact metadata."""
     return load_artifact(run_dir, device)

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from .config import Config, config_to_dict, field_types, section_fields
@@ -175,18 +176,61 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _infer_opts(p: argparse.ArgumentParser, batch_size: int) -> None:
+    from .eval.tta import MERGES, MODES
+
+    p.add_argument("--tta", choices=MODES, help="test-time augmentation views")
+    p.add_argument("--tta-merge", choices=MERGES, default="mean_logits", help="how views are merged")
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size)
+    p.add_argument("--workers", type=int, default=-1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--strict-images", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="metrics of a saved run on labelled data")
-    p.add_argument("run", help="run directory (runs/<name>)")
+    p = sub.add_parser("eval", help="metrics of saved runs on labelled data (several runs: an ensemble)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directory (runs/<name>); several = ensemble")
     p.add_argument("--data", required=True, help="labelled data: folder, CSV, .npz or builtin:fashion-mnist:test")
     p.add_argument("--split", default="test", help="split of a multi-split .npz (default test)")
+    p.add_argument("--ood-data", help="out-of-distribution images (any folder, CSV, .npz, builtin:digits)")
+    p.add_argument("--ood-split", default="test", help="split of a multi-split OOD .npz")
+    p.add_argument("--format", choices=["table", "json"], default="table", help="stdout format")
+    p.add_argument("--json", dest="json_out", help="also write the metrics JSON to this file")
+    _infer_opts(p, 128)
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="re-fit a run's temperature and OOD thresholds on other held-out data")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", required=True, help="held-out labelled data (not the test set you report on)")
+    p.add_argument("--split", default="val", help="split of a multi-split .npz (default val)")
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--workers", type=int, default=-1)
     p.add_argument("--device", default="auto")
-    p.add_argument("--format", choices=["table", "json"], default="table", help="stdout format")
-    p.add_argument("--json", dest="json_out", help="also write the metrics JSON to this file")
     p.add_argument("--strict-images", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    from .eval.explain import METHODS
+
+    p = sub.add_parser("explain", help="class activation map of an image (Grad-CAM and others) as a PNG")
+    p.add_argument("run", help="run directory")
+    p.add_argument("image", help="image file")
+    p.add_argument("--method", choices=METHODS, default="gradcam")
+    p.add_argument("--target", help="class to explain (default: the predicted one)")
+    p.add_argument("--output", "-o", help="PNG to write (default <image>_<method>.png next to the image)")
+    p.add_argument("--device", default="cpu")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="(re)write runs/<name>/report.html, optionally with OOD detection")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--ood-data", help="out-of-distribution images to measure detection against the validation split")
+    p.add_argument("--ood-split", default="test")
+    p.add_argument("--no-cams", action="store_true", help="top-loss gallery without CAM overlays (faster)")
+    p.add_argument("--device", default="auto")
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -196,11 +240,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--workers", type=int, default=-1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--strict-images", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ensemble", nargs="+", metavar="RUN", default=[], help="more runs to average with (same classes)")
+    p.add_argument("--ood-score", choices=["msp", "max_logit", "energy", "mahalanobis", "knn"],
+                   help="score for 'unknown' (default: the run's trust.ood_score)")  # fmt: skip
+    p.add_argument("--no-reject", action="store_true", help="report OOD scores but never answer 'unknown'")
+    _infer_opts(p, 64)
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -216,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="imgclf", description="From a folder of images to a trained, evaluated classifier.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    for add in (_add_train, _add_lr_find, _add_eval, _add_predict, _add_knn, _add_models):
+    adders = (_add_train, _add_lr_find, _add_eval, _add_predict, _add_calibrate, _add_explain, _add_report, _add_knn,
+              _add_models)  # fmt: skip
+    for add in adders:
         add(sub)
     return p
 
@@ -282,14 +328,17 @@ def _print_skipped(skipped: dict[str, str]) -> None:
 
 
 def _run_opts(args: argparse.Namespace) -> dict[str, Any]:
-    """The options eval and predict share, as keyword arguments of ``infer_run``."""
-    return {
+    """The options eval, predict and calibrate share, as keyword arguments of ``infer_run``."""
+    opts = {
         "batch_size": args.batch_size,
         "num_workers": args.workers,
         "device": args.device,
         "strict_images": args.strict_images,
         "progress": not args.no_progress,
     }
+    if getattr(args, "tta", None):
+        opts.update(tta=args.tta, tta_merge=args.tta_merge)
+    return opts
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -297,21 +346,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import api
     from .artifact import read_artifact
-    from .eval.metrics import confusion_table, metrics_table
+    from .eval.metrics import confusion_table, format_table, metrics_table
     from .io import write_json
 
-    m = api.evaluate(args.run, args.data, split=args.split, **_run_opts(args))
+    if len(args.runs) > 1:
+        if args.ood_data:
+            raise ImgclfError("--ood-data works with one run at a time")
+        rep = api.evaluate_ensemble(args.runs, args.data, split=args.split, **_run_opts(args))
+        if args.json_out:
+            write_json(args.json_out, rep)
+        if args.format == "json":
+            print(json.dumps(rep, indent=2))
+            return 0
+        rows = [[Path(r).name, _p(m["top1"]), f"{m['calibration']['nll']:.4f}", _p(m["calibration"]["ece"])]
+                for r, m in rep["members"].items()]  # fmt: skip
+        e = rep["ensemble"]
+        rows.append([f"ensemble of {len(args.runs)}", _p(e["top1"]), f"{e['calibration']['nll']:.4f}",
+                     _p(e["calibration"]["ece"])])  # fmt: skip
+        print(format_table(rows, ["model (calibrated)", "top-1", "NLL", "ECE"]))
+        g = rep["gain"]
+        print(f"\ngain over the best member: top-1 {g['top1_points']:+.2f} points, NLL {-g['nll']:+.4f}")
+        return 0
+    m = api.evaluate(args.runs[0], args.data, split=args.split, ood_data=args.ood_data, ood_split=args.ood_split,
+                     **_run_opts(args))  # fmt: skip
+    if "ood" in m:
+        m["ood"].pop("_scores", None)
     if args.json_out:
         write_json(args.json_out, m)
     if args.format == "json":
         print(json.dumps(m, indent=2))
-    else:
-        names = read_artifact(args.run).class_names
-        print(metrics_table(m, f"{args.run} on {m['data']}"))
-        print("\nconfusion matrix (rows: true, columns: predicted class index)")
-        print(confusion_table(m, names))
-        _print_skipped(m.get("skipped_files", {}))
+        return 0
+    names = read_artifact(args.runs[0]).class_names
+    print(metrics_table(m, f"{args.runs[0]} on {m['data']}" + (f" (TTA {args.tta})" if args.tta else "")))
+    if "calibration" in m:
+        c = m["calibration"]
+        print(f"\ncalibration (T = {c['temperature']:.3f}): ECE {_p(c['before']['ece'])} -> {_p(c['after']['ece'])}, "
+              f"NLL {c['before']['nll']:.4f} -> {c['after']['nll']:.4f}")  # fmt: skip
+    if "ood" in m:
+        o = m["ood"]
+        rows = [[k, f"{v['auroc']:.4f}", f"{v['aupr']:.4f}", _p(v["fpr_at_95_tpr"]),
+                 _p(o["rejected"].get(k, {}).get("in")), _p(o["rejected"].get(k, {}).get("ood"))]
+                for k, v in o["metrics"].items()]  # fmt: skip
+        print(f"\nout-of-distribution: {o['data']} ({o['n']} images)")
+        print(format_table(rows, ["score", "AUROC", "AUPR", "FPR@95%TPR", "in rejected", "OOD rejected"]))
+    print("\nconfusion matrix (rows: true, columns: predicted class index)")
+    print(confusion_table(m, names))
+    _print_skipped(m.get("skipped_files", {}))
     return 0
+
+
+def _p(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f} %"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -319,7 +404,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .io import write_text
     from .predict import render
 
-    preds = api.predict(args.run, args.inputs, top_k=args.top_k, **_run_opts(args))
+    preds = api.predict(args.run, args.inputs, top_k=args.top_k, ensemble=args.ensemble, ood_score=args.ood_score,
+                        reject=not args.no_reject, **_run_opts(args))  # fmt: skip
     text = render(preds, args.format)
     if args.output:
         write_text(args.output, text if text.endswith("\n") else text + "\n")
@@ -327,6 +413,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         print(text)
     _print_skipped(preds.skipped)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from . import api
+
+    r = api.calibrate(args.run, args.data, split=args.split, **_run_opts(args))
+    print(f"{args.run}: temperature {r['previous_temperature']:.3f} -> {r['temperature']:.3f} on {r['data']} "
+          f"({r['n']} images); ECE {_p(r['before']['ece'])} -> {_p(r['after']['ece'])}, "
+          f"NLL {r['before']['nll']:.4f} -> {r['after']['nll']:.4f}")  # fmt: skip
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from . import api
+
+    r = api.explain(args.run, args.image, args.output, method=args.method, target=args.target, device=args.device)
+    print(f"{r['label']} {100 * r['prob']:.1f}% ({r['method']}): {r['output']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import api
+
+    path = api.report(args.run, ood_data=args.ood_data, ood_split=args.ood_split, cams=not args.no_cams,
+                      device=args.device)  # fmt: skip
+    print(f"report: {path}")
     return 0
 
 
@@ -406,6 +519,9 @@ COMMANDS = {
     "lr-find": cmd_lr_find,
     "eval": cmd_eval,
     "predict": cmd_predict,
+    "calibrate": cmd_calibrate,
+    "explain": cmd_explain,
+    "report": cmd_report,
     "knn": cmd_knn,
     "models": cmd_models,
 }

@@ -246,6 +246,28 @@ class TrainConfig:
 
 
 @dataclass
+class TrustConfig:
+    """What runs after training: calibration, out-of-distribution statistics and the HTML report."""
+
+    calibrate: bool = opt(True, "fit a temperature on the validation split (minimum NLL); eval/predict apply it")
+    ood: bool = opt(True, "fit OOD statistics (Mahalanobis, k-NN) on training features and thresholds on val")
+    ood_score: Literal["msp", "max_logit", "energy", "mahalanobis", "knn"] = opt(
+        "energy", "the score predict uses to answer 'unknown'"
+    )
+    ood_tpr: float = opt(0.95, "thresholds keep this fraction of in-distribution validation images")
+    ood_max_train: int = opt(20000, "at most this many training images (stratified) for the OOD statistics")
+    knn_k: int = opt(10, "k of the k-NN OOD score")
+    report: bool = opt(True, "write runs/<name>/report.html at the end of training")
+    top_losses: int = opt(12, "most confidently wrong validation images shown (with CAM overlays) in the report")
+
+    def __post_init__(self) -> None:
+        _check(0 < self.ood_tpr < 1, "trust.ood_tpr", "must be in (0, 1)", self.ood_tpr)
+        _check(self.ood_max_train >= 10, "trust.ood_max_train", "must be >= 10", self.ood_max_train)
+        _check(self.knn_k >= 1, "trust.knn_k", "must be >= 1", self.knn_k)
+        _check(self.top_losses >= 0, "trust.top_losses", "must be >= 0", self.top_losses)
+
+
+@dataclass
 class RunConfig:
     """Where results go."""
 
@@ -266,6 +288,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

@@ -10,9 +10,12 @@ from typing import Any
 
 from .artifact import Artifact, save_artifact
 from .config import Config, config_to_dict
-from .data.sources import Samples
-from .eval.inference import infer
+from .data.sources import Samples, stratified_split
+from .eval.calibration import calibration_metrics
+from .eval.inference import Outputs, infer
 from .eval.metrics import compute_metrics
+from .eval.predictions import VAL_PREDICTIONS, save_predictions
+from .eval.trust import fit_trust
 from .models.factory import architecture_of
 from .train.probe import fit_probe
 from .train.trainer import Fitted, eval_loader, fit
@@ -32,11 +35,21 @@ class TrainResult:
 
 
 def run_training(cfg: Config, resume: bool = False) -> TrainResult:
-    """Train, then evaluate the best weights and save ``model.safetensors`` + ``imgclf.json``."""
+    """Train, evaluate the best weights, fit calibration and OOD statistics, save the artifact and report."""
     cached_probe = cfg.transfer.strategy == "probe" and cfg.probe.cache
     f = fit_probe(cfg, resume=resume) if cached_probe else fit(cfg, resume=resume)
-    val_m = _measure(f, f.splits.val, "val")
-    test_m = _measure(f, f.splits.test, "test") if f.splits.test is not None else None
+    need_feats = cfg.trust.ood
+    val_o = _outputs(f, f.splits.val, "val", need_feats)
+    test_o = _outputs(f, f.splits.test, "test", need_feats) if f.splits.test is not None else None
+    train_o = _outputs(f, _stats_subset(f.splits.train, cfg), "train features", True) if need_feats else None
+    names = f.splits.class_names
+    trust, cal = fit_trust(val_o.logits, val_o.labels, val_o.features, train_o and train_o.features,
+                           train_o and train_o.labels, len(names), cfg.trust)  # fmt: skip
+    val_m = compute_metrics(val_o.logits, val_o.labels, names)
+    test_m = compute_metrics(test_o.logits, test_o.labels, names) if test_o is not None else None
+    if test_o is not None:
+        cal["test"] = {"before": calibration_metrics(test_o.logits, test_o.labels),
+                       "after": calibration_metrics(test_o.logits, test_o.labels, trust.temperature)}  # fmt: skip
     metrics: dict[str, Any] = {
         "val": val_m,
         "best_epoch": f.state.best_epoch,
@@ -50,22 +63,40 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
         metrics["skipped_files"] = f.skips.items
     art = Artifact(
         arch=architecture_of(f.model, cfg.model.name),
-        class_names=f.splits.class_names,
+        class_names=names,
         preprocessing=f.preprocessing,
         config=config_to_dict(cfg),
         metrics=metrics,
         weights_source=f.weights_source,
-        extra={"data": {"train": f.splits.train.name, "n_train": len(f.splits.train), "n_val": len(f.splits.val)}},
+        extra={
+            "data": {"train": f.splits.train.name, "n_train": len(f.splits.train), "n_val": len(f.splits.val)},
+            "calibration": {k: v for k, v in cal.items() if k != "reliability"},
+            "ood": trust.to_json() if cfg.trust.ood else None,
+        },
     )
     if f.dist.is_main:
         save_artifact(f.run_dir, f.model, art)
+        trust.save_stats(f.run_dir)
+        save_predictions(f.run_dir / VAL_PREDICTIONS, val_o, f.splits.val)
+        if cfg.trust.report:
+            from .eval.report import write_report
+
+            write_report(f.run_dir, model=f.model, art=art, val=(val_o, f.splits.val), reliability=cal["reliability"])
     return TrainResult(f.run_dir, f.state.best_epoch, val_m, test_m, f.state.history, dict(f.skips.items), f.seconds)
 
 
-def _measure(f: Fitted, samples: Samples, desc: str) -> dict[str, Any]:
+def _stats_subset(train: Samples, cfg: Config) -> Samples:
+    """A stratified subset of at most ``trust.ood_max_train`` training images for the OOD statistics."""
+    n = len(train)
+    if n <= cfg.trust.ood_max_train:
+        return train
+    _, keep = stratified_split(train.labels, cfg.trust.ood_max_train / n, cfg.train.seed)
+    return train.subset(keep)
+
+
+def _outputs(f: Fitted, samples: Samples, desc: str, features: bool) -> Outputs:
     loader = eval_loader(samples, f.preprocessing, f.cfg, f.dist.device.type == "cuda")
-    o = infer(
+    return infer(
         f.model, loader, f.dist.device, skips=f.skips, amp_dtype=None, channels_last=f.cfg.model.channels_last,
-        progress=f.cfg.run.progress and f.dist.is_main, desc=desc,
+        features=features, progress=f.cfg.run.progress and f.dist.is_main, desc=desc,
     )  # fmt: skip
-    return compute_metrics(o.logits, o.labels, f.splits.class_names)

@@ -8,7 +8,7 @@ from typing import Any
 from .io import atomic_write
 
 
-def _figure(w: float = 6.4, h: float = 4.0):
+def figure(w: float = 6.4, h: float = 4.0):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -19,7 +19,7 @@ def _figure(w: float = 6.4, h: float = 4.0):
 
 def lr_find_plot(result: dict[str, Any], path: Path) -> None:
     """Loss (raw and smoothed) against the learning rate on a log axis, with the suggestion marked."""
-    plt, fig = _figure()
+    plt, fig = figure()
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(result["lrs"], result["losses"], color="#bbbbbb", lw=1, label="loss")
     ax.plot(result["lrs"], result["smoothed"], color="#1f77b4", lw=2, label="smoothed")
@@ -37,3 +37,110 @@ def lr_find_plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def png_bytes(fig) -> bytes:
+    """The figure as PNG bytes (for embedding), then closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def training_curves(rows: list[dict[str, Any]]) -> bytes:
+    """Train/val loss and val top-1 (raw and EMA) per epoch."""
+    plt, fig = figure(9.0, 3.4)
+    ep = [r["epoch"] for r in rows]
+    ax = fig.add_subplot(1, 2, 1)
+    for key, label in (("train_loss", "train loss"), ("val_loss", "val loss"), ("ema_val_loss", "val loss (EMA)")):
+        if any(key in r for r in rows):
+            ax.plot(ep, [r.get(key, float("nan")) for r in rows], marker="o", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(1, 2, 2)
+    for key, label in (("val_top1", "val top-1"), ("ema_val_top1", "val top-1 (EMA)")):
+        if any(key in r for r in rows):
+            ax.plot(ep, [100 * r.get(key, float("nan")) for r in rows], marker="o", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_title("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def confusion_heatmap(cm: list[list[int]], names: list[str]) -> bytes:
+    """Row-normalised confusion matrix with counts."""
+    import numpy as np
+
+    m = np.asarray(cm, dtype=float)
+    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    k = len(names)
+    size = min(12.0, 2.5 + 0.45 * k)
+    plt, fig = figure(size, size * 0.85)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), [n[:14] for n in names], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), [n[:14] for n in names], fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 25:
+        for i in range(k):
+            for j in range(k):
+                if m[i, j]:
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+    fig.colorbar(im, fraction=0.046, pad=0.04, label="fraction of the true class")
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def reliability_diagram(before: dict[str, list[float]], after: dict[str, list[float]], t: float) -> bytes:
+    """Accuracy against confidence per bin, before and after temperature scaling."""
+    plt, fig = figure(8.0, 3.6)
+    for i, (rel, title) in enumerate(((before, "before"), (after, f"after temperature scaling (T = {t:.2f})"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        mids = [(lo + hi) / 2 for lo, hi in zip(rel["lower"], rel["upper"])]
+        width = rel["upper"][0] - rel["lower"][0]
+        acc = [a if c else 0 for a, c in zip(rel["accuracy"], rel["count"])]
+        ax.bar(mids, acc, width=width * 0.95, color="#1f77b4", alpha=0.8, label="accuracy")
+        conf = [c if n else 0 for c, n in zip(rel["confidence"], rel["count"])]
+        ax.bar(mids, [c - a for c, a in zip(conf, acc)], bottom=acc, width=width * 0.95, color="#d62728", alpha=0.35,
+               label="gap to confidence")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def ood_histograms(scores: dict[str, tuple[Any, Any]], thresholds: dict[str, float]) -> bytes:
+    """Per OOD score: histograms of in-distribution and OOD scores, with the threshold."""
+    import numpy as np
+
+    n = len(scores)
+    plt, fig = figure(3.2 * n, 3.0)
+    for i, (name, (ind, ood)) in enumerate(scores.items()):
+        ax = fig.add_subplot(1, n, i + 1)
+        both = np.concatenate([np.asarray(ind), np.asarray(ood)])
+        bins = np.linspace(np.percentile(both, 0.5), np.percentile(both, 99.5), 40)
+        ax.hist(np.asarray(ind), bins=bins, alpha=0.6, label="in-distribution", density=True)
+        ax.hist(np.asarray(ood), bins=bins, alpha=0.6, label="OOD", density=True)
+        if name in thresholds:
+            ax.axvline(thresholds[name], color="k", ls="--", lw=1, label="threshold")
+        ax.set_title(name, fontsize=10)
+        ax.set_yticks([])
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return png_bytes(fig)

@@ -9,10 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .artifact import read_artifact
 from .data.sources import scan_inputs
 from .errors import ImgclfError
 from .eval.inference import infer_run
 from .eval.metrics import format_table
+from .eval.ood import FEATURE_SCORES
+from .eval.trust import Trust
 
 
 @dataclass
@@ -23,23 +28,63 @@ class Predictions:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def predict_run(run_dir: str | Path, inputs: list[str], *, top_k: int = 5, **run_opts: Any) -> Predictions:
-    """Batched top-k labels and probabilities for every readable input.
+def predict_run(
+    run_dir: str | Path,
+    inputs: list[str],
+    *,
+    top_k: int = 5,
+    tta: str | None = None,
+    tta_merge: str = "mean_logits",
+    ensemble: list[str] | None = None,
+    ood_score: str | None = None,
+    reject: bool = True,
+    **run_opts: Any,
+) -> Predictions:
+    """Batched top-k labels with calibrated probabilities, and an ``unknown`` flag, for every readable input.
 
+    The run's temperature scales the logits; its OOD threshold (``ood_score``, default the run's
+    ``trust.ood_score``) marks inputs below it as ``unknown`` (``reject=False`` only reports the score).
+    ``ensemble`` adds runs whose calibrated probabilities are averaged with this one's; an ensemble
+    answers ``unknown`` when at least half of its members with OOD thresholds do.
     ``run_opts``: batch_size, num_workers, device, strict_images, progress (see ``infer_run``).
     """
     if top_k < 1:
         raise ImgclfError(f"--top-k must be >= 1 (got {top_k})")
-    out, art, samples, skips = infer_run(run_dir, lambda a: scan_inputs(inputs), desc="predict", **run_opts)
-    k = min(top_k, art.num_classes)
-    probs, idx = out.logits.softmax(-1).topk(k, dim=-1)
-    rows = [
-        {
+    runs = [run_dir, *(ensemble or [])]
+    probs, flags, names, ref, first = [], [], None, None, None
+    for run in runs:
+        art = read_artifact(run)
+        trust = Trust.load(run, art)
+        score = ood_score or trust.ood_score
+        feats = score in FEATURE_SCORES and trust.stats is not None
+        out, art, samples, skips = infer_run(run, lambda a: scan_inputs(inputs), desc=f"predict {Path(run).name}",
+                                             features=feats, tta=tta, tta_merge=tta_merge, **run_opts)  # fmt: skip
+        if names is not None and art.class_names != names:
+            raise ImgclfError(f"{run}: its classes differ from {run_dir}; an ensemble needs the same classes")
+        if ref is not None and not torch.equal(out.indices, ref):
+            raise ImgclfError(f"{run}: read a different set of inputs; cannot ensemble")
+        names, ref = art.class_names, out.indices
+        first = first or (samples, skips)
+        probs.append(trust.probs(out.logits))
+        flags.append(trust.unknown(out.logits, out.features, score))
+    samples, skips = first
+    p = torch.stack(probs).mean(0)
+    k = min(top_k, len(names))
+    top_p, top_i = p.topk(k, dim=-1)
+    judged = [f for f in flags if f is not None]
+    votes = torch.stack([f[1] for f in judged]).float().mean(0) >= 0.5 if judged else None
+    rows = []
+    for n, (i, pr, ix) in enumerate(zip(out.indices, top_p, top_i)):
+        row: dict[str, Any] = {
             "path": samples.describe(int(i)),
-            "top": [{"label": art.class_names[int(c)], "prob": round(float(p), 6)} for p, c in zip(pr, ix)],
+            "top": [{"label": names[int(c)], "prob": round(float(q), 6)} for q, c in zip(pr, ix)],
         }
-        for i, pr, ix in zip(out.indices, probs, idx)
-    ]
+        if votes is not None:
+            unknown = bool(votes[n]) and reject
+            row.update(label="unknown" if unknown else row["top"][0]["label"], unknown=unknown)
+            if len(judged) == 1:
+                row.update(ood_score=round(float(judged[0][0][n]), 6))
+        rows.append(row)
     return Predictions(rows, dict(skips.items))
 
 
@@ -49,14 +94,24 @@ def render(preds: Predictions, fmt: str) -> str:
         doc = {"predictions": preds.rows, "skipped": [{"path": p, "reason": r} for p, r in preds.skipped.items()]}
         return json.dumps(doc, indent=2)
     k = max((len(r["top"]) for r in preds.rows), default=0)
+    judged = any("unknown" in r for r in preds.rows)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", *[h for j in range(1, k + 1) for h in (f"label_{j}", f"prob_{j}")]])
+        extra = ["label", "unknown", "ood_score"] if judged else []
+        w.writerow(["path", *extra, *[h for j in range(1, k + 1) for h in (f"label_{j}", f"prob_{j}")]])
         for r in preds.rows:
-            w.writerow([r["path"], *[v for t in r["top"] for v in (t["label"], f"{t['prob']:.6f}")]])
+            ex = [r.get("label"), r.get("unknown"), r.get("ood_score", "")] if judged else []
+            w.writerow([r["path"], *ex, *[v for t in r["top"] for v in (t["label"], f"{t['prob']:.6f}")]])
         return buf.getvalue()
     if fmt == "table":
-        body = [[r["path"], *[f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]]] for r in preds.rows]
-        return format_table(body, ["path", *[f"top{j}" for j in range(1, k + 1)]])
+
+        def first(r: dict) -> list[str]:
+            if not judged:
+                return []
+            return ["unknown" if r.get("unknown") else r["label"], f"{r['ood_score']:.3g}" if "ood_score" in r else ""]
+
+        body = [[r["path"], *first(r), *[f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]]] for r in preds.rows]
+        head = ["path", *(["answer", "ood score"] if judged else []), *[f"top{j}" for j in range(1, k + 1)]]
+        return format_table(body, head)
     raise ImgclfError(f"--format must be table, csv or json (got {fmt!r})")

@@ -25,7 +25,7 @@ from .images import array_to_image, open_image
 
 BUILTIN_PREFIX = "builtin:"
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
-BUILTIN = {"fashion-mnist": EMBEDDED_DIR / "fashion_mnist_subset.npz"}
+BUILTIN = {"fashion-mnist": EMBEDDED_DIR / "fashion_mnist_subset.npz", "digits": None}  # digits: scikit-learn
 DEFAULT_DATA = "builtin:fashion-mnist"  # what `imgclf train` uses when no data is given
 
 
@@ -96,6 +96,8 @@ def open_source(spec: str | Path, split: str = "train") -> Samples:
         name, _, sp = name.partition(":")
         if name not in BUILTIN:
             raise ImgclfError(f"unknown built-in data set '{name}' (known: {', '.join(BUILTIN)})")
+        if name == "digits":
+            return sklearn_digits()
         s = read_npz(BUILTIN[name], sp or split)
         s.name, s.origin = f"{BUILTIN_PREFIX}{name}:{sp or split}", f"{BUILTIN_PREFIX}{name}"
         return s
@@ -110,6 +112,29 @@ def open_source(spec: str | Path, split: str = "train") -> Samples:
     if suffix == ".npz":
         return read_npz(p, split)
     raise ImgclfError(f"{p}: unsupported data file (expected a folder, a .csv or a .npz)")
+
+
+def sklearn_digits() -> Samples:
+    """scikit-learn's 1,797 handwritten digits (8x8 grey, UCI; BSD), a real data set that ships in a package.
+
+    Useful as out-of-distribution data for Fashion-MNIST-like models; one split (all images).
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(d.images * 16, 0, 255).astype(np.uint8)  # values 0..16
+    return Samples(list(range(len(images))), d.target.astype(np.int64), [str(i) for i in range(10)],
+                   "builtin:digits", images)  # fmt: skip
+
+
+def open_unlabelled(spec: str | Path, split: str = "test") -> Samples:
+    """Images whose labels do not matter (e.g. OOD data): any folder (recursive), a CSV with ``path``,
+    an .npz or ``builtin:NAME``."""
+    spec = str(spec)
+    p = Path(spec).expanduser()
+    if spec.startswith(BUILTIN_PREFIX) or p.suffix.lower() == ".npz":
+        return open_source(spec, split)
+    return scan_inputs([spec])
 
 
 def _visible(p: Path) -> bool:

@@ -74,7 +74,7 @@ def calibration_metrics(logits: torch.Tensor, targets: torch.Tensor, temperature
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
     """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (L-BFGS on log T)."""
-    logits = logits.detach().float()
+    logits = logits.detach().float().clone()  # a normal tensor: inference-mode tensors cannot enter autograd
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
@@ -85,4 +85,4 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
         return loss
 
     opt.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))

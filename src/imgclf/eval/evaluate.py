@@ -1,27 +1,139 @@
-"""Metrics of a saved run on any labelled data."""
+"""Metrics of saved runs on labelled data: single runs (optionally with TTA and OOD data), ensembles,
+and re-fitting the calibration temperature and OOD thresholds on other held-out data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ..data.sources import open_source
+import torch
+
+from ..artifact import META_FILE, read_artifact
+from ..data.sources import open_source, open_unlabelled
+from ..errors import ImgclfError
+from ..io import write_json
+from .calibration import calibration_metrics, fit_temperature
 from .inference import infer_run
 from .metrics import compute_metrics
+from .ood import ood_report, threshold_for_tpr
+from .trust import Trust
 
 
-def evaluate_run(run_dir: str | Path, data: str, *, split: str = "test", **run_opts: Any) -> dict[str, Any]:
+def _labelled(data: str, split: str):
+    return lambda art: open_source(data, split).remap_to(art.class_names)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: str,
+    *,
+    split: str = "test",
+    tta: str | None = None,
+    tta_merge: str = "mean_logits",
+    ood_data: str | None = None,
+    ood_split: str = "test",
+    **run_opts: Any,
+) -> dict[str, Any]:
     """Load ``run_dir``, run it on ``data`` (folder, CSV, .npz, builtin) and return metrics.
 
-    The data's class names are matched to the run's by name, so a test folder may hold a subset of classes.
-    Unreadable files are skipped and listed under ``skipped_files``. ``run_opts``: batch_size, num_workers,
-    device, strict_images, progress (see ``imgclf.eval.inference.infer_run``).
+    Class names are matched by name (test data may hold a subset of classes). Adds calibration metrics
+    (before/after the run's temperature) and, with ``ood_data``, AUROC/AUPR/FPR@95%TPR of every OOD
+    score (``data`` in-distribution, ``ood_data`` out). ``run_opts``: batch_size, num_workers, device,
+    strict_images, progress (see ``imgclf.eval.inference.infer_run``).
     """
-    out, art, samples, skips = infer_run(
-        run_dir, lambda a: open_source(data, split).remap_to(a.class_names), desc="eval", **run_opts
-    )
+    feats = ood_data is not None
+    out, art, samples, skips = infer_run(run_dir, _labelled(data, split), desc="eval", features=feats, tta=tta,
+                                         tta_merge=tta_merge, **run_opts)  # fmt: skip
+    trust = Trust.load(run_dir, art)
     metrics = compute_metrics(out.logits, out.labels, art.class_names)
     metrics["data"] = samples.name
+    if tta:
+        metrics["tta"] = {"mode": tta, "merge": tta_merge}
+    if len(out.labels):
+        metrics["calibration"] = {
+            "temperature": trust.temperature,
+            "before": calibration_metrics(out.logits, out.labels),
+            "after": calibration_metrics(out.logits, out.labels, trust.temperature),
+        }
+    if ood_data is not None:
+        o, _, ood_samples, ood_skips = infer_run(run_dir, lambda a: open_unlabelled(ood_data, ood_split), desc="ood",
+                                                 features=True, tta=tta, tta_merge=tta_merge, **run_opts)  # fmt: skip
+        skips.items.update(ood_skips.items)
+        id_s, ood_s = trust.scores(out.logits, out.features), trust.scores(o.logits, o.features)
+        metrics["ood"] = {
+            "data": ood_samples.name,
+            "n": len(o.logits),
+            "metrics": ood_report(id_s, ood_s),
+            "rejected": {
+                k: {"in": float((id_s[k] < t).float().mean()), "ood": float((ood_s[k] < t).float().mean())}
+                for k, t in trust.thresholds.items()
+                if k in id_s
+            },  # fmt: skip
+            "_scores": {k: (id_s[k], ood_s[k]) for k in id_s},  # for plots; dropped from JSON output
+        }
     if skips.items:
         metrics["skipped_files"] = skips.items
     return metrics
+
+
+def evaluate_ensemble(run_dirs: list[str | Path], data: str, *, split: str = "test", **opts: Any) -> dict[str, Any]:
+    """Average the calibrated probabilities of several runs (same classes) and compare with each member.
+
+    Returns ``{"ensemble": metrics, "members": {run: metrics}, "gain": {...}}``; the gain is measured
+    against the best member (top-1 up, NLL down).
+    """
+    probs, labels, names, members = [], None, None, {}
+    for run in run_dirs:
+        out, art, _, _ = infer_run(run, _labelled(data, split), desc=f"eval {Path(run).name}", **opts)
+        if names is not None and art.class_names != names:
+            raise ImgclfError(f"{run}: its classes differ from {run_dirs[0]}; an ensemble needs the same classes")
+        if labels is not None and not torch.equal(out.labels, labels):
+            raise ImgclfError(f"{run}: read a different set of images (unreadable files?); cannot ensemble")
+        names, labels = art.class_names, out.labels
+        p = Trust.load(run, art).probs(out.logits)
+        probs.append(p)
+        members[str(run)] = _prob_metrics(p, labels, names)
+    ens = _prob_metrics(torch.stack(probs).mean(0), labels, names)
+    best_top1 = max(m["top1"] for m in members.values())
+    best_nll = min(m["calibration"]["nll"] for m in members.values())
+    gain = {
+        "top1_points": round(100 * (ens["top1"] - best_top1), 3),
+        "nll": round(best_nll - ens["calibration"]["nll"], 5),
+    }
+    return {"ensemble": ens, "members": members, "gain": gain, "data": data}
+
+
+def _prob_metrics(probs: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    logp = probs.clamp_min(1e-12).log()
+    m = compute_metrics(logp, labels, names)
+    m["calibration"] = calibration_metrics(logp, labels)
+    return m
+
+
+def calibrate_run(run_dir: str | Path, data: str, *, split: str = "val", **run_opts: Any) -> dict[str, Any]:
+    """Re-fit the temperature (and the OOD thresholds) of a run on other held-out labelled data; save them."""
+    art = read_artifact(run_dir)
+    has_stats = bool((art.extra.get("ood") or {}).get("feature_stats"))
+    out, art, samples, _ = infer_run(run_dir, _labelled(data, split), desc="calibrate", features=has_stats, **run_opts)
+    if len(out.labels) < 10:
+        raise ImgclfError(f"{samples.name}: {len(out.labels)} readable images; calibration needs at least 10")
+    before = Trust.load(run_dir, art)
+    t = fit_temperature(out.logits, out.labels)
+    after = Trust(t, before.ood_score, before.tpr, {}, before.stats)
+    report = {
+        "temperature": t,
+        "previous_temperature": before.temperature,
+        "data": samples.name,
+        "n": len(out.labels),
+        "before": calibration_metrics(out.logits, out.labels, before.temperature),
+        "after": calibration_metrics(out.logits, out.labels, t),
+    }
+    cal = dict(art.extra.get("calibration") or {})
+    cal.update(temperature=t, refit=report)
+    art.extra["calibration"] = cal
+    if art.extra.get("ood"):
+        scores = after.scores(out.logits, out.features)
+        art.extra["ood"]["thresholds"] = {k: threshold_for_tpr(v, after.tpr) for k, v in scores.items()}
+        art.extra["ood"]["thresholds_data"] = samples.name
+    write_json(Path(run_dir) / META_FILE, art.to_json())
+    return report

@@ -1,4 +1,9 @@
-"""Run a model over a loader and collect logits, labels and sample indices (skipping bad files)."""
+"""Run a model over a loader and collect logits and/or pooled features, labels and sample indices.
+
+One loop for evaluation, prediction, feature extraction and test-time augmentation: a batch of
+(B, V, C, H, W) view stacks (from ``imgclf.eval.tta``) is run as B*V images and merged back.
+Unreadable files are skipped into a ``SkipLog``.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +21,25 @@ from ..data.loader import ImageDataset, SkipLog, make_loader
 from ..data.sources import Samples
 from ..data.transforms import eval_transform
 from ..dist import autocast, resolve_device
+from .tta import merge_views, tta_transform
 
 
 class Outputs(NamedTuple):
-    logits: torch.Tensor  # (N, K) float32 on CPU
+    logits: torch.Tensor  # (N, K) float32 on CPU (empty (N, 0) when not requested)
     labels: torch.Tensor  # (N,)
     indices: torch.Tensor  # (N,) positions in the data source
+    features: torch.Tensor | None = None  # (N, D) pooled pre-logits features when requested
 
 
-@torch.inference_mode()
+def forward_both(model: nn.Module, x: torch.Tensor, logits: bool, features: bool):
+    """Logits and/or pooled features through timm's contract, sharing one ``forward_features``."""
+    fmap = model.forward_features(x)
+    feats = model.forward_head(fmap, pre_logits=True) if features else None
+    out = model.forward_head(fmap) if logits else None
+    return out, feats
+
+
+@torch.no_grad()  # not inference_mode: outputs feed autograd later (temperature, probes)
 def infer(
     model: nn.Module,
     loader: DataLoader,
@@ -33,28 +48,40 @@ def infer(
     skips: SkipLog | None = None,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    logits: bool = True,
+    features: bool = False,
+    tta_merge: str = "mean_logits",
     progress: bool = False,
     desc: str = "eval",
 ) -> Outputs:
-    """Logits for every decodable sample of ``loader``; bad samples go to ``skips``."""
+    """Logits (and/or features) for every decodable sample of ``loader``; bad samples go to ``skips``."""
     model.eval()
-    logits, labels, indices = [], [], []
+    outs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "indices": [], "features": []}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         if skips is not None:
             skips.add(batch.skipped)
         if batch.images is None:
             continue
-        x = batch.images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        x = batch.images.to(device, non_blocking=True)
+        views = x.shape[1] if x.ndim == 5 else 0  # (B, V, C, H, W) from test-time augmentation
+        x = (x.flatten(0, 1) if views else x).contiguous(memory_format=fmt)
         with autocast(device, amp_dtype):
-            out = model(x)
-        logits.append(out.float().cpu())
-        labels.append(batch.labels)
-        indices.append(batch.indices)
-    if not logits:
-        k = getattr(model, "num_classes", 0)
-        return Outputs(torch.empty(0, k), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
-    return Outputs(torch.cat(logits), torch.cat(labels), torch.cat(indices))
+            out, feats = forward_both(model, x, logits, features)
+        if out is not None:
+            out = out.float()
+            outs["logits"].append((merge_views(out.unflatten(0, (-1, views)), tta_merge) if views else out).cpu())
+        if feats is not None:
+            feats = feats.float()
+            outs["features"].append((feats.unflatten(0, (-1, views)).mean(1) if views else feats).cpu())
+        outs["labels"].append(batch.labels)
+        outs["indices"].append(batch.indices)
+    n = sum(len(t) for t in outs["labels"])
+    k, d = getattr(model, "num_classes", 0), getattr(model, "num_features", 0)
+    empty = {"logits": torch.empty(0, k) if logits else torch.empty(n, 0), "features": torch.empty(0, d),
+             "labels": torch.empty(0, dtype=torch.long), "indices": torch.empty(0, dtype=torch.long)}  # fmt: skip
+    cat = {key: torch.cat(v) if v else empty[key] for key, v in outs.items()}
+    return Outputs(cat["logits"], cat["labels"], cat["indices"], cat["features"] if features else None)
 
 
 def infer_run(
@@ -66,14 +93,20 @@ def infer_run(
     device: str = "auto",
     strict_images: bool = False,
     progress: bool = True,
+    features: bool = False,
+    tta: str | None = None,
+    tta_merge: str = "mean_logits",
     desc: str = "infer",
 ) -> tuple[Outputs, Artifact, Samples, SkipLog]:
-    """Load a saved run and run it over ``open_samples(artifact)`` with the artifact's eval preprocessing."""
+    """Load a saved run and run it over ``open_samples(artifact)`` with the artifact's eval preprocessing
+    (or its test-time augmentation views)."""
     dev = resolve_device(device)
     model, art = load_artifact(run_dir, dev)
     samples = open_samples(art)
-    loader = make_loader(ImageDataset(samples, eval_transform(art.preprocessing)), batch_size, train=False,
-                         num_workers=num_workers, pin_memory=dev.type == "cuda")  # fmt: skip
+    transform = tta_transform(art.preprocessing, tta) if tta else eval_transform(art.preprocessing)
+    loader = make_loader(ImageDataset(samples, transform), batch_size, train=False, num_workers=num_workers,
+                         pin_memory=dev.type == "cuda")  # fmt: skip
     skips = SkipLog(strict=strict_images)
-    out = infer(model, loader, dev, skips=skips, progress=progress, desc=desc)
+    out = infer(model, loader, dev, skips=skips, progress=progress, desc=desc, features=features, tta_merge=tta_merge,
+                channels_last=dev.type != "mps")  # fmt: skip
     return out, art, samples, skips

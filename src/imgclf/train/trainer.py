@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.loader import ImageDataset, SkipLog, make_loader, set_epoch
-from ..data.sources import DEFAULT_DATA, Samples, open_source, stratified_split
+from ..data.sources import Samples
+from ..data.splits import DataSplits, prepare_data
 from ..data.transforms import eval_transform, resolve_preprocessing, train_transform
 from ..dist import Dist, amp_dtype, any_rank, autocast, barrier, broadcast, setup
 from ..errors import ImgclfError
@@ -47,14 +48,6 @@ log = logging.getLogger("imgclf")
 LAST_CKPT = "checkpoints/last.pt"
 BEST_WEIGHTS = "checkpoints/best.safetensors"
 MAX_NONFINITE = 5  # consecutive non-finite losses before giving up
-
-
-@dataclass
-class DataSplits:
-    train: Samples
-    val: Samples
-    test: Samples | None
-    class_names: list[str]
 
 
 @dataclass
@@ -107,32 +100,6 @@ class Fitted:
     dist: Dist
     skips: SkipLog
     seconds: float
-
-
-def prepare_data(cfg: Config) -> DataSplits:
-    """Open train/val/test sources; split validation off the training data when none is given."""
-    source = open_source(cfg.data.path or DEFAULT_DATA, "train")
-    names = source.class_names
-    present = [c for c, n in zip(names, source.class_counts()) if n]
-    if len(present) < 2:
-        raise ImgclfError(f"{source.name}: only one class ({', '.join(present) or 'none'}); need at least two")
-    if cfg.train.metric == "top5" and len(names) <= 5:
-        raise ImgclfError(f"train.metric: top5 needs more than 5 classes ({source.name} has {len(names)})")
-    val = open_source(cfg.data.val_path, "val") if cfg.data.val_path else source.companion("val")
-    if val is not None:
-        train, val = source, val.remap_to(names)
-    else:
-        if cfg.data.val_split <= 0:
-            raise ImgclfError("data.val_split must be > 0 when no data.val_path is given")
-        tr, va = stratified_split(source.labels, cfg.data.val_split, cfg.train.seed)
-        train, val = source.subset(tr), source.subset(va)
-    if len(val) == 0:
-        raise ImgclfError(
-            f"{source.name}: the validation split is empty (every class has a single image); "
-            "add images or pass --val-data"
-        )
-    test = open_source(cfg.data.test_path, "test") if cfg.data.test_path else source.companion("test")
-    return DataSplits(train, val, test.remap_to(names) if test is not None else None, names)
 
 
 def eval_loader(samples: Samples, pre: dict, cfg: Config, pin: bool = False) -> DataLoader:

@@ -1,0 +1,330 @@
+"""``runs/<name>/report.html``: one self-contained page (images embedded) that tells whether to trust a run.
+
+Sections: summary, training curves, per-class table, confusion matrix, most-confused pairs,
+calibration (reliability before/after temperature scaling), out-of-distribution detection (when OOD
+data is given), top losses with CAM overlays, configuration and versions.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+import yaml
+
+from ..artifact import Artifact
+from ..data.sources import Samples
+from ..io import write_text
+from .calibration import reliability
+from .inference import Outputs
+from .predictions import VAL_PREDICTIONS, Saved, load_predictions, top_losses
+from .trust import Trust
+
+log = logging.getLogger("imgclf")
+REPORT_FILE = "report.html"
+SECTIONS = (
+    "summary",
+    "training",
+    "per-class",
+    "confusion",
+    "confused-pairs",
+    "calibration",
+    "ood",
+    "top-losses",
+    "config",
+)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+header{background:#1d2330;color:#fff;padding:18px 32px}header h1{margin:0;font-size:22px}
+header p{margin:4px 0 0;color:#b8c0cc;font-size:13px}
+nav{padding:8px 32px;background:#fff;border-bottom:1px solid #e3e6ea;font-size:13px;position:sticky;top:0}
+nav a{margin-right:14px;color:#2f6fd6;text-decoration:none}
+main{max-width:1180px;margin:0 auto;padding:8px 32px 40px}
+section{background:#fff;border:1px solid #e3e6ea;border-radius:8px;margin:18px 0;padding:14px 20px}
+h2{font-size:17px;margin:4px 0 10px}table{border-collapse:collapse;font-size:13px}
+td,th{padding:4px 10px;border-bottom:1px solid #eef0f3;text-align:right}td:first-child,th:first-child{text-align:left}
+th{color:#5b6472;font-weight:600}.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{border:1px solid #e3e6ea;border-radius:8px;padding:10px 14px;min-width:130px}
+.card b{display:block;font-size:22px}.card span{color:#5b6472;font-size:12px}
+img.plot{max-width:100%}.gallery{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;width:170px;font-size:11px}figure img{width:170px;height:170px;object-fit:contain;background:#111}
+.bad{color:#b3261e}.note{color:#5b6472;font-size:13px}pre{background:#f3f4f6;padding:10px;overflow:auto;font-size:12px}
+"""
+
+
+def _img(png: bytes, alt: str, cls: str = "plot") -> str:
+    return f'<img class="{cls}" alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f} %"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _section(sid: str, title: str, body: str) -> str:
+    return f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>'
+
+
+def _summary(art: Artifact, cal: dict) -> str:
+    m = art.metrics
+    split = "test" if "test" in m else "val"
+    s = m[split]
+    after = (cal.get(split) or {}).get("after", {})
+    before = (cal.get(split) or {}).get("before", {})
+    cards = [
+        (f"{split} top-1", _pct(s.get("top1"))),
+        ("top-5", _pct(s.get("top5"))),
+        ("macro-F1", _pct(s.get("macro_f1"))),
+        ("balanced acc.", _pct(s.get("balanced_accuracy"))),
+        ("ECE (calibrated)", _pct(after.get("ece"))),
+        ("temperature", f"{cal.get('temperature', 1.0):.3f}"),
+    ]
+    html_cards = "".join(f'<div class="card"><b>{v}</b><span>{html.escape(k)}</span></div>' for k, v in cards)
+    rows = []
+    for name in ("val", "test"):
+        if name in m:
+            c = cal.get(name) or {}
+            rows.append(
+                [
+                    name,
+                    m[name]["n"],
+                    _pct(m[name]["top1"]),
+                    _pct(m[name].get("top5")),
+                    _pct(m[name]["macro_f1"]),
+                    f"{c.get('before', {}).get('nll', float('nan')):.4f}",
+                    f"{c.get('after', {}).get('nll', float('nan')):.4f}",
+                    _pct(c.get("before", {}).get("ece")),
+                    _pct(c.get("after", {}).get("ece")),
+                ]
+            )
+    table = _table(["split", "images", "top-1", "top-5", "macro-F1", "NLL", "NLL (cal.)", "ECE", "ECE (cal.)"], rows)
+    note = f'<p class="note">ECE before → after on {split}: {_pct(before.get("ece"))} → {_pct(after.get("ece"))}</p>'
+    return html_cards + table + note
+
+
+def _per_class(metrics: dict) -> str:
+    rows = [
+        [n, _pct(d["precision"]), _pct(d["recall"]), _pct(d["f1"]), d["support"]]
+        for n, d in metrics["per_class"].items()
+    ]
+    return _table(["class", "precision", "recall", "F1", "support"], rows)
+
+
+def confused_pairs(cm: list[list[int]], names: list[str], n: int = 10) -> list[tuple[str, str, int]]:
+    """Most frequent (true, predicted) off-diagonal pairs of a confusion matrix."""
+    pairs = [(names[i], names[j], c) for i, row in enumerate(cm) for j, c in enumerate(row) if i != j and c]
+    return sorted(pairs, key=lambda p: -p[2])[:n]
+
+
+def _gallery(
+    losses: list[dict], model: nn.Module | None, art: Artifact, samples: Samples | None, method: str = "gradcam"
+) -> str:
+    if not losses:
+        return '<p class="note">No wrong predictions on the validation split.</p>'
+    from ..plots import figure, png_bytes
+    from .explain import cam_maps, overlay
+
+    items = []
+    for t in losses:
+        cap = (
+            f'<b class="bad">{html.escape(t["pred"])}</b> {100 * t["p_pred"]:.1f}%<br>true: {html.escape(t["true"])} '
+            f'{100 * t["p_true"]:.1f}%<br><span class="note">{html.escape(Path(t["name"]).name[:40])}</span>'
+        )
+        pic = ""
+        if samples is not None and model is not None and hasattr(model, "get_classifier"):
+            try:
+                from ..data.transforms import eval_transform
+
+                img = samples.load(t["index"])
+                x = eval_transform(art.preprocessing)(img)[None]
+                cam = cam_maps(model, x, [art.class_names.index(t["pred"])], method)[0]
+                plt, fig = figure(2.0, 2.0)
+                ax = fig.add_axes([0, 0, 1, 1])
+                ax.imshow(overlay(img, art.preprocessing, cam))
+                ax.axis("off")
+                pic = _img(png_bytes(fig), t["name"], cls="")
+            except Exception as e:  # noqa: BLE001 - a missing or odd image must not lose the report
+                log.debug("top-loss image %s: %s", t["name"], e)
+        items.append(f"<figure>{pic}<figcaption>{cap}</figcaption></figure>")
+    return f'<p class="note">Most confidently wrong validation images, with {method} for the predicted class.</p>' + (
+        f'<div class="gallery">{"".join(items)}</div>'
+    )
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    model: nn.Module | None,
+    art: Artifact,
+    val: tuple[Outputs, Samples] | None = None,
+    reliability: dict | None = None,
+    ood: dict[str, Any] | None = None,
+) -> Path:
+    """Build and write ``report.html``; returns its path. ``ood``: ``{"report": metrics, "scores": {...}}``."""
+    from ..plots import confusion_heatmap, reliability_diagram, training_curves
+
+    run_dir = Path(run_dir)
+    cal = art.extra.get("calibration") or {}
+    trust = Trust(temperature=float(cal.get("temperature", 1.0)))
+    saved = load_predictions(run_dir / VAL_PREDICTIONS)
+    if reliability is None and saved is not None:
+        reliability = _reliability(saved, trust.temperature)
+    split = "test" if "test" in art.metrics else "val"
+    m = art.metrics[split]
+    parts = [_section("summary", "Summary", _summary(art, cal))]
+    rows = _history(run_dir)
+    parts.append(
+        _section(
+            "training",
+            "Training curves",
+            _img(training_curves(rows), "training curves") if rows else '<p class="note">No per-epoch log.</p>',
+        )
+    )
+    parts.append(_section("per-class", f"Per-class metrics ({split})", _per_class(m)))
+    parts.append(
+        _section(
+            "confusion",
+            f"Confusion matrix ({split})",
+            _img(confusion_heatmap(m["confusion_matrix"], art.class_names), "confusion matrix"),
+        )
+    )
+    pairs = confused_pairs(m["confusion_matrix"], art.class_names)
+    parts.append(
+        _section(
+            "confused-pairs",
+            "Most-confused class pairs",
+            _table(["true", "predicted as", "count"], [list(p) for p in pairs]),
+        )
+    )
+    cal_body = (
+        _img(reliability_diagram(reliability["before"], reliability["after"], trust.temperature), "reliability")
+        if reliability
+        else '<p class="note">No calibration data.</p>'
+    )
+    parts.append(_section("calibration", "Calibration (validation)", cal_body))
+    parts.append(_section("ood", "Out-of-distribution detection", _ood_body(art, ood)))
+    losses = (
+        top_losses(saved, art.class_names, art.config.get("trust", {}).get("top_losses", 12), trust.temperature)
+        if saved
+        else []
+    )
+    samples = val[1] if val is not None else None
+    parts.append(_section("top-losses", "Top losses", _gallery(losses, model, art, samples)))
+    cfg_text = yaml.safe_dump(art.config, sort_keys=False)
+    ver = json.dumps(art.versions, indent=1)
+    parts.append(
+        _section(
+            "config", "Configuration and versions", f"<pre>{html.escape(cfg_text)}</pre><pre>{html.escape(ver)}</pre>"
+        )
+    )
+    nav = "".join(f'<a href="#{s}">{s.replace("-", " ")}</a>' for s in SECTIONS)
+    title = f"imgclf report: {run_dir.name}"
+    sub = (
+        f"{art.arch} · {art.weights_source} · {len(art.class_names)} classes · "
+        f"{art.config.get('transfer', {}).get('strategy', '')} · {art.created or time.strftime('%Y-%m-%d')}"
+    )
+    page = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head><body><header><h1>{html.escape(title)}</h1><p>{html.escape(sub)}</p></header>"
+        f"<nav>{nav}</nav><main>{''.join(parts)}</main></body></html>"
+    )
+    out = run_dir / REPORT_FILE
+    write_text(out, page)
+    return out
+
+
+def _history(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r for r in rows if "train_loss" in r]
+
+
+def _reliability(saved: Saved, t: float) -> dict:
+    return {
+        "before": reliability(saved.logits.softmax(1), saved.labels),
+        "after": reliability((saved.logits / t).softmax(1), saved.labels),
+    }
+
+
+def _ood_body(art: Artifact, ood: dict[str, Any] | None) -> str:
+    from ..plots import ood_histograms
+
+    thresholds = (art.extra.get("ood") or {}).get("thresholds", {})
+    if not ood:
+        t = _table(["score", "threshold (keeps 95 % of val)"], [[k, f"{v:.4g}"] for k, v in thresholds.items()])
+        return (
+            '<p class="note">No OOD data given: run <code>imgclf report RUN --ood-data OTHER_DATA</code> '
+            "to measure detection.</p>" + (t if thresholds else "")
+        )
+    rows = [[k, f"{v['auroc']:.4f}", f"{v['aupr']:.4f}", _pct(v["fpr_at_95_tpr"])] for k, v in ood["report"].items()]
+    hist = _img(ood_histograms(ood["scores"], thresholds), "OOD score histograms") if ood.get("scores") else ""
+    return (
+        f'<p class="note">In-distribution: {html.escape(ood.get("id_name", "validation"))}; '
+        f"OOD: {html.escape(ood.get('ood_name', ''))}</p>"
+        + _table(["score", "AUROC", "AUPR", "FPR@95%TPR"], rows)
+        + hist
+    )
+
+
+def report_run(
+    run_dir: str | Path,
+    *,
+    ood_data: str | None = None,
+    ood_split: str = "test",
+    cams: bool = True,
+    device: str = "auto",
+) -> Path:
+    """Rewrite ``report.html`` of a saved run; with ``ood_data``, measure OOD detection against its validation split.
+
+    The validation split is rebuilt from the run's saved config (its data must still be where it was);
+    without it the report keeps every section except the top-loss images and OOD detection.
+    """
+    from ..artifact import load_artifact
+    from ..config import build_config
+    from ..data.loader import ImageDataset, make_loader
+    from ..data.sources import open_unlabelled
+    from ..data.splits import prepare_data
+    from ..data.transforms import eval_transform
+    from ..dist import resolve_device
+    from ..errors import ImgclfError
+    from .inference import infer
+    from .ood import ood_report
+
+    dev = resolve_device(device)
+    model, art = load_artifact(run_dir, dev)
+    try:
+        val = prepare_data(build_config([art.config], ["the run's config"])).val
+    except ImgclfError as e:
+        log.warning("report: validation images unavailable (%s); no top-loss images", e)
+        val = None
+    ood = None
+    if ood_data is not None:
+        if val is None:
+            raise ImgclfError("--ood-data needs the run's validation data (it could not be opened)")
+        trust = Trust.load(run_dir, art)
+
+        def run(samples: Samples, desc: str) -> Outputs:
+            loader = make_loader(ImageDataset(samples, eval_transform(art.preprocessing)), 128, train=False,
+                                 num_workers=-1)  # fmt: skip
+            return infer(model, loader, dev, features=True, progress=True, desc=desc)
+
+        o_in, o_out = run(val, "val"), run(open_unlabelled(ood_data, ood_split), "ood")
+        s_in, s_out = trust.scores(o_in.logits, o_in.features), trust.scores(o_out.logits, o_out.features)
+        ood = {"report": ood_report(s_in, s_out), "scores": {k: (s_in[k].numpy(), s_out[k].numpy()) for k in s_in},
+               "id_name": f"validation split of {val.name}", "ood_name": str(ood_data)}  # fmt: skip
+    return write_report(run_dir, model=model if cams else None, art=art, val=(None, val) if val is not None else None,
+                        ood=ood)  # fmt: skip

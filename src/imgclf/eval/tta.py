@@ -1,0 +1,70 @@
+"""Test-time augmentation: several views of each image through the same model, merged.
+
+Views are built from the artifact's preprocessing (timm/torchvision ops only): ``flip`` (the image
+and its mirror), ``five_crop`` / ``ten_crop`` (torchvision FiveCrop/TenCrop of the resized image),
+``multiscale`` (centre crops at three zoom levels, each resized to the input size, so it works for
+ViTs too), and ``flip_multiscale`` (both). Merging averages logits (``mean_logits``) or
+probabilities (``mean_probs``, returned as log-probabilities so softmax gives the mean).
+
+Example:
+    >>> t = tta_transform(PRE, "flip")  # doctest: +SKIP
+    >>> t(img).shape                     # doctest: +SKIP
+    torch.Size([2, 3, 224, 224])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+from ..data.transforms import eval_transform
+from ..errors import ImgclfError
+
+MODES = ("flip", "five_crop", "ten_crop", "multiscale", "flip_multiscale")
+MERGES = ("mean_logits", "mean_probs")
+ZOOMS = (0.9, 1.0, 1.1)  # multiscale: crop fractions relative to the model's crop_pct (capped at 1)
+
+
+def _interp(name: str) -> v2.InterpolationMode:
+    return {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+            "nearest": v2.InterpolationMode.NEAREST}.get(name, v2.InterpolationMode.BICUBIC)  # fmt: skip
+
+
+def _tensor(pre: dict[str, Any]) -> v2.Compose:
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre["mean"], pre["std"])])
+
+
+def tta_transform(pre: dict[str, Any], mode: str):
+    """A transform from a PIL image to a (V, C, H, W) stack of views."""
+    if mode not in MODES:
+        raise ImgclfError(f"--tta must be one of {', '.join(MODES)} (got {mode!r})")
+    size = tuple(pre["input_size"][1:])
+    if mode in ("five_crop", "ten_crop"):
+        resize = v2.Resize(math.floor(size[0] / pre["crop_pct"]), interpolation=_interp(pre["interpolation"]))
+        crops = v2.FiveCrop(size) if mode == "five_crop" else v2.TenCrop(size)
+        to_t = _tensor(pre)
+        return lambda img: torch.stack([to_t(c) for c in crops(resize(img))])
+    zooms = [pre["crop_pct"] * z for z in (ZOOMS if "multiscale" in mode else (1.0,))]
+    zooms = [z / max(1.0, max(zooms)) for z in zooms]  # a crop cannot exceed the image: shift the zooms down
+    views = [eval_transform(dict(pre, crop_pct=z)) for z in zooms]
+    flip = "flip" in mode
+
+    def apply(img):
+        out = [v(img) for v in views]
+        if flip:
+            out += [o.flip(-1) for o in out]
+        return torch.stack(out)
+
+    return apply
+
+
+def merge_views(logits: torch.Tensor, merge: str = "mean_logits") -> torch.Tensor:
+    """(B, V, K) per-view logits -> (B, K): mean logits, or log of the mean probabilities."""
+    if merge == "mean_probs":
+        return logits.float().softmax(-1).mean(1).clamp_min(1e-12).log()
+    if merge == "mean_logits":
+        return logits.float().mean(1)
+    raise ImgclfError(f"--tta-merge must be one of {', '.join(MERGES)} (got {merge!r})")
