@@ -66,7 +66,10 @@ def predict_run(
         names, ref = art.class_names, out.indices
         first = first or (samples, skips)
         probs.append(trust.probs(out.logits))
-        flags.append(trust.unknown(out.logits, out.features, score))
+        if ood_score and reject and ood_score not in trust.thresholds:
+            raise ImgclfError(f"{run}: no threshold for OOD score '{ood_score}' (fitted: "
+                              f"{', '.join(trust.thresholds) or 'none; retrain with trust.ood true'})")  # fmt: skip
+        flags.append(trust.unknown(out.ood_logits, out.features, score))
     samples, skips = first
     p = torch.stack(probs).mean(0)
     k = min(top_k, len(names))

@@ -59,7 +59,9 @@ def evaluate_run(
         o, _, ood_samples, ood_skips = infer_run(run_dir, lambda a: open_unlabelled(ood_data, ood_split), desc="ood",
                                                  features=True, tta=tta, tta_merge=tta_merge, **run_opts)  # fmt: skip
         skips.items.update(ood_skips.items)
-        id_s, ood_s = trust.scores(out.logits, out.features), trust.scores(o.logits, o.features)
+        if len(o.indices) == 0:
+            raise ImgclfError(f"{ood_samples.name}: no readable OOD images")
+        id_s, ood_s = trust.scores(out.ood_logits, out.features), trust.scores(o.ood_logits, o.features)
         metrics["ood"] = {
             "data": ood_samples.name,
             "n": len(o.logits),

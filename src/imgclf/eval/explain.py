@@ -41,8 +41,9 @@ def _cam_class(method: str):
 
 def target_layer(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, Any]:
     """(layer, reshape_transform or None) for CAMs of a timm model."""
+    p = next(model.parameters())
     with torch.no_grad():
-        fmap = model.forward_features(torch.zeros(1, 3, *input_size))
+        fmap = model.forward_features(torch.zeros(1, 3, *input_size, device=p.device, dtype=p.dtype))
     if fmap.ndim == 3 and hasattr(model, "blocks"):  # tokens: (B, N, C)
         prefix = getattr(model, "num_prefix_tokens", 1)
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
@@ -57,7 +58,8 @@ def target_layer(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Modu
     name = info[-1]["module"] if info else None
     modules = dict(model.named_modules())
     if name in modules:
-        return modules[name], None
+        nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"  # e.g. Swin: channels-last feature maps
+        return modules[name], ((lambda t: t.permute(0, 3, 1, 2)) if nhwc else None)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ImgclfError(f"no layer to explain in {type(model).__name__} (no feature_info, blocks or conv)")
@@ -70,7 +72,10 @@ def cam_maps(model: nn.Module, x: torch.Tensor, targets: list[int], method: str 
 
     layer, reshape = target_layer(model, tuple(x.shape[-2:]))
     model.eval()
-    with _cam_class(method)(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+    p = next(model.parameters())
+    # an input that needs gradients keeps the graph alive when the backbone is frozen (probe runs)
+    x = x.to(p.device, p.dtype).detach().requires_grad_(True)
+    with torch.enable_grad(), _cam_class(method)(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
 
 

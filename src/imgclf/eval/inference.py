@@ -29,6 +29,12 @@ class Outputs(NamedTuple):
     labels: torch.Tensor  # (N,)
     indices: torch.Tensor  # (N,) positions in the data source
     features: torch.Tensor | None = None  # (N, D) pooled pre-logits features when requested
+    score_logits: torch.Tensor | None = None  # TTA with mean_probs: the views' mean logits, for OOD scores
+
+    @property
+    def ood_logits(self) -> torch.Tensor:
+        """The logits OOD scores are computed from (mean logits under TTA)."""
+        return self.logits if self.score_logits is None else self.score_logits
 
 
 def forward_both(model: nn.Module, x: torch.Tensor, logits: bool, features: bool):
@@ -51,12 +57,13 @@ def infer(
     logits: bool = True,
     features: bool = False,
     tta_merge: str = "mean_logits",
+    temperature: float = 1.0,
     progress: bool = False,
     desc: str = "eval",
 ) -> Outputs:
     """Logits (and/or features) for every decodable sample of ``loader``; bad samples go to ``skips``."""
     model.eval()
-    outs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "indices": [], "features": []}
+    outs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "indices": [], "features": [], "score": []}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         if skips is not None:
@@ -70,7 +77,10 @@ def infer(
             out, feats = forward_both(model, x, logits, features)
         if out is not None:
             out = out.float()
-            outs["logits"].append((merge_views(out.unflatten(0, (-1, views)), tta_merge) if views else out).cpu())
+            per_view = out.unflatten(0, (-1, views)) if views else None
+            outs["logits"].append((merge_views(per_view, tta_merge, temperature) if views else out).cpu())
+            if views and tta_merge != "mean_logits":
+                outs["score"].append(per_view.mean(1).cpu())
         if feats is not None:
             feats = feats.float()
             outs["features"].append((feats.unflatten(0, (-1, views)).mean(1) if views else feats).cpu())
@@ -79,9 +89,11 @@ def infer(
     n = sum(len(t) for t in outs["labels"])
     k, d = getattr(model, "num_classes", 0), getattr(model, "num_features", 0)
     empty = {"logits": torch.empty(0, k) if logits else torch.empty(n, 0), "features": torch.empty(0, d),
-             "labels": torch.empty(0, dtype=torch.long), "indices": torch.empty(0, dtype=torch.long)}  # fmt: skip
+             "labels": torch.empty(0, dtype=torch.long), "indices": torch.empty(0, dtype=torch.long),
+             "score": torch.empty(0, k)}  # fmt: skip
     cat = {key: torch.cat(v) if v else empty[key] for key, v in outs.items()}
-    return Outputs(cat["logits"], cat["labels"], cat["indices"], cat["features"] if features else None)
+    return Outputs(cat["logits"], cat["labels"], cat["indices"], cat["features"] if features else None,
+                   cat["score"] if outs["score"] else None)  # fmt: skip
 
 
 def infer_run(
@@ -107,6 +119,7 @@ def infer_run(
     loader = make_loader(ImageDataset(samples, transform), batch_size, train=False, num_workers=num_workers,
                          pin_memory=dev.type == "cuda")  # fmt: skip
     skips = SkipLog(strict=strict_images)
+    temperature = float((art.extra.get("calibration") or {}).get("temperature", 1.0))
     out = infer(model, loader, dev, skips=skips, progress=progress, desc=desc, features=features, tta_merge=tta_merge,
-                channels_last=dev.type != "mps")  # fmt: skip
+                temperature=temperature, channels_last=dev.type != "mps")  # fmt: skip
     return out, art, samples, skips

@@ -85,9 +85,11 @@ def fit_feature_stats(
 
     f = feats.double()
     means = torch.zeros(num_classes, f.shape[1], dtype=torch.float64)
-    for c in labels.unique():
+    present = labels.unique()
+    for c in present:
         means[c] = f[labels == c].mean(0)
     lw = LedoitWolf(assume_centered=True).fit((f - means[labels]).numpy())
+    means = means[present]  # a class without training features must not become a centre at the origin
     precision = torch.from_numpy(lw.precision_).float()
     g = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(f), generator=g)[:bank_size]
@@ -102,7 +104,11 @@ def threshold_for_tpr(id_scores: torch.Tensor, tpr: float = 0.95) -> float:
 
 def detection_metrics(id_scores: torch.Tensor, ood_scores: torch.Tensor) -> dict[str, float]:
     """AUROC, AUPR (in-distribution positive) and FPR at 95 % TPR of one score."""
-    s = torch.cat([id_scores, ood_scores]).float()
+    s = torch.cat([id_scores, ood_scores]).double()
+    # torchmetrics squashes scores outside [0, 1] through a sigmoid, which ties every large score
+    # (e.g. Mahalanobis distances of hundreds); the metrics only depend on the order, so use ranks
+    uniq, inv = torch.unique(s, return_inverse=True)
+    s = (inv.double() / max(len(uniq) - 1, 1)).float()
     y = torch.cat([torch.ones(len(id_scores)), torch.zeros(len(ood_scores))]).long()
     fpr, tpr, _ = BinaryROC(thresholds=None)(s, y)
     at95 = fpr[tpr >= 0.95]

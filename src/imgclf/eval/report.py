@@ -51,10 +51,11 @@ section{background:#fff;border:1px solid #e3e6ea;border-radius:8px;margin:18px 0
 h2{font-size:17px;margin:4px 0 10px}table{border-collapse:collapse;font-size:13px}
 td,th{padding:4px 10px;border-bottom:1px solid #eef0f3;text-align:right}td:first-child,th:first-child{text-align:left}
 th{color:#5b6472;font-weight:600}.cards{display:flex;flex-wrap:wrap;gap:12px}
-.card{border:1px solid #e3e6ea;border-radius:8px;padding:10px 14px;min-width:130px}
+.card{border:1px solid #e3e6ea;border-radius:8px;padding:10px 14px;min-width:130px;margin-bottom:12px}
 .card b{display:block;font-size:22px}.card span{color:#5b6472;font-size:12px}
 img.plot{max-width:100%}.gallery{display:flex;flex-wrap:wrap;gap:10px}
-figure{margin:0;width:170px;font-size:11px}figure img{width:170px;height:170px;object-fit:contain;background:#111}
+figure{margin:0;width:170px;font-size:11px;overflow-wrap:anywhere}
+figure img{width:170px;height:170px;object-fit:contain;background:#111}
 .bad{color:#b3261e}.note{color:#5b6472;font-size:13px}pre{background:#f3f4f6;padding:10px;overflow:auto;font-size:12px}
 """
 
@@ -111,7 +112,7 @@ def _summary(art: Artifact, cal: dict) -> str:
             )
     table = _table(["split", "images", "top-1", "top-5", "macro-F1", "NLL", "NLL (cal.)", "ECE", "ECE (cal.)"], rows)
     note = f'<p class="note">ECE before → after on {split}: {_pct(before.get("ece"))} → {_pct(after.get("ece"))}</p>'
-    return html_cards + table + note
+    return f'<div class="cards">{html_cards}</div>' + table + note
 
 
 def _per_class(metrics: dict) -> str:
@@ -129,8 +130,10 @@ def confused_pairs(cm: list[list[int]], names: list[str], n: int = 10) -> list[t
 
 
 def _gallery(
-    losses: list[dict], model: nn.Module | None, art: Artifact, samples: Samples | None, method: str = "gradcam"
+    losses: list[dict] | None, model: nn.Module | None, art: Artifact, samples: Samples | None, method: str = "gradcam"
 ) -> str:
+    if losses is None:
+        return '<p class="note">No saved validation predictions (retrain, or the file was removed).</p>'
     if not losses:
         return '<p class="note">No wrong predictions on the validation split.</p>'
     from ..plots import figure, png_bytes
@@ -205,7 +208,9 @@ def write_report(
         _section(
             "confused-pairs",
             "Most-confused class pairs",
-            _table(["true", "predicted as", "count"], [list(p) for p in pairs]),
+            _table(["true", "predicted as", "count"], [list(p) for p in pairs])
+            if pairs
+            else '<p class="note">No confusions.</p>',
         )
     )
     cal_body = (
@@ -218,7 +223,7 @@ def write_report(
     losses = (
         top_losses(saved, art.class_names, art.config.get("trust", {}).get("top_losses", 12), trust.temperature)
         if saved
-        else []
+        else None
     )
     samples = val[1] if val is not None else None
     parts.append(_section("top-losses", "Top losses", _gallery(losses, model, art, samples)))
@@ -306,6 +311,8 @@ def report_run(
 
     dev = resolve_device(device)
     model, art = load_artifact(run_dir, dev)
+    if art.extra.get("kind") == "knn":
+        raise ImgclfError(f"{run_dir}: a k-NN index has no training report; evaluate it with `imgclf eval`")
     try:
         val = prepare_data(build_config([art.config], ["the run's config"])).val
     except ImgclfError as e:

@@ -3,8 +3,11 @@
 Views are built from the artifact's preprocessing (timm/torchvision ops only): ``flip`` (the image
 and its mirror), ``five_crop`` / ``ten_crop`` (torchvision FiveCrop/TenCrop of the resized image),
 ``multiscale`` (centre crops at three zoom levels, each resized to the input size, so it works for
-ViTs too), and ``flip_multiscale`` (both). Merging averages logits (``mean_logits``) or
-probabilities (``mean_probs``, returned as log-probabilities so softmax gives the mean).
+ViTs too), and ``flip_multiscale`` (both). Merging averages logits (``mean_logits``) or the views'
+calibrated probabilities (``mean_probs``, returned as ``T * log(mean p)`` so that the usual
+``softmax(logits / T)`` downstream gives exactly that mean). OOD scores under TTA use the views'
+mean logits and mean features (the thresholds were fitted on single views, so rejection rates can
+shift slightly).
 
 Example:
     >>> t = tta_transform(PRE, "flip")  # doctest: +SKIP
@@ -61,10 +64,10 @@ def tta_transform(pre: dict[str, Any], mode: str):
     return apply
 
 
-def merge_views(logits: torch.Tensor, merge: str = "mean_logits") -> torch.Tensor:
-    """(B, V, K) per-view logits -> (B, K): mean logits, or log of the mean probabilities."""
+def merge_views(logits: torch.Tensor, merge: str = "mean_logits", temperature: float = 1.0) -> torch.Tensor:
+    """(B, V, K) per-view logits -> (B, K): mean logits, or ``T * log`` of the mean calibrated probabilities."""
     if merge == "mean_probs":
-        return logits.float().softmax(-1).mean(1).clamp_min(1e-12).log()
+        return temperature * (logits.float() / temperature).softmax(-1).mean(1).clamp_min(1e-12).log()
     if merge == "mean_logits":
         return logits.float().mean(1)
     raise ImgclfError(f"--tta-merge must be one of {', '.join(MERGES)} (got {merge!r})")

@@ -1,0 +1,1 @@
+"""Deployment: export with preprocessing in the graph, runtimes, the batching server and drift monitoring."""

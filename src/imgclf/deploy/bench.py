@@ -1,0 +1,99 @@
+"""Throughput and latency of a run per runtime and batch size (``imgclf bench RUN``).
+
+Each (runtime, batch size) gets ``warmup`` untimed calls, then ``repeats`` timed calls on the same
+uint8 pixels; the median call time gives latency and throughput (images/s = batch / median). All
+runtimes compute the same thing: pixels in, calibrated probabilities out (preprocessing and softmax
+included), so the figures compare like with like.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ..artifact import package_versions, read_artifact
+from ..errors import ImgclfError
+from .runtime import available_runtimes, load_predictor
+
+
+def bench_run(
+    run_dir: str | Path,
+    runtimes: list[str] | None = None,
+    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    warmup: int = 3,
+    repeats: int = 10,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``{"results": [{runtime, batch, img_per_s, latency_ms_median, latency_ms_p90, ...}], ...}``."""
+    run_dir = Path(run_dir)
+    art = read_artifact(run_dir)
+    runtimes = runtimes or available_runtimes()
+    if min(batch_sizes) < 1 or repeats < 1 or warmup < 0:
+        raise ImgclfError("--batch-sizes and --repeats must be >= 1, --warmup >= 0")
+    c, h, w = art.preprocessing["input_size"]
+    rng = np.random.default_rng(0)
+    rows, ref, skipped = [], {}, {}
+    bar = tqdm(total=len(runtimes) * len(batch_sizes), desc="bench", disable=not progress, leave=False)
+    for rt in runtimes:
+        t_load = time.perf_counter()
+        try:
+            pred = load_predictor(run_dir, rt)
+        except ImgclfError as e:  # e.g. an int8 export refused for its accuracy drop: say so, bench the rest
+            skipped[rt] = str(e)
+            bar.update(len(batch_sizes))
+            continue
+        load_s = time.perf_counter() - t_load
+        for b in batch_sizes:
+            px = rng.integers(0, 256, (b, h, w, c), dtype=np.uint8) if b not in ref else ref[b][0]
+            for _ in range(warmup):
+                pred(px)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                _, probs = pred(px)
+                times.append(time.perf_counter() - t0)
+            top1 = probs.argmax(1)
+            if b not in ref:
+                ref[b] = (px, top1)
+            med = statistics.median(times)
+            rows.append({
+                "runtime": rt,
+                "batch": b,
+                "img_per_s": round(b / med, 1),
+                "latency_ms_median": round(1000 * med, 2),
+                "latency_ms_p90": round(1000 * float(np.percentile(times, 90)), 2),
+                "top1_agreement_with_first": float((top1 == ref[b][1]).mean()),
+                "load_seconds": round(load_s, 2),
+                "file": pred.path,
+            })  # fmt: skip
+            bar.update()
+    bar.close()
+    base = {r["batch"]: r["img_per_s"] for r in rows if r["runtime"] == runtimes[0]}
+    for r in rows:
+        r["speedup"] = round(r["img_per_s"] / base[r["batch"]], 2) if base.get(r["batch"]) else None
+    return {
+        "run": str(run_dir),
+        "arch": art.arch,
+        "input_size": art.preprocessing["input_size"],
+        "baseline": runtimes[0],
+        "warmup": warmup,
+        "repeats": repeats,
+        "results": rows,
+        "skipped": skipped,
+        "versions": package_versions(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def bench_table(res: dict[str, Any]) -> list[list[str]]:
+    return [[r["runtime"], str(r["batch"]), f"{r['img_per_s']:.1f}", f"{r['latency_ms_median']:.2f}",
+             f"{r['latency_ms_p90']:.2f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+             f"{100 * r['top1_agreement_with_first']:.1f} %"] for r in res["results"]]  # fmt: skip
+
+
+BENCH_HEADER = ["runtime", "batch", "img/s", "latency ms (median)", "p90 ms", "vs first", "top-1 = first"]

@@ -1,0 +1,429 @@
+"""Export a run for serving: ONNX, TorchScript, OpenVINO IR, int8 ONNX (QDQ) and a Triton repository.
+
+Every exported graph is the run's model wrapped in ``ServingModel``: optionally preprocessing in the
+graph (uint8 pixels at the model's input size, NHWC or NCHW, scaled and normalised inside), then the
+logits, and calibrated probabilities (``softmax(logits / T)`` with the run's temperature). Labels,
+preprocessing, temperature and OOD thresholds go into the model's metadata and into
+``export.json`` next to it. Each export is verified against PyTorch on validation images (max abs
+logit difference, top-1 agreement) and the figures are stored.
+
+Example:
+    >>> export_run("runs/x", "onnx", pixels="nhwc")  # doctest: +SKIP
+    {'format': 'onnx', 'path': 'runs/x/export/model.onnx', 'verify': {'top1_agreement': 1.0, ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..artifact import Artifact, load_artifact, package_versions
+from ..errors import ImgclfError
+from ..io import atomic_path, write_json, write_text
+
+log = logging.getLogger("imgclf")
+
+FORMATS = ("onnx", "torchscript", "openvino", "onnx-int8", "triton")
+#: the file each format leaves in the export directory
+FILES = {
+    "onnx": "model.onnx",
+    "torchscript": "model.ts",
+    "openvino": "model.xml",
+    "onnx-int8": "model.int8.onnx",
+    "triton": "triton",
+}
+PIXELS = ("none", "nhwc", "nchw")
+EXPORT_FILE = "export.json"
+
+
+class ServingModel(nn.Module):
+    """The run's model with preprocessing (optional) and calibration in the graph.
+
+    ``pixels``: ``"nhwc"`` / ``"nchw"`` take uint8 pixels (0-255) at the model's input size; ``"none"``
+    takes float NCHW already normalised (the artifact's mean/std). Returns ``(logits, probs)``.
+    """
+
+    def __init__(self, model: nn.Module, art: Artifact, pixels: str = "nhwc", temperature: float | None = None):
+        super().__init__()
+        if pixels not in PIXELS:
+            raise ImgclfError(f"--pixels must be one of {', '.join(PIXELS)} (got {pixels!r})")
+        self.model, self.pixels = model.eval(), pixels
+        pre = art.preprocessing
+        if temperature is None:
+            temperature = float((art.extra.get("calibration") or {}).get("temperature", 1.0))
+        c = len(pre["mean"])
+        self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(pre["std"]))).view(1, c, 1, 1))
+        self.register_buffer("shift", (-torch.tensor(pre["mean"]) / torch.tensor(pre["std"])).view(1, c, 1, 1))
+        self.register_buffer("inv_t", torch.tensor(1.0 / temperature))
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pixels != "none":
+            if self.pixels == "nhwc":
+                x = x.permute(0, 3, 1, 2)
+            x = x.float() * self.scale + self.shift
+        logits = self.model(x)
+        return logits, (logits * self.inv_t).softmax(-1)
+
+
+def example_input(art: Artifact, pixels: str, batch: int = 2) -> torch.Tensor:
+    c, h, w = art.preprocessing["input_size"]
+    if pixels == "none":
+        return torch.randn(batch, c, h, w)
+    shape = (batch, h, w, c) if pixels == "nhwc" else (batch, c, h, w)
+    return torch.randint(0, 256, shape, dtype=torch.uint8)
+
+
+def metadata(art: Artifact, pixels: str, run_dir: Path) -> dict[str, str]:
+    """String metadata every format carries (ONNX metadata_props, OpenVINO rt_info, Triton config)."""
+    cal, ood = art.extra.get("calibration") or {}, art.extra.get("ood") or {}
+    return {
+        "imgclf.arch": art.arch,
+        "imgclf.labels": json.dumps(art.class_names),
+        "imgclf.preprocessing": json.dumps(art.preprocessing),
+        "imgclf.pixels": pixels,
+        "imgclf.temperature": json.dumps(float(cal.get("temperature", 1.0))),
+        "imgclf.ood": json.dumps(
+            {"ood_score": ood.get("ood_score"), "tpr": ood.get("tpr"), "thresholds": ood.get("thresholds", {})}
+        ),  # fmt: skip
+        "imgclf.run": run_dir.name,
+        "imgclf.version": package_versions().get("imgclf", ""),
+    }
+
+
+# ---------------------------------------------------------------- verification data
+
+
+def verification_batches(run_dir: Path, art: Artifact, data: str | None, n: int, batch: int = 32, split: str = "val"):
+    """Up to ``n`` images as (uint8 NCHW pixels at the input size, labels) batches.
+
+    From ``data`` (any source) or the run's own validation split. The pixels are the resized and
+    centre-cropped images (the artifact's eval transform without normalisation), so PyTorch and the
+    exported graph see exactly the same numbers.
+    """
+    from ..data.sources import open_source
+
+    samples = open_source(data, split).remap_to(art.class_names) if data else _run_split(run_dir, art, "val", "--data")
+    return pixel_batches(samples, art, n, batch, seed=0)
+
+
+def _run_split(run_dir: Path, art: Artifact, which: str, flag: str):
+    """The run's own train or val split, rebuilt from its saved config."""
+    from ..config import build_config
+    from ..data.splits import prepare_data
+
+    try:
+        return getattr(prepare_data(build_config([art.config], ["the run's config"])), which)
+    except ImgclfError as e:
+        raise ImgclfError(f"{run_dir}: its {which} images are unavailable ({e}); pass {flag}") from None
+
+
+def to_input(pixels_nchw: torch.Tensor, pixels: str, art: Artifact) -> np.ndarray:
+    """The exported graph's input for uint8 NCHW pixels."""
+    if pixels == "nhwc":
+        return pixels_nchw.permute(0, 2, 3, 1).contiguous().numpy()
+    if pixels == "nchw":
+        return pixels_nchw.numpy()
+    mean = torch.tensor(art.preprocessing["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(art.preprocessing["std"]).view(1, 3, 1, 1)
+    return ((pixels_nchw.float() / 255.0 - mean) / std).numpy()
+
+
+def verify(run_fn, serving: ServingModel, batches, art: Artifact, pixels: str) -> dict[str, Any]:
+    """Compare ``run_fn(input) -> logits`` with PyTorch on the verification batches."""
+    diffs, agree, n, known_n, correct_ref, correct = [], 0, 0, 0, 0, 0
+    for px, y in batches:
+        x = to_input(px, pixels, art)
+        with torch.no_grad():
+            ref = serving(torch.from_numpy(x))[0].float()
+        got = torch.from_numpy(np.asarray(run_fn(x), dtype=np.float32))
+        diffs.append(float((got - ref).abs().max()))
+        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        known = y >= 0
+        correct_ref += int((ref.argmax(1) == y)[known].sum())
+        correct += int((got.argmax(1) == y)[known].sum())
+        n, known_n = n + len(y), known_n + int(known.sum())
+    k = max(known_n, 1)
+    return {
+        "images": n,
+        "max_abs_logit_diff": max(diffs),
+        "top1_agreement": agree / n,
+        "labelled": known_n,
+        "top1_torch": correct_ref / k,
+        "top1_exported": correct / k,
+        "top1_drop_points": round(100 * (correct_ref - correct) / k, 3),
+    }
+
+
+# ---------------------------------------------------------------- formats
+
+
+def _export_onnx(serving: ServingModel, art: Artifact, pixels: str, out: Path, meta: dict[str, str], opset: int | None):
+    import onnx
+
+    x = example_input(art, pixels)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with atomic_path(out) as tmp:
+        prog = torch.onnx.export(serving, (x,), None, dynamo=True, input_names=["input"],
+                                 output_names=["logits", "probs"], dynamic_shapes={"x": {0: batch}},
+                                 opset_version=opset, optimize=True, verbose=False)  # fmt: skip
+        model = prog.model_proto
+        for k, v in meta.items():
+            model.metadata_props.add(key=k, value=v)
+        model.doc_string = f"imgclf export of {meta['imgclf.run']} ({art.arch})"
+        onnx.checker.check_model(model)
+        onnx.save_model(model, str(tmp))
+    return out
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _export_torchscript(serving: ServingModel, art: Artifact, pixels: str, out: Path, meta: dict[str, str]):
+    x = example_input(art, pixels)
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated upstream in favour of torch.export; it is still what many C++ and
+        # mobile deployments load, so it stays as an option (ONNX / OpenVINO are the default paths)
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(serving, (x,), check_trace=False)
+        with atomic_path(out) as tmp:
+            torch.jit.save(traced, str(tmp), _extra_files={k: v.encode() for k, v in meta.items()})
+    return out
+
+
+def _export_openvino(onnx_path: Path, out_xml: Path, meta: dict[str, str]) -> Path:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ImgclfError("OpenVINO export needs the openvino package: pip install 'imgclf[deploy]'") from None
+    model = ov.convert_model(str(onnx_path))
+    for k, v in meta.items():
+        model.set_rt_info(v, ["imgclf", k.removeprefix("imgclf.")])
+    with tempfile.TemporaryDirectory(dir=out_xml.parent, prefix=".ov-") as tmp:
+        staged = Path(tmp) / out_xml.name  # OpenVINO wants a .xml name and writes the .bin next to it
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        staged.with_suffix(".bin").replace(out_xml.with_suffix(".bin"))
+        staged.replace(out_xml)
+    return out_xml
+
+
+def _ov_runner(xml: Path, precision: str = "f32"):
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    out = compiled.output("logits")
+    return lambda x: compiled(x)[out]
+
+
+class _Calibration:
+    """onnxruntime ``CalibrationDataReader`` over training images."""
+
+    def __init__(self, batches):
+        self.batches, self.it = list(batches), None
+
+    def get_next(self):
+        if self.it is None:
+            self.it = iter(self.batches)
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = None
+
+
+def _quantize_onnx(fp32: Path, out: Path, calib: list[dict[str, np.ndarray]]) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    reader = type("Reader", (_Calibration, CalibrationDataReader), {})(calib)
+    with atomic_path(out) as tmp:
+        pre = tmp.with_name(tmp.name + ".pre.onnx")
+        try:
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            quantize_static(str(pre), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=_head_nodes(pre),
+                            extra_options={"ActivationSymmetric": False})  # fmt: skip
+        finally:
+            pre.unlink(missing_ok=True)
+    return out
+
+
+def _head_nodes(path: Path) -> list[str]:
+    """The classifier layer (the Gemm/MatMul feeding the ``logits`` output), kept in fp32."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    by_output = {o: n for n in graph.node for o in n.output}
+    node, out = by_output.get("logits"), []
+    for _ in range(4):  # logits <- [Add <-] MatMul/Gemm, possibly behind a Reshape/Identity
+        if node is None:
+            break
+        out.append(node.name)
+        if node.op_type in ("Gemm", "MatMul"):
+            return out
+        node = by_output.get(node.input[0])
+    return out
+
+
+def _triton_config(name: str, art: Artifact, pixels: str, max_batch: int, delay_us: int) -> str:
+    c, h, w = art.preprocessing["input_size"]
+    dims = {"nhwc": [h, w, c], "nchw": [c, h, w], "none": [c, h, w]}[pixels]
+    dtype = "TYPE_FP32" if pixels == "none" else "TYPE_UINT8"
+    k = art.num_classes
+    return f"""name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch}
+input [ {{ name: "input" data_type: {dtype} dims: {dims} }} ]
+output [
+  {{ name: "logits" data_type: TYPE_FP32 dims: [ {k} ] }},
+  {{ name: "probs" data_type: TYPE_FP32 dims: [ {k} ] }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+parameters {{ key: "imgclf.labels" value: {{ string_value: {json.dumps(json.dumps(art.class_names))} }} }}
+"""
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str = "onnx",
+    *,
+    output: str | Path | None = None,
+    pixels: str = "nhwc",
+    opset: int | None = None,
+    data: str | None = None,
+    calib_data: str | None = None,
+    verify_n: int = 500,
+    calib_n: int = 256,
+    int8_tolerance: float = 1.0,
+    force: bool = False,
+    triton_max_batch: int = 64,
+    triton_delay_us: int = 2000,
+) -> dict[str, Any]:
+    """Export ``run_dir`` as ``fmt`` into ``output`` (default ``<run>/export``), verify it, write ``export.json``.
+
+    ``onnx-int8`` is calibrated on ``calib_n`` training images (``calib_data`` or the run's training
+    data) and refused when it loses more than ``int8_tolerance`` top-1 points on the verification
+    images, unless ``force``.
+    """
+    if fmt not in FORMATS:
+        raise ImgclfError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    run_dir = Path(run_dir)
+    model, art = load_artifact(run_dir, "cpu")
+    if art.extra.get("kind") == "knn":
+        raise ImgclfError(f"{run_dir}: a k-NN index cannot be exported yet; export a trained run")
+    out_dir = Path(output) if output else run_dir / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    serving = ServingModel(model.float(), art, pixels)
+    meta = metadata(art, pixels, run_dir)
+    t0 = time.perf_counter()
+    batches = list(verification_batches(run_dir, art, data, verify_n))
+    result: dict[str, Any] = {"format": fmt, "pixels": pixels, "run": str(run_dir), "metadata": meta}
+    # only the onnx format writes model.onnx; the others stage the fp32 graph under a hidden name
+    onnx_path = out_dir / ("model.onnx" if fmt == "onnx" else f".model.fp32-for-{fmt}.onnx")
+    if fmt in ("onnx", "openvino", "onnx-int8", "triton"):
+        _export_onnx(serving, art, pixels, onnx_path, meta, opset)
+    if fmt == "onnx":
+        sess = _ort_session(onnx_path)
+        result.update(path=str(onnx_path), verify=verify(lambda x: sess.run(["logits"], {"input": x})[0], serving,
+                                                         batches, art, pixels))  # fmt: skip
+    elif fmt == "torchscript":
+        path = _export_torchscript(serving, art, pixels, out_dir / "model.ts", meta)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            loaded = torch.jit.load(str(path))
+
+        def run_ts(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return loaded(torch.from_numpy(x))[0].numpy()
+
+        result.update(path=str(path), verify=verify(run_ts, serving, batches, art, pixels))
+    elif fmt == "openvino":
+        try:
+            xml = _export_openvino(onnx_path, out_dir / "model.xml", meta)
+        finally:
+            onnx_path.unlink(missing_ok=True)
+        result.update(path=str(xml), verify=verify(_ov_runner(xml), serving, batches, art, pixels))
+    elif fmt == "onnx-int8":
+        calib = [{"input": to_input(px, pixels, art)} for px, _ in _calibration_batches(run_dir, art, calib_data,
+                                                                                        calib_n)]  # fmt: skip
+        try:
+            q = _quantize_onnx(onnx_path, out_dir / "model.int8.onnx", calib)
+        finally:
+            onnx_path.unlink(missing_ok=True)
+        sess = _ort_session(q)
+        check = verify(lambda x: sess.run(["logits"], {"input": x})[0], serving, batches, art, pixels)
+        result.update(path=str(q), verify=check, calibration_images=sum(len(c["input"]) for c in calib))
+        if check["top1_drop_points"] > int8_tolerance:
+            msg = (f"int8 model loses {check['top1_drop_points']:.2f} top-1 points on {check['images']} images "
+                   f"(tolerance {int8_tolerance})")  # fmt: skip
+            if not force:
+                q.unlink()
+                raise ImgclfError(msg + "; pass --force to keep the int8 model anyway or raise --int8-tolerance")
+            log.warning(msg + " (--force: int8 model kept)")
+    elif fmt == "triton":
+        name = run_dir.name.replace(" ", "_")
+        repo = out_dir / "triton" / name
+        (repo / "1").mkdir(parents=True, exist_ok=True)
+        onnx_path.replace(repo / "1" / "model.onnx")
+        write_text(repo / "config.pbtxt", _triton_config(name, art, pixels, triton_max_batch, triton_delay_us))
+        write_text(repo / "labels.txt", "\n".join(art.class_names) + "\n")
+        sess = _ort_session(repo / "1" / "model.onnx")
+        check = verify(lambda x: sess.run(["logits"], {"input": x})[0], serving, batches, art, pixels)
+        result.update(path=str(out_dir / "triton"), model_name=name, verify=check)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    v = result["verify"]
+    if fmt != "onnx-int8" and (v["top1_agreement"] < 0.999 or v["max_abs_logit_diff"] > 1e-2):
+        log.warning("%s export differs from PyTorch: top-1 agreement %.4f, max |logit diff| %.2e",
+                    fmt, v["top1_agreement"], v["max_abs_logit_diff"])  # fmt: skip
+    record = out_dir / EXPORT_FILE
+    doc = json.loads(record.read_text()) if record.is_file() else {}
+    doc[fmt] = result
+    write_json(record, doc)
+    return result
+
+
+def _calibration_batches(run_dir: Path, art: Artifact, data: str | None, n: int):
+    """Training images (not the verification ones) for int8 calibration."""
+    from ..data.sources import open_source
+
+    samples = open_source(data, "train") if data else _run_split(run_dir, art, "train", "--calib-data")
+    return pixel_batches(samples, art, n, seed=1)
+
+
+def pixel_batches(samples, art: Artifact, n: int, batch: int = 32, seed: int = 0):
+    """Up to ``n`` random images of ``samples`` as (uint8 NCHW pixels at the input size, labels) batches."""
+    from ..data.transforms import eval_transform
+
+    to_pixels = eval_transform(dict(art.preprocessing, mean=[0.0] * 3, std=[1.0] * 3))
+    idx = np.random.default_rng(seed).permutation(len(samples))[:n]
+    xs, ys = [], []
+    for i in idx:
+        try:
+            img = samples.load(int(i))
+        except Exception:  # noqa: BLE001 - an unreadable file is just not used
+            continue
+        xs.append((to_pixels(img) * 255).round().clamp(0, 255).to(torch.uint8))
+        ys.append(int(samples.labels[i]))
+    if not xs:
+        raise ImgclfError(f"{samples.name}: no readable images for the export")
+    for s in range(0, len(xs), batch):
+        yield torch.stack(xs[s : s + batch]), torch.tensor(ys[s : s + batch])
