@@ -13,16 +13,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Config", "ImgclfError", "evaluate", "load", "make_config", "predict", "train"]
+__all__ = [
+    "Config",
+    "ImgclfError",
+    "calibrate",
+    "evaluate",
+    "evaluate_ensemble",
+    "explain",
+    "load",
+    "make_config",
+    "predict",
+    "report",
+    "train",
+]
+_API = frozenset(__all__) - {"Config", "ImgclfError"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import evaluate, load, make_config, predict, train
+    from .api import calibrate, evaluate, evaluate_ensemble, explain, load, make_config, predict, report, train
     from .config import Config
     from .errors import ImgclfError
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("evaluate", "load", "make_config", "predict", "train"):
+    if name in _API:
         from . import api
 
         return getattr(api, name)
