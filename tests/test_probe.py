@@ -18,6 +18,15 @@ TINY = {
 }  # fmt: skip
 
 
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """The ``desc`` of every backbone feature extraction the probe runs."""
+    seen: list = []
+    real = probe.extract_features
+    monkeypatch.setattr(probe, "extract_features", lambda *a, **k: seen.append(k.get("desc")) or real(*a, **k))
+    return seen
+
+
 def test_lbfgs_separates_gaussian_clusters_and_folds_the_standardisation():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 16, generator=g) * 3 + 10  # far from zero mean: standardisation matters
@@ -31,11 +40,8 @@ def test_lbfgs_separates_gaussian_clusters_and_folds_the_standardisation():
     assert ((xv @ w.T + b).argmax(1) == yv).float().mean() == 1.0  # raw features, folded head
 
 
-def test_probe_caches_features_and_reuses_them(tmp_path, monkeypatch):
+def test_probe_caches_features_and_reuses_them(tmp_path, calls):
     data = make_folder(tmp_path / "d", n_per_class=10, classes=3)
-    calls = []
-    real = probe.extract_features
-    monkeypatch.setattr(probe, "extract_features", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
     base = {**TINY, "run.output": str(tmp_path / "runs"), "probe.cache_dir": str(tmp_path / "cache")}
     r1 = train(make_config(data, overrides={**base, "run.name": "a", "probe.wd_grid": [1e-3]}))
     assert calls == ["features train", "features val"]
@@ -59,13 +65,10 @@ def test_probe_artifact_predicts_like_its_cached_head(tmp_path):
     assert res.val_metrics["loss"] == pytest.approx(best["val_loss"], rel=1e-3)
 
 
-def test_changed_data_or_weights_miss_the_cache(tmp_path, monkeypatch):
+def test_changed_data_or_weights_miss_the_cache(tmp_path, calls):
     from PIL import Image
 
     data = make_folder(tmp_path / "d", n_per_class=6, classes=2)
-    calls = []
-    real = probe.extract_features
-    monkeypatch.setattr(probe, "extract_features", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
     base = {**TINY, "run.output": str(tmp_path / "runs"), "probe.cache_dir": str(tmp_path / "cache")}
     train(make_config(data, overrides={**base, "run.name": "a"}))
     assert len(calls) == 2

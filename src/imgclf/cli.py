@@ -181,6 +181,10 @@ def _infer_opts(p: argparse.ArgumentParser, batch_size: int) -> None:
 
     p.add_argument("--tta", choices=MODES, help="test-time augmentation views")
     p.add_argument("--tta-merge", choices=MERGES, default="mean_logits", help="how views are merged")
+    _loader_opts(p, batch_size)
+
+
+def _loader_opts(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=batch_size)
     p.add_argument("--workers", type=int, default=-1)
     p.add_argument("--device", default="auto")
@@ -205,11 +209,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--data", required=True, help="held-out labelled data (not the test set you report on)")
     p.add_argument("--split", default="val", help="split of a multi-split .npz (default val)")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--workers", type=int, default=-1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--strict-images", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    _loader_opts(p, 128)
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:

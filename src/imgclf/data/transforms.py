@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import timm.data
+import torch
 import torch.nn as nn
 from torchvision.transforms import v2
 
@@ -49,6 +50,17 @@ def eval_transform(pre: dict[str, Any]):
         crop_pct=pre["crop_pct"],
         crop_mode=pre["crop_mode"],
     )
+
+
+def view_transform(pre: dict[str, Any]):
+    """``eval_transform`` without normalisation: the model's view of an image as a [0, 1] CHW tensor."""
+    return eval_transform(dict(pre, mean=[0.0] * len(pre["mean"]), std=[1.0] * len(pre["std"])))
+
+
+def pixel_transform(pre: dict[str, Any]):
+    """The model's view as uint8 CHW pixels: the input of graphs with preprocessing inside (export)."""
+    view = view_transform(pre)
+    return lambda img: (view(img) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def train_transform(pre: dict[str, Any], aug: AugmentConfig):

@@ -411,9 +411,9 @@ def _calibration_batches(run_dir: Path, art: Artifact, data: str | None, n: int)
 
 def pixel_batches(samples, art: Artifact, n: int, batch: int = 32, seed: int = 0):
     """Up to ``n`` random images of ``samples`` as (uint8 NCHW pixels at the input size, labels) batches."""
-    from ..data.transforms import eval_transform
+    from ..data.transforms import pixel_transform
 
-    to_pixels = eval_transform(dict(art.preprocessing, mean=[0.0] * 3, std=[1.0] * 3))
+    to_pixels = pixel_transform(art.preprocessing)
     idx = np.random.default_rng(seed).permutation(len(samples))[:n]
     xs, ys = [], []
     for i in idx:
@@ -421,7 +421,7 @@ def pixel_batches(samples, art: Artifact, n: int, batch: int = 32, seed: int = 0
             img = samples.load(int(i))
         except Exception:  # noqa: BLE001 - an unreadable file is just not used
             continue
-        xs.append((to_pixels(img) * 255).round().clamp(0, 255).to(torch.uint8))
+        xs.append(to_pixels(img))
         ys.append(int(samples.labels[i]))
     if not xs:
         raise ImgclfError(f"{samples.name}: no readable images for the export")

@@ -57,10 +57,10 @@ def default_runtime() -> str:
 
 def to_pixels(images: list, art: Artifact) -> np.ndarray:
     """PIL images -> (N, H, W, 3) uint8 at the input size (the artifact's resize + centre crop)."""
-    from ..data.transforms import eval_transform
+    from ..data.transforms import pixel_transform
 
-    t = eval_transform(dict(art.preprocessing, mean=[0.0] * 3, std=[1.0] * 3))
-    return np.stack([(t(im) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy() for im in images])
+    t = pixel_transform(art.preprocessing)
+    return np.stack([t(im).permute(1, 2, 0).numpy() for im in images])
 
 
 class Predictor:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..artifact import load_artifact
 from ..data.images import BadImage, open_image
-from ..data.transforms import eval_transform
+from ..data.transforms import eval_transform, view_transform
 from ..errors import ImgclfError
 from .trust import Trust
 
@@ -83,7 +83,7 @@ def overlay(img: Image.Image, pre: dict[str, Any], cam: np.ndarray) -> np.ndarra
     """The image as the model saw it (resize + centre crop) with the CAM as a heat map (H, W, 3) uint8."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    seen = eval_transform(dict(pre, mean=[0.0] * 3, std=[1.0] * 3))(img)  # (3, H, W) in [0, 1]
+    seen = view_transform(pre)(img)  # (3, H, W) in [0, 1]
     rgb = seen.permute(1, 2, 0).clamp(0, 1).numpy().astype(np.float32)
     return show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.55)
 
@@ -125,7 +125,7 @@ def side_by_side(img: Image.Image, pre: dict[str, Any], cam: np.ndarray, title: 
     from ..io import atomic_write
     from ..plots import figure
 
-    seen = eval_transform(dict(pre, mean=[0.0] * 3, std=[1.0] * 3))(img).permute(1, 2, 0).clamp(0, 1).numpy()
+    seen = view_transform(pre)(img).permute(1, 2, 0).clamp(0, 1).numpy()
     plt, fig = figure(6.0, 3.3)
     for i, (pic, name) in enumerate([(seen, "input"), (overlay(img, pre, cam), title)]):
         ax = fig.add_subplot(1, 2, i + 1)
