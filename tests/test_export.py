@@ -56,9 +56,9 @@ def test_onnx_has_preprocessing_calibration_and_metadata_in_the_graph(run, tiny_
     assert inp.type == "tensor(uint8)" and inp.shape[1:] == [32, 32, 3]
     for n in (1, 5):  # dynamic batch
         px = _pixels(n, seed=n)
-        logits, probs = sess.run(["logits", "probs"], {"input": px})
+        logits, probs, feats = sess.run(["logits", "probs", "features"], {"input": px})
         ref_logits, ref_probs = _torch_reference(run, px)
-        assert logits.shape == (n, 3)
+        assert logits.shape == (n, 3) and feats.ndim == 2 and len(feats) == n
         assert np.abs(logits - ref_logits).max() < 1e-4 and np.abs(probs - ref_probs).max() < 1e-5
         assert np.allclose(probs.sum(1), 1, atol=1e-5)
     assert "onnx" in r.out and "100.00 %" in r.out

@@ -25,12 +25,14 @@ def test_every_runtime_gives_the_same_calibrated_probabilities(run):
     ref = load_predictor(run, "torch")
     px = to_pixels([make_image(c % 3, rng) for c in range(6)], ref.art)
     assert px.shape == (6, 32, 32, 3) and px.dtype == np.uint8
-    logits0, probs0 = ref(px)
+    logits0, probs0, feats0 = ref(px)
+    assert feats0.ndim == 2 and len(feats0) == 6
     assert probs0.argmax(1).tolist() == [0, 1, 2, 0, 1, 2]
     have = available_runtimes()
     assert {"torch", "torch-cl", "onnxruntime", "onnxruntime-int8", "openvino"} <= set(have)
     for rt in have:
-        logits, probs = load_predictor(run, rt)(px)
+        logits, probs, feats = load_predictor(run, rt)(px)
+        assert feats.shape == feats0.shape, rt
         tol = 0.05 if rt.endswith(("bf16", "int8")) else 1e-4
         assert np.abs(probs - probs0).max() < tol, rt
         assert (probs.argmax(1) == probs0.argmax(1)).all(), rt
@@ -69,3 +71,43 @@ def test_bench_writes_throughput_and_latency_per_runtime_and_batch(run, tmp_path
     assert "onnxruntime" in r.out and "img/s" in r.out
     r = run_cli("bench", run, "--runtimes", "tensorrt")
     assert r.code == 2 and "tensorrt" in r.err
+
+
+def test_predict_runtime_flag_gives_the_same_answers(run, tiny_test_folder):
+    outs = {}
+    for rt in ("torch", "onnxruntime", "auto"):
+        r = run_cli("predict", run, tiny_test_folder, "--runtime", rt, "--format", "json", "--no-progress",
+                    "--workers", "0", "--top-k", "3")  # fmt: skip
+        assert r.code == 0, r
+        outs[rt] = json.loads(r.out)["predictions"]
+    ref = outs["torch"]
+    assert len(ref) == 24
+    for rt, tol in (("onnxruntime", 1e-4), ("auto", 0.05)):
+        assert [p["path"] for p in outs[rt]] == [p["path"] for p in ref]
+        assert [p["top"][0]["label"] for p in outs[rt]] == [p["top"][0]["label"] for p in ref], rt
+        diff = max(abs(a["prob"] - b["prob"]) for p, q in zip(outs[rt], ref) for a, b in zip(p["top"], q["top"]))
+        assert diff < tol, (rt, diff)
+    r = run_cli("predict", run, tiny_test_folder, "--runtime", "onnxruntime", "--tta", "flip", "--workers", "0")
+    assert r.code == 2 and "--tta runs on PyTorch only" in r.err
+    r = run_cli("predict", run, tiny_test_folder, "--tta", "flip", "--workers", "0", "--no-progress")  # auto -> torch
+    assert r.code == 0, r
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_uint8_pixels_normalise_to_exactly_the_eval_transform(crop_mode):
+    """The serving input (uint8 pixels, normalised in the graph) is the eval transform's tensor, for every crop
+    mode (the border mode pads with the mean colour, which a [0, 1] view with mean 0 would get wrong)."""
+    import torch
+    from PIL import Image
+
+    from imgclf.data.transforms import eval_transform, pixel_transform
+
+    pre = {"input_size": [3, 40, 40], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+           "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "crop_mode": crop_mode}  # fmt: skip
+    mean, std = torch.tensor(pre["mean"]).view(3, 1, 1), torch.tensor(pre["std"]).view(3, 1, 1)
+    rng = np.random.default_rng(0)
+    for w, h in [(28, 28), (100, 57), (300, 400)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        px = pixel_transform(pre)(img)
+        assert px.dtype == torch.uint8 and px.shape == (3, 40, 40)
+        assert (eval_transform(pre)(img) - (px.float() / 255 - mean) / std).abs().max() < 1e-5

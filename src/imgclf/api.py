@@ -129,8 +129,9 @@ def evaluate_ensemble(run_dirs: list[str | Path], data: str, **kwargs: Any) -> d
     return _ens(run_dirs, data, **kwargs)
 
 
-def calibrate(run_dir: str | Path, data: str, **kwargs: Any) -> dict[str, Any]:
-    """Re-fit a run's temperature and OOD thresholds on held-out labelled data; see ``calibrate_run``."""
+def calibrate(run_dir: str | Path, data: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Re-fit a run's temperature, OOD thresholds and drift reference on held-out labelled data (default: its
+    own validation split); see ``calibrate_run``."""
     from .eval.evaluate import calibrate_run
 
     return calibrate_run(run_dir, data, **kwargs)

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from . import cli_deploy
 from .config import Config, config_to_dict, field_types, section_fields
 from .errors import ImgclfError
 
@@ -205,9 +206,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="re-fit a run's temperature and OOD thresholds on other held-out data")
+    p = sub.add_parser("calibrate", help="re-fit a run's temperature, OOD thresholds and drift reference")
     p.add_argument("run", help="run directory")
-    p.add_argument("--data", required=True, help="held-out labelled data (not the test set you report on)")
+    p.add_argument("--data", help="held-out labelled data, not your test set (default: the run's val split)")
     p.add_argument("--split", default="val", help="split of a multi-split .npz (default val)")
     _loader_opts(p, 128)
 
@@ -233,38 +234,6 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    from .deploy.export import FORMATS, PIXELS
-
-    p = sub.add_parser("export", help="ONNX / TorchScript / OpenVINO / int8 / Triton export, verified against PyTorch")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--format", nargs="+", choices=FORMATS, default=["onnx"], dest="formats")
-    p.add_argument("--output", "-o", help="directory to write (default <run>/export)")
-    p.add_argument("--pixels", choices=PIXELS, default="nhwc",
-                   help="graph input: uint8 pixels at the input size (nhwc/nchw, preprocessing inside) or "
-                   "normalised float NCHW (none)")  # fmt: skip
-    p.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's current one)")
-    p.add_argument("--data", help="images to verify on (default: the run's validation split)")
-    p.add_argument("--verify-n", type=_positive_int, default=500, help="verification images")
-    p.add_argument("--calib-data", help="int8 calibration images (default: the run's training split)")
-    p.add_argument("--calib-n", type=_positive_int, default=256, help="int8 calibration images")
-    p.add_argument("--int8-tolerance", type=float, default=1.0, help="max top-1 points an int8 model may lose")
-    p.add_argument("--force", action="store_true", help="keep an int8 model beyond the tolerance (with a warning)")
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .deploy.runtime import RUNTIMES
-
-    p = sub.add_parser("bench", help="throughput and latency per runtime and batch size")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, help="default: every runtime available, torch first")
-    p.add_argument("--batch-sizes", nargs="+", type=_positive_int, default=[1, 8, 32])
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=_positive_int, default=10)
-    p.add_argument("--json", dest="json_out", help="write the results here (default <run>/export/bench.json)")
-    p.add_argument("--no-progress", action="store_true")
-
-
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k labels for images, folders or a CSV of paths")
     p.add_argument("run", help="run directory (runs/<name>)")
@@ -276,6 +245,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ood-score", choices=["msp", "max_logit", "energy", "mahalanobis", "knn"],
                    help="score for 'unknown' (default: the run's trust.ood_score)")  # fmt: skip
     p.add_argument("--no-reject", action="store_true", help="report OOD scores but never answer 'unknown'")
+    cli_deploy.runtime_opt(p, "auto: the fastest installed (PyTorch for --tta, k-NN indexes and GPUs)")
     _infer_opts(p, 64)
 
 
@@ -292,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="imgclf", description="From a folder of images to a trained, evaluated classifier.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    adders = (_add_train, _add_lr_find, _add_eval, _add_predict, _add_calibrate, _add_explain, _add_report, _add_export,
-              _add_bench, _add_knn, _add_models)  # fmt: skip
+    adders = (_add_train, _add_lr_find, _add_eval, _add_predict, _add_calibrate, _add_explain, _add_report,
+              *cli_deploy.ADDERS, _add_knn, _add_models)  # fmt: skip
     for add in adders:
         add(sub)
     return p
@@ -437,7 +407,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import render
 
     preds = api.predict(args.run, args.inputs, top_k=args.top_k, ensemble=args.ensemble, ood_score=args.ood_score,
-                        reject=not args.no_reject, **_run_opts(args))  # fmt: skip
+                        reject=not args.no_reject, runtime=args.runtime, **_run_opts(args))  # fmt: skip
     text = render(preds, args.format)
     if args.output:
         write_text(args.output, text if text.endswith("\n") else text + "\n")
@@ -472,41 +442,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = api.report(args.run, ood_data=args.ood_data, ood_split=args.ood_split, cams=not args.no_cams,
                       device=args.device)  # fmt: skip
     print(f"report: {path}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .deploy.export import export_run
-    from .eval.metrics import format_table
-
-    rows = []
-    for fmt in args.formats:
-        r = export_run(args.run, fmt, output=args.output, pixels=args.pixels, opset=args.opset, data=args.data,
-                       verify_n=args.verify_n, calib_data=args.calib_data, calib_n=args.calib_n,
-                       int8_tolerance=args.int8_tolerance, force=args.force)  # fmt: skip
-        v = r["verify"]
-        rows.append([fmt, r["path"], f"{v['max_abs_logit_diff']:.2e}", f"{100 * v['top1_agreement']:.2f} %",
-                     f"{100 * v['top1_exported']:.2f} %", f"{v['top1_drop_points']:+.2f}", v["images"]])  # fmt: skip
-    head = ["format", "path", "max |logit diff|", "top-1 agreement", "top-1", "drop (points)", "images"]
-    print(format_table(rows, head))
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .deploy.bench import BENCH_HEADER, bench_run, bench_table
-    from .eval.metrics import format_table
-    from .io import write_json
-
-    res = bench_run(args.run, args.runtimes, tuple(args.batch_sizes), args.warmup, args.repeats,
-                    progress=not args.no_progress)  # fmt: skip
-    out = Path(args.json_out) if args.json_out else Path(args.run) / "export" / "bench.json"
-    write_json(out, res)
-    print(format_table(bench_table(res), BENCH_HEADER))
-    for rt, why in res["skipped"].items():
-        print(f"skipped {rt}: {why}")
-    print(f"results: {out}")
     return 0
 
 
@@ -589,8 +524,7 @@ COMMANDS = {
     "calibrate": cmd_calibrate,
     "explain": cmd_explain,
     "report": cmd_report,
-    "export": cmd_export,
-    "bench": cmd_bench,
+    **cli_deploy.COMMANDS,
     "knn": cmd_knn,
     "models": cmd_models,
 }

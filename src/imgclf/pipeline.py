@@ -12,6 +12,7 @@ from .artifact import Artifact, save_artifact
 from .config import Config, config_to_dict
 from .data.sources import Samples, stratified_split
 from .eval.calibration import calibration_metrics
+from .eval.drift import reference_stats
 from .eval.inference import Outputs, infer
 from .eval.metrics import compute_metrics
 from .eval.predictions import VAL_PREDICTIONS, save_predictions
@@ -39,7 +40,7 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
     cached_probe = cfg.transfer.strategy == "probe" and cfg.probe.cache
     f = fit_probe(cfg, resume=resume) if cached_probe else fit(cfg, resume=resume)
     need_feats = cfg.trust.ood
-    val_o = _outputs(f, f.splits.val, "val", need_feats)
+    val_o = _outputs(f, f.splits.val, "val", True)  # features: OOD thresholds and the drift reference
     test_o = _outputs(f, f.splits.test, "test", need_feats) if f.splits.test is not None else None
     train_o = _outputs(f, _stats_subset(f.splits.train, cfg), "train features", True) if need_feats else None
     names = f.splits.class_names
@@ -72,6 +73,7 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
             "data": {"train": f.splits.train.name, "n_train": len(f.splits.train), "n_val": len(f.splits.val)},
             "calibration": {k: v for k, v in cal.items() if k != "reliability"},
             "ood": trust.to_json() if cfg.trust.ood else None,
+            "drift": _drift_reference(trust, val_o, f.splits.val.name),
         },
     )
     if f.dist.is_main:
@@ -83,6 +85,14 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
 
             write_report(f.run_dir, model=f.model, art=art, val=(val_o, f.splits.val), reliability=cal["reliability"])
     return TrainResult(f.run_dir, f.state.best_epoch, val_m, test_m, f.state.history, dict(f.skips.items), f.seconds)
+
+
+def _drift_reference(trust, val_o: Outputs, name: str) -> dict[str, Any] | None:
+    """Reference statistics of the validation outputs for drift monitoring (None with under 2 images)."""
+    if len(val_o.logits) < 2:
+        return None
+    return {"data": f"{name} (validation split)",
+            **reference_stats(trust.probs(val_o.logits).numpy(), val_o.features.numpy())}  # fmt: skip
 
 
 def _stats_subset(train: Samples, cfg: Config) -> Samples:

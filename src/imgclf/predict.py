@@ -13,6 +13,7 @@ import torch
 
 from .artifact import read_artifact
 from .data.sources import scan_inputs
+from .deploy.runtime import resolve_runtime, runtime_outputs
 from .errors import ImgclfError
 from .eval.inference import infer_run
 from .eval.metrics import format_table
@@ -38,6 +39,7 @@ def predict_run(
     ensemble: list[str] | None = None,
     ood_score: str | None = None,
     reject: bool = True,
+    runtime: str = "torch",
     **run_opts: Any,
 ) -> Predictions:
     """Batched top-k labels with calibrated probabilities, and an ``unknown`` flag, for every readable input.
@@ -46,6 +48,8 @@ def predict_run(
     ``trust.ood_score``) marks inputs below it as ``unknown`` (``reject=False`` only reports the score).
     ``ensemble`` adds runs whose calibrated probabilities are averaged with this one's; an ensemble
     answers ``unknown`` when at least half of its members with OOD thresholds do.
+    ``runtime``: ``torch`` (the run's PyTorch model, any device, TTA), ``auto`` (the fastest installed
+    runtime; PyTorch where only it can run the job) or a name from ``deploy.runtime.RUNTIMES``.
     ``run_opts``: batch_size, num_workers, device, strict_images, progress (see ``infer_run``).
     """
     if top_k < 1:
@@ -57,8 +61,7 @@ def predict_run(
         trust = Trust.load(run, art)
         score = ood_score or trust.ood_score
         feats = score in FEATURE_SCORES and trust.stats is not None
-        out, art, samples, skips = infer_run(run, lambda a: scan_inputs(inputs), desc=f"predict {Path(run).name}",
-                                             features=feats, tta=tta, tta_merge=tta_merge, **run_opts)  # fmt: skip
+        out, art, samples, skips = _outputs(run, inputs, runtime, feats, tta, tta_merge, run_opts)
         if names is not None and art.class_names != names:
             raise ImgclfError(f"{run}: its classes differ from {run_dir}; an ensemble needs the same classes")
         if ref is not None and not torch.equal(out.indices, ref):
@@ -89,6 +92,25 @@ def predict_run(
                 row.update(ood_score=round(float(judged[0][0][n]), 6))
         rows.append(row)
     return Predictions(rows, dict(skips.items))
+
+
+def _outputs(run, inputs: list[str], runtime: str, feats: bool, tta: str | None, tta_merge: str, run_opts: dict):
+    """(Outputs, artifact, samples, skips) of one run through PyTorch or an exported runtime."""
+    desc = f"predict {Path(run).name}"
+    rt = (
+        "torch" if runtime == "torch" else resolve_runtime(runtime, run, tta=tta, device=run_opts.get("device", "auto"))
+    )
+    if rt == "torch":
+        return infer_run(run, lambda a: scan_inputs(inputs), desc=desc, features=feats, tta=tta, tta_merge=tta_merge,
+                         **run_opts)  # fmt: skip
+    if tta:
+        raise ImgclfError(f"--tta runs on PyTorch only (got --runtime {rt})")
+    if run_opts.get("device", "auto") not in ("auto", "cpu"):
+        raise ImgclfError(f"--runtime {rt} runs on the CPU; use --runtime torch with --device {run_opts['device']}")
+    samples = scan_inputs(inputs)
+    opts = {k: v for k, v in run_opts.items() if k != "device"}
+    out, skips = runtime_outputs(run, samples, rt, desc=desc, **opts)
+    return out, read_artifact(run), samples, skips
 
 
 def render(preds: Predictions, fmt: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -10,12 +11,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class BadImage(Exception):
-    """An input that is not a decodable image; ``reason`` is a short human-readable cause."""
+    """An input that is not a decodable image; ``reason`` is a short human-readable cause.
 
-    def __init__(self, source: str, reason: str):
+    ``too_large``: refused for its pixel count (a decompression bomb or over the caller's limit).
+    """
+
+    def __init__(self, source: str, reason: str, too_large: bool = False):
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+        self.too_large = too_large
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -28,15 +33,31 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode an image file as RGB, or raise ``BadImage`` naming the cause."""
-    path = str(path)
+    return _decode(path, str(path), max_pixels)
+
+
+def decode_image(data: bytes, source: str = "upload", max_pixels: int | None = None) -> Image.Image:
+    """Decode encoded image bytes (an upload) as RGB, or raise ``BadImage`` naming ``source`` and the cause.
+
+    ``max_pixels``: refuse images with more pixels (checked from the header, before decoding).
+    """
+    return _decode(io.BytesIO(data), source, max_pixels)
+
+
+def _decode(fp: str | Path | io.BytesIO, path: str, max_pixels: int | None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(fp) as img:
+                w, h = img.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise BadImage(path, f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels}", too_large=True)
                 img.load()
                 return to_rgb(img)
+    except BadImage:
+        raise
     except FileNotFoundError:
         raise BadImage(path, "file not found") from None
     except (PermissionError, IsADirectoryError) as e:
@@ -44,7 +65,7 @@ def open_image(path: str | Path) -> Image.Image:
     except UnidentifiedImageError:
         raise BadImage(path, "not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(path, f"too many pixels ({e})") from None
+        raise BadImage(path, f"too many pixels ({e})", too_large=True) from None
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, ValueError, EOFError, struct.error, ...
         raise BadImage(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
 

@@ -41,3 +41,13 @@ def prepare_data(cfg: Config) -> DataSplits:
         )
     test = open_source(cfg.data.test_path, "test") if cfg.data.test_path else source.companion("test")
     return DataSplits(train, val, test.remap_to(names) if test is not None else None, names)
+
+
+def run_split(run_dir, config: dict, which: str, flag: str) -> Samples:
+    """A saved run's own ``train`` or ``val`` split, rebuilt from its resolved config (same seed, same images)."""
+    from ..config import build_config
+
+    try:
+        return getattr(prepare_data(build_config([config], ["the run's config"])), which)
+    except ImgclfError as e:
+        raise ImgclfError(f"{run_dir}: its {which} images are unavailable ({e}); pass {flag}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import timm.data
 import torch
 import torch.nn as nn
@@ -59,8 +60,25 @@ def view_transform(pre: dict[str, Any]):
 
 def pixel_transform(pre: dict[str, Any]):
     """The model's view as uint8 CHW pixels: the input of graphs with preprocessing inside (export)."""
-    view = view_transform(pre)
-    return lambda img: (view(img) * 255).round().clamp(0, 255).to(torch.uint8)
+    hwc = pixel_array_transform(pre)
+    return lambda img: torch.from_numpy(hwc(img).copy()).permute(2, 0, 1)
+
+
+def pixel_array_transform(pre: dict[str, Any]):
+    """The model's view as a uint8 HWC numpy array: the resize and crop of ``eval_transform`` on the PIL
+    image, without the float round trip (``ToTensor`` divides by 255, so the pixels are the same)."""
+    ops = []
+    for t in eval_transform(pre).transforms:
+        if type(t).__name__ in ("MaybeToTensor", "ToTensor", "PILToTensor", "ToImage"):
+            break  # the tensor conversion and normalisation follow: the float part
+        ops.append(t)  # PIL in, PIL out: resize, crop (timm's ResizeKeepRatio, CenterCropOrPad, ...)
+
+    def run(img):
+        for t in ops:
+            img = t(img)
+        return np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], -1)
+
+    return run
 
 
 def train_transform(pre: dict[str, Any], aug: AugmentConfig):

@@ -55,7 +55,7 @@ def bench_run(
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                _, probs = pred(px)
+                _, probs, _ = pred(px)
                 times.append(time.perf_counter() - t0)
             top1 = probs.argmax(1)
             if b not in ref:

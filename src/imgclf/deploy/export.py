@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..artifact import Artifact, load_artifact, package_versions
+from ..data.splits import run_split
 from ..errors import ImgclfError
 from ..io import atomic_path, write_json, write_text
 
@@ -42,6 +43,8 @@ FILES = {
     "triton": "triton",
 }
 PIXELS = ("none", "nhwc", "nchw")
+#: every exported graph's outputs, in order
+OUTPUTS = ("logits", "probs", "features")
 EXPORT_FILE = "export.json"
 
 
@@ -49,7 +52,9 @@ class ServingModel(nn.Module):
     """The run's model with preprocessing (optional) and calibration in the graph.
 
     ``pixels``: ``"nhwc"`` / ``"nchw"`` take uint8 pixels (0-255) at the model's input size; ``"none"``
-    takes float NCHW already normalised (the artifact's mean/std). Returns ``(logits, probs)``.
+    takes float NCHW already normalised (the artifact's mean/std). Returns ``(logits, probs, features)``:
+    the calibrated probabilities and the pooled embedding the classifier sees (timm's
+    ``forward_head(pre_logits=True)``), which feature-based OOD scores and drift monitoring use.
     """
 
     def __init__(self, model: nn.Module, art: Artifact, pixels: str = "nhwc", temperature: float | None = None):
@@ -66,13 +71,15 @@ class ServingModel(nn.Module):
         self.register_buffer("inv_t", torch.tensor(1.0 / temperature))
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.pixels != "none":
             if self.pixels == "nhwc":
-                x = x.permute(0, 3, 1, 2)
+                x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
             x = x.float() * self.scale + self.shift
-        logits = self.model(x)
-        return logits, (logits * self.inv_t).softmax(-1)
+        fmap = self.model.forward_features(x)  # (N, C', h, w) or (N, tokens, D)
+        feats = self.model.forward_head(fmap, pre_logits=True)  # (N, D)
+        logits = self.model.forward_head(fmap)  # (N, K)
+        return logits, (logits * self.inv_t).softmax(-1), feats
 
 
 def example_input(art: Artifact, pixels: str, batch: int = 2) -> torch.Tensor:
@@ -112,19 +119,11 @@ def verification_batches(run_dir: Path, art: Artifact, data: str | None, n: int,
     """
     from ..data.sources import open_source
 
-    samples = open_source(data, split).remap_to(art.class_names) if data else _run_split(run_dir, art, "val", "--data")
+    if data:
+        samples = open_source(data, split).remap_to(art.class_names)
+    else:
+        samples = run_split(run_dir, art.config, "val", "--data")
     return pixel_batches(samples, art, n, batch, seed=0)
-
-
-def _run_split(run_dir: Path, art: Artifact, which: str, flag: str):
-    """The run's own train or val split, rebuilt from its saved config."""
-    from ..config import build_config
-    from ..data.splits import prepare_data
-
-    try:
-        return getattr(prepare_data(build_config([art.config], ["the run's config"])), which)
-    except ImgclfError as e:
-        raise ImgclfError(f"{run_dir}: its {which} images are unavailable ({e}); pass {flag}") from None
 
 
 def to_input(pixels_nchw: torch.Tensor, pixels: str, art: Artifact) -> np.ndarray:
@@ -174,7 +173,7 @@ def _export_onnx(serving: ServingModel, art: Artifact, pixels: str, out: Path, m
     batch = torch.export.Dim("batch", min=1, max=4096)
     with atomic_path(out) as tmp:
         prog = torch.onnx.export(serving, (x,), None, dynamo=True, input_names=["input"],
-                                 output_names=["logits", "probs"], dynamic_shapes={"x": {0: batch}},
+                                 output_names=list(OUTPUTS), dynamic_shapes={"x": {0: batch}},
                                  opset_version=opset, optimize=True, verbose=False)  # fmt: skip
         model = prog.model_proto
         for k, v in meta.items():
@@ -279,7 +278,7 @@ def _head_nodes(path: Path) -> list[str]:
     return out
 
 
-def _triton_config(name: str, art: Artifact, pixels: str, max_batch: int, delay_us: int) -> str:
+def _triton_config(name: str, art: Artifact, pixels: str, max_batch: int, delay_us: int, feat_dim: int) -> str:
     c, h, w = art.preprocessing["input_size"]
     dims = {"nhwc": [h, w, c], "nchw": [c, h, w], "none": [c, h, w]}[pixels]
     dtype = "TYPE_FP32" if pixels == "none" else "TYPE_UINT8"
@@ -290,7 +289,8 @@ max_batch_size: {max_batch}
 input [ {{ name: "input" data_type: {dtype} dims: {dims} }} ]
 output [
   {{ name: "logits" data_type: TYPE_FP32 dims: [ {k} ] }},
-  {{ name: "probs" data_type: TYPE_FP32 dims: [ {k} ] }}
+  {{ name: "probs" data_type: TYPE_FP32 dims: [ {k} ] }},
+  {{ name: "features" data_type: TYPE_FP32 dims: [ {feat_dim} ] }}
 ]
 dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
@@ -335,7 +335,8 @@ def export_run(
     meta = metadata(art, pixels, run_dir)
     t0 = time.perf_counter()
     batches = list(verification_batches(run_dir, art, data, verify_n))
-    result: dict[str, Any] = {"format": fmt, "pixels": pixels, "run": str(run_dir), "metadata": meta}
+    result: dict[str, Any] = {"format": fmt, "pixels": pixels, "outputs": list(OUTPUTS), "run": str(run_dir),
+                              "metadata": meta}  # fmt: skip
     # only the onnx format writes model.onnx; the others stage the fp32 graph under a hidden name
     onnx_path = out_dir / ("model.onnx" if fmt == "onnx" else f".model.fp32-for-{fmt}.onnx")
     if fmt in ("onnx", "openvino", "onnx-int8", "triton"):
@@ -383,7 +384,11 @@ def export_run(
         repo = out_dir / "triton" / name
         (repo / "1").mkdir(parents=True, exist_ok=True)
         onnx_path.replace(repo / "1" / "model.onnx")
-        write_text(repo / "config.pbtxt", _triton_config(name, art, pixels, triton_max_batch, triton_delay_us))
+        with torch.no_grad():
+            feat_dim = serving(example_input(art, pixels))[2].shape[1]
+        write_text(
+            repo / "config.pbtxt", _triton_config(name, art, pixels, triton_max_batch, triton_delay_us, feat_dim)
+        )
         write_text(repo / "labels.txt", "\n".join(art.class_names) + "\n")
         sess = _ort_session(repo / "1" / "model.onnx")
         check = verify(lambda x: sess.run(["logits"], {"input": x})[0], serving, batches, art, pixels)
@@ -405,7 +410,7 @@ def _calibration_batches(run_dir: Path, art: Artifact, data: str | None, n: int)
     """Training images (not the verification ones) for int8 calibration."""
     from ..data.sources import open_source
 
-    samples = open_source(data, "train") if data else _run_split(run_dir, art, "train", "--calib-data")
+    samples = open_source(data, "train") if data else run_split(run_dir, art.config, "train", "--calib-data")
     return pixel_batches(samples, art, n, seed=1)
 
 

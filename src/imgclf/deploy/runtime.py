@@ -2,17 +2,18 @@
 (fp32, int8) and OpenVINO (fp32, bf16 where the CPU has it), all fed the same uint8 pixels.
 
 Every predictor takes uint8 NHWC pixels at the model's input size (``to_pixels`` makes them from
-PIL images with the artifact's resize and centre crop) and returns ``(logits, probs)`` as float32
-numpy arrays, ``probs`` calibrated. Exported files come from ``<run>/export`` and are exported (and
-verified) on first use.
+PIL images with the artifact's resize and centre crop) and returns ``(logits, probs, features)`` as
+float32 numpy arrays, ``probs`` calibrated, ``features`` the pooled embedding. Exported files come
+from ``<run>/export`` and are exported (and verified) on first use.
 
 Example:
     >>> p = load_predictor("runs/x", "openvino")          # doctest: +SKIP
-    >>> logits, probs = p(to_pixels([img], p.art))        # doctest: +SKIP
+    >>> logits, probs, feats = p(to_pixels([img], p.art))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -24,6 +25,7 @@ import torch
 
 from ..artifact import Artifact, load_artifact, read_artifact
 from ..errors import ImgclfError
+from .export import OUTPUTS
 
 RUNTIMES = ("torch", "torch-cl", "torch-bf16", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16")
 
@@ -57,20 +59,25 @@ def default_runtime() -> str:
 
 def to_pixels(images: list, art: Artifact) -> np.ndarray:
     """PIL images -> (N, H, W, 3) uint8 at the input size (the artifact's resize + centre crop)."""
-    from ..data.transforms import pixel_transform
+    t = _pixel_fn(json.dumps(art.preprocessing, sort_keys=True))
+    return np.stack([t(im) for im in images])
 
-    t = pixel_transform(art.preprocessing)
-    return np.stack([t(im).permute(1, 2, 0).numpy() for im in images])
+
+@functools.lru_cache(maxsize=16)
+def _pixel_fn(preprocessing: str):
+    from ..data.transforms import pixel_array_transform
+
+    return pixel_array_transform(json.loads(preprocessing))
 
 
 class Predictor:
-    """Callable: uint8 NHWC pixels -> (logits, calibrated probs)."""
+    """Callable: uint8 NHWC pixels (N, H, W, 3) -> (logits (N, K), calibrated probs (N, K), features (N, D))."""
 
     name: str
     art: Artifact
     path: str
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
 
@@ -87,11 +94,11 @@ class TorchPredictor(Predictor):
         self.dtype = torch.bfloat16 if mode == "torch-bf16" else None
 
     @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            logits, probs = self.model(x)
-        return logits.float().cpu().numpy(), probs.float().cpu().numpy()
+            out = self.model(x)
+        return tuple(t.float().cpu().numpy() for t in out)  # type: ignore[return-value]
 
 
 class OnnxPredictor(Predictor):
@@ -105,9 +112,8 @@ class OnnxPredictor(Predictor):
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         self.sess, self.path = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), str(path)
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, probs = self.sess.run(["logits", "probs"], {"input": np.ascontiguousarray(pixels)})
-        return logits, probs
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(self.sess.run(list(OUTPUTS), {"input": np.ascontiguousarray(pixels)}))  # type: ignore[return-value]
 
 
 class OpenVinoPredictor(Predictor):
@@ -121,11 +127,11 @@ class OpenVinoPredictor(Predictor):
             cfg["INFERENCE_NUM_THREADS"] = threads
         self.compiled, self.path = ov.Core().compile_model(str(path), "CPU", cfg), str(path)
         self.request = self.compiled.create_infer_request()
-        self.out_logits, self.out_probs = self.compiled.output("logits"), self.compiled.output("probs")
+        self.outputs = [self.compiled.output(n) for n in OUTPUTS]
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         res = self.request.infer({0: np.ascontiguousarray(pixels)})
-        return np.asarray(res[self.out_logits]), np.asarray(res[self.out_probs])
+        return tuple(np.asarray(res[o]) for o in self.outputs)  # type: ignore[return-value]
 
 
 def _exported(run_dir: Path, fmt: str) -> Path:
@@ -135,7 +141,8 @@ def _exported(run_dir: Path, fmt: str) -> Path:
     path = run_dir / "export" / FILES[fmt]
     rec_path = run_dir / "export" / EXPORT_FILE
     rec = json.loads(rec_path.read_text()).get(fmt, {}) if rec_path.is_file() else {}
-    if rec.get("pixels") == "nhwc" and path.is_file() and _newer(path, run_dir):
+    current = rec.get("pixels") == "nhwc" and rec.get("outputs") == list(OUTPUTS)  # older exports lack features
+    if current and path.is_file() and _newer(path, run_dir):
         return path
     export_run(run_dir, fmt, pixels="nhwc", verify_n=200)
     return path
@@ -160,3 +167,55 @@ def load_predictor(run_dir: str | Path, runtime: str = "auto", device: str = "cp
     if runtime.startswith("onnxruntime"):
         return OnnxPredictor(run_dir, int8=runtime.endswith("int8"))
     return OpenVinoPredictor(run_dir, "bf16" if runtime.endswith("bf16") else "f32")
+
+
+def resolve_runtime(runtime: str, run_dir: str | Path, *, tta: str | None = None, device: str = "auto") -> str:
+    """``auto`` -> the fastest installed runtime, or ``torch`` where only PyTorch can run the job
+    (test-time augmentation, a k-NN index, a GPU)."""
+    if runtime != "auto":
+        return runtime
+    from ..dist import resolve_device
+
+    if tta or read_artifact(run_dir).extra.get("kind") == "knn" or resolve_device(device).type != "cpu":
+        return "torch"
+    return default_runtime()
+
+
+def runtime_outputs(
+    run_dir: str | Path,
+    samples,
+    runtime: str,
+    *,
+    batch_size: int = 64,
+    num_workers: int = -1,
+    strict_images: bool = False,
+    progress: bool = True,
+    desc: str = "infer",
+):
+    """``eval.inference.Outputs`` (logits, labels, indices, features) of ``samples`` through a runtime,
+    decoding with the same loader (and skip log) as the PyTorch path. Returns (outputs, skips)."""
+    from tqdm.auto import tqdm
+
+    from ..data.loader import ImageDataset, SkipLog, make_loader
+    from ..data.transforms import pixel_transform
+    from ..eval.inference import Outputs
+
+    pred = load_predictor(run_dir, runtime)
+    loader = make_loader(ImageDataset(samples, pixel_transform(pred.art.preprocessing)), batch_size, train=False,
+                         num_workers=num_workers)  # fmt: skip
+    skips = SkipLog(strict=strict_images)
+    logits, feats, labels, indices = [], [], [], []
+    for batch in tqdm(loader, desc=f"{desc} ({pred.name})", disable=not progress, leave=False, unit="batch"):
+        skips.add(batch.skipped)
+        if batch.images is None:
+            continue
+        lg, _, ft = pred(batch.images.permute(0, 2, 3, 1).numpy())  # uint8 (B, C, H, W) -> (B, H, W, C)
+        logits.append(torch.from_numpy(lg))
+        feats.append(torch.from_numpy(ft))
+        labels.append(batch.labels)
+        indices.append(batch.indices)
+    k = pred.art.num_classes
+    cat = lambda xs, empty: torch.cat(xs) if xs else empty  # noqa: E731
+    out = Outputs(cat(logits, torch.empty(0, k)), cat(labels, torch.empty(0, dtype=torch.long)),
+                  cat(indices, torch.empty(0, dtype=torch.long)), cat(feats, torch.empty(0, 0)))  # fmt: skip
+    return out, skips

@@ -13,6 +13,7 @@ from ..data.sources import open_source, open_unlabelled
 from ..errors import ImgclfError
 from ..io import write_json
 from .calibration import calibration_metrics, fit_temperature
+from .drift import reference_stats
 from .inference import infer_run
 from .metrics import compute_metrics
 from .ood import ood_report, threshold_for_tpr
@@ -112,11 +113,14 @@ def _prob_metrics(probs: torch.Tensor, labels: torch.Tensor, names: list[str]) -
     return m
 
 
-def calibrate_run(run_dir: str | Path, data: str, *, split: str = "val", **run_opts: Any) -> dict[str, Any]:
-    """Re-fit the temperature (and the OOD thresholds) of a run on other held-out labelled data; save them."""
+def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", **run_opts: Any) -> dict[str, Any]:
+    """Re-fit the temperature, the OOD thresholds and the drift reference of a run on held-out labelled data
+    (``data``; None: the run's own validation split again); save them."""
+    from ..data.splits import run_split
+
     art = read_artifact(run_dir)
-    has_stats = bool((art.extra.get("ood") or {}).get("feature_stats"))
-    out, art, samples, _ = infer_run(run_dir, _labelled(data, split), desc="calibrate", features=has_stats, **run_opts)
+    opener = _labelled(data, split) if data else lambda a: run_split(run_dir, a.config, "val", "--data")
+    out, art, samples, _ = infer_run(run_dir, opener, desc="calibrate", features=True, **run_opts)
     if len(out.labels) < 10:
         raise ImgclfError(f"{samples.name}: {len(out.labels)} readable images; calibration needs at least 10")
     before = Trust.load(run_dir, art)
@@ -137,5 +141,9 @@ def calibrate_run(run_dir: str | Path, data: str, *, split: str = "val", **run_o
         scores = after.scores(out.logits, out.features)
         art.extra["ood"]["thresholds"] = {k: threshold_for_tpr(v, after.tpr) for k, v in scores.items()}
         art.extra["ood"]["thresholds_data"] = samples.name
+    art.extra["drift"] = {
+        "data": samples.name if data else f"{samples.name} (the run's validation split)",
+        **reference_stats(after.probs(out.logits).numpy(), out.features.numpy()),
+    }
     write_json(Path(run_dir) / META_FILE, art.to_json())
     return report

@@ -58,9 +58,12 @@ class Trust:
         name = score or self.ood_score
         if name not in self.thresholds:
             return None
-        s = self.scores(logits, feats).get(name)
-        if s is None:
-            raise ImgclfError(f"OOD score '{name}' needs features and the run's {OOD_FILE}")
+        if name in FEATURE_SCORES:  # only the chosen score: k-NN and Mahalanobis cost far more than the rest
+            if feats is None or self.stats is None:
+                raise ImgclfError(f"OOD score '{name}' needs features and the run's {OOD_FILE}")
+            s = getattr(self.stats, name)(feats)
+        else:
+            s = logit_scores(logits, self.temperature)[name]
         return s, s < self.thresholds[name]
 
     def to_json(self) -> dict[str, Any]:

@@ -1,0 +1,512 @@
+"""``imgclf serve``: an HTTP server with dynamic batching, OOD rejection, drift monitoring and Prometheus metrics.
+
+Endpoints (``{m}`` = ``models/NAME`` or ``models/NAME/versions/V``; without it, the first model):
+
+- ``POST /predict``, ``POST /{m}/predict``: one image as the body (``image/*`` or
+  ``application/octet-stream``), several as ``multipart/form-data`` files, or JSON
+  ``{"images": [base64, ...]}`` -> top-k labels with calibrated probabilities, ``unknown`` and the
+  OOD score per image (``?top_k=3``);
+- KServe v2 / Open Inference Protocol: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``,
+  ``/v2/models/NAME[/versions/V]`` (metadata), ``.../ready``, ``.../config``, ``POST .../infer``
+  (input ``input``: UINT8 pixels ``[N, H, W, 3]`` at the model's size, or ``image``: BYTES encoded
+  images; outputs ``logits``, ``probs``, ``features``, ``ood_score``, ``unknown``; Triton's binary
+  data and classification extensions), so ``tritonclient.http`` works unchanged;
+- ``GET /drift``, ``GET /{m}/drift``: drift distances of the sliding window; ``GET /metrics``:
+  Prometheus; ``GET /models``: what is served.
+
+Bad input (not an image, truncated, too many pixels, too large a body, wrong content type, bad
+JSON or tensors) gets a 4xx JSON ``{"error": ...}``; a full queue 503 with Retry-After; a request
+over its time 504. SIGINT/SIGTERM stop intake (readiness turns 503) and finish the queued work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import math
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from ..data.images import BadImage, decode_image
+from ..errors import ImgclfError
+from .batcher import Draining, QueueFull
+from .kserve import HEADER, ProtocolError, encode_response, parse_request
+from .serving import ServedModel, ServeOptions
+
+log = logging.getLogger("imgclf")
+OUTPUT_TYPES = {"logits": "FP32", "probs": "FP32", "features": "FP32", "ood_score": "FP32", "unknown": "BOOL"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("imgclf_requests", "HTTP requests", ["model", "endpoint", "code"], registry=r)
+        self.latency = Histogram("imgclf_request_seconds", "request latency", ["model", "endpoint"], registry=r,
+                                 buckets=_SECONDS + (5, 10, 30))  # fmt: skip
+        self.batch = Histogram("imgclf_batch_size", "images per runtime call", ["model"], registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))  # fmt: skip
+        self.infer = Histogram("imgclf_inference_seconds", "runtime call time", ["model"], registry=r,
+                               buckets=_SECONDS)  # fmt: skip
+        self.queue = Gauge("imgclf_queue_images", "images waiting for a batch", ["model"], registry=r)
+        self.images = Counter("imgclf_images", "images classified", ["model"], registry=r)
+        self.unknown = Counter("imgclf_unknown", "images answered unknown (OOD)", ["model"], registry=r)
+        self.unknown_rate = Gauge("imgclf_unknown_rate", "unknown share in the drift window", ["model"], registry=r)
+        self.rejects = Counter("imgclf_rejected", "requests refused", ["model", "reason"], registry=r)
+        self.drift = Gauge("imgclf_drift", "drift distance of the window", ["model", "statistic"], registry=r)
+        self.drifted = Gauge("imgclf_drifted", "1 when a drift statistic is past its threshold", ["model"], registry=r)
+
+
+class Server:
+    """The application state: models, options, metrics, the decode pool."""
+
+    def __init__(self, models: dict[str, dict[str, ServedModel]], opts: ServeOptions):
+        if not models:
+            raise ImgclfError("serve needs at least one run")
+        disable_created_metrics()  # no *_created series: they double the scrape for nothing here
+        self.models, self.opts, self.metrics = models, opts, Metrics()
+        self.default = next(iter(models))
+        self.draining = False
+        self.decode_pool = ThreadPoolExecutor(opts.decode_threads, thread_name_prefix="imgclf-decode")
+        for m in self.all_models():
+            m.batcher.on_batch = self._batch_observer(m.key)
+
+    def all_models(self) -> list[ServedModel]:
+        return [m for versions in self.models.values() for m in versions.values()]
+
+    def _batch_observer(self, key: str):
+        def observe(n: int, seconds: float) -> None:
+            self.metrics.batch.labels(key).observe(n)
+            self.metrics.infer.labels(key).observe(seconds)
+
+        return observe
+
+    def model(self, name: str | None, version: str | None = None) -> ServedModel:
+        name = name or self.default
+        if name not in self.models:
+            raise ApiError(404, f"no model named {name!r} (served: {', '.join(self.models)})")
+        versions = self.models[name]
+        if version is None:
+            return versions[max(versions, key=lambda v: (len(v), v))]
+        if version not in versions:
+            raise ApiError(404, f"model {name!r} has no version {version!r} (versions: {', '.join(versions)})")
+        return versions[version]
+
+    # ------------------------------------------------------------ app
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=int(self.opts.max_body_mb * 2**20), middlewares=[self._errors])
+        m, v = "/models/{name}", "/models/{name}/versions/{version}"
+        k, kv = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
+        app.add_routes([
+            web.get("/", self.index), web.get("/health", self.health), web.get("/models", self.list_models),
+            web.get("/metrics", self.prometheus), web.get("/drift", self.drift),
+            web.post("/predict", self.predict), web.post(m + "/predict", self.predict),
+            web.post(v + "/predict", self.predict),
+            web.get(m + "/drift", self.drift), web.get(v + "/drift", self.drift),
+            web.get("/v2", self.v2_server), web.get("/v2/health/live", self.v2_live),
+            web.get("/v2/health/ready", self.v2_ready),
+            web.get(k, self.v2_metadata), web.get(kv, self.v2_metadata),
+            web.get(k + "/ready", self.v2_model_ready), web.get(kv + "/ready", self.v2_model_ready),
+            web.get(k + "/config", self.v2_config), web.get(kv + "/config", self.v2_config),
+            web.post(k + "/infer", self.v2_infer), web.post(kv + "/infer", self.v2_infer),
+        ])  # fmt: skip
+        app.on_startup.append(self._start)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        for m in self.all_models():
+            m.batcher.start()
+
+    async def drain(self) -> None:
+        """Stop taking work; let queued requests finish (up to ``drain_s``)."""
+        self.draining = True
+        done = await asyncio.gather(*(m.batcher.drain(self.opts.drain_s) for m in self.all_models()))
+        if not all(done):
+            log.warning("shutdown: queued requests did not finish within %.0f s", self.opts.drain_s)
+        self.decode_pool.shutdown(wait=False)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        try:
+            resp = await handler(request)
+        except ApiError as e:
+            resp = web.json_response({"error": e.message}, status=e.status, headers=e.headers)
+        except web.HTTPException as e:  # aiohttp's own: 404/405 routes, 413 body over client_max_size
+            msg = e.text or e.reason
+            if e.status == 413:
+                msg = f"request body is over the limit of {self.opts.max_body_mb:g} MB"
+            resp = web.json_response({"error": msg}, status=e.status)
+        except Exception:  # noqa: BLE001 - a bug of ours: say so without the traceback, log it
+            log.exception("internal error on %s %s", request.method, request.path)
+            resp = web.json_response({"error": "internal server error (logged)"}, status=500)
+        if endpoint not in ("/metrics",):
+            name = request.get("model", "-")
+            self.metrics.requests.labels(name, endpoint, str(resp.status)).inc()
+            if resp.status < 400:
+                self.metrics.latency.labels(name, endpoint).observe(time.perf_counter() - t0)
+            elif resp.status in (400, 408, 413, 415):
+                self.metrics.rejects.labels(name, "bad_request").inc()
+        return resp
+
+    # ------------------------------------------------------------ reading requests
+
+    def _model_of(self, request: web.Request) -> ServedModel:
+        q = request.rel_url.query
+        m = self.model(request.match_info.get("name") or q.get("model"),
+                       request.match_info.get("version") or q.get("version"))  # fmt: skip
+        request["model"] = m.key
+        return m
+
+    async def _body(self, request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > request.app._client_max_size:
+            raise ApiError(413, f"request body of {request.content_length} bytes is over the limit of "
+                                f"{self.opts.max_body_mb:g} MB")  # fmt: skip
+        try:
+            async with asyncio.timeout(self.opts.read_timeout_s):
+                return await request.read()
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within {self.opts.read_timeout_s:g} s") from None
+
+    async def _uploads(self, request: web.Request) -> list[tuple[str, bytes]]:
+        """(source name, encoded bytes) of every image in a /predict request."""
+        # not request.content_type: aiohttp parses it with the e-mail package, a quarter of the loop's time
+        ctype = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            try:
+                async with asyncio.timeout(self.opts.read_timeout_s):
+                    return await self._multipart(request)
+            except TimeoutError:
+                raise ApiError(408, f"request body not received within {self.opts.read_timeout_s:g} s") from None
+        if ctype == "application/json":
+            body = await self._body(request)
+            try:
+                doc = json.loads(body)
+                items = doc["images"]
+                assert isinstance(items, list) and all(isinstance(s, str) for s in items)
+                return [(f"images[{i}]", base64.b64decode(s, validate=True)) for i, s in enumerate(items)]
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ApiError(400, f"malformed JSON body ({e})") from None
+            except (KeyError, TypeError, AssertionError):
+                raise ApiError(400, 'JSON body must be {"images": [base64 strings]}') from None
+            except binascii.Error:
+                raise ApiError(400, "images[] must be base64 strings") from None
+        if ctype.startswith("image/") or ctype == "application/octet-stream":
+            return [("body", await self._body(request))]
+        raise ApiError(415, f"content type {ctype or 'none'!r} is not accepted: send image/*, "
+                            "application/octet-stream, multipart/form-data or application/json")  # fmt: skip
+
+    async def _multipart(self, request: web.Request) -> list[tuple[str, bytes]]:
+        from aiohttp import BodyPartReader
+
+        if request.content_length is not None and request.content_length > request.app._client_max_size:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=request.app._client_max_size, actual_size=request.content_length
+            )
+        files: list[tuple[str, bytes]] = []
+        total = 0
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    raise ApiError(400, "nested multipart bodies are not accepted")
+                data = await part.read()
+                total += len(data)
+                if total > request.app._client_max_size:
+                    raise web.HTTPRequestEntityTooLarge(max_size=request.app._client_max_size, actual_size=total)
+                if part.filename is not None:  # plain form fields are ignored
+                    files.append((part.filename or part.name or f"part[{len(files)}]", bytes(data)))
+                if len(files) > self.opts.max_images:
+                    raise ApiError(413, f"more than {self.opts.max_images} images in one request")
+        except (ApiError, web.HTTPException):
+            raise
+        except Exception as e:  # noqa: BLE001 - aiohttp raises several types for broken multipart bodies
+            raise ApiError(400, f"malformed multipart body ({type(e).__name__}: {e})") from None
+        if not files:
+            raise ApiError(400, "multipart body has no file parts (send images as files)")
+        return files
+
+    def _decode(self, m: ServedModel, uploads: list[tuple[str, bytes]]) -> np.ndarray:
+        from .runtime import to_pixels
+
+        if not uploads:
+            raise ApiError(400, "no images in the request")
+        if len(uploads) > self.opts.max_images:
+            raise ApiError(413, f"{len(uploads)} images in one request; the limit is {self.opts.max_images}")
+        images = []
+        for source, data in uploads:
+            if not data:
+                raise ApiError(400, f"{source}: empty image")
+            try:
+                images.append(decode_image(data, source, self.opts.max_pixels))
+            except BadImage as e:
+                raise ApiError(413 if e.too_large else 400, str(e)) from None
+        return to_pixels(images, m.art)
+
+    async def _run(self, m: ServedModel, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        if self.draining:
+            self.metrics.rejects.labels(m.key, "draining").inc()
+            raise ApiError(503, "server is shutting down", {"Retry-After": "5"})
+        self.metrics.queue.labels(m.key).set(m.batcher.queued_images)
+        try:
+            async with asyncio.timeout(self.opts.timeout_s):  # cheaper than wait_for: no extra task per request
+                out = await m.batcher.submit(pixels)
+        except QueueFull as e:
+            self.metrics.rejects.labels(m.key, "queue_full").inc()
+            raise ApiError(
+                503, f"model {m.key} is busy ({e})", {"Retry-After": str(math.ceil(e.retry_after))}
+            ) from None
+        except Draining:
+            self.metrics.rejects.labels(m.key, "draining").inc()
+            raise ApiError(503, "server is shutting down", {"Retry-After": "5"}) from None
+        except TimeoutError:
+            self.metrics.rejects.labels(m.key, "timeout").inc()
+            raise ApiError(504, f"no answer within {self.opts.timeout_s:g} s (server overloaded)") from None
+        self.metrics.images.labels(m.key).inc(len(pixels))
+        if "unknown" in out:
+            self.metrics.unknown.labels(m.key).inc(int(out["unknown"].sum()))
+        return out
+
+    async def _pixels_of(self, m: ServedModel, uploads: list[tuple[str, bytes]]) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, self._decode, m, uploads)
+
+    # ------------------------------------------------------------ native endpoints
+
+    async def predict(self, request: web.Request) -> web.Response:
+        m = self._model_of(request)
+        top_k = _int_param(request, "top_k", self.opts.top_k, 1, m.art.num_classes)
+        pixels = await self._pixels_of(m, await self._uploads(request))
+        out = await self._run(m, pixels)
+        names = m.art.class_names
+        k = min(top_k, len(names))
+        order = np.argsort(-out["probs"], axis=1)[:, :k]
+        preds = []
+        for i, row in enumerate(order):
+            top = [{"label": names[c], "prob": round(float(out["probs"][i, c]), 6)} for c in row]
+            p: dict[str, Any] = {"label": top[0]["label"], "top": top}
+            if "unknown" in out:
+                p.update(unknown=bool(out["unknown"][i]), ood_score=round(float(out["ood_score"][i]), 6))
+                if p["unknown"]:
+                    p["label"] = "unknown"
+            preds.append(p)
+        return web.json_response({"model": m.name, "version": m.version, "predictions": preds})
+
+    async def index(self, request: web.Request) -> web.Response:
+        routes = sorted({r.resource.canonical for r in request.app.router.routes() if r.resource})
+        return web.json_response({"imgclf": "serve", "models": [m.key for m in self.all_models()], "endpoints": routes})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "draining" if self.draining else "ok"}, status=503 if self.draining else 200
+        )
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": [m.describe() for m in self.all_models()]})
+
+    async def drift(self, request: web.Request) -> web.Response:
+        if "name" in request.match_info:
+            ms = [self._model_of(request)]
+        else:
+            ms = self.all_models()
+        reps = {m.key: await asyncio.get_running_loop().run_in_executor(None, m.monitor.report) for m in ms}
+        return web.json_response({"models": reps})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        for m in self.all_models():
+            rep = m.monitor.last
+            self.metrics.queue.labels(m.key).set(m.batcher.queued_images)
+            self.metrics.unknown_rate.labels(m.key).set(rep.get("unknown_rate", 0.0))
+            for stat in ("psi_class", "psi_confidence", "ks_confidence", "embedding_shift"):
+                if stat in rep:
+                    self.metrics.drift.labels(m.key, stat).set(rep[stat])
+            self.metrics.drifted.labels(m.key).set(1.0 if rep.get("status") == "drift" else 0.0)
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # ------------------------------------------------------------ KServe v2
+
+    async def v2_server(self, request: web.Request) -> web.Response:
+        from ..artifact import package_versions
+
+        return web.json_response({"name": "imgclf", "version": package_versions().get("imgclf", ""),
+                                  "extensions": ["binary_tensor_data", "classification"]})  # fmt: skip
+
+    async def v2_live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def v2_ready(self, request: web.Request) -> web.Response:
+        return web.json_response({"ready": not self.draining}, status=503 if self.draining else 200)
+
+    async def v2_model_ready(self, request: web.Request) -> web.Response:
+        self._model_of(request)
+        return web.json_response({"ready": not self.draining}, status=503 if self.draining else 200)
+
+    async def v2_metadata(self, request: web.Request) -> web.Response:
+        m = self._model_of(request)
+        k, d = m.art.num_classes, None
+        outs = [{"name": n, "datatype": t, "shape": [-1, k] if n in ("logits", "probs") else [-1, d or -1]}
+                for n, t in OUTPUT_TYPES.items() if n != "unknown" and n != "ood_score"]  # fmt: skip
+        if m.trust.thresholds:
+            outs += [{"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+                     {"name": "unknown", "datatype": "BOOL", "shape": [-1]}]  # fmt: skip
+        return web.json_response({
+            "name": m.name, "versions": sorted(self.models[m.name]), "platform": f"imgclf_{m.predictor.name}",
+            "inputs": [{"name": "input", "datatype": "UINT8", "shape": [-1, *m.input_hwc]},
+                       {"name": "image", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": outs,
+            "parameters": {"labels": m.art.class_names, "preprocessing": m.art.preprocessing},
+        })  # fmt: skip
+
+    async def v2_config(self, request: web.Request) -> web.Response:
+        m = self._model_of(request)
+        return web.json_response({
+            "name": m.name, "platform": f"imgclf_{m.predictor.name}", "max_batch_size": self.opts.max_batch,
+            "input": [{"name": "input", "data_type": "TYPE_UINT8", "dims": list(m.input_hwc)}],
+            "output": [{"name": n, "data_type": f"TYPE_{t}", "dims": [-1]} for n, t in OUTPUT_TYPES.items()],
+            "dynamic_batching": {"max_queue_delay_microseconds": int(1000 * self.opts.max_delay_ms)},
+        })  # fmt: skip
+
+    async def v2_infer(self, request: web.Request) -> web.Response:
+        m = self._model_of(request)
+        body = await self._body(request)
+        try:
+            doc, tensors = parse_request(body, request.headers.get(HEADER))
+        except ProtocolError as e:
+            raise ApiError(400, str(e)) from None
+        pixels = await self._v2_pixels(m, tensors)
+        out = await self._run(m, pixels)
+        outputs = self._v2_outputs(m, doc, out, len(pixels))
+        meta = {"model_name": m.name, "model_version": m.version, **({"id": doc["id"]} if "id" in doc else {})}
+        payload, head_len = encode_response(meta, outputs)
+        if head_len is None:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(body=payload, content_type="application/octet-stream", headers={HEADER: str(head_len)})
+
+    async def _v2_pixels(self, m: ServedModel, tensors: dict[str, Any]) -> np.ndarray:
+        if len(tensors) != 1:
+            raise ApiError(400, f"send exactly one input ('input' UINT8 pixels or 'image' BYTES), got {len(tensors)}")
+        name, value = next(iter(tensors.items()))
+        if isinstance(value, list):  # BYTES: encoded images
+            return await self._pixels_of(m, [(f"{name}[{i}]", b) for i, b in enumerate(value)])
+        want = (-1, *m.input_hwc)
+        if value.dtype != np.uint8 or value.ndim != 4 or tuple(value.shape[1:]) != m.input_hwc:
+            raise ApiError(400, f"input '{name}': UINT8 pixels of shape {list(want)} expected, got "
+                                f"{value.dtype} {list(value.shape)}")  # fmt: skip
+        if not 1 <= len(value) <= self.opts.max_images:
+            raise ApiError(
+                413 if len(value) else 400, f"input '{name}': {len(value)} images; 1..{self.opts.max_images}"
+            )
+        return value
+
+    def _v2_outputs(self, m: ServedModel, doc: dict[str, Any], out: dict[str, np.ndarray], n: int) -> list[tuple]:
+        params = doc.get("parameters") if isinstance(doc.get("parameters"), dict) else {}
+        all_binary = bool(params.get("binary_data_output", False))
+        wanted = doc.get("outputs")
+        if wanted is None:
+            wanted = [{"name": k} for k in OUTPUT_TYPES if k in out]
+        if not isinstance(wanted, list) or not all(
+            isinstance(w, dict) and isinstance(w.get("name"), str) for w in wanted
+        ):
+            raise ApiError(400, "'outputs' must be a list of {\"name\": ...} objects")
+        result = []
+        for w in wanted:
+            name, p = w["name"], w.get("parameters") if isinstance(w.get("parameters"), dict) else {}
+            binary = bool(p.get("binary_data", all_binary))
+            if name not in OUTPUT_TYPES or name not in out:
+                have = [k for k in OUTPUT_TYPES if k in out]
+                raise ApiError(400, f"unknown output {name!r} (outputs: {', '.join(have)})")
+            value = out[name]
+            cls = p.get("classification")
+            if cls:  # Triton's classification extension: top-k "score:index:label" strings
+                if not isinstance(cls, int) or cls < 1:
+                    raise ApiError(400, f"output {name!r}: classification must be a positive integer")
+                k = min(cls, value.shape[1])
+                top = np.argsort(-value, axis=1)[:, :k]
+                strs = [f"{value[i, c]:f}:{c}:{m.art.class_names[c]}".encode() for i in range(n) for c in top[i]]
+                result.append((name, "BYTES", strs, [n, k], binary))
+            else:
+                result.append((name, OUTPUT_TYPES[name], value, list(value.shape), binary))
+        return result
+
+
+def _int_param(request: web.Request, key: str, default: int, lo: int, hi: int) -> int:
+    raw = request.rel_url.query.get(key)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {key} must be an integer (got {raw!r})") from None
+    if v < lo:
+        raise ApiError(400, f"query parameter {key} must be >= {lo} (got {v})")
+    return min(v, hi)
+
+
+async def _serve_async(server: Server, ready_file: str | None = None) -> None:
+    opts = server.opts
+    runner = web.AppRunner(server.app(), handle_signals=False, access_log=None, shutdown_timeout=opts.drain_s)
+    await runner.setup()
+    site = web.TCPSite(runner, opts.host, opts.port, backlog=1024)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else opts.port
+    log.info("serving %s on http://%s:%d (max batch %d, max delay %g ms, queue %d)",
+             ", ".join(m.key for m in server.all_models()), opts.host, port, opts.max_batch, opts.max_delay_ms,
+             opts.max_queue)  # fmt: skip
+    if ready_file:
+        from ..io import write_json
+
+        write_json(ready_file, {"host": opts.host, "port": port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing queued requests (up to %.0f s)", opts.drain_s)
+    await server.drain()
+    await runner.cleanup()
+    log.info("stopped")
+
+
+def serve(specs: list[str], opts: ServeOptions | None = None, ready_file: str | None = None) -> None:
+    """Load every run in ``specs`` and serve until SIGINT/SIGTERM (see the module docstring)."""
+    from .serving import load_models
+
+    opts = opts or ServeOptions()
+    server = Server(load_models(specs, opts), opts)
+    try:
+        import uvloop  # a faster event loop where installed (Linux, macOS)
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve_async(server, ready_file))

@@ -1,0 +1,142 @@
+"""A served model: one run behind a runtime, with its OOD rule, drift monitor, batcher and Prometheus metrics.
+
+``ServedModel.infer`` is what the batcher calls with a batch of uint8 pixels: the runtime's logits,
+calibrated probabilities and embeddings, plus the OOD score and ``unknown`` flag of the run's rule,
+and the batch goes into the drift window. ``load_models`` turns ``RUN``, ``NAME=RUN`` or
+``NAME:VERSION=RUN`` specs into models (several versions of a name are allowed; the highest
+version answers when none is asked for).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..artifact import Artifact, read_artifact
+from ..config import opt
+from ..errors import ImgclfError
+from ..eval.trust import Trust
+from .batcher import Batcher
+from .monitor import DriftMonitor
+from .runtime import Predictor, load_predictor
+
+log = logging.getLogger("imgclf")
+_SPEC = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.-]+)(?::(?P<version>[0-9]+))?=)?(?P<run>.+)$")
+
+
+@dataclass
+class ServeOptions:
+    """Limits and batching of ``imgclf serve`` (all per server; batching and the queue per model)."""
+
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = opt(8000, "TCP port (0: any free port, see --ready-file)")
+    runtime: str = opt("auto", "inference runtime (auto: the fastest installed)")
+    max_batch: int = opt(32, "images per runtime call (1: batching off)")
+    max_delay_ms: float = opt(5.0, "how long the oldest request may wait for a batch to fill")
+    max_queue: int = opt(512, "images waiting per model; beyond it requests get 503 + Retry-After")
+    max_body_mb: float = opt(32.0, "largest request body (413 beyond)")
+    max_pixels: int = opt(40_000_000, "largest image in pixels, checked from its header before decoding (413)")
+    max_images: int = opt(64, "most images in one request (413 beyond)")
+    timeout_s: float = opt(30.0, "seconds a request may wait for its answer once read (504 beyond)")
+    read_timeout_s: float = opt(30.0, "seconds to receive a request body (408 beyond)")
+    drain_s: float = opt(30.0, "on SIGTERM/SIGINT: seconds queued requests may take to finish")
+    top_k: int = opt(5, "labels per image in /predict answers (?top_k= overrides)")
+    drift_window: int = opt(1000, "images in the sliding drift window, per model")
+    drift_min_samples: int = opt(100, "images before drift is judged")
+    drift_thresholds: dict[str, float] = field(default_factory=dict)
+    decode_threads: int = opt(2, "threads decoding and resizing uploads")
+
+    def __post_init__(self) -> None:
+        for k in ("max_batch", "max_queue", "max_pixels", "max_images", "top_k", "drift_window", "decode_threads"):
+            if getattr(self, k) < 1:
+                raise ImgclfError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(self, k)})")
+        for k in ("max_delay_ms", "max_body_mb", "timeout_s", "read_timeout_s", "drain_s"):
+            if getattr(self, k) < 0:
+                raise ImgclfError(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(self, k)})")
+        if self.max_queue < self.max_images:
+            raise ImgclfError(f"--max-queue ({self.max_queue}) must be >= --max-images ({self.max_images})")
+
+
+class ServedModel:
+    """One run, loaded on a runtime, ready for batches."""
+
+    def __init__(self, name: str, version: str, run_dir: Path, predictor: Predictor, opts: ServeOptions):
+        self.name, self.version, self.run_dir, self.predictor = name, version, run_dir, predictor
+        self.art: Artifact = predictor.art
+        self.trust = Trust.load(run_dir, self.art)
+        ref = self.art.extra.get("drift")
+        if ref is None:
+            log.warning("model %s: %s has no drift reference (trained before drift monitoring); "
+                        "`imgclf calibrate %s --data VAL` adds one", name, run_dir, run_dir)  # fmt: skip
+        self.monitor = DriftMonitor(ref, opts.drift_window, opts.drift_min_samples,
+                                    check_every=max(1, opts.drift_window // 10), thresholds=opts.drift_thresholds,
+                                    name=f"{name}:{version}")  # fmt: skip
+        self.batcher = Batcher(self.infer, opts.max_batch, opts.max_delay_ms, opts.max_queue)
+        c, h, w = self.art.preprocessing["input_size"]
+        self.input_hwc = (h, w, c)
+        self.images = self.unknowns = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def infer(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """One runtime call on (N, H, W, C) uint8 pixels -> every output, N rows each."""
+        logits, probs, feats = self.predictor(pixels)
+        out = {"logits": logits, "probs": probs, "features": feats}
+        judged = self.trust.unknown(torch.from_numpy(logits), torch.from_numpy(feats))
+        if judged is not None:
+            out["ood_score"], out["unknown"] = judged[0].numpy().astype(np.float32), judged[1].numpy()
+            self.unknowns += int(out["unknown"].sum())
+        self.images += len(pixels)
+        self.monitor.update(probs, feats, out.get("unknown"))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "run": str(self.run_dir),
+            "arch": self.art.arch,
+            "runtime": self.predictor.name,
+            "classes": self.art.class_names,
+            "input": list(self.input_hwc),
+            "ood_score": self.trust.ood_score if self.trust.thresholds else None,
+            "drift_reference": self.monitor.enabled,
+        }
+
+
+def parse_spec(spec: str) -> tuple[str | None, str | None, Path]:
+    m = _SPEC.match(spec)
+    if not m:
+        raise ImgclfError(f"model spec {spec!r}: expected RUN, NAME=RUN or NAME:VERSION=RUN")
+    return m["name"], m["version"], Path(m["run"])
+
+
+def load_models(specs: list[str], opts: ServeOptions) -> dict[str, dict[str, ServedModel]]:
+    """``{name: {version: model}}`` for ``specs`` (see the module docstring)."""
+    models: dict[str, dict[str, ServedModel]] = {}
+    for spec in specs:
+        name, version, run = parse_spec(spec)
+        if not run.is_dir():
+            raise ImgclfError(f"{run}: not a run directory")
+        name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", run.resolve().name)
+        version = version or str(len(models.get(name, {})) + 1)
+        if version in models.get(name, {}):
+            raise ImgclfError(f"model {name} version {version} is given twice")
+        if read_artifact(run).extra.get("kind") == "knn":
+            raise ImgclfError(f"{run}: a k-NN index cannot be served yet; serve a trained run")
+        t0 = time.perf_counter()
+        pred = load_predictor(run, opts.runtime)
+        models.setdefault(name, {})[version] = m = ServedModel(name, version, run, pred, opts)
+        log.info("model %s:%s from %s on %s (%.1f s)", name, version, run, pred.name, time.perf_counter() - t0)
+        for n in (1, opts.max_batch):  # warm-up: the first calls of a shape compile kernels
+            pred(np.zeros((n, *m.input_hwc), np.uint8))
+    return models

@@ -1,0 +1,109 @@
+"""Reference statistics for drift monitoring and the distances between a reference and live traffic.
+
+The reference comes from validation data (fitted with the calibration, stored in ``imgclf.json`` under
+``drift``): the predicted-class distribution, the calibrated confidence distribution (bin edges at
+its deciles, plus 101 quantiles for KS), and the per-dimension mean and variance of the embedding
+the classifier sees. Live traffic is compared with it by
+
+- PSI (population stability index) of the predicted classes and of the confidence bins:
+  ``sum((p - q) * ln(p / q))``; the usual reading is < 0.1 stable, 0.1-0.25 moderate, > 0.25 major;
+- KS: the largest gap between the live and reference confidence distribution functions;
+- embedding shift: the root mean square over dimensions of the standardised mean difference
+  ``(mean_live - mean_ref) / std_ref`` (Cohen's d per dimension: 0.2 is a "small" effect, 0.5 "medium";
+  the default threshold 0.3 sits above the sampling noise of a 100-image window, about 0.1).
+
+Example:
+    >>> ref = reference_stats(probs, feats)                 # doctest: +SKIP
+    >>> drift_scores(ref, live_probs, live_feats)           # doctest: +SKIP
+    {'n': 500, 'psi_class': 0.012, 'psi_confidence': 0.03, 'ks_confidence': 0.05, 'embedding_shift': 0.11}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import ImgclfError
+
+#: default thresholds past which the server reports (and logs) drift
+THRESHOLDS = {"psi_class": 0.2, "psi_confidence": 0.2, "ks_confidence": 0.2, "embedding_shift": 0.3}
+_EPS = 1e-4
+
+
+def reference_stats(probs: np.ndarray, feats: np.ndarray | None = None) -> dict[str, Any]:
+    """JSON-ready reference statistics of calibrated ``probs`` (N, K) and embeddings ``feats`` (N, D)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) < 2:
+        raise ImgclfError(f"a drift reference needs at least 2 predictions (got {len(probs)})")
+    k = probs.shape[1]
+    conf = probs.max(1)
+    edges = np.unique(np.quantile(conf, np.linspace(0, 1, 11)[1:-1]))  # inner decile edges
+    ref: dict[str, Any] = {
+        "n": len(probs),
+        "class_dist": _r(np.bincount(probs.argmax(1), minlength=k) / len(probs)),
+        "conf_edges": _r(edges),
+        "conf_hist": _r(_hist(conf, edges)),
+        "conf_quantiles": _r(np.quantile(conf, np.linspace(0, 1, 101))),
+    }
+    if feats is not None:
+        feats = np.asarray(feats, dtype=np.float64)
+        ref["emb_mean"], ref["emb_var"] = _r(feats.mean(0)), _r(feats.var(0))
+    return ref
+
+
+def drift_scores(ref: dict[str, Any], probs: np.ndarray, feats: np.ndarray | None = None) -> dict[str, Any]:
+    """Distances of live ``probs`` / ``feats`` from ``ref`` (see the module docstring)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    n = len(probs)
+    out: dict[str, Any] = {"n": n}
+    if n == 0:
+        return out
+    k = len(ref["class_dist"])
+    conf = probs.max(1)
+    out["psi_class"] = psi(np.array(ref["class_dist"]), np.bincount(probs.argmax(1), minlength=k)[:k] / n)
+    edges = np.array(ref["conf_edges"])
+    out["psi_confidence"] = psi(np.array(ref["conf_hist"]), _hist(conf, edges))
+    out["ks_confidence"] = ks_to_quantiles(conf, np.array(ref["conf_quantiles"]))
+    if feats is not None and "emb_mean" in ref:
+        mean, var = np.array(ref["emb_mean"]), np.array(ref["emb_var"])
+        var = np.maximum(var, 1e-3 * var.mean() + 1e-12)  # dead (constant) dimensions would divide by zero
+        d = (np.asarray(feats, dtype=np.float64).mean(0) - mean) / np.sqrt(var)
+        out["embedding_shift"] = float(np.sqrt((d**2).mean()))
+    return {key: round(v, 6) if isinstance(v, float) else v for key, v in out.items()}
+
+
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Population stability index of two distributions over the same bins (both smoothed by 1e-4)."""
+    p, q = np.clip(expected, _EPS, None), np.clip(actual, _EPS, None)
+    p, q = p / p.sum(), q / q.sum()
+    return float(((q - p) * np.log(q / p)).sum())
+
+
+def ks_to_quantiles(x: np.ndarray, quantiles: np.ndarray) -> float:
+    """Kolmogorov-Smirnov distance between the sample ``x`` and the distribution given by its quantiles."""
+    xs = np.sort(np.asarray(x, dtype=np.float64))
+    levels = np.linspace(0, 1, len(quantiles))
+    # the reference CDF at each sample point (interpolated through the quantile function); ties in the
+    # quantiles (saturated confidences) make it a step, so take the largest level at a tied value
+    ref_cdf = np.interp(xs, quantiles, levels, left=0.0, right=1.0)
+    hi = np.searchsorted(quantiles, xs, side="right")
+    ref_cdf = np.where((hi > 0) & (hi < len(quantiles)) & (quantiles[np.maximum(hi - 1, 0)] == xs),
+                       levels[np.maximum(hi - 1, 0)], ref_cdf)  # fmt: skip
+    n = len(xs)
+    live_hi, live_lo = np.arange(1, n + 1) / n, np.arange(n) / n
+    return float(max(np.abs(live_hi - ref_cdf).max(), np.abs(ref_cdf - live_lo).max()))
+
+
+def drifted(scores: dict[str, Any], thresholds: dict[str, float] | None = None) -> list[str]:
+    """The statistics past their threshold (empty: no drift)."""
+    th = {**THRESHOLDS, **(thresholds or {})}
+    return [k for k, t in th.items() if scores.get(k) is not None and scores[k] > t]
+
+
+def _hist(conf: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    return np.bincount(np.searchsorted(edges, conf, side="right"), minlength=len(edges) + 1) / max(len(conf), 1)
+
+
+def _r(a: np.ndarray) -> list[float]:
+    return [round(float(v), 7) for v in a]
