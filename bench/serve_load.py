@@ -67,7 +67,7 @@ async def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> 
                 async with s.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
                     if r.status == 200:
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(0.5)
     raise SystemExit(f"{url} not ready after {timeout} s")
