@@ -4,7 +4,7 @@ Same runtime (imgclf's fastest Predictor), same decoding and preprocessing (``de
 ``to_pixels``), same batching settings (max batch 32, 5 ms), same top-5 JSON answer; only the
 server differs. (It does less per image than imgclf serve: no OOD score, no drift window, no metrics.)
 
-Usage: python bench/litserve_app.py RUN PORT [--max-batch 32] [--max-delay-ms 5]
+Usage: python bench/litserve_app.py RUN PORT [--max-batch 32] [--max-delay-ms 5] [--runtime auto]
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import numpy as np
 
 
 class ImgclfAPI(ls.LitAPI):
-    def __init__(self, run: str, **kw):
+    def __init__(self, run: str, runtime: str = "auto", **kw):
         super().__init__(**kw)
-        self.run = run
+        self.run, self.runtime = run, runtime
 
     def setup(self, device):
         from imgclf.deploy.runtime import load_predictor
 
-        self.pred = load_predictor(self.run, "auto")
+        self.pred = load_predictor(self.run, self.runtime)
         self.names = self.pred.art.class_names
 
     def decode_request(self, request):
@@ -52,8 +52,9 @@ def main() -> None:
     ap.add_argument("port", type=int)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-delay-ms", type=float, default=5.0)
+    ap.add_argument("--runtime", default="auto")
     a = ap.parse_args()
-    api = ImgclfAPI(a.run, max_batch_size=a.max_batch, batch_timeout=a.max_delay_ms / 1000)
+    api = ImgclfAPI(a.run, a.runtime, max_batch_size=a.max_batch, batch_timeout=a.max_delay_ms / 1000)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=60)
     # no access log, like imgclf serve
     server.run(host="127.0.0.1", port=a.port, generate_client_file=False, access_log=False)

@@ -44,14 +44,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(target: str, run: str, port: int, log) -> subprocess.Popen:
+def start(target: str, run: str, port: int, log, runtime: str = "auto") -> subprocess.Popen:
     exe = [sys.executable]
     if target.startswith("imgclf"):
-        cmd = [*exe, "-m", "imgclf.cli", "serve", run, "--port", str(port), "--max-queue", "4096"]
+        cmd = [*exe, "-m", "imgclf.cli", "serve", run, "--port", str(port), "--max-queue", "4096", "--runtime", runtime]
         if target == "imgclf-nobatch":
             cmd.append("--no-batching")
     elif target == "litserve":
-        cmd = [*exe, str(HERE / "litserve_app.py"), run, str(port)]
+        cmd = [*exe, str(HERE / "litserve_app.py"), run, str(port), "--runtime", runtime]
     else:
         raise SystemExit(f"unknown target {target}")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -148,7 +148,7 @@ def run_target(target: str, a, images: list[bytes], logdir: Path) -> dict:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     with open(logdir / f"{target}.log", "w") as log:
-        proc = start(target, a.run, port, log)
+        proc = start(target, a.run, port, log, a.runtime)
         try:
             health = base + ("/v2/health/ready" if target.startswith("imgclf") else "/health")
             asyncio.run(wait_ready(health, proc))
@@ -169,6 +169,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run")
     ap.add_argument("--targets", nargs="+", default=["imgclf", "imgclf-nobatch", "litserve"])
+    ap.add_argument("--runtime", default="auto", help="for every target (auto: the fastest, as imgclf serve picks)")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--seconds", type=float, default=60.0, help="stop a target after this long")
@@ -192,8 +193,11 @@ def main() -> int:
         r["top1_agreement_with_first"] = round(sum(ref[i] == r["answers"][i] for i in common) / max(len(common), 1), 4)
         r.pop("answers")
     by = {r["target"]: r["img_per_s"] for r in results}
+    from imgclf.deploy.runtime import resolve_runtime
+
     doc = {
         "run": a.run,
+        "runtime": resolve_runtime(a.runtime, a.run),
         "clients": a.clients,
         "requests": a.requests,
         "command": "python bench/serve_load.py " + " ".join(sys.argv[1:]),
@@ -206,7 +210,11 @@ def main() -> int:
         "versions": package_versions(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    write_json(a.out, doc)
+    out = Path(a.out)
+    runs = json.loads(out.read_text()) if out.is_file() else {}
+    runs = runs if "by_runtime" in runs else {"by_runtime": {}}
+    runs["by_runtime"][doc["runtime"]] = doc
+    write_json(out, runs)
     print(f"batching speed-up {doc['batching_speedup']}x, vs LitServe {doc['vs_litserve']}x -> {a.out}")
     return 0
 

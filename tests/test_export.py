@@ -90,23 +90,32 @@ def test_torchscript_and_openvino_agree_with_pytorch(run, tmp_path, tiny_test_fo
     assert np.abs(ts(torch.from_numpy(px))[0].detach().numpy() - ref_logits).max() < 1e-4
 
 
-def test_int8_reports_its_drop_and_refuses_beyond_the_tolerance(run, tmp_path, tiny_folder, tiny_test_folder):
-    r = run_cli("export", run, "--format", "onnx-int8", "-o", tmp_path, "--data", tiny_test_folder,
+@pytest.mark.parametrize("fmt", ["onnx-int8", "openvino-int8"])
+def test_int8_reports_its_drop_and_refuses_beyond_the_tolerance(run, tmp_path, tiny_folder, tiny_test_folder, fmt):
+    r = run_cli("export", run, "--format", fmt, "-o", tmp_path, "--data", tiny_test_folder,
                 "--calib-data", tiny_folder, "--int8-tolerance", "100")  # fmt: skip
     assert r.code == 0, r
-    rec = json.loads((tmp_path / "export.json").read_text())["onnx-int8"]
+    rec = json.loads((tmp_path / "export.json").read_text())[fmt]
     assert rec["calibration_images"] == 48 and rec["verify"]["images"] == 24
     assert rec["verify"]["top1_agreement"] >= 0.9  # 3 separable colour classes survive 8 bits
-    import onnx
+    if fmt == "onnx-int8":
+        import onnx
 
-    ops = {n.op_type for n in onnx.load(rec["path"]).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        graph = onnx.load(rec["path"]).graph
+        assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    else:
+        import openvino as ov
+
+        model = ov.Core().read_model(rec["path"])
+        assert "FakeQuantize" in {op.get_type_name() for op in model.get_ops()}
+        assert json.loads(model.get_rt_info(["imgclf", "labels"]).astype(str)) == ["class_0", "class_1", "class_2"]
     # a tolerance nothing can meet: refused with one line, the int8 file removed
     out2 = tmp_path / "strict"
-    r = run_cli("export", run, "--format", "onnx-int8", "-o", out2, "--data", tiny_test_folder,
+    r = run_cli("export", run, "--format", fmt, "-o", out2, "--data", tiny_test_folder,
                 "--calib-data", tiny_folder, "--int8-tolerance", "-1")  # fmt: skip
     assert r.code == 2 and "int8 model loses" in r.err and "Traceback" not in r.err
-    assert not list(out2.glob("*.onnx")) and not list(out2.glob(".*.onnx"))  # nothing half-made left behind
+    left = [p for p in out2.iterdir() if p.name != "export.json"] if out2.exists() else []
+    assert not left, left  # nothing half-made left behind
 
 
 def test_triton_repository_layout(run, tmp_path, tiny_test_folder):

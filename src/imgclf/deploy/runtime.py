@@ -25,9 +25,10 @@ import torch
 
 from ..artifact import Artifact, load_artifact, read_artifact
 from ..errors import ImgclfError
-from .export import OUTPUTS
+from .export import EXPORT_FILE, FILES, OUTPUTS, export_run
 
-RUNTIMES = ("torch", "torch-cl", "torch-bf16", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16")
+RUNTIMES = ("torch", "torch-cl", "torch-bf16", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
+            "openvino-int8")  # fmt: skip
 
 
 def available_runtimes() -> list[str]:
@@ -36,6 +37,7 @@ def available_runtimes() -> list[str]:
         have += ["onnxruntime", "onnxruntime-int8"]
         if importlib.util.find_spec("openvino"):
             have += ["openvino"] + (["openvino-bf16"] if cpu_has_bf16() else [])
+            have += ["openvino-int8"] if importlib.util.find_spec("nncf") else []
     return have
 
 
@@ -48,9 +50,13 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_runtime() -> str:
-    """The fastest runtime installed (measured by ``imgclf bench``): OpenVINO, then ONNX Runtime, then torch."""
+def default_runtime(run_dir: str | Path | None = None) -> str:
+    """The fastest runtime installed (measured by ``imgclf bench``): OpenVINO int8 when the run already has an
+    accepted int8 export (it needs calibration data and an accuracy check, so it is never made implicitly),
+    then OpenVINO bf16 / fp32, ONNX Runtime, torch."""
     have = available_runtimes()
+    if run_dir is not None and "openvino-int8" in have and _current(Path(run_dir), "openvino-int8"):
+        return "openvino-int8"
     for r in ("openvino-bf16", "openvino", "onnxruntime", "torch-cl"):
         if r in have:
             return r
@@ -120,9 +126,14 @@ class OpenVinoPredictor(Predictor):
     def __init__(self, run_dir: Path, precision: str = "f32", threads: int | None = None):
         import openvino as ov
 
-        self.art, self.name = read_artifact(run_dir), "openvino-bf16" if precision == "bf16" else "openvino"
-        path = _exported(run_dir, "openvino")
-        cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        self.art, self.name = (
+            read_artifact(run_dir),
+            {"bf16": "openvino-bf16", "int8": "openvino-int8"}.get(precision, "openvino"),
+        )
+        path = _exported(run_dir, "openvino-int8" if precision == "int8" else "openvino")
+        cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if precision != "int8":  # int8: the layers kept in floating point run at the CPU's best precision
+            cfg["INFERENCE_PRECISION_HINT"] = precision
         if threads:
             cfg["INFERENCE_NUM_THREADS"] = threads
         self.compiled, self.path = ov.Core().compile_model(str(path), "CPU", cfg), str(path)
@@ -136,16 +147,25 @@ class OpenVinoPredictor(Predictor):
 
 def _exported(run_dir: Path, fmt: str) -> Path:
     """``<run>/export/<file>`` for ``fmt`` with uint8 NHWC input, exported and verified on first use."""
-    from .export import EXPORT_FILE, FILES, export_run
 
     path = run_dir / "export" / FILES[fmt]
-    rec_path = run_dir / "export" / EXPORT_FILE
-    rec = json.loads(rec_path.read_text()).get(fmt, {}) if rec_path.is_file() else {}
-    current = rec.get("pixels") == "nhwc" and rec.get("outputs") == list(OUTPUTS)  # older exports lack features
-    if current and path.is_file() and _newer(path, run_dir):
+    if _current(run_dir, fmt):
         return path
     export_run(run_dir, fmt, pixels="nhwc", verify_n=200)
     return path
+
+
+def _current(run_dir: Path, fmt: str) -> bool:
+    """``<run>/export`` holds an up-to-date export of ``fmt`` with uint8 NHWC input and every output."""
+
+    path = run_dir / "export" / FILES[fmt]
+    rec_path = run_dir / "export" / EXPORT_FILE
+    try:
+        rec = json.loads(rec_path.read_text()).get(fmt, {}) if rec_path.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    ok = rec.get("pixels") == "nhwc" and rec.get("outputs") == list(OUTPUTS)  # older exports lack features
+    return ok and path.is_file() and _newer(path, run_dir)
 
 
 def _newer(path: Path, run_dir: Path) -> bool:
@@ -156,7 +176,7 @@ def _newer(path: Path, run_dir: Path) -> bool:
 
 def load_predictor(run_dir: str | Path, runtime: str = "auto", device: str = "cpu") -> Predictor:
     run_dir = Path(run_dir)
-    runtime = default_runtime() if runtime == "auto" else runtime
+    runtime = default_runtime(run_dir) if runtime == "auto" else runtime
     if runtime not in RUNTIMES:
         raise ImgclfError(f"--runtime must be auto or one of {', '.join(RUNTIMES)} (got {runtime!r})")
     if runtime not in available_runtimes():
@@ -166,7 +186,7 @@ def load_predictor(run_dir: str | Path, runtime: str = "auto", device: str = "cp
         return TorchPredictor(run_dir, runtime, device)
     if runtime.startswith("onnxruntime"):
         return OnnxPredictor(run_dir, int8=runtime.endswith("int8"))
-    return OpenVinoPredictor(run_dir, "bf16" if runtime.endswith("bf16") else "f32")
+    return OpenVinoPredictor(run_dir, runtime.removeprefix("openvino").removeprefix("-") or "f32")
 
 
 def resolve_runtime(runtime: str, run_dir: str | Path, *, tta: str | None = None, device: str = "auto") -> str:
@@ -178,7 +198,7 @@ def resolve_runtime(runtime: str, run_dir: str | Path, *, tta: str | None = None
 
     if tta or read_artifact(run_dir).extra.get("kind") == "knn" or resolve_device(device).type != "cpu":
         return "torch"
-    return default_runtime()
+    return default_runtime(run_dir)
 
 
 def runtime_outputs(
