@@ -15,6 +15,8 @@ import zlib
 import numpy as np
 import pytest
 
+from imgclf.deploy.kserve import HEADER
+
 from .conftest import TINY, make_image, run_cli
 from .serving import Served, multipart, png
 
@@ -121,11 +123,19 @@ def _bad_requests(images) -> list[tuple[str, str, bytes | None, dict, tuple[int,
     for data in (good, jpeg):  # truncated images
         for cut in rng.integers(8, int(0.8 * len(data)), 20):  # inside the pixel data
             reqs.append(("POST", "/predict", data[: int(cut)], img, bad))
-    for w, h in [(30000, 30000), (2_000_000, 1), (5000, 5000), (2000, 2000), (65535, 65535)]:  # bombs by header
+    for w, h, st in [
+        (30000, 30000, 413),
+        (2_000_000, 1, 413),
+        (5000, 5000, 413),
+        (2000, 2000, 413),
+        (65535, 65535, 413),
+        (100_000, 10, 400),
+        (8, 20_000, 400),
+    ]:  # bombs and thin strips by header
         ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
         chunk = b"IHDR" + ihdr
         head = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
-        reqs.append(("POST", "/predict", head + good[33:], img, (413,)))
+        reqs.append(("POST", "/predict", head + good[33:], img, (st,)))  # fmt: skip
     from PIL import Image
 
     reqs.append(("POST", "/predict", png(Image.new("L", (1500, 1500))), img, (413,)))  # a real 2.25 MP image
@@ -174,6 +184,16 @@ def _bad_requests(images) -> list[tuple[str, str, bytes | None, dict, tuple[int,
         (kserve([{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]), {}),
         (kserve([{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(b"x").decode()]}]), {}),
         (kserve([{**tensor, "shape": [0, 32, 32, 3], "data": []}]), {}),
+        (kserve([{**tensor, "shape": [4294967296, 4294967296, 1, 3], "data": []}]), {}),
+        (kserve([{**tensor, "shape": [2**63, 0], "data": []}]), {}),
+        (kserve([{**tensor, "shape": [True], "data": [1]}]), {}),
+        (kserve([{**tensor, "parameters": [1], "data": [0] * 3072}]), {}),
+        (b'{"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1], "data": [' + b"9" * 5000 + b"]}]}", {}),
+        (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}),
+        (kserve([{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["\u00e9"]}]), {}),
+        (kserve([{**tensor, "data": px.ravel().tolist()}],
+                {"outputs": [{"name": "ood_score", "parameters": {"classification": 1}}]}), {}),
+        (kserve([{**tensor, "data": px.ravel().tolist()}, {**tensor, "data": px.ravel().tolist()}]), {}),
     ]  # fmt: skip
     head = kserve([{**tensor, "parameters": {"binary_data_size": 3072}}])
     v2_bodies += [
@@ -184,7 +204,10 @@ def _bad_requests(images) -> list[tuple[str, str, bytes | None, dict, tuple[int,
         (head + px.tobytes(), {"Inference-Header-Content-Length": "-5"}),
     ]
     for body, h in v2_bodies * 2:
-        reqs.append(("POST", v2, body, {**octet, **h}, bad))
+        reqs.append(("POST", v2, body, {**octet, **h}, bad + (413,)))
+    many_empty = kserve([{"name": "image", "datatype": "BYTES", "shape": [100_000],
+                          "parameters": {"binary_data_size": 400_000}}])  # fmt: skip
+    reqs.append(("POST", v2, many_empty + b"\0" * 400_000, {**octet, HEADER: str(len(many_empty))}, (413,)))
     for q in ["top_k=abc", "top_k=0", "top_k=-3", "top_k=1.5"] * 2:
         reqs.append(("POST", f"/predict?{q}", good, img, bad))
     for path in ["/models/nope/predict", "/models/tiny/versions/9/predict", "/v2/models/nope/infer",
@@ -373,6 +396,18 @@ def test_drift_statistics():
     quant = np.quantile(a, np.linspace(0, 1, 101))
     assert ks_to_quantiles(b, quant) == pytest.approx(ks_2samp(a, b).statistic, abs=0.02)
     assert ks_to_quantiles(rng.beta(5, 1, 3000), quant) < 0.04
+
+    def saturated(n):  # 40 % of confidences exactly 1.0: the tie must not read as drift
+        c = rng.uniform(0, 1, n)
+        c[rng.random(n) < 0.4] = 1.0
+        return c
+
+    ref_sat = saturated(20000)
+    quant = np.quantile(ref_sat, np.linspace(0, 1, 101))
+    live = saturated(3000)
+    assert ks_to_quantiles(live, quant) == pytest.approx(ks_2samp(ref_sat, live).statistic, abs=0.02)
+    live = rng.uniform(0, 1, 3000)  # the atom gone
+    assert ks_to_quantiles(live, quant) == pytest.approx(ks_2samp(ref_sat, live).statistic, abs=0.02)
     k, d = 5, 16
     logits = rng.normal(0, 2, (4000, k))
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
@@ -406,3 +441,28 @@ def test_serve_rejects_bad_specs_and_options(tmp_path):
     assert r.code == 2 and "--max-batch must be >= 1" in r.err
     r = run_cli("serve", tmp_path, "--drift-threshold", "psi=1")
     assert r.code == 2 and "unknown statistic 'psi'" in r.err
+
+
+def test_batcher_survives_a_failure_outside_the_runtime_call():
+
+    from imgclf.deploy.batcher import Batcher
+
+    calls = []
+
+    def observer(n, seconds):  # a bug in a callback must fail its batch, not kill the worker
+        calls.append(n)
+        if len(calls) == 1:
+            raise RuntimeError("observer bug")
+
+    async def main():
+        b = Batcher(lambda px: {"x": px[:, 0, 0, 0]}, max_batch=4, max_delay_ms=0, max_queue=8, on_batch=observer)
+        b.start()
+        with pytest.raises(RuntimeError, match="observer bug"):
+            await b.submit(np.zeros((1, 1, 1, 3), np.uint8))
+        out = await b.submit(np.full((2, 1, 1, 3), 7, np.uint8))
+        healthy = b.healthy()
+        await b.drain()
+        return out, healthy
+
+    out, healthy = _run_async(main())
+    assert out["x"].tolist() == [7, 7] and healthy

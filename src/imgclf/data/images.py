@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,24 +37,40 @@ def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     return _decode(path, str(path), max_pixels)
 
 
-def decode_image(data: bytes, source: str = "upload", max_pixels: int | None = None) -> Image.Image:
+#: formats accepted from the network (never PostScript/EPS, which Pillow hands to Ghostscript)
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "MPO")
+
+
+def decode_image(
+    data: bytes, source: str = "upload", max_pixels: int | None = None, max_aspect: float | None = None
+) -> Image.Image:
     """Decode encoded image bytes (an upload) as RGB, or raise ``BadImage`` naming ``source`` and the cause.
 
-    ``max_pixels``: refuse images with more pixels (checked from the header, before decoding).
+    ``max_pixels`` / ``max_aspect``: refuse images with more pixels or a more extreme aspect ratio (checked
+    from the header, before decoding; a 4,000,000 x 10 strip would otherwise be resized to gigabytes).
     """
-    return _decode(io.BytesIO(data), source, max_pixels)
+    return _decode(io.BytesIO(data), source, max_pixels, max_aspect, UPLOAD_FORMATS)
 
 
-def _decode(fp: str | Path | io.BytesIO, path: str, max_pixels: int | None) -> Image.Image:
+def _decode(
+    fp: str | Path | io.BytesIO,
+    path: str,
+    max_pixels: int | None,
+    max_aspect: float | None = None,
+    formats: tuple[str, ...] | None = None,
+) -> Image.Image:
+    limit = min(max_pixels or Image.MAX_IMAGE_PIXELS or 2**62, Image.MAX_IMAGE_PIXELS or 2**62)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
-                w, h = img.size
-                if max_pixels is not None and w * h > max_pixels:
-                    raise BadImage(path, f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels}", too_large=True)
-                img.load()
-                return to_rgb(img)
+        # (Image.open warns above MAX_IMAGE_PIXELS and raises above twice that; the check below refuses
+        # both without touching the process-wide warning filters, which decode threads share)
+        with Image.open(fp, formats=formats) as img:
+            w, h = img.size
+            if w * h > limit:
+                raise BadImage(path, f"{w}x{h} = {w * h} pixels, over the limit of {limit}", too_large=True)
+            if max_aspect is not None and max(w, h) > max_aspect * max(min(w, h), 1):
+                raise BadImage(path, f"{w}x{h}: aspect ratio beyond {max_aspect:g}:1")
+            img.load()
+            return to_rgb(img)
     except BadImage:
         raise
     except FileNotFoundError:
@@ -64,7 +79,7 @@ def _decode(fp: str | Path | io.BytesIO, path: str, max_pixels: int | None) -> I
         raise BadImage(path, f"cannot read ({e.strerror or e})") from None
     except UnidentifiedImageError:
         raise BadImage(path, "not an image (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise BadImage(path, f"too many pixels ({e})", too_large=True) from None
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, ValueError, EOFError, struct.error, ...
         raise BadImage(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from None

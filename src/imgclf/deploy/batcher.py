@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("imgclf")
 
 
 class QueueFull(Exception):
@@ -66,6 +70,10 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="imgclf-infer")  # one call at a time per model
         self._seconds_per_image = 0.01  # running estimate, for Retry-After
 
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained (at least 1), for Retry-After."""
+        return max(1, math.ceil(self.queued_images * self._seconds_per_image))
+
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -76,7 +84,7 @@ class Batcher:
             raise Draining()
         n = len(pixels)
         if self.queued_images + n > self.max_queue and self.queued_images > 0:
-            raise QueueFull(max(1.0, self.queued_images * self._seconds_per_image))
+            raise QueueFull(self.retry_after())
         job = _Job(pixels, asyncio.get_running_loop().create_future())
         self.queue.append(job)
         self.queued_images += n
@@ -92,8 +100,15 @@ class Batcher:
                 await self._wake.wait()
             await self._wait_for_batch()
             jobs = self._take()
-            if jobs:
-                await self._execute(jobs)
+            try:
+                if jobs:
+                    await self._execute(jobs)
+            except asyncio.CancelledError:
+                _fail(jobs, Draining())
+                raise
+            except Exception as e:  # noqa: BLE001 - never let the worker die: fail this batch, go on
+                log.exception("batch of %d requests failed outside the runtime call", len(jobs))
+                _fail(jobs, e)
 
     async def _wait_for_batch(self) -> None:
         """Up to ``max_delay`` after the oldest request arrived, unless the batch is already full."""
@@ -126,9 +141,7 @@ class Batcher:
         try:
             out = await asyncio.get_running_loop().run_in_executor(self._executor, self.fn, px)
         except Exception as e:  # noqa: BLE001 - the runtime failed: every request in the batch gets the error
-            for j in jobs:
-                if not j.future.done():
-                    j.future.set_exception(e)
+            _fail(jobs, e)
             return
         finally:
             self._busy = False
@@ -155,9 +168,22 @@ class Batcher:
             return True
         except TimeoutError:
             self._task.cancel()
+            _fail(list(self.queue), Draining())  # answer what never ran, rather than leave it waiting
+            self.queue.clear()
+            self.queued_images = 0
             return False
         finally:
             self._executor.shutdown(wait=False)
 
+    def healthy(self) -> bool:
+        """The worker task is running (or was never started)."""
+        return self._task is None or not self._task.done() or self.closed
+
     def stats(self) -> dict[str, Any]:
         return {"queued_images": self.queued_images, "queued_requests": len(self.queue), "busy": self._busy}
+
+
+def _fail(jobs: list[_Job], error: BaseException) -> None:
+    for j in jobs:
+        if not j.future.done():
+            j.future.set_exception(error)

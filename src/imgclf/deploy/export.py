@@ -282,10 +282,12 @@ def _quantize_openvino(
     return out_xml
 
 
-def _int8_gate(fmt: str, path: Path, check: dict[str, Any], tolerance: float, force: bool) -> None:
-    """Refuse (delete) an int8 model that loses more than ``tolerance`` top-1 points, unless ``force``."""
+def _int8_gate(fmt: str, path: Path, check: dict[str, Any], tolerance: float, force: bool) -> bool:
+    """Refuse (delete) an int8 model that loses more than ``tolerance`` top-1 points, unless ``force``.
+
+    True when within the tolerance; False when kept by ``force`` (never chosen automatically then)."""
     if check["top1_drop_points"] <= tolerance:
-        return
+        return True
     msg = (f"{fmt} model loses {check['top1_drop_points']:.2f} top-1 points on {check['images']} images "
            f"(tolerance {tolerance})")  # fmt: skip
     if not force:
@@ -293,7 +295,8 @@ def _int8_gate(fmt: str, path: Path, check: dict[str, Any], tolerance: float, fo
         if path.suffix == ".xml":
             path.with_suffix(".bin").unlink(missing_ok=True)
         raise ImgclfError(msg + "; pass --force to keep the int8 model anyway or raise --int8-tolerance")
-    log.warning(msg + " (--force: int8 model kept)")
+    log.warning(msg + " (--force: int8 model kept; --runtime auto will not pick it)")
+    return False
 
 
 class _Calibration:
@@ -497,8 +500,8 @@ def _int8(job: _Job, fmt: str, calib_data: str | None, calib_n: int, tolerance: 
         held = [to_input(px, pixels, art) for px, _ in _calibration_batches(run_dir, art, calib_data, HELD_N, seed=2)]
         q = _quantize_openvino(job.onnx_path, job.out_dir / FILES[fmt], job.meta, calib, held, tolerance)
         check = job.verify(_ov_runner(q, None))
-    _int8_gate(fmt, q, check, tolerance, force)
-    return {"path": str(q), "verify": check, "calibration_images": sum(len(x) for x in calib)}
+    accepted = _int8_gate(fmt, q, check, tolerance, force)
+    return {"path": str(q), "verify": check, "calibration_images": sum(len(x) for x in calib), "accepted": accepted}
 
 
 def _triton(job: _Job, max_batch: int, delay_us: int) -> dict[str, Any]:

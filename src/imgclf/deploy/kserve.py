@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from typing import Any
 
@@ -23,11 +24,24 @@ DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "INT32": np.int32, "INT64": np.in
 
 
 class ProtocolError(ValueError):
-    """A malformed inference request (answered with 400)."""
+    """A malformed inference request (answered with 400; 413 when ``too_large``)."""
+
+    def __init__(self, message: str, too_large: bool = False):
+        super().__init__(message)
+        self.too_large = too_large
 
 
-def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the JSON header, {input name: numpy array or list of bytes for BYTES})."""
+#: an input may hold at most this many elements (a 64-image batch of 1024x1024 RGB is ~2e8)
+MAX_ELEMENTS = 2**28
+
+
+def parse_request(
+    body: bytes, header_length: str | None, max_batch: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the JSON header, {input name: numpy array or list of bytes for BYTES}).
+
+    ``max_batch``: refuse inputs whose first dimension is larger (before reading any data).
+    """
     if header_length is not None:
         try:
             n = int(header_length)
@@ -40,29 +54,38 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any
         head, rest = body, memoryview(b"")
     try:
         doc = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"request header is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long, too deep
+        raise ProtocolError(f"request header is not valid JSON ({type(e).__name__})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise ProtocolError("request needs 'inputs': a non-empty list of tensors")
     tensors, offset = {}, 0
     for t in doc["inputs"]:
-        name, value, used = _tensor(t, rest, offset)
+        name, value, used = _tensor(t, rest, offset, max_batch)
+        if name in tensors:
+            raise ProtocolError(f"input '{name}' is given twice")
         tensors[name], offset = value, offset + used
     if offset != len(rest):
         raise ProtocolError(f"{len(rest) - offset} bytes of binary data are not claimed by any input")
     return doc, tensors
 
 
-def _tensor(t: Any, rest: memoryview, offset: int) -> tuple[str, Any, int]:
+def _tensor(t: Any, rest: memoryview, offset: int, max_batch: int | None) -> tuple[str, Any, int]:
     if not isinstance(t, dict) or not isinstance(t.get("name"), str):
         raise ProtocolError("every input needs a 'name'")
     name, dtype, shape = t["name"], t.get("datatype"), t.get("shape")
     if dtype not in DTYPES and dtype != "BYTES":
         raise ProtocolError(f"input '{name}': datatype {dtype!r} is not one of {', '.join([*DTYPES, 'BYTES'])}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ProtocolError(f"input '{name}': 'shape' must be a list of non-negative integers")
-    count = int(np.prod(shape)) if shape else 1
-    size = (t.get("parameters") or {}).get("binary_data_size")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 8:
+        raise ProtocolError(f"input '{name}': 'shape' must be a list of at most 8 non-negative integers")
+    if max_batch is not None and shape and shape[0] > max_batch:
+        raise ProtocolError(f"input '{name}': {shape[0]} images in one request; the limit is {max_batch}", True)
+    count = math.prod(shape)  # Python ints: no overflow
+    if count > MAX_ELEMENTS:
+        raise ProtocolError(f"input '{name}': shape {shape} holds {count} elements, over {MAX_ELEMENTS}", True)
+    params = t.get("parameters", {})
+    if not isinstance(params, dict):
+        raise ProtocolError(f"input '{name}': 'parameters' must be an object")
+    size = params.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(rest):
             raise ProtocolError(f"input '{name}': binary_data_size {size!r} runs past the end of the body")
@@ -83,7 +106,7 @@ def _tensor(t: Any, rest: memoryview, offset: int) -> tuple[str, Any, int]:
         flat = _flatten(t["data"])
         try:
             value = [base64.b64decode(s, validate=True) for s in flat]
-        except (TypeError, binascii.Error):
+        except (TypeError, ValueError, binascii.Error):  # non-ASCII strings raise a plain ValueError
             raise ProtocolError(f"input '{name}': BYTES data in JSON must be base64 strings") from None
         if len(value) != count:
             raise ProtocolError(f"input '{name}': {len(value)} elements for shape {shape}")
@@ -111,6 +134,8 @@ def _flatten(data: Any) -> list:
 def _split_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
     out, pos = [], 0
     while pos < len(raw):
+        if len(out) == count:
+            raise ProtocolError(f"input '{name}': more BYTES elements than the {count} in its shape")
         if pos + 4 > len(raw):
             raise ProtocolError(f"input '{name}': truncated BYTES element length")
         (n,) = struct.unpack_from("<I", raw, pos)

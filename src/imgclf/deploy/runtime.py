@@ -55,7 +55,7 @@ def default_runtime(run_dir: str | Path | None = None) -> str:
     accepted int8 export (it needs calibration data and an accuracy check, so it is never made implicitly),
     then OpenVINO bf16 / fp32, ONNX Runtime, torch."""
     have = available_runtimes()
-    if run_dir is not None and "openvino-int8" in have and _current(Path(run_dir), "openvino-int8"):
+    if run_dir is not None and "openvino-int8" in have and _current(Path(run_dir), "openvino-int8", accepted=True):
         return "openvino-int8"
     for r in ("openvino-bf16", "openvino", "onnxruntime", "torch-cl"):
         if r in have:
@@ -65,8 +65,13 @@ def default_runtime(run_dir: str | Path | None = None) -> str:
 
 def to_pixels(images: list, art: Artifact) -> np.ndarray:
     """PIL images -> (N, H, W, 3) uint8 at the input size (the artifact's resize + centre crop)."""
-    t = _pixel_fn(json.dumps(art.preprocessing, sort_keys=True))
+    t = pixel_fn(art)
     return np.stack([t(im) for im in images])
+
+
+def pixel_fn(art: Artifact):
+    """PIL image -> (H, W, 3) uint8 at the input size; built once per preprocessing."""
+    return _pixel_fn(json.dumps(art.preprocessing, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=16)
@@ -155,7 +160,7 @@ def _exported(run_dir: Path, fmt: str) -> Path:
     return path
 
 
-def _current(run_dir: Path, fmt: str) -> bool:
+def _current(run_dir: Path, fmt: str, accepted: bool = False) -> bool:
     """``<run>/export`` holds an up-to-date export of ``fmt`` with uint8 NHWC input and every output."""
 
     path = run_dir / "export" / FILES[fmt]
@@ -165,6 +170,7 @@ def _current(run_dir: Path, fmt: str) -> bool:
     except (OSError, ValueError):
         return False
     ok = rec.get("pixels") == "nhwc" and rec.get("outputs") == list(OUTPUTS)  # older exports lack features
+    ok = ok and (not accepted or rec.get("accepted", False))  # an int8 model kept by --force is not picked
     return ok and path.is_file() and _newer(path, run_dir)
 
 

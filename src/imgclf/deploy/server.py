@@ -51,6 +51,7 @@ from .kserve import HEADER, ProtocolError, encode_response, parse_request
 from .serving import ServedModel, ServeOptions
 
 log = logging.getLogger("imgclf")
+MAX_ASPECT = 50.0  # longest / shortest side of an upload; resizing a thin strip would allocate gigabytes
 OUTPUT_TYPES = {"logits": "FP32", "probs": "FP32", "features": "FP32", "ood_score": "FP32", "unknown": "BOOL"}
 
 
@@ -94,6 +95,7 @@ class Server:
         self.models, self.opts, self.metrics = models, opts, Metrics()
         self.default = next(iter(models))
         self.draining = False
+        self.inflight = 0  # requests being read, decoded or waiting for their batch
         self.decode_pool = ThreadPoolExecutor(opts.decode_threads, thread_name_prefix="imgclf-decode")
         for m in self.all_models():
             m.batcher.on_batch = self._batch_observer(m.key)
@@ -114,7 +116,7 @@ class Server:
             raise ApiError(404, f"no model named {name!r} (served: {', '.join(self.models)})")
         versions = self.models[name]
         if version is None:
-            return versions[max(versions, key=lambda v: (len(v), v))]
+            return versions[_versions(versions)[-1]]
         if version not in versions:
             raise ApiError(404, f"model {name!r} has no version {version!r} (versions: {', '.join(versions)})")
         return versions[version]
@@ -151,7 +153,6 @@ class Server:
         done = await asyncio.gather(*(m.batcher.drain(self.opts.drain_s) for m in self.all_models()))
         if not all(done):
             log.warning("shutdown: queued requests did not finish within %.0f s", self.opts.drain_s)
-        self.decode_pool.shutdown(wait=False)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
@@ -196,6 +197,10 @@ class Server:
                 return await request.read()
         except TimeoutError:
             raise ApiError(408, f"request body not received within {self.opts.read_timeout_s:g} s") from None
+        except web.HTTPException:
+            raise
+        except Exception as e:  # noqa: BLE001 - the client went away or sent a broken chunked body
+            raise ApiError(400, f"request body could not be read ({type(e).__name__})") from None
 
     async def _uploads(self, request: web.Request) -> list[tuple[str, bytes]]:
         """(source name, encoded bytes) of every image in a /predict request."""
@@ -258,21 +263,35 @@ class Server:
         return files
 
     def _decode(self, m: ServedModel, uploads: list[tuple[str, bytes]]) -> np.ndarray:
-        from .runtime import to_pixels
+        """Decode and resize one image at a time: only one full-size image is ever held per thread."""
+        from .runtime import pixel_fn
 
         if not uploads:
             raise ApiError(400, "no images in the request")
         if len(uploads) > self.opts.max_images:
             raise ApiError(413, f"{len(uploads)} images in one request; the limit is {self.opts.max_images}")
-        images = []
+        to_px, rows = pixel_fn(m.art), []
         for source, data in uploads:
             if not data:
                 raise ApiError(400, f"{source}: empty image")
             try:
-                images.append(decode_image(data, source, self.opts.max_pixels))
+                img = decode_image(data, source, self.opts.max_pixels, MAX_ASPECT)
+                rows.append(to_px(img))
             except BadImage as e:
                 raise ApiError(413 if e.too_large else 400, str(e)) from None
-        return to_pixels(images, m.art)
+            except MemoryError:
+                raise ApiError(413, f"{source}: too large to preprocess") from None
+            del img
+        return np.stack(rows)
+
+    def _admit(self, m: ServedModel) -> None:
+        """Refuse at once (before reading and decoding the body) when the answer would be 503 anyway."""
+        if self.draining:
+            self.metrics.rejects.labels(m.key, "draining").inc()
+            raise ApiError(503, "server is shutting down", {"Retry-After": "5"})
+        if m.batcher.queued_images >= self.opts.max_queue or self.inflight >= self.opts.max_inflight:
+            self.metrics.rejects.labels(m.key, "queue_full").inc()
+            raise ApiError(503, f"model {m.key} is busy", {"Retry-After": str(m.batcher.retry_after())})
 
     async def _run(self, m: ServedModel, pixels: np.ndarray) -> dict[str, np.ndarray]:
         if self.draining:
@@ -306,8 +325,13 @@ class Server:
     async def predict(self, request: web.Request) -> web.Response:
         m = self._model_of(request)
         top_k = _int_param(request, "top_k", self.opts.top_k, 1, m.art.num_classes)
-        pixels = await self._pixels_of(m, await self._uploads(request))
-        out = await self._run(m, pixels)
+        self._admit(m)
+        self.inflight += 1
+        try:
+            pixels = await self._pixels_of(m, await self._uploads(request))
+            out = await self._run(m, pixels)
+        finally:
+            self.inflight -= 1
         names = m.art.class_names
         k = min(top_k, len(names))
         order = np.argsort(-out["probs"], axis=1)[:, :k]
@@ -366,46 +390,59 @@ class Server:
         return web.json_response({"live": True})
 
     async def v2_ready(self, request: web.Request) -> web.Response:
-        return web.json_response({"ready": not self.draining}, status=503 if self.draining else 200)
+        ready = not self.draining and all(m.batcher.healthy() for m in self.all_models())
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def v2_model_ready(self, request: web.Request) -> web.Response:
-        self._model_of(request)
-        return web.json_response({"ready": not self.draining}, status=503 if self.draining else 200)
+        ready = not self.draining and self._model_of(request).batcher.healthy()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def v2_metadata(self, request: web.Request) -> web.Response:
         m = self._model_of(request)
-        k, d = m.art.num_classes, None
-        outs = [{"name": n, "datatype": t, "shape": [-1, k] if n in ("logits", "probs") else [-1, d or -1]}
-                for n, t in OUTPUT_TYPES.items() if n != "unknown" and n != "ood_score"]  # fmt: skip
-        if m.trust.thresholds:
-            outs += [{"name": "ood_score", "datatype": "FP32", "shape": [-1]},
-                     {"name": "unknown", "datatype": "BOOL", "shape": [-1]}]  # fmt: skip
+        outs = [{"name": n, "datatype": t, "shape": d} for n, t, d in self._outputs(m)]
         return web.json_response({
-            "name": m.name, "versions": sorted(self.models[m.name]), "platform": f"imgclf_{m.predictor.name}",
+            "name": m.name, "versions": _versions(self.models[m.name]), "platform": f"imgclf_{m.predictor.name}",
             "inputs": [{"name": "input", "datatype": "UINT8", "shape": [-1, *m.input_hwc]},
                        {"name": "image", "datatype": "BYTES", "shape": [-1]}],
             "outputs": outs,
             "parameters": {"labels": m.art.class_names, "preprocessing": m.art.preprocessing},
         })  # fmt: skip
 
+    def _outputs(self, m: ServedModel) -> list[tuple[str, str, list[int]]]:
+        """(name, datatype, shape with -1 batch) of the outputs this model gives."""
+        k = m.art.num_classes
+        shapes = {"logits": [-1, k], "probs": [-1, k], "features": [-1, m.feat_dim], "ood_score": [-1], "unknown": [-1]}
+        have = OUTPUT_TYPES if m.trust.thresholds else {n: t for n, t in OUTPUT_TYPES.items() if n in shapes and
+                                                        n not in ("ood_score", "unknown")}  # fmt: skip
+        return [(n, t, shapes[n]) for n, t in have.items()]
+
     async def v2_config(self, request: web.Request) -> web.Response:
         m = self._model_of(request)
         return web.json_response({
             "name": m.name, "platform": f"imgclf_{m.predictor.name}", "max_batch_size": self.opts.max_batch,
-            "input": [{"name": "input", "data_type": "TYPE_UINT8", "dims": list(m.input_hwc)}],
-            "output": [{"name": n, "data_type": f"TYPE_{t}", "dims": [-1]} for n, t in OUTPUT_TYPES.items()],
+            "input": [{"name": "input", "data_type": "TYPE_UINT8", "dims": list(m.input_hwc)},
+                      {"name": "image", "data_type": "TYPE_STRING", "dims": [1]}],
+            "output": [{"name": n, "data_type": f"TYPE_{t}", "dims": d[1:] or [1]} for n, t, d in self._outputs(m)],
             "dynamic_batching": {"max_queue_delay_microseconds": int(1000 * self.opts.max_delay_ms)},
         })  # fmt: skip
 
     async def v2_infer(self, request: web.Request) -> web.Response:
         m = self._model_of(request)
-        body = await self._body(request)
+        self._admit(m)
+        self.inflight += 1
         try:
-            doc, tensors = parse_request(body, request.headers.get(HEADER))
-        except ProtocolError as e:
-            raise ApiError(400, str(e)) from None
-        pixels = await self._v2_pixels(m, tensors)
-        out = await self._run(m, pixels)
+            body = await self._body(request)
+            loop = asyncio.get_running_loop()
+            head = request.headers.get(HEADER)
+            try:  # off the event loop: a large body of many small elements takes a while to split
+                doc, tensors = await loop.run_in_executor(self.decode_pool, parse_request, body, head,
+                                                          self.opts.max_images)  # fmt: skip
+            except ProtocolError as e:
+                raise ApiError(413 if e.too_large else 400, str(e)) from None
+            pixels = await self._v2_pixels(m, tensors)
+            out = await self._run(m, pixels)
+        finally:
+            self.inflight -= 1
         outputs = self._v2_outputs(m, doc, out, len(pixels))
         meta = {"model_name": m.name, "model_version": m.version, **({"id": doc["id"]} if "id" in doc else {})}
         payload, head_len = encode_response(meta, outputs)
@@ -448,6 +485,8 @@ class Server:
                 raise ApiError(400, f"unknown output {name!r} (outputs: {', '.join(have)})")
             value = out[name]
             cls = p.get("classification")
+            if cls and name not in ("logits", "probs"):
+                raise ApiError(400, f"output {name!r}: classification applies to logits or probs only")
             if cls:  # Triton's classification extension: top-k "score:index:label" strings
                 if not isinstance(cls, int) or cls < 1:
                     raise ApiError(400, f"output {name!r}: classification must be a positive integer")
@@ -458,6 +497,10 @@ class Server:
             else:
                 result.append((name, OUTPUT_TYPES[name], value, list(value.shape), binary))
         return result
+
+
+def _versions(versions: dict[str, Any]) -> list[str]:
+    return sorted(versions, key=lambda v: (len(v), v))  # numeric order: "2" before "10"
 
 
 def _int_param(request: web.Request, key: str, default: int, lo: int, hi: int) -> int:
@@ -494,7 +537,8 @@ async def _serve_async(server: Server, ready_file: str | None = None) -> None:
     await stop.wait()
     log.info("shutting down: finishing queued requests (up to %.0f s)", opts.drain_s)
     await server.drain()
-    await runner.cleanup()
+    await runner.cleanup()  # waits for the handlers still sending answers
+    server.decode_pool.shutdown(wait=False)
     log.info("stopped")
 
 

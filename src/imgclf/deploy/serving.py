@@ -52,14 +52,21 @@ class ServeOptions:
     drift_min_samples: int = opt(100, "images before drift is judged")
     drift_thresholds: dict[str, float] = field(default_factory=dict)
     decode_threads: int = opt(2, "threads decoding and resizing uploads")
+    max_inflight: int = opt(1024, "requests being read, decoded or queued at once (503 beyond)")
 
     def __post_init__(self) -> None:
-        for k in ("max_batch", "max_queue", "max_pixels", "max_images", "top_k", "drift_window", "decode_threads"):
+        for k in ("max_batch", "max_queue", "max_pixels", "max_images", "top_k", "drift_window", "decode_threads",
+                  "max_inflight", "drift_min_samples"):  # fmt: skip
             if getattr(self, k) < 1:
                 raise ImgclfError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(self, k)})")
-        for k in ("max_delay_ms", "max_body_mb", "timeout_s", "read_timeout_s", "drain_s"):
+        for k in ("max_delay_ms", "timeout_s", "read_timeout_s", "drain_s"):
             if getattr(self, k) < 0:
                 raise ImgclfError(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(self, k)})")
+        if self.max_body_mb <= 0:
+            raise ImgclfError(f"--max-body-mb must be > 0 (got {self.max_body_mb})")
+        if self.drift_min_samples > self.drift_window:
+            raise ImgclfError(f"--drift-min-samples ({self.drift_min_samples}) must be <= --drift-window "
+                              f"({self.drift_window})")  # fmt: skip
         if self.max_queue < self.max_images:
             raise ImgclfError(f"--max-queue ({self.max_queue}) must be >= --max-images ({self.max_images})")
 
@@ -82,6 +89,7 @@ class ServedModel:
         c, h, w = self.art.preprocessing["input_size"]
         self.input_hwc = (h, w, c)
         self.images = self.unknowns = 0
+        self.feat_dim = -1  # known after the first call
 
     @property
     def key(self) -> str:
@@ -138,5 +146,5 @@ def load_models(specs: list[str], opts: ServeOptions) -> dict[str, dict[str, Ser
         models.setdefault(name, {})[version] = m = ServedModel(name, version, run, pred, opts)
         log.info("model %s:%s from %s on %s (%.1f s)", name, version, run, pred.name, time.perf_counter() - t0)
         for n in (1, opts.max_batch):  # warm-up: the first calls of a shape compile kernels
-            pred(np.zeros((n, *m.input_hwc), np.uint8))
+            m.feat_dim = pred(np.zeros((n, *m.input_hwc), np.uint8))[2].shape[1]
     return models

@@ -81,18 +81,31 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
 
 
 def ks_to_quantiles(x: np.ndarray, quantiles: np.ndarray) -> float:
-    """Kolmogorov-Smirnov distance between the sample ``x`` and the distribution given by its quantiles."""
+    """Kolmogorov-Smirnov distance between the sample ``x`` and the distribution given by its quantiles.
+
+    The reference CDF is the piecewise-linear one through (quantile, level), with steps where quantiles
+    tie (saturated confidences put many values at exactly 1.0). Both CDFs are compared at every sample
+    value and every quantile, from the right and from the left, so atoms shared by both sides cost nothing.
+    """
     xs = np.sort(np.asarray(x, dtype=np.float64))
-    levels = np.linspace(0, 1, len(quantiles))
-    # the reference CDF at each sample point (interpolated through the quantile function); ties in the
-    # quantiles (saturated confidences) make it a step, so take the largest level at a tied value
-    ref_cdf = np.interp(xs, quantiles, levels, left=0.0, right=1.0)
-    hi = np.searchsorted(quantiles, xs, side="right")
-    ref_cdf = np.where((hi > 0) & (hi < len(quantiles)) & (quantiles[np.maximum(hi - 1, 0)] == xs),
-                       levels[np.maximum(hi - 1, 0)], ref_cdf)  # fmt: skip
+    q = np.asarray(quantiles, dtype=np.float64)
+    levels = np.linspace(0, 1, len(q))
     n = len(xs)
-    live_hi, live_lo = np.arange(1, n + 1) / n, np.arange(n) / n
-    return float(max(np.abs(live_hi - ref_cdf).max(), np.abs(ref_cdf - live_lo).max()))
+    pts = np.unique(np.concatenate([xs, q]))
+
+    def ref_cdf(p: np.ndarray, right: bool) -> np.ndarray:
+        inside = np.interp(p, q, levels)
+        hi = np.searchsorted(q, p, side="right")  # quantiles <= p
+        lo = np.searchsorted(q, p, side="left")  # quantiles < p
+        tied = hi > lo  # p is a quantile value (possibly several): a step
+        step = levels[np.maximum(hi - 1, 0)] if right else levels[np.maximum(lo - 1, 0)] * (lo > 0)
+        out = np.where(tied, step, inside)
+        out = np.where(p < q[0], 0.0, out)
+        return np.where(p > q[-1], 1.0, out)
+
+    right = np.abs(np.searchsorted(xs, pts, side="right") / n - ref_cdf(pts, True))
+    left = np.abs(np.searchsorted(xs, pts, side="left") / n - ref_cdf(pts, False))
+    return float(max(right.max(), left.max()))
 
 
 def drifted(scores: dict[str, Any], thresholds: dict[str, float] | None = None) -> list[str]:
