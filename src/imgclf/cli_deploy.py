@@ -63,7 +63,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     hints = typing.get_type_hints(ServeOptions)
     for f in dataclasses.fields(ServeOptions):
         if f.name == "runtime":
-            runtime_opt(p, "auto: the fastest installed")
+            runtime_opt(p, "auto: the fastest installed; PyTorch on a GPU")
         elif hints[f.name] in (int, float, str):
             p.add_argument(f"--{f.name.replace('_', '-')}", type=hints[f.name], default=f.default,
                            help=f"{f.metadata.get('help', '')} (default {f.default})")  # fmt: skip

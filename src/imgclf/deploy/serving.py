@@ -21,11 +21,12 @@ import torch
 
 from ..artifact import Artifact, read_artifact
 from ..config import opt
+from ..dist import resolve_device
 from ..errors import ImgclfError
 from ..eval.trust import Trust
 from .batcher import Batcher
 from .monitor import DriftMonitor
-from .runtime import Predictor, load_predictor
+from .runtime import Predictor, load_predictor, resolve_runtime
 
 log = logging.getLogger("imgclf")
 _SPEC = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.-]+)(?::(?P<version>[0-9]+))?=)?(?P<run>.+)$")
@@ -37,7 +38,8 @@ class ServeOptions:
 
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = opt(8000, "TCP port (0: any free port, see --ready-file)")
-    runtime: str = opt("auto", "inference runtime (auto: the fastest installed)")
+    runtime: str = opt("auto", "inference runtime (auto: the fastest installed; PyTorch on a GPU)")
+    device: str = opt("auto", "device of the torch runtimes: auto | cpu | cuda | cuda:N | mps")
     max_batch: int = opt(32, "images per runtime call (1: batching off)")
     max_delay_ms: float = opt(5.0, "how long the oldest request may wait for a batch to fill")
     max_queue: int = opt(512, "images waiting per model; beyond it requests get 503 + Retry-After")
@@ -142,7 +144,8 @@ def load_models(specs: list[str], opts: ServeOptions) -> dict[str, dict[str, Ser
         if read_artifact(run).extra.get("kind") == "knn":
             raise ImgclfError(f"{run}: a k-NN index cannot be served yet; serve a trained run")
         t0 = time.perf_counter()
-        pred = load_predictor(run, opts.runtime)
+        rt = resolve_runtime(opts.runtime, run, device=opts.device)
+        pred = load_predictor(run, rt, str(resolve_device(opts.device)) if rt.startswith("torch") else "cpu")
         models.setdefault(name, {})[version] = m = ServedModel(name, version, run, pred, opts)
         log.info("model %s:%s from %s on %s (%.1f s)", name, version, run, pred.name, time.perf_counter() - t0)
         for n in (1, opts.max_batch):  # warm-up: the first calls of a shape compile kernels
