@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cli_deploy
+from .cli_deploy import positive_int as _positive_int
 from .config import Config, config_to_dict, field_types, section_fields
 from .errors import ImgclfError
 
@@ -165,16 +166,6 @@ def _add_knn(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", dest="json_out", help="also write the report JSON here")
     model_opts(e)
     embed_opts(e)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _infer_opts(p: argparse.ArgumentParser, batch_size: int) -> None:

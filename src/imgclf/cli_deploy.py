@@ -11,9 +11,14 @@ from .errors import ImgclfError
 
 
 def positive_int(text: str) -> int:
-    from .cli import _positive_int
-
-    return _positive_int(text)
+    """argparse type: a whole number >= 1 (shared with ``imgclf.cli``, which imports this module)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def runtime_opt(p: argparse.ArgumentParser, auto_help: str) -> None:
