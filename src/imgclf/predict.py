@@ -97,9 +97,7 @@ def predict_run(
 def _outputs(run, inputs: list[str], runtime: str, feats: bool, tta: str | None, tta_merge: str, run_opts: dict):
     """(Outputs, artifact, samples, skips) of one run through PyTorch or an exported runtime."""
     desc = f"predict {Path(run).name}"
-    rt = (
-        "torch" if runtime == "torch" else resolve_runtime(runtime, run, tta=tta, device=run_opts.get("device", "auto"))
-    )
+    rt = resolve_runtime(runtime, run, tta=tta, device=run_opts.get("device", "auto"))
     if rt == "torch":
         return infer_run(run, lambda a: scan_inputs(inputs), desc=desc, features=feats, tta=tta, tta_merge=tta_merge,
                          **run_opts)  # fmt: skip
@@ -109,8 +107,8 @@ def _outputs(run, inputs: list[str], runtime: str, feats: bool, tta: str | None,
         raise ImgclfError(f"--runtime {rt} runs on the CPU; use --runtime torch with --device {run_opts['device']}")
     samples = scan_inputs(inputs)
     opts = {k: v for k, v in run_opts.items() if k != "device"}
-    out, skips = runtime_outputs(run, samples, rt, desc=desc, **opts)
-    return out, read_artifact(run), samples, skips
+    out, art, skips = runtime_outputs(run, samples, rt, desc=desc, **opts)
+    return out, art, samples, skips
 
 
 def render(preds: Predictions, fmt: str) -> str:

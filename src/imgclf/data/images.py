@@ -59,13 +59,14 @@ def _decode(
     max_aspect: float | None = None,
     formats: tuple[str, ...] | None = None,
 ) -> Image.Image:
-    limit = min(max_pixels or Image.MAX_IMAGE_PIXELS or 2**62, Image.MAX_IMAGE_PIXELS or 2**62)
+    caps = [c for c in (max_pixels, Image.MAX_IMAGE_PIXELS) if c]  # Pillow's own bomb limit applies too
+    limit = min(caps) if caps else None
     try:
         # (Image.open warns above MAX_IMAGE_PIXELS and raises above twice that; the check below refuses
         # both without touching the process-wide warning filters, which decode threads share)
         with Image.open(fp, formats=formats) as img:
             w, h = img.size
-            if w * h > limit:
+            if limit is not None and w * h > limit:
                 raise BadImage(path, f"{w}x{h} = {w * h} pixels, over the limit of {limit}", too_large=True)
             if max_aspect is not None and max(w, h) > max_aspect * max(min(w, h), 1):
                 raise BadImage(path, f"{w}x{h}: aspect ratio beyond {max_aspect:g}:1")

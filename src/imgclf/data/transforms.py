@@ -54,8 +54,9 @@ def eval_transform(pre: dict[str, Any]):
 
 
 def view_transform(pre: dict[str, Any]):
-    """``eval_transform`` without normalisation: the model's view of an image as a [0, 1] CHW tensor."""
-    return eval_transform(dict(pre, mean=[0.0] * len(pre["mean"]), std=[1.0] * len(pre["std"])))
+    """The model's view of an image as a [0, 1] float CHW tensor (``pixel_transform`` / 255)."""
+    pixels = pixel_transform(pre)
+    return lambda img: pixels(img).float() / 255.0
 
 
 def pixel_transform(pre: dict[str, Any]):

@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -66,7 +65,6 @@ class Batcher:
         self.closed = False
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._busy = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="imgclf-infer")  # one call at a time per model
         self._seconds_per_image = 0.01  # running estimate, for Retry-After
 
@@ -137,14 +135,11 @@ class Batcher:
     async def _execute(self, jobs: list[_Job]) -> None:
         px = jobs[0].pixels if len(jobs) == 1 else np.concatenate([j.pixels for j in jobs])
         t0 = time.perf_counter()
-        self._busy = True
         try:
             out = await asyncio.get_running_loop().run_in_executor(self._executor, self.fn, px)
         except Exception as e:  # noqa: BLE001 - the runtime failed: every request in the batch gets the error
             _fail(jobs, e)
             return
-        finally:
-            self._busy = False
         dt = time.perf_counter() - t0
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * dt / len(px)
         if self.on_batch:
@@ -178,9 +173,6 @@ class Batcher:
     def healthy(self) -> bool:
         """The worker task is running (or was never started)."""
         return self._task is None or not self._task.done() or self.closed
-
-    def stats(self) -> dict[str, Any]:
-        return {"queued_images": self.queued_images, "queued_requests": len(self.queue), "busy": self._busy}
 
 
 def _fail(jobs: list[_Job], error: BaseException) -> None:

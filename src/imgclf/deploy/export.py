@@ -30,6 +30,7 @@ import torch.nn as nn
 from ..artifact import Artifact, load_artifact, package_versions
 from ..data.splits import run_split
 from ..errors import ImgclfError
+from ..eval.inference import forward_both
 from ..io import atomic_path, write_json, write_text
 
 log = logging.getLogger("imgclf")
@@ -82,9 +83,7 @@ class ServingModel(nn.Module):
             if self.pixels == "nhwc":
                 x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
             x = x.float() * self.scale + self.shift
-        fmap = self.model.forward_features(x)  # (N, C', h, w) or (N, tokens, D)
-        feats = self.model.forward_head(fmap, pre_logits=True)  # (N, D)
-        logits = self.model.forward_head(fmap)  # (N, K)
+        logits, feats = forward_both(self.model, x, logits=True, features=True)  # (N, K), (N, D)
         return logits, (logits * self.inv_t).softmax(-1), feats
 
 
@@ -190,11 +189,14 @@ def _export_onnx(serving: ServingModel, art: Artifact, pixels: str, out: Path, m
     return out
 
 
-def _ort_session(path: Path):
+def ort_session(path: Path, threads: int | None = None):
+    """A quiet CPU ONNX Runtime session (``threads``: intra-op threads, default the library's)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -215,7 +217,13 @@ def _export_openvino(onnx_path: Path, out_xml: Path, meta: dict[str, str]) -> Pa
         import openvino as ov
     except ImportError:
         raise ImgclfError("OpenVINO export needs the openvino package: pip install 'imgclf[deploy]'") from None
-    model = ov.convert_model(str(onnx_path))
+    return _save_openvino(ov.convert_model(str(onnx_path)), out_xml, meta)
+
+
+def _save_openvino(model: Any, out_xml: Path, meta: dict[str, str]) -> Path:
+    """Write an ``ov.Model`` with the imgclf metadata in its rt_info; .xml and .bin replace the old ones together."""
+    import openvino as ov
+
     for k, v in meta.items():
         model.set_rt_info(v, ["imgclf", k.removeprefix("imgclf.")])
     with tempfile.TemporaryDirectory(dir=out_xml.parent, prefix=".ov-") as tmp:
@@ -272,14 +280,7 @@ def _quantize_openvino(
         )  # fmt: skip
     finally:
         nncf_log.setLevel(level)
-    for k, v in meta.items():
-        q.set_rt_info(v, ["imgclf", k.removeprefix("imgclf.")])
-    with tempfile.TemporaryDirectory(dir=out_xml.parent, prefix=".ov-") as tmp:
-        staged = Path(tmp) / out_xml.name
-        ov.save_model(q, str(staged), compress_to_fp16=False)
-        staged.with_suffix(".bin").replace(out_xml.with_suffix(".bin"))
-        staged.replace(out_xml)
-    return out_xml
+    return _save_openvino(q, out_xml, meta)
 
 
 def _int8_gate(fmt: str, path: Path, check: dict[str, Any], tolerance: float, force: bool) -> bool:
@@ -464,7 +465,7 @@ class _Job:
 
 
 def _ort_logits(path: Path):
-    sess = _ort_session(path)
+    sess = ort_session(path)
     return lambda x: sess.run(["logits"], {"input": x})[0]
 
 

@@ -7,7 +7,7 @@ Thread-safe: batches arrive from the inference thread, reports are read by HTTP 
 
 Example:
     >>> mon = DriftMonitor(art.extra["drift"], window=1000)   # doctest: +SKIP
-    >>> mon.update(probs, feats, unknown); mon.report()      # doctest: +SKIP
+    >>> mon.update(probs, feats, unknown); mon.check()       # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -96,6 +96,3 @@ class DriftMonitor:
                 log.info("drift on model %s is back under the thresholds", self.name)
         self.last = rep
         return rep
-
-    def report(self) -> dict[str, Any]:
-        return self.check()

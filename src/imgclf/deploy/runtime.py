@@ -25,7 +25,7 @@ import torch
 
 from ..artifact import Artifact, load_artifact, read_artifact
 from ..errors import ImgclfError
-from .export import EXPORT_FILE, FILES, OUTPUTS, export_run
+from .export import EXPORT_FILE, FILES, OUTPUTS, export_run, ort_session
 
 RUNTIMES = ("torch", "torch-cl", "torch-bf16", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
             "openvino-int8")  # fmt: skip
@@ -114,14 +114,9 @@ class TorchPredictor(Predictor):
 
 class OnnxPredictor(Predictor):
     def __init__(self, run_dir: Path, int8: bool = False, threads: int | None = None):
-        import onnxruntime as ort
-
         self.art, self.name = read_artifact(run_dir), "onnxruntime-int8" if int8 else "onnxruntime"
         path = _exported(run_dir, "onnx-int8" if int8 else "onnx")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        self.sess, self.path = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), str(path)
+        self.sess, self.path = ort_session(path, threads or torch.get_num_threads()), str(path)
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(self.sess.run(list(OUTPUTS), {"input": np.ascontiguousarray(pixels)}))  # type: ignore[return-value]
@@ -219,7 +214,7 @@ def runtime_outputs(
     desc: str = "infer",
 ):
     """``eval.inference.Outputs`` (logits, labels, indices, features) of ``samples`` through a runtime,
-    decoding with the same loader (and skip log) as the PyTorch path. Returns (outputs, skips)."""
+    decoding with the same loader (and skip log) as the PyTorch path. Returns (outputs, artifact, skips)."""
     from tqdm.auto import tqdm
 
     from ..data.loader import ImageDataset, SkipLog, make_loader
@@ -244,4 +239,4 @@ def runtime_outputs(
     cat = lambda xs, empty: torch.cat(xs) if xs else empty  # noqa: E731
     out = Outputs(cat(logits, torch.empty(0, k)), cat(labels, torch.empty(0, dtype=torch.long)),
                   cat(indices, torch.empty(0, dtype=torch.long)), cat(feats, torch.empty(0, 0)))  # fmt: skip
-    return out, skips
+    return out, pred.art, skips

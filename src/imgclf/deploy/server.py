@@ -26,7 +26,6 @@ import base64
 import binascii
 import json
 import logging
-import math
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -188,10 +187,14 @@ class Server:
         request["model"] = m.key
         return m
 
-    async def _body(self, request: web.Request) -> bytes:
+    def _check_length(self, request: web.Request) -> None:
+        """413 from the Content-Length header alone, before reading anything."""
         if request.content_length is not None and request.content_length > request.app._client_max_size:
             raise ApiError(413, f"request body of {request.content_length} bytes is over the limit of "
                                 f"{self.opts.max_body_mb:g} MB")  # fmt: skip
+
+    async def _body(self, request: web.Request) -> bytes:
+        self._check_length(request)
         try:
             async with asyncio.timeout(self.opts.read_timeout_s):
                 return await request.read()
@@ -233,10 +236,7 @@ class Server:
     async def _multipart(self, request: web.Request) -> list[tuple[str, bytes]]:
         from aiohttp import BodyPartReader
 
-        if request.content_length is not None and request.content_length > request.app._client_max_size:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=request.app._client_max_size, actual_size=request.content_length
-            )
+        self._check_length(request)
         files: list[tuple[str, bytes]] = []
         total = 0
         try:
@@ -284,34 +284,32 @@ class Server:
             del img
         return np.stack(rows)
 
+    def _reject(self, m: ServedModel, reason: str) -> ApiError:
+        """Count a refusal and make its answer: 503 + Retry-After (draining, queue_full) or 504 (timeout)."""
+        self.metrics.rejects.labels(m.key, reason).inc()
+        if reason == "timeout":
+            return ApiError(504, f"no answer within {self.opts.timeout_s:g} s (server overloaded)")
+        if reason == "draining":
+            return ApiError(503, "server is shutting down", {"Retry-After": "5"})
+        return ApiError(503, f"model {m.key} is busy", {"Retry-After": str(m.batcher.retry_after())})
+
     def _admit(self, m: ServedModel) -> None:
         """Refuse at once (before reading and decoding the body) when the answer would be 503 anyway."""
         if self.draining:
-            self.metrics.rejects.labels(m.key, "draining").inc()
-            raise ApiError(503, "server is shutting down", {"Retry-After": "5"})
+            raise self._reject(m, "draining")
         if m.batcher.queued_images >= self.opts.max_queue or self.inflight >= self.opts.max_inflight:
-            self.metrics.rejects.labels(m.key, "queue_full").inc()
-            raise ApiError(503, f"model {m.key} is busy", {"Retry-After": str(m.batcher.retry_after())})
+            raise self._reject(m, "queue_full")
 
     async def _run(self, m: ServedModel, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        if self.draining:
-            self.metrics.rejects.labels(m.key, "draining").inc()
-            raise ApiError(503, "server is shutting down", {"Retry-After": "5"})
-        self.metrics.queue.labels(m.key).set(m.batcher.queued_images)
         try:
             async with asyncio.timeout(self.opts.timeout_s):  # cheaper than wait_for: no extra task per request
                 out = await m.batcher.submit(pixels)
-        except QueueFull as e:
-            self.metrics.rejects.labels(m.key, "queue_full").inc()
-            raise ApiError(
-                503, f"model {m.key} is busy ({e})", {"Retry-After": str(math.ceil(e.retry_after))}
-            ) from None
+        except QueueFull:
+            raise self._reject(m, "queue_full") from None
         except Draining:
-            self.metrics.rejects.labels(m.key, "draining").inc()
-            raise ApiError(503, "server is shutting down", {"Retry-After": "5"}) from None
+            raise self._reject(m, "draining") from None
         except TimeoutError:
-            self.metrics.rejects.labels(m.key, "timeout").inc()
-            raise ApiError(504, f"no answer within {self.opts.timeout_s:g} s (server overloaded)") from None
+            raise self._reject(m, "timeout") from None
         self.metrics.images.labels(m.key).inc(len(pixels))
         if "unknown" in out:
             self.metrics.unknown.labels(m.key).inc(int(out["unknown"].sum()))
@@ -363,7 +361,7 @@ class Server:
             ms = [self._model_of(request)]
         else:
             ms = self.all_models()
-        reps = {m.key: await asyncio.get_running_loop().run_in_executor(None, m.monitor.report) for m in ms}
+        reps = {m.key: await asyncio.get_running_loop().run_in_executor(None, m.monitor.check) for m in ms}
         return web.json_response({"models": reps})
 
     async def prometheus(self, request: web.Request) -> web.Response:
@@ -412,9 +410,8 @@ class Server:
         """(name, datatype, shape with -1 batch) of the outputs this model gives."""
         k = m.art.num_classes
         shapes = {"logits": [-1, k], "probs": [-1, k], "features": [-1, m.feat_dim], "ood_score": [-1], "unknown": [-1]}
-        have = OUTPUT_TYPES if m.trust.thresholds else {n: t for n, t in OUTPUT_TYPES.items() if n in shapes and
-                                                        n not in ("ood_score", "unknown")}  # fmt: skip
-        return [(n, t, shapes[n]) for n, t in have.items()]
+        judged = bool(m.trust.thresholds)  # the OOD outputs exist only when the run has a threshold
+        return [(n, t, shapes[n]) for n, t in OUTPUT_TYPES.items() if judged or n not in ("ood_score", "unknown")]
 
     async def v2_config(self, request: web.Request) -> web.Response:
         m = self._model_of(request)
@@ -460,10 +457,8 @@ class Server:
         if value.dtype != np.uint8 or value.ndim != 4 or tuple(value.shape[1:]) != m.input_hwc:
             raise ApiError(400, f"input '{name}': UINT8 pixels of shape {list(want)} expected, got "
                                 f"{value.dtype} {list(value.shape)}")  # fmt: skip
-        if not 1 <= len(value) <= self.opts.max_images:
-            raise ApiError(
-                413 if len(value) else 400, f"input '{name}': {len(value)} images; 1..{self.opts.max_images}"
-            )
+        if len(value) == 0:  # (more than --max-images was refused while parsing)
+            raise ApiError(400, f"input '{name}': no images")
         return value
 
     def _v2_outputs(self, m: ServedModel, doc: dict[str, Any], out: dict[str, np.ndarray], n: int) -> list[tuple]:

@@ -83,14 +83,13 @@ class ServedModel:
         ref = self.art.extra.get("drift")
         if ref is None:
             log.warning("model %s: %s has no drift reference (trained before drift monitoring); "
-                        "`imgclf calibrate %s --data VAL` adds one", name, run_dir, run_dir)  # fmt: skip
+                        "`imgclf calibrate %s` adds one", name, run_dir, run_dir)  # fmt: skip
         self.monitor = DriftMonitor(ref, opts.drift_window, opts.drift_min_samples,
                                     check_every=max(1, opts.drift_window // 10), thresholds=opts.drift_thresholds,
                                     name=f"{name}:{version}")  # fmt: skip
         self.batcher = Batcher(self.infer, opts.max_batch, opts.max_delay_ms, opts.max_queue)
         c, h, w = self.art.preprocessing["input_size"]
         self.input_hwc = (h, w, c)
-        self.images = self.unknowns = 0
         self.feat_dim = -1  # known after the first call
 
     @property
@@ -104,8 +103,6 @@ class ServedModel:
         judged = self.trust.unknown(torch.from_numpy(logits), torch.from_numpy(feats))
         if judged is not None:
             out["ood_score"], out["unknown"] = judged[0].numpy().astype(np.float32), judged[1].numpy()
-            self.unknowns += int(out["unknown"].sum())
-        self.images += len(pixels)
         self.monitor.update(probs, feats, out.get("unknown"))
         return out
 

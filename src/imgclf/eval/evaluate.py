@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..artifact import META_FILE, read_artifact
+from ..artifact import META_FILE
 from ..data.sources import open_source, open_unlabelled
 from ..errors import ImgclfError
 from ..io import write_json
@@ -118,7 +118,6 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
     (``data``; None: the run's own validation split again); save them."""
     from ..data.splits import run_split
 
-    art = read_artifact(run_dir)
     opener = _labelled(data, split) if data else lambda a: run_split(run_dir, a.config, "val", "--data")
     out, art, samples, _ = infer_run(run_dir, opener, desc="calibrate", features=True, **run_opts)
     if len(out.labels) < 10:
