@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from imgclf.config import Config
-from imgclf.data.images import BadImage, open_image
+from imgclf.data.images import BadImage, DecodePolicy, open_image
 from imgclf.data.sources import open_source, read_npz, scan_inputs, stratified_split
 from imgclf.data.splits import prepare_data
 from imgclf.errors import ImgclfError
@@ -146,12 +146,18 @@ def test_bad_files_raise_badimage_with_reason(tmp_path):
         assert why in e.value.reason
 
 
-def test_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
+def test_the_pixel_limit_is_the_callers_not_pillows(tmp_path, monkeypatch):
+    """Pillow's process-wide MAX_IMAGE_PIXELS neither caps nor loosens imgclf's per-call limit, and stays in
+    force for everyone else's Image.open."""
     p = tmp_path / "big.png"
     Image.new("L", (300, 300)).save(p)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(BadImage, match="too many pixels"):
-        open_image(p)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 90,000 pixels: Pillow alone would raise (> 2 x 1000)
+    assert open_image(p, DecodePolicy(max_pixels=100_000)).size == (300, 300)
+    with pytest.raises(BadImage, match="over the limit of 50000") as e:
+        open_image(p, DecodePolicy(max_pixels=50_000))
+    assert e.value.too_large
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(p)
 
 
 def test_scan_inputs_takes_files_folders_and_csv(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -110,6 +111,7 @@ def read_artifact(run_dir: str | Path) -> Artifact:
         raise ImgclfError(f"{meta_path}: field(s) of the wrong type: {', '.join(bad)}")
     if doc["format_version"] > FORMAT_VERSION:
         raise ImgclfError(f"{meta_path}: format {doc['format_version']} is newer than this imgclf; upgrade imgclf")
+    doc["class_names"] = [unicodedata.normalize("NFC", c) for c in doc["class_names"]]  # as every source reads them
     known = {k: doc.pop(k) for k in list(doc) if k in Artifact.__dataclass_fields__ and k != "extra"}
     return Artifact(**known, extra=doc)
 

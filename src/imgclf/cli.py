@@ -182,6 +182,28 @@ def _loader_opts(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--strict-images", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    _limit_opts(p)
+
+
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _limit_opts(p: argparse.ArgumentParser) -> None:
+    from .data.images import MAX_ASPECT, PILLOW_MAX_PIXELS
+
+    p.add_argument(
+        "--max-pixels",
+        type=_non_negative_int,
+        default=PILLOW_MAX_PIXELS,
+        help="skip images with more pixels, read from the header (0: no limit; default %(default)s)",
+    )
+    p.add_argument(
+        "--max-aspect",
+        type=float,
+        default=MAX_ASPECT,
+        help="skip images whose longer side exceeds this x the shorter (0: no limit; default %(default)s)",
+    )
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -214,6 +236,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", help="class to explain (default: the predicted one)")
     p.add_argument("--output", "-o", help="PNG to write (default <image>_<method>.png next to the image)")
     p.add_argument("--device", default="cpu")
+    _limit_opts(p)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -328,6 +351,8 @@ def _run_opts(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "strict_images": args.strict_images,
         "progress": not args.no_progress,
+        "max_pixels": args.max_pixels or None,
+        "max_aspect": args.max_aspect or None,
     }
     if getattr(args, "tta", None):
         opts.update(tta=args.tta, tta_merge=args.tta_merge)
@@ -422,7 +447,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from . import api
 
-    r = api.explain(args.run, args.image, args.output, method=args.method, target=args.target, device=args.device)
+    r = api.explain(args.run, args.image, args.output, method=args.method, target=args.target, device=args.device,
+                    max_pixels=args.max_pixels, max_aspect=args.max_aspect)  # fmt: skip
     print(f"{r['label']} {100 * r['prob']:.1f}% ({r['method']}): {r['output']}")
     return 0
 

@@ -46,8 +46,28 @@ class DataConfig:
     eval_batch_size: int | None = opt(None, "evaluation batch size; default: 2 x batch_size")
     num_workers: int = opt(-1, "data loader worker processes; -1 picks from the CPU count")
     strict_images: bool = opt(False, "stop on the first corrupt or non-image file instead of skipping it")
+    pixel_range: tuple[float, float] | str = opt(
+        "auto",
+        "how 16-bit, 32-bit and float pixels map to 0-255 (8-bit images are never changed): auto (integers by"
+        " their type's range, 16-bit / 257; floats by the data: [0, 1] or [0, 255]) | minmax (each image's own"
+        " range) | [lo, hi] (a fixed window, clipped)",
+    )
+    background: str = opt("white", "colour that transparent pixels are composited over (a name or #rrggbb)")
+    max_pixels: int = opt(89_478_485, "refuse images with more pixels, read from the header (0: no limit)")
+    max_aspect: float = opt(50.0, "refuse images whose longer side is more than this x the shorter (0: no limit)")
 
     def __post_init__(self) -> None:
+        from PIL import ImageColor
+
+        pr = self.pixel_range
+        ok = pr in ("auto", "minmax") if isinstance(pr, str) else pr[0] < pr[1]
+        _check(ok, "data.pixel_range", "must be auto, minmax or [lo, hi] with lo < hi", pr)
+        try:
+            ImageColor.getrgb(self.background)
+        except ValueError:
+            _check(False, "data.background", "must be a colour name or #rrggbb", self.background)
+        _check(self.max_pixels >= 0, "data.max_pixels", "must be >= 0", self.max_pixels)
+        _check(self.max_aspect == 0 or self.max_aspect >= 1, "data.max_aspect", "must be 0 or >= 1", self.max_aspect)
         _check(0.0 <= self.val_split < 1.0, "data.val_split", "must be in [0, 1)", self.val_split)
         _check(self.input_size is None or self.input_size >= 8, "data.input_size", "must be >= 8", self.input_size)
         _check(self.crop_pct is None or 0 < self.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]", self.crop_pct)

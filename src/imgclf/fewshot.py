@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from .artifact import META_FILE, WEIGHTS_FILE, Artifact, load_artifact, package_versions
 from .config import DataConfig, ModelConfig
+from .data.images import DecodePolicy
 from .data.loader import ImageDataset, SkipLog, make_loader
 from .data.sources import open_source
 from .data.transforms import eval_transform, resolve_preprocessing
@@ -87,9 +88,9 @@ def _backbone(
     return model.eval(), source, architecture_of(model, model_name), resolve_preprocessing(model, overrides)
 
 
-def _open(data: str | Path, split: str, per_class: int | None, seed: int):
-    """The labelled ``Samples`` of ``data``, at most ``per_class`` per class (a seeded random choice)."""
-    samples = open_source(data, split)
+def _open(data: str | Path, split: str, per_class: int | None, seed: int, pre: dict[str, Any]):
+    """The labelled ``Samples`` of ``data`` decoded per ``pre``, at most ``per_class`` per class (seeded)."""
+    samples = open_source(data, split, DecodePolicy.from_preprocessing(pre))
     if per_class is None:
         return samples
     if per_class < 1:
@@ -134,7 +135,7 @@ def _embed(
 ) -> tuple[Embeddings, nn.Module]:  # fmt: skip
     dev = resolve_device(device)
     model, source, arch, pre = _backbone(model_name, weights, input_size, crop_pct, interpolation)
-    samples = _open(data, split, per_class, seed)
+    samples = _open(data, split, per_class, seed, pre)
     feats, labels, skipped = _embed_samples(
         model, samples, pre, dev, batch_size=batch_size, num_workers=num_workers,
         strict_images=strict_images, progress=progress,
@@ -396,7 +397,7 @@ def add_to_index(
     """
     dev = resolve_device(device)
     clf, art = load_index(run_dir, dev)
-    samples = _open(more_support, split, per_class, seed)
+    samples = _open(more_support, split, per_class, seed, art.preprocessing)
     feats, labels, skipped = _embed_samples(
         clf.backbone, samples, art.preprocessing, dev, batch_size=batch_size, num_workers=num_workers,
         strict_images=strict_images, progress=progress,

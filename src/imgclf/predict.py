@@ -15,7 +15,8 @@ from .artifact import read_artifact
 from .data.sources import scan_inputs
 from .deploy.runtime import resolve_runtime, runtime_outputs
 from .errors import ImgclfError
-from .eval.inference import infer_run
+from .eval.evaluate import class_order
+from .eval.inference import infer_run, log_notes, run_decode_policy
 from .eval.metrics import format_table
 from .eval.ood import FEATURE_SCORES
 from .eval.trust import Trust
@@ -50,7 +51,8 @@ def predict_run(
     answers ``unknown`` when at least half of its members with OOD thresholds do.
     ``runtime``: ``torch`` (the run's PyTorch model, any device, TTA), ``auto`` (the fastest installed
     runtime; PyTorch where only it can run the job) or a name from ``deploy.runtime.RUNTIMES``.
-    ``run_opts``: batch_size, num_workers, device, strict_images, progress (see ``infer_run``).
+    ``run_opts``: batch_size, num_workers, device, strict_images, progress, max_pixels, max_aspect (see
+    ``infer_run``). Members of an ensemble may list the same classes in another order (aligned by name).
     """
     if top_k < 1:
         raise ImgclfError(f"--top-k must be >= 1 (got {top_k})")
@@ -62,13 +64,12 @@ def predict_run(
         score = ood_score or trust.ood_score
         feats = score in FEATURE_SCORES and trust.stats is not None
         out, art, samples, skips = _outputs(run, inputs, runtime, feats, tta, tta_merge, run_opts)
-        if names is not None and art.class_names != names:
-            raise ImgclfError(f"{run}: its classes differ from {run_dir}; an ensemble needs the same classes")
+        order = class_order(art.class_names, names or art.class_names, run, run_dir)  # ensembles align by name
         if ref is not None and not torch.equal(out.indices, ref):
             raise ImgclfError(f"{run}: read a different set of inputs; cannot ensemble")
-        names, ref = art.class_names, out.indices
+        names, ref = names or art.class_names, out.indices
         first = first or (samples, skips)
-        probs.append(trust.probs(out.logits))
+        probs.append(trust.probs(out.logits)[:, order])
         if ood_score and reject and ood_score not in trust.thresholds:
             raise ImgclfError(f"{run}: no threshold for OOD score '{ood_score}' (fitted: "
                               f"{', '.join(trust.thresholds) or 'none; retrain with trust.ood true'})")  # fmt: skip
@@ -99,14 +100,16 @@ def _outputs(run, inputs: list[str], runtime: str, feats: bool, tta: str | None,
     desc = f"predict {Path(run).name}"
     rt = resolve_runtime(runtime, run, tta=tta, device=run_opts.get("device", "auto"))
     if rt == "torch":
-        return infer_run(run, lambda a: scan_inputs(inputs), desc=desc, features=feats, tta=tta, tta_merge=tta_merge,
-                         **run_opts)  # fmt: skip
+        return infer_run(run, lambda a, decode: scan_inputs(inputs, decode), desc=desc, features=feats, tta=tta,
+                         tta_merge=tta_merge, **run_opts)  # fmt: skip
     if tta:
         raise ImgclfError(f"--tta runs on PyTorch only (got --runtime {rt})")
     if run_opts.get("device", "auto") not in ("auto", "cpu"):
         raise ImgclfError(f"--runtime {rt} runs on the CPU; use --runtime torch with --device {run_opts['device']}")
-    samples = scan_inputs(inputs)
-    opts = {k: v for k, v in run_opts.items() if k != "device"}
+    limits = {k: run_opts[k] for k in ("max_pixels", "max_aspect") if k in run_opts}
+    samples = scan_inputs(inputs, run_decode_policy(read_artifact(run), **limits))
+    log_notes(samples)
+    opts = {k: v for k, v in run_opts.items() if k not in ("device", "max_pixels", "max_aspect")}
     out, art, skips = runtime_outputs(run, samples, rt, desc=desc, **opts)
     return out, art, samples, skips
 

@@ -1,12 +1,44 @@
-"""Decode one image into RGB the same way for training, evaluation, prediction and serving."""
+"""Decode one image into the RGB picture a person sees, the same way for training, evaluation, prediction,
+k-NN, explanations and serving.
+
+One ``DecodePolicy`` says how (its look part is stored in the artifact, so serving decodes as training did):
+
+- **Bit depth.** 8-bit images are read as they are. 16-bit (Pillow modes ``I;16*``), 32-bit integer (``I``)
+  and float (``F``) images are windowed into 0-255 by ``pixel_range``: ``auto`` (default) scales integers
+  by the range of their type (16-bit / 257; 32-bit integers whose values fit in 16 bits as 16-bit) and
+  floats by the range found in the data ([0, 1] or [0, 255], else a ``BadImage`` asking for a range);
+  ``minmax`` stretches each image from its own minimum to maximum; ``(lo, hi)`` maps lo..hi to 0..255 and
+  clips. Pillow's own conversion clips instead of scaling (a 16-bit picture turns white, a [0, 1] float
+  one black), hence this module.
+- **Transparency** (RGBA, LA, PA, palette or colour-key transparency) is composited over ``background``
+  (white by default), not dropped: hidden pixels' colours never reach the model.
+- **EXIF orientation** is applied; CMYK, palette and 1-bit images become RGB.
+- **Limits**: ``max_pixels`` (read from the header, before any pixel is decoded) and ``max_aspect`` (the
+  eval resize of a 1 x 300,000 strip would allocate gigabytes) refuse an image with ``BadImage``. The
+  limit is the caller's, per call: Pillow's process-wide ``MAX_IMAGE_PIXELS`` does not apply inside
+  these functions (and is left untouched for everyone else).
+- **Animations** (GIF, APNG, WebP) use their first frame; ``image_notes`` says so.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
+
+#: Pillow's default decompression-bomb limit (its MAX_IMAGE_PIXELS); imgclf's default ``max_pixels``
+PILLOW_MAX_PIXELS = 89_478_485
+#: longest / shortest side: beyond it the eval resize of a thin strip would allocate gigabytes
+MAX_ASPECT = 50.0
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class BadImage(Exception):
@@ -22,56 +54,156 @@ class BadImage(Exception):
         self.too_large = too_large
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Apply EXIF orientation and convert grey, palette, CMYK and alpha images to 3-channel RGB."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How a file becomes the RGB picture a person sees, and which files are refused.
+
+    Args:
+        pixel_range: ``"auto"``, ``"minmax"`` or ``(lo, hi)``: how 16-bit, 32-bit and float pixels map to
+            0-255 (8-bit images are never changed). See the module docstring.
+        background: RGB (0-255) that transparent pixels are composited over.
+        max_pixels: refuse images with more pixels (width x height); ``None`` = no limit.
+        max_aspect: refuse images whose longer side exceeds this multiple of the shorter; ``None`` = no limit.
+
+    ``to_json`` keeps the look (pixel_range, background), which the artifact stores; the limits are each
+    command's own (``--max-pixels``, serve's ``--max-pixels``).
+
+    Example:
+        >>> p = DecodePolicy(pixel_range=(0, 4095))
+        >>> DecodePolicy.from_json(p.to_json()) == p
+        True
+    """
+
+    pixel_range: str | tuple[float, float] = "auto"
+    background: tuple[int, int, int] = (255, 255, 255)
+    max_pixels: int | None = PILLOW_MAX_PIXELS
+    max_aspect: float | None = MAX_ASPECT
+
+    def __post_init__(self) -> None:
+        pr = self.pixel_range
+        if isinstance(pr, str):
+            if pr not in ("auto", "minmax"):
+                raise ValueError(f"pixel_range must be 'auto', 'minmax' or [lo, hi], got {pr!r}")
+        else:
+            lo, hi = (float(v) for v in pr)
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+                raise ValueError(f"pixel_range [lo, hi] needs finite lo < hi, got {list(pr)}")
+            object.__setattr__(self, "pixel_range", (lo, hi))
+        object.__setattr__(self, "background", tuple(int(c) for c in self.background))
+
+    def to_json(self) -> dict[str, Any]:
+        pr = self.pixel_range
+        return {"pixel_range": pr if isinstance(pr, str) else list(pr), "background": list(self.background)}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any] | None, **limits: Any) -> DecodePolicy:
+        """From ``to_json`` output (``None`` or ``{}``: the defaults, as in runs made before the policy existed)."""
+        doc = doc or {}
+        pr = doc.get("pixel_range", "auto")
+        return cls(pr if isinstance(pr, str) else tuple(pr), tuple(doc.get("background", (255, 255, 255))), **limits)
+
+    @classmethod
+    def from_preprocessing(cls, pre: dict[str, Any], **limits: Any) -> DecodePolicy:
+        """The policy stored in an artifact's preprocessing (``pre["decode"]``) with this command's limits."""
+        return cls.from_json(pre.get("decode"), **limits)
+
+    def with_limits(self, max_pixels: int | None, max_aspect: float | None) -> DecodePolicy:
+        return replace(self, max_pixels=max_pixels or None, max_aspect=max_aspect or None)
 
 
-def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Open and fully decode an image file as RGB, or raise ``BadImage`` naming the cause."""
-    return _decode(path, str(path), max_pixels)
+def parse_color(text: str | tuple | list) -> tuple[int, int, int]:
+    """``white``, ``#80ff00``, ``rgb(1,2,3)`` or ``[r, g, b]`` -> an RGB tuple (PIL.ImageColor); ValueError if not."""
+    if isinstance(text, (list, tuple)):
+        if len(text) != 3 or not all(0 <= int(c) <= 255 for c in text):
+            raise ValueError(f"a colour needs 3 values in 0-255, got {list(text)}")
+        return tuple(int(c) for c in text)  # type: ignore[return-value]
+    return ImageColor.getrgb(str(text))[:3]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pillow's decompression-bomb check, per call. Pillow compares every image it opens (and every GIF frame,
+# TIFF tile, WebP canvas) with the module global Image.MAX_IMAGE_PIXELS: setting that global from a decode
+# thread would change the limit for every other thread, and leaving it would cap a user's larger
+# --max-pixels at Pillow's 89 MP (raising above 179 MP). So the check is wrapped once: inside our decode
+# calls (a context variable says so) our own limit has already been applied from the header, so Pillow's
+# is skipped; everywhere else Pillow's original check runs unchanged.
+_OUR_LIMIT: contextvars.ContextVar[bool] = contextvars.ContextVar("imgclf_decode", default=False)
+_patch_lock = threading.Lock()
+
+
+def _install_bomb_check() -> None:
+    with _patch_lock:
+        original = Image._decompression_bomb_check
+        if getattr(original, "_imgclf", False):
+            return
+
+        def check(size, *args, **kwargs):
+            if _OUR_LIMIT.get():
+                return None
+            return original(size, *args, **kwargs)
+
+        check._imgclf = True  # type: ignore[attr-defined]
+        Image._decompression_bomb_check = check
+
+
+@contextlib.contextmanager
+def _own_limit():
+    _install_bomb_check()
+    token = _OUR_LIMIT.set(True)
+    try:
+        yield
+    finally:
+        _OUR_LIMIT.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def open_image(path: str | Path, policy: DecodePolicy | None = None) -> Image.Image:
+    """Open and fully decode an image file as RGB per ``policy``, or raise ``BadImage`` naming the cause."""
+    return _decode(path, str(path), policy or DecodePolicy())
 
 
 #: formats accepted from the network (never PostScript/EPS, which Pillow hands to Ghostscript)
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "MPO")
 
 
-def decode_image(
-    data: bytes, source: str = "upload", max_pixels: int | None = None, max_aspect: float | None = None
-) -> Image.Image:
-    """Decode encoded image bytes (an upload) as RGB, or raise ``BadImage`` naming ``source`` and the cause.
-
-    ``max_pixels`` / ``max_aspect``: refuse images with more pixels or a more extreme aspect ratio (checked
-    from the header, before decoding; a 4,000,000 x 10 strip would otherwise be resized to gigabytes).
-    """
-    return _decode(io.BytesIO(data), source, max_pixels, max_aspect, UPLOAD_FORMATS)
+def decode_image(data: bytes, source: str = "upload", policy: DecodePolicy | None = None) -> Image.Image:
+    """Decode encoded image bytes (an upload) as RGB, or raise ``BadImage`` naming ``source`` and the cause."""
+    return _decode(io.BytesIO(data), source, policy or DecodePolicy(), UPLOAD_FORMATS)
 
 
-def _decode(
-    fp: str | Path | io.BytesIO,
-    path: str,
-    max_pixels: int | None,
-    max_aspect: float | None = None,
-    formats: tuple[str, ...] | None = None,
-) -> Image.Image:
-    caps = [c for c in (max_pixels, Image.MAX_IMAGE_PIXELS) if c]  # Pillow's own bomb limit applies too
-    limit = min(caps) if caps else None
+def check_header(path: str | Path, policy: DecodePolicy | None = None) -> str | None:
+    """Read only the header: raise ``BadImage`` for a non-image or an image over the limits; return a note
+    (``"animated: N frames, the first is used"``) or None. Cheap: no pixel data is decoded."""
+    policy = policy or DecodePolicy()
+    src = str(path)
+    with _errors(src), _own_limit(), Image.open(path) as img:
+        _check_size(img, src, policy)
+        return _animation_note(img)
+
+
+def _animation_note(img: Image.Image) -> str | None:
+    if getattr(img, "is_animated", False):
+        n = getattr(img, "n_frames", 0)
+        return f"animated ({n} frames): the first frame is used" if n else "animated: the first frame is used"
+    return None
+
+
+def _check_size(img: Image.Image, src: str, policy: DecodePolicy) -> None:
+    w, h = img.size
+    if policy.max_pixels and w * h > policy.max_pixels:
+        raise BadImage(src, f"{w}x{h} = {w * h} pixels, over the limit of {policy.max_pixels} (raise --max-pixels / "
+                            "data.max_pixels to read it)", too_large=True)  # fmt: skip
+    if policy.max_aspect and max(w, h) > policy.max_aspect * max(min(w, h), 1):
+        raise BadImage(src, f"{w}x{h}: aspect ratio beyond {policy.max_aspect:g}:1 (data.max_aspect)")
+
+
+@contextlib.contextmanager
+def _errors(path: str):
+    """Turn Pillow's and the OS's exceptions into ``BadImage`` with a short cause."""
     try:
-        # (Image.open warns above MAX_IMAGE_PIXELS and raises above twice that; the check below refuses
-        # both without touching the process-wide warning filters, which decode threads share)
-        with Image.open(fp, formats=formats) as img:
-            w, h = img.size
-            if limit is not None and w * h > limit:
-                raise BadImage(path, f"{w}x{h} = {w * h} pixels, over the limit of {limit}", too_large=True)
-            if max_aspect is not None and max(w, h) > max_aspect * max(min(w, h), 1):
-                raise BadImage(path, f"{w}x{h}: aspect ratio beyond {max_aspect:g}:1")
-            img.load()
-            return to_rgb(img)
+        yield
     except BadImage:
         raise
     except FileNotFoundError:
@@ -82,12 +214,135 @@ def _decode(
         raise BadImage(path, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:
         raise BadImage(path, f"too many pixels ({e})", too_large=True) from None
+    except MemoryError:
+        raise BadImage(path, "too large to decode in the available memory", too_large=True) from None
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, ValueError, EOFError, struct.error, ...
         raise BadImage(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
-def array_to_image(arr: np.ndarray) -> Image.Image:
-    """A HW, HWC (C = 1, 3, 4) uint8 array as an RGB PIL image."""
+def _decode(
+    fp: str | Path | io.BytesIO, path: str, policy: DecodePolicy, formats: tuple[str, ...] | None = None
+) -> Image.Image:
+    with _errors(path), _own_limit(), Image.open(fp, formats=formats) as img:
+        _check_size(img, path, policy)
+        _check_colour_depth(img, path, policy)
+        img.load()
+        return to_rgb(img, policy, path)
+
+
+def _check_colour_depth(img: Image.Image, path: str, policy: DecodePolicy) -> None:
+    """16-bit colour files: Pillow keeps their top 8 bits (exactly the type-range scaling of ``auto``), so
+    a user's window cannot be applied to them; refuse rather than decode them differently from grey ones."""
+    if policy.pixel_range == "auto" or img.mode not in ("RGB", "RGBA"):
+        return
+    rawmodes = " ".join(str(t.args) for t in getattr(img, "tile", []) or [])
+    if ";16" in rawmodes:
+        raise BadImage(path, f"16-bit colour image: Pillow reads only its top 8 bits, so pixel_range "
+                             f"{_range_text(policy.pixel_range)} cannot apply (use pixel_range auto)")  # fmt: skip
+
+
+def _range_text(pr: str | tuple[float, float]) -> str:
+    return pr if isinstance(pr, str) else f"[{pr[0]:g}, {pr[1]:g}]"
+
+
+def to_rgb(img: Image.Image, policy: DecodePolicy | None = None, source: str = "image") -> Image.Image:
+    """EXIF orientation, bit depth windowing and alpha compositing per ``policy``; 3-channel RGB out.
+
+    Raises ``BadImage`` for float/32-bit pixels whose range ``auto`` cannot tell (or non-finite values).
+    """
+    policy = policy or DecodePolicy()
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _HIGH_DEPTH:
+        alpha = _colour_key_alpha(img)
+        img = Image.fromarray(window(np.asarray(img), policy.pixel_range, source), "L")
+        if alpha is not None:
+            img.putalpha(alpha)
+    elif img.mode not in _ALPHA and img.info.get("transparency") is not None:
+        img = img.convert("RGBA")  # palette or colour-key (tRNS) transparency -> an alpha channel
+    if img.mode in _ALPHA:
+        bg = Image.new("RGBA", img.size, (*policy.background, 255))
+        return Image.alpha_composite(bg, img.convert("RGBA")).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _colour_key_alpha(img: Image.Image) -> Image.Image | None:
+    """The tRNS colour key of a 16-bit grey PNG as an 8-bit alpha mask (0 where the pixel equals the key)."""
+    key = img.info.get("transparency")
+    if not isinstance(key, int):
+        return None
+    return Image.fromarray(np.where(np.asarray(img) == key, 0, 255).astype(np.uint8), "L")
+
+
+def window(a: np.ndarray, pixel_range: str | tuple[float, float] = "auto", source: str = "image") -> np.ndarray:
+    """Map one image's high-bit-depth or float pixels to uint8 0-255 (see ``DecodePolicy``); uint8 passes.
+
+    Exact for data made from 8-bit pictures: ``v * 257`` (16-bit) and ``v / 255`` (float) give back ``v``.
+    Raises ``BadImage`` (naming ``source``) when ``auto`` cannot tell a float or 32-bit range, or for NaN/inf.
+    """
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    lo, hi = _window_bounds(a, pixel_range, source)
+    x = (a.astype(np.float64) - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros(a.shape)
+    return np.floor(np.clip(x, 0, 255) + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def _window_bounds(a: np.ndarray, pixel_range: str | tuple[float, float], source: str) -> tuple[float, float]:
+    if not isinstance(pixel_range, str):
+        return pixel_range
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise BadImage(source, "float pixels include NaN or infinity")
+    if a.size == 0:
+        return 0.0, 1.0
+    mn, mx = float(a.min()), float(a.max())
+    if pixel_range == "minmax":
+        return mn, mx
+    if a.dtype.kind in "iu":
+        bits = a.dtype.itemsize * 8
+        if bits <= 16 and a.dtype.kind == "u":
+            return 0.0, float(2**bits - 1)
+        if mn >= 0 and mx <= 65535:  # 32-bit (Pillow's mode I) and signed 16-bit holding 16-bit data
+            return 0.0, 65535.0
+        what = f"{bits}-bit integer pixels in [{mn:g}, {mx:g}]"
+    else:
+        if mn >= 0 and mx <= 1:
+            return 0.0, 1.0
+        if mn >= 0 and mx <= 255:
+            return 0.0, 255.0
+        what = f"float pixels in [{mn:g}, {mx:g}]"
+    raise BadImage(source, f"{what}: the scale is ambiguous; set data.pixel_range (minmax, or [lo, hi])")
+
+
+def window_stack(a: np.ndarray, pixel_range: str | tuple[float, float] = "auto", source: str = "array") -> np.ndarray:
+    """``window`` over a stack of images (N, ...): one range for the whole stack (``auto`` looks at all of
+    it, so every image is scaled alike), per image for ``minmax``; in chunks, so memory stays ~2x uint8."""
+    if a.dtype == np.uint8:
+        return a
+    if pixel_range == "minmax":
+        return (
+            np.stack([window(x, "minmax", f"{source}[{i}]") for i, x in enumerate(a)]) if len(a) else a.astype(np.uint8)
+        )
+    bounds = (
+        pixel_range
+        if a.dtype == np.bool_ or not isinstance(pixel_range, str)
+        else _window_bounds(a, pixel_range, source)
+    )
+    out = np.empty(a.shape, dtype=np.uint8)
+    for i in range(0, len(a), 1024):
+        out[i : i + 1024] = window(a[i : i + 1024], bounds, source)
+    return out
+
+
+def array_to_image(arr: np.ndarray, policy: DecodePolicy | None = None, source: str = "array") -> Image.Image:
+    """A HW, HWC (C = 1, 3, 4; 4 = RGBA, composited) uint8 array as an RGB PIL image."""
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
+    return to_rgb(Image.fromarray(np.ascontiguousarray(arr)), policy, source)
+
+
+def policy_from_config(data) -> DecodePolicy:
+    """The decode policy of a ``config.DataConfig`` (pixel_range, background, max_pixels, max_aspect)."""
+    pr = data.pixel_range
+    return DecodePolicy(pr if isinstance(pr, str) else tuple(pr), parse_color(data.background),
+                        data.max_pixels or None, data.max_aspect or None)  # fmt: skip

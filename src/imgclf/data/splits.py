@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..config import Config
 from ..errors import ImgclfError
+from .images import policy_from_config
 from .sources import DEFAULT_DATA, Samples, open_source, stratified_split
+
+log = logging.getLogger("imgclf")
 
 
 @dataclass
@@ -17,30 +23,67 @@ class DataSplits:
     class_names: list[str]
 
 
-def prepare_data(cfg: Config) -> DataSplits:
-    """Open train/val/test sources; split validation off the training data when none is given."""
-    source = open_source(cfg.data.path or DEFAULT_DATA, "train")
+def prepare_data(cfg: Config, check_files: bool = True) -> DataSplits:
+    """Open train/val/test sources (decoded per ``data.pixel_range``/``background``, within ``data.max_pixels``/
+    ``max_aspect``); split validation off the training data when none is given.
+
+    ``check_files`` reads every file's header first: unreadable files, non-images and images over the
+    limits are reported as skipped and kept out of the stratified split, so no class loses its validation
+    images to junk; classes with too few usable images are named in a warning.
+    """
+    policy = policy_from_config(cfg.data)
+    source = _checked(open_source(cfg.data.path or DEFAULT_DATA, "train", policy), cfg, check_files)
     names = source.class_names
-    present = [c for c, n in zip(names, source.class_counts()) if n]
+    usable = source.class_counts(usable=True)
+    present = [c for c, n in zip(names, usable) if n]
     if len(present) < 2:
-        raise ImgclfError(f"{source.name}: only one class ({', '.join(present) or 'none'}); need at least two")
+        raise ImgclfError(f"{source.name}: only one class with readable images ({', '.join(present) or 'none'}); "
+                          "need at least two")  # fmt: skip
     if cfg.train.metric == "top5" and len(names) <= 5:
         raise ImgclfError(f"train.metric: top5 needs more than 5 classes ({source.name} has {len(names)})")
-    val = open_source(cfg.data.val_path, "val") if cfg.data.val_path else source.companion("val")
+    val = open_source(cfg.data.val_path, "val", policy) if cfg.data.val_path else source.companion("val")
     if val is not None:
-        train, val = source, val.remap_to(names)
+        train, val = source, _checked(val, cfg, check_files).remap_to(names)
     else:
         if cfg.data.val_split <= 0:
             raise ImgclfError("data.val_split must be > 0 when no data.val_path is given")
-        tr, va = stratified_split(source.labels, cfg.data.val_split, cfg.train.seed)
-        train, val = source.subset(tr), source.subset(va)
+        good = np.setdiff1d(np.arange(len(source)), np.fromiter(source.bad, dtype=np.int64, count=len(source.bad)))
+        tr, va = stratified_split(source.labels[good], cfg.data.val_split, cfg.train.seed)
+        bad = np.asarray(sorted(source.bad), dtype=np.int64)  # unreadable: in train, where they are reported
+        train, val = source.subset(np.sort(np.concatenate([good[tr], bad]))), source.subset(good[va])
+        _warn_small_classes(names, usable, val.class_counts(), source.name)
     if len(val) == 0:
         raise ImgclfError(
             f"{source.name}: the validation split is empty (every class has a single image); "
             "add images or pass --val-data"
         )
-    test = open_source(cfg.data.test_path, "test") if cfg.data.test_path else source.companion("test")
-    return DataSplits(train, val, test.remap_to(names) if test is not None else None, names)
+    test = open_source(cfg.data.test_path, "test", policy) if cfg.data.test_path else source.companion("test")
+    test = _checked(test, cfg, check_files).remap_to(names) if test is not None else None
+    return DataSplits(train, val, test, names)
+
+
+def _checked(s: Samples, cfg: Config, check: bool) -> Samples:
+    if check:
+        s.check_files(progress=cfg.run.progress)
+    for note in s.notes:
+        log.warning(note)
+    if s.bad:
+        first = next(iter(s.bad))
+        log.warning("%s: %d file(s) cannot be used and are skipped (e.g. %s: %s)", s.name, len(s.bad),
+                    s.describe(first), s.bad[first])  # fmt: skip
+    return s
+
+
+def _warn_small_classes(names: list[str], usable: np.ndarray, in_val: np.ndarray, where: str) -> None:
+    """Name the classes that end with no validation image (1 usable image) or no usable image at all."""
+    none = [c for c, n in zip(names, usable) if n == 0]
+    single = [c for c, n, v in zip(names, usable, in_val) if n > 0 and v == 0]
+    if none:
+        log.warning("%s: no readable image for class(es) %s: the model can never predict them correctly",
+                    where, ", ".join(none[:10]))  # fmt: skip
+    if single:
+        log.warning("%s: class(es) %s have too few images for a validation image (need 2+): their validation "
+                    "metrics are missing", where, ", ".join(single[:10]))  # fmt: skip
 
 
 def run_split(run_dir, config: dict, which: str, flag: str) -> Samples:

@@ -17,6 +17,7 @@ import torch.nn as nn
 from torchvision.transforms import v2
 
 from ..config import AugmentConfig, DataConfig
+from .images import policy_from_config
 
 
 def resolve_preprocessing(model: nn.Module, data: DataConfig | None = None) -> dict[str, Any]:
@@ -37,6 +38,7 @@ def resolve_preprocessing(model: nn.Module, data: DataConfig | None = None) -> d
             pre["crop_pct"] = data.crop_pct
         if data.interpolation is not None:
             pre["interpolation"] = data.interpolation
+        pre["decode"] = policy_from_config(data).to_json()  # bit-depth window and alpha background
     return pre
 
 

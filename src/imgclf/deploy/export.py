@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..artifact import Artifact, load_artifact, package_versions
+from ..data.images import DecodePolicy
 from ..data.splits import run_split
 from ..errors import ImgclfError
 from ..eval.inference import forward_both
@@ -125,7 +126,7 @@ def verification_batches(run_dir: Path, art: Artifact, data: str | None, n: int,
     from ..data.sources import open_source
 
     if data:
-        samples = open_source(data, split).remap_to(art.class_names)
+        samples = open_source(data, split, DecodePolicy.from_preprocessing(art.preprocessing)).remap_to(art.class_names)
     else:
         samples = run_split(run_dir, art.config, "val", "--data")
     return pixel_batches(samples, art, n, batch, seed=0)
@@ -522,7 +523,8 @@ def _calibration_batches(run_dir: Path, art: Artifact, data: str | None, n: int,
     """Training images (not the verification ones) for int8 calibration."""
     from ..data.sources import open_source
 
-    samples = open_source(data, "train") if data else run_split(run_dir, art.config, "train", "--calib-data")
+    decode = DecodePolicy.from_preprocessing(art.preprocessing)
+    samples = open_source(data, "train", decode) if data else run_split(run_dir, art.config, "train", "--calib-data")
     return pixel_batches(samples, art, n, seed=seed)
 
 

@@ -50,7 +50,6 @@ from .kserve import HEADER, ProtocolError, encode_response, parse_request
 from .serving import ServedModel, ServeOptions
 
 log = logging.getLogger("imgclf")
-MAX_ASPECT = 50.0  # longest / shortest side of an upload; resizing a thin strip would allocate gigabytes
 OUTPUT_TYPES = {"logits": "FP32", "probs": "FP32", "features": "FP32", "ood_score": "FP32", "unknown": "BOOL"}
 
 
@@ -275,7 +274,7 @@ class Server:
             if not data:
                 raise ApiError(400, f"{source}: empty image")
             try:
-                img = decode_image(data, source, self.opts.max_pixels, MAX_ASPECT)
+                img = decode_image(data, source, m.decode)
                 rows.append(to_px(img))
             except BadImage as e:
                 raise ApiError(413 if e.too_large else 400, str(e)) from None

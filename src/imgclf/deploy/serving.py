@@ -21,6 +21,7 @@ import torch
 
 from ..artifact import Artifact, read_artifact
 from ..config import opt
+from ..data.images import MAX_ASPECT, DecodePolicy
 from ..dist import resolve_device
 from ..errors import ImgclfError
 from ..eval.trust import Trust
@@ -44,7 +45,11 @@ class ServeOptions:
     max_delay_ms: float = opt(5.0, "how long the oldest request may wait for a batch to fill")
     max_queue: int = opt(512, "images waiting per model; beyond it requests get 503 + Retry-After")
     max_body_mb: float = opt(32.0, "largest request body (413 beyond)")
-    max_pixels: int = opt(40_000_000, "largest image in pixels, checked from its header before decoding (413)")
+    max_pixels: int = opt(
+        40_000_000,
+        "largest image in pixels, checked from its header before decoding (413); "
+        "the limit is this value, above or below Pillow's own default",
+    )
     max_images: int = opt(64, "most images in one request (413 beyond)")
     timeout_s: float = opt(30.0, "seconds a request may wait for its answer once read (504 beyond)")
     read_timeout_s: float = opt(30.0, "seconds to receive a request body (408 beyond)")
@@ -90,6 +95,9 @@ class ServedModel:
         self.batcher = Batcher(self.infer, opts.max_batch, opts.max_delay_ms, opts.max_queue)
         c, h, w = self.art.preprocessing["input_size"]
         self.input_hwc = (h, w, c)
+        # uploads decode as the run's training data did (bit depth, transparency), within the server's limits
+        self.decode = DecodePolicy.from_preprocessing(self.art.preprocessing, max_pixels=opts.max_pixels or None,
+                                                      max_aspect=MAX_ASPECT)  # fmt: skip
         self.feat_dim = -1  # known after the first call
 
     @property

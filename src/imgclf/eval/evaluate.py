@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..artifact import META_FILE
+from ..artifact import META_FILE, read_artifact
 from ..data.sources import open_source, open_unlabelled
 from ..errors import ImgclfError
 from ..io import write_json
@@ -21,7 +21,7 @@ from .trust import Trust
 
 
 def _labelled(data: str, split: str):
-    return lambda art: open_source(data, split).remap_to(art.class_names)
+    return lambda art, decode: open_source(data, split, decode).remap_to(art.class_names)
 
 
 def evaluate_run(
@@ -57,8 +57,9 @@ def evaluate_run(
             "after": calibration_metrics(out.logits, out.labels, trust.temperature),
         }
     if ood_data is not None:
-        o, _, ood_samples, ood_skips = infer_run(run_dir, lambda a: open_unlabelled(ood_data, ood_split), desc="ood",
-                                                 features=True, tta=tta, tta_merge=tta_merge, **run_opts)  # fmt: skip
+        o, _, ood_samples, ood_skips = infer_run(run_dir, lambda a, d: open_unlabelled(ood_data, ood_split, d),
+                                                 desc="ood", features=True, tta=tta, tta_merge=tta_merge,
+                                                 **run_opts)  # fmt: skip
         skips.items.update(ood_skips.items)
         if len(o.indices) == 0:
             raise ImgclfError(f"{ood_samples.name}: no readable OOD images")
@@ -85,15 +86,16 @@ def evaluate_ensemble(run_dirs: list[str | Path], data: str, *, split: str = "te
     Returns ``{"ensemble": metrics, "members": {run: metrics}, "gain": {...}}``; the gain is measured
     against the best member (top-1 up, NLL down).
     """
-    probs, labels, names, members = [], None, None, {}
+    probs, labels, members = [], None, {}
+    names = read_artifact(run_dirs[0]).class_names  # members align to the first run's class order, by name
     for run in run_dirs:
-        out, art, _, _ = infer_run(run, _labelled(data, split), desc=f"eval {Path(run).name}", **opts)
-        if names is not None and art.class_names != names:
-            raise ImgclfError(f"{run}: its classes differ from {run_dirs[0]}; an ensemble needs the same classes")
+        out, art, _, _ = infer_run(run, lambda a, d: open_source(data, split, d).remap_to(names),
+                                   desc=f"eval {Path(run).name}", **opts)  # fmt: skip
+        order = class_order(art.class_names, names, run, run_dirs[0])
         if labels is not None and not torch.equal(out.labels, labels):
             raise ImgclfError(f"{run}: read a different set of images (unreadable files?); cannot ensemble")
-        names, labels = art.class_names, out.labels
-        p = Trust.load(run, art).probs(out.logits)
+        labels = out.labels
+        p = Trust.load(run, art).probs(out.logits)[:, order]
         probs.append(p)
         members[str(run)] = _prob_metrics(p, labels, names)
     ens = _prob_metrics(torch.stack(probs).mean(0), labels, names)
@@ -104,6 +106,17 @@ def evaluate_ensemble(run_dirs: list[str | Path], data: str, *, split: str = "te
         "nll": round(best_nll - ens["calibration"]["nll"], 5),
     }
     return {"ensemble": ens, "members": members, "gain": gain, "data": data}
+
+
+def class_order(member: list[str], reference: list[str], run: Any, first: Any) -> list[int]:
+    """Column indices that put a member's classes in the reference order (ensembles align by name);
+    ImgclfError when the two runs do not have the same set of classes."""
+    if sorted(member) != sorted(reference):
+        only = sorted(set(member) ^ set(reference))
+        raise ImgclfError(f"{run}: its classes differ from {first} ({', '.join(only[:5])}); an ensemble needs the "
+                          "same classes")  # fmt: skip
+    index = {c: i for i, c in enumerate(member)}
+    return [index[c] for c in reference]
 
 
 def _prob_metrics(probs: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, Any]:
@@ -118,7 +131,7 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
     (``data``; None: the run's own validation split again); save them."""
     from ..data.splits import run_split
 
-    opener = _labelled(data, split) if data else lambda a: run_split(run_dir, a.config, "val", "--data")
+    opener = _labelled(data, split) if data else lambda a, d: run_split(run_dir, a.config, "val", "--data")
     out, art, samples, _ = infer_run(run_dir, opener, desc="calibrate", features=True, **run_opts)
     if len(out.labels) < 10:
         raise ImgclfError(f"{samples.name}: {len(out.labels)} readable images; calibration needs at least 10")

@@ -21,9 +21,11 @@ import torch.nn as nn
 from PIL import Image
 
 from ..artifact import load_artifact
-from ..data.images import BadImage, open_image
+from ..data.images import MAX_ASPECT, PILLOW_MAX_PIXELS, BadImage, open_image
+from ..data.sources import nfc
 from ..data.transforms import eval_transform, view_transform
 from ..errors import ImgclfError
+from .inference import run_decode_policy
 from .trust import Trust
 
 METHODS = ("gradcam", "gradcam++", "layercam", "eigencam")
@@ -96,13 +98,16 @@ def explain_image(
     method: str = "gradcam",
     target: str | None = None,
     device: str = "cpu",
+    max_pixels: int | None = PILLOW_MAX_PIXELS,
+    max_aspect: float | None = MAX_ASPECT,
 ) -> dict[str, Any]:
-    """Write ``output`` (default ``<image>_<method>.png``): the image and its CAM for ``target`` (or the prediction)."""
+    """Write ``output`` (default ``<image>_<method>.png``): the image (decoded as the run decodes its data,
+    within ``max_pixels``/``max_aspect``) and its CAM for ``target`` (a class name, or the prediction)."""
     model, art = load_artifact(run_dir, device)
     if not hasattr(model, "get_classifier"):
         raise ImgclfError(f"{run_dir}: CAMs need a trained classifier (a k-NN index has no class head)")
     try:
-        img = open_image(image)
+        img = open_image(image, run_decode_policy(art, max_pixels, max_aspect))
     except BadImage as e:
         raise ImgclfError(f"{e.source}: {e.reason}") from None
     x = eval_transform(art.preprocessing)(img)[None].to(device)
@@ -110,8 +115,8 @@ def explain_image(
         probs = Trust.load(run_dir, art).probs(model(x))[0].cpu()
     if target is None:
         cls = int(probs.argmax())
-    elif target in art.class_names:
-        cls = art.class_names.index(target)
+    elif nfc(target) in art.class_names:
+        cls = art.class_names.index(nfc(target))
     else:
         raise ImgclfError(f"--target '{target}' is not a class of {run_dir} ({', '.join(art.class_names[:10])})")
     cam = cam_maps(model, x, [cls], method)[0]

@@ -7,6 +7,7 @@ Unreadable files are skipped into a ``SkipLog``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -17,11 +18,27 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..artifact import Artifact, load_artifact
+from ..data.images import MAX_ASPECT, PILLOW_MAX_PIXELS, DecodePolicy
 from ..data.loader import ImageDataset, SkipLog, make_loader
 from ..data.sources import Samples
 from ..data.transforms import eval_transform
 from ..dist import autocast, resolve_device
 from .tta import merge_views, tta_transform
+
+log = logging.getLogger("imgclf")
+
+
+def run_decode_policy(art: Artifact, max_pixels: int | None = PILLOW_MAX_PIXELS,
+                      max_aspect: float | None = MAX_ASPECT) -> DecodePolicy:  # fmt: skip
+    """How a run decodes its inputs (as in training: stored in the artifact) with this command's limits."""
+    return DecodePolicy.from_preprocessing(art.preprocessing, max_pixels=max_pixels or None,
+                                           max_aspect=max_aspect or None)  # fmt: skip
+
+
+def log_notes(samples: Samples) -> None:
+    """Say what discovery noticed (hidden files ignored, animations read as one frame) once, as warnings."""
+    for note in samples.notes:
+        log.warning(note)
 
 
 class Outputs(NamedTuple):
@@ -98,7 +115,7 @@ def infer(
 
 def infer_run(
     run_dir: str | Path,
-    open_samples: Callable[[Artifact], Samples],
+    open_samples: Callable[[Artifact, DecodePolicy], Samples],
     *,
     batch_size: int = 64,
     num_workers: int = -1,
@@ -109,12 +126,15 @@ def infer_run(
     tta: str | None = None,
     tta_merge: str = "mean_logits",
     desc: str = "infer",
+    max_pixels: int | None = PILLOW_MAX_PIXELS,
+    max_aspect: float | None = MAX_ASPECT,
 ) -> tuple[Outputs, Artifact, Samples, SkipLog]:
-    """Load a saved run and run it over ``open_samples(artifact)`` with the artifact's eval preprocessing
-    (or its test-time augmentation views)."""
+    """Load a saved run and run it over ``open_samples(artifact, decode_policy)`` with the artifact's decoding
+    (bit depth, background; within ``max_pixels``/``max_aspect``) and eval preprocessing (or its TTA views)."""
     dev = resolve_device(device)
     model, art = load_artifact(run_dir, dev)
-    samples = open_samples(art)
+    samples = open_samples(art, run_decode_policy(art, max_pixels, max_aspect))
+    log_notes(samples)
     transform = tta_transform(art.preprocessing, tta) if tta else eval_transform(art.preprocessing)
     loader = make_loader(ImageDataset(samples, transform), batch_size, train=False, num_workers=num_workers,
                          pin_memory=dev.type == "cuda")  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +274,7 @@ def load_knn(wpath: Path, mpath: Path, art: Any, device: str | torch.device = "c
     except Exception as e:  # noqa: BLE001 - corrupt file, missing index tensors, mismatched backbone
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ImgclfError(f"{wpath}: cannot load the k-NN index into {art.arch} ({first})") from None
-    if stored_names != art.class_names:
+    if stored_names is None or [unicodedata.normalize("NFC", c) for c in stored_names] != art.class_names:
         raise ImgclfError(
             f"{run_dir}: {wpath.name} and {mpath.name} come from different writes (interrupted save?);"
             " rebuild the index"
