@@ -16,7 +16,7 @@ from .data.sources import scan_inputs
 from .deploy.runtime import resolve_runtime, runtime_outputs
 from .errors import ImgclfError
 from .eval.evaluate import class_order
-from .eval.inference import infer_run, log_notes, run_decode_policy
+from .eval.inference import check_inputs, infer_run, run_decode_policy
 from .eval.metrics import format_table
 from .eval.ood import FEATURE_SCORES
 from .eval.trust import Trust
@@ -108,7 +108,7 @@ def _outputs(run, inputs: list[str], runtime: str, feats: bool, tta: str | None,
         raise ImgclfError(f"--runtime {rt} runs on the CPU; use --runtime torch with --device {run_opts['device']}")
     limits = {k: run_opts[k] for k in ("max_pixels", "max_aspect") if k in run_opts}
     samples = scan_inputs(inputs, run_decode_policy(read_artifact(run), **limits))
-    log_notes(samples)
+    check_inputs(samples, run_opts.get("progress", False))
     opts = {k: v for k, v in run_opts.items() if k not in ("device", "max_pixels", "max_aspect")}
     out, art, skips = runtime_outputs(run, samples, rt, desc=desc, **opts)
     return out, art, samples, skips

@@ -69,6 +69,8 @@ def _checked(s: Samples, cfg: Config, check: bool) -> Samples:
         log.warning(note)
     if s.bad:
         first = next(iter(s.bad))
+        if cfg.data.strict_images:
+            raise ImgclfError(f"{s.describe(first)}: {s.bad[first]} (drop --strict-images to skip bad files instead)")
         log.warning("%s: %d file(s) cannot be used and are skipped (e.g. %s: %s)", s.name, len(s.bad),
                     s.describe(first), s.bad[first])  # fmt: skip
     return s

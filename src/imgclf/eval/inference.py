@@ -35,8 +35,10 @@ def run_decode_policy(art: Artifact, max_pixels: int | None = PILLOW_MAX_PIXELS,
                                            max_aspect=max_aspect or None)  # fmt: skip
 
 
-def log_notes(samples: Samples) -> None:
-    """Say what discovery noticed (hidden files ignored, animations read as one frame) once, as warnings."""
+def check_inputs(samples: Samples, progress: bool = False) -> None:
+    """Read the inputs' headers (``Samples.check_files``: non-images and images over the limits are known
+    before decoding) and say once what discovery noticed (hidden files ignored, animations read as one frame)."""
+    samples.check_files(progress=progress)
     for note in samples.notes:
         log.warning(note)
 
@@ -134,7 +136,7 @@ def infer_run(
     dev = resolve_device(device)
     model, art = load_artifact(run_dir, dev)
     samples = open_samples(art, run_decode_policy(art, max_pixels, max_aspect))
-    log_notes(samples)
+    check_inputs(samples, progress)
     transform = tta_transform(art.preprocessing, tta) if tta else eval_transform(art.preprocessing)
     loader = make_loader(ImageDataset(samples, transform), batch_size, train=False, num_workers=num_workers,
                          pin_memory=dev.type == "cuda")  # fmt: skip

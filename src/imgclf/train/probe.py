@@ -269,6 +269,7 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
     t_start = time.perf_counter()
     dist = setup(cfg.train.device)
     run_dir = run_dir_for(cfg, resume, dist)
+    resume = resume and (run_dir / LAST_CKPT).is_file()  # a run that never completed an epoch starts afresh
     timm.utils.random_seed(cfg.train.seed, dist.rank)
     splits = prepare_data(cfg)
     k = len(splits.class_names)

@@ -227,11 +227,13 @@ def run_dir_for(cfg: Config, resume: bool, dist: Dist) -> Path:
             raise ImgclfError("resume needs run.name (the run directory under run.output)")
         d = out / cfg.run.name
         if not (d / LAST_CKPT).is_file():
-            raise ImgclfError(f"--resume: {d} has no checkpoint ({LAST_CKPT}) to resume from")
+            if not never_started(d):
+                raise ImgclfError(f"--resume: {d} has no checkpoint ({LAST_CKPT}) to resume from")
+            log.info("%s never completed an epoch: starting it afresh", d)
         return d
     if cfg.run.name:
         d = out / cfg.run.name
-        if dist.is_main and d.exists() and any(d.iterdir()):
+        if dist.is_main and d.exists() and any(d.iterdir()) and not never_started(d):
             raise ImgclfError(f"run directory {d} already exists; add --resume to continue it or pick another --name")
         return d
     stem = f"{cfg.model.name.replace('/', '_').replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -239,6 +241,21 @@ def run_dir_for(cfg: Config, resume: bool, dist: Dist) -> Path:
     while d.exists():
         d, n = out / f"{stem}-{n}", n + 1
     return Path(broadcast(str(d), dist))  # every rank uses rank 0's choice
+
+
+#: what a run writes before its first epoch ends (a run stopped then, e.g. by --strict-images, is reusable)
+_EARLY_FILES = {"config.yaml", "metrics.jsonl", "metrics.csv", "tensorboard", "checkpoints"}
+
+
+def never_started(d: Path) -> bool:
+    """``d`` exists and holds only what a run writes before completing its first epoch (no checkpoint, no
+    metrics row, no artifact, nothing of the user's): reusing its name loses nothing."""
+    if not d.is_dir():
+        return False
+    if not {p.name for p in d.iterdir()} <= _EARLY_FILES or any((d / "checkpoints").glob("*")):
+        return False
+    rows = d / "metrics.jsonl"  # metrics.csv is written with it
+    return not rows.exists() or rows.stat().st_size == 0
 
 
 def build_loop(cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int, num_classes: int) -> Loop:
@@ -283,6 +300,7 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     t_start = time.perf_counter()
     dist = setup(cfg.train.device)
     run_dir = run_dir_for(cfg, resume, dist)
+    resume = resume and (run_dir / LAST_CKPT).is_file()  # a run that never completed an epoch starts afresh
     timm.utils.random_seed(cfg.train.seed, dist.rank)  # torch, numpy and python (timm's crops use random)
     splits = prepare_data(cfg)
     model, wsrc = create_model(model_config(cfg), len(splits.class_names))
