@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach for the network
+os.environ.setdefault("IMGCLF_CACHE", tempfile.mkdtemp(prefix="imgclf-test-cache-"))  # compiled exports
 
 #: fast settings for end-to-end runs on tiny data with timm's tiny test models
 TINY = [

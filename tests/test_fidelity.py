@@ -285,7 +285,7 @@ def test_pixel_limit_and_aspect_guard_in_every_command(tiny_run, tmp_path):
     Image.new("L", (400, 300)).save(big)
     r = run_cli("predict", tiny_run, big, "--max-pixels", "100000", "--format", "json", "--runtime", "torch",
                 "--workers", "0", "--no-progress")  # fmt: skip
-    assert r.code == 0 and "over the limit of 100000" in json.loads(r.out)["skipped"][0]["reason"], r
+    assert r.code == 2 and "over the limit of 100000" in r.err and "no readable image" in r.err, r
     r = run_cli("predict", tiny_run, big, "--max-pixels", "120000", "--format", "json", "--runtime", "torch",
                 "--workers", "0", "--no-progress")  # fmt: skip
     assert r.code == 0 and len(json.loads(r.out)["predictions"]) == 1, r
@@ -326,7 +326,7 @@ def test_a_run_that_never_finished_an_epoch_can_be_reused(tmp_path):
     (data / "class_2" / "Thumbs.db").unlink()
     r = run_cli("train", *args, "--name", "x", "--strict-images")
     assert r.code == 2 and "trunc.png" in r.err, r
-    assert {p.name for p in (out / "x").iterdir()} <= {"config.yaml", "metrics.jsonl", "metrics.csv", "checkpoints"}
+    assert {p.name for p in (out / "x").iterdir()} <= {"config.yaml", "metrics.jsonl", "metrics.csv", "checkpoints", "run.lock"}
     shutil.copytree(out / "x", out / "y")
     r = run_cli("train", *args, "--name", "x")  # the same name again, without --strict-images
     assert r.code == 0 and (out / "x" / "imgclf.json").exists(), r
@@ -432,3 +432,56 @@ def test_twins_get_the_same_answers_in_train_eval_predict_and_serve(tiny_run, ti
     finally:
         assert s.stop() == 0, s.log()
     assert os.path.getsize(big) < 1_000_000
+
+
+def test_review_cases_integer_arrays_float_overshoot_wide_tiffs_and_orientation(tmp_path, grey):
+    stack = np.stack([grey, 255 - grey])
+    ref = open_source(_npz(tmp_path / "u8.npz", stack, np.array([0, 1])))
+    for dt in (np.int64, np.int32, np.int16, np.uint16):  # np.array(list) makes int64: values decide, not type
+        s = open_source(_npz(tmp_path / f"{np.dtype(dt).name}.npz", stack.astype(dt), np.array([0, 1])))
+        assert np.array_equal(np.asarray(s.load(0)), np.asarray(ref.load(0))), dt
+    f = grey.astype(np.float32) / 255
+    f[0, 0] = 1.001  # resampling overshoot: still a [0, 1] image
+    tifffile.imwrite(tmp_path / "over.tif", f)
+    over = np.asarray(open_image(tmp_path / "over.tif"))[..., 0].astype(int)
+    assert over[0, 0] == 255 and abs(over - grey).ravel()[1:].max() <= 1
+    big = (np.arange(8, dtype=np.uint64) * (2**32 - 1) // 7).astype(np.uint32).reshape(2, 4)
+    tifffile.imwrite(tmp_path / "u32.tif", big)  # Pillow reads it as signed: values above 2**31 would wrap
+    mm = np.asarray(open_image(tmp_path / "u32.tif", DecodePolicy(pixel_range="minmax")))[..., 0]
+    assert mm.ravel().tolist() == [0, 36, 73, 109, 146, 182, 219, 255]
+    tifffile.imwrite(tmp_path / "i16.tif", (grey.astype(np.int16) * 128))  # signed 16-bit, non-negative
+    assert abs(np.asarray(open_image(tmp_path / "i16.tif"))[..., 0].astype(int) - grey).max() <= 1
+    a = (np.arange(32, dtype=np.uint8) * 8).reshape(4, 8)
+    tifffile.imwrite(tmp_path / "rot.tif", a, extratags=[(274, "H", 1, 6, True)])  # EXIF orientation 6
+    from imgclf.data.images import decode_image
+
+    by_path = np.asarray(open_image(tmp_path / "rot.tif"))
+    by_bytes = np.asarray(decode_image((tmp_path / "rot.tif").read_bytes()))
+    assert by_path.shape == (8, 4, 3) and np.array_equal(by_path, by_bytes)
+
+
+def test_runs_trained_before_the_policy_decode_as_they_were_trained(tmp_path):
+    legacy = DecodePolicy.from_json(None)  # an artifact without preprocessing.decode
+    a = np.zeros((4, 4, 4), np.uint8)
+    a[..., 0] = 200  # red, fully transparent: the old decoding dropped alpha and showed red
+    Image.fromarray(a, "RGBA").save(tmp_path / "t.png")
+    assert tuple(np.asarray(open_image(tmp_path / "t.png", legacy))[0, 0]) == (200, 0, 0)
+    assert tuple(np.asarray(open_image(tmp_path / "t.png"))[0, 0]) == (255, 255, 255)
+
+
+def test_links_into_another_class_are_read_once_and_named(tmp_path):
+    root = make_folder(tmp_path / "ds", n_per_class=3, classes=2)
+    (root / "class_1" / "alias").symlink_to(root / "class_0", target_is_directory=True)
+    (root / "class_2").symlink_to(root / "class_0", target_is_directory=True)
+    s = read_image_folder(root)
+    assert list(s.class_counts(usable=True)) == [3, 3, 0]
+    reasons = sorted(s.bad.values())
+    assert len(reasons) == 2 and all("the same folder as" in r and "class_0" in r for r in reasons)
+
+
+def test_bad_window_and_nothing_readable_are_one_line_errors(tiny_run, tmp_path, tiny_folder):
+    r = run_cli("train", "--data", tiny_folder, "--data.pixel_range", "[0, .inf]", "--epochs", "1", *TINY)
+    assert r.code == 2 and "data.pixel_range" in r.err and "Traceback" not in r.err
+    (tmp_path / "notes.txt").write_text("x")
+    r = run_cli("predict", tiny_run, tmp_path / "notes.txt", "--runtime", "torch", "--workers", "0")
+    assert r.code == 2 and "no readable image" in r.err and "notes.txt" in r.err

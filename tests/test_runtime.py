@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+from imgclf.errors import ImgclfError
 
 from .conftest import make_image, run_cli
 
@@ -18,8 +21,9 @@ def run(tiny_run, tmp_path_factory):
     return d
 
 
-def test_every_runtime_gives_the_same_calibrated_probabilities(run):
-    from imgclf.deploy.runtime import available_runtimes, load_predictor, to_pixels
+def test_every_runtime_gives_the_same_calibrated_probabilities(run, tiny_folder):
+    from imgclf.deploy.export import export_run
+    from imgclf.deploy.runtime import available_runtimes, cache_root, load_predictor, to_pixels
 
     rng = np.random.default_rng(0)
     ref = load_predictor(run, "torch")
@@ -30,13 +34,18 @@ def test_every_runtime_gives_the_same_calibrated_probabilities(run):
     assert probs0.argmax(1).tolist() == [0, 1, 2, 0, 1, 2]
     have = available_runtimes()
     assert {"torch", "torch-cl", "onnxruntime", "onnxruntime-int8", "openvino"} <= set(have)
+    with pytest.raises(ImgclfError, match="no accepted onnx-int8 export; make one with `imgclf export"):
+        load_predictor(run, "onnxruntime-int8")  # int8 is never made implicitly: it needs calibration images
+    for fmt in ("onnx-int8", "openvino-int8"):
+        export_run(run, fmt, data=str(tiny_folder), calib_data=str(tiny_folder), verify_n=48, calib_n=48, force=True)
     for rt in have:
         logits, probs, feats = load_predictor(run, rt)(px)
         assert feats.shape == feats0.shape, rt
         tol = 0.05 if rt.endswith(("bf16", "int8")) else 1e-4
         assert np.abs(probs - probs0).max() < tol, rt
         assert (probs.argmax(1) == probs0.argmax(1)).all(), rt
-    assert (run / "export" / "model.onnx").is_file() and (run / "export" / "model.xml").is_file()
+    assert not (run / "export" / "model.onnx").exists()  # fp32 formats compiled into the user cache, not the run
+    assert list(cache_root().glob("exports/*/model.onnx")) and list(cache_root().glob("exports/*/model.xml"))
 
 
 def test_exports_are_reused_until_the_run_changes(run):
@@ -45,15 +54,19 @@ def test_exports_are_reused_until_the_run_changes(run):
 
     from imgclf.deploy.runtime import load_predictor
 
-    load_predictor(run, "onnxruntime")
-    onnx = run / "export" / "model.onnx"
-    first = onnx.stat().st_mtime
-    load_predictor(run, "onnxruntime")
-    assert onnx.stat().st_mtime == first  # reused
+    first = Path(load_predictor(run, "onnxruntime").path)
+    mtime = first.stat().st_mtime
+    assert Path(load_predictor(run, "onnxruntime").path) == first and first.stat().st_mtime == mtime  # reused
+    doc = json.loads((run / "imgclf.json").read_text())
+    doc["calibration"]["temperature"] = 2.0  # e.g. `imgclf calibrate` rewrote the temperature
+    (run / "imgclf.json").write_text(json.dumps(doc))
+    second = Path(load_predictor(run, "onnxruntime").path)
+    assert second != first and second.is_file()  # a new content key: exported again
+    r = run_cli("export", run, "--format", "onnx")  # the run's own export wins while it is current
+    assert r.code == 0 and Path(load_predictor(run, "onnxruntime").path) == run / "export" / "model.onnx", r
     later = time.time() + 5
-    os.utime(run / "imgclf.json", (later, later))  # e.g. `imgclf calibrate` rewrote the temperature
-    load_predictor(run, "onnxruntime")
-    assert onnx.stat().st_mtime > first  # re-exported
+    os.utime(run / "imgclf.json", (later, later))  # the run changed after its export: stale, the cache is used
+    assert Path(load_predictor(run, "onnxruntime").path) == second
 
 
 def test_bench_writes_throughput_and_latency_per_runtime_and_batch(run, tmp_path):

@@ -47,6 +47,7 @@ class Artifact:
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    run_dir: Path | None = field(default=None, repr=False, compare=False)  # where it was read from; not stored
 
     @property
     def num_classes(self) -> int:
@@ -54,6 +55,7 @@ class Artifact:
 
     def to_json(self) -> dict[str, Any]:
         d = dict(vars(self))
+        d.pop("run_dir")
         extra = d.pop("extra")
         return {**d, **extra}
 
@@ -81,6 +83,21 @@ def save_artifact(run_dir: str | Path, model: nn.Module, art: Artifact) -> Path:
     )
     write_json(run_dir / META_FILE, art.to_json())
     return run_dir
+
+
+def as_artifact(run: str | Path | Artifact) -> Artifact:
+    """``run`` itself when it is an ``Artifact`` already read, else ``read_artifact(run)``: functions take either,
+    so one command reads a run's ``imgclf.json`` once and hands the result along."""
+    return run if isinstance(run, Artifact) else read_artifact(run)
+
+
+def run_path(run: str | Path | Artifact) -> Path:
+    """The run directory of a path or of an artifact read from one."""
+    if isinstance(run, Artifact):
+        if run.run_dir is None:
+            raise ImgclfError("this artifact was not read from a run directory")
+        return run.run_dir
+    return Path(run)
 
 
 def read_artifact(run_dir: str | Path) -> Artifact:
@@ -112,12 +129,12 @@ def read_artifact(run_dir: str | Path) -> Artifact:
     if doc["format_version"] > FORMAT_VERSION:
         raise ImgclfError(f"{meta_path}: format {doc['format_version']} is newer than this imgclf; upgrade imgclf")
     doc["class_names"] = [unicodedata.normalize("NFC", c) for c in doc["class_names"]]  # as every source reads them
-    known = {k: doc.pop(k) for k in list(doc) if k in Artifact.__dataclass_fields__ and k != "extra"}
-    return Artifact(**known, extra=doc)
+    known = {k: doc.pop(k) for k in list(doc) if k in Artifact.__dataclass_fields__ and k not in ("extra", "run_dir")}
+    return Artifact(**known, extra=doc, run_dir=run_dir)
 
 
-def load_artifact(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Artifact]:
-    """The model (eval mode) and its metadata from a run directory.
+def load_artifact(run: str | Path | Artifact, device: str | torch.device = "cpu") -> tuple[nn.Module, Artifact]:
+    """The model (eval mode) and its metadata from a run directory (or an ``Artifact`` already read from one).
 
     A few-shot index (``"kind": "knn"`` in ``imgclf.json``) loads as ``imgclf.fewshot.KNNClassifier``.
     """
@@ -125,8 +142,7 @@ def load_artifact(run_dir: str | Path, device: str | torch.device = "cpu") -> tu
 
     from .models.factory import build_model
 
-    run_dir = Path(run_dir)
-    art = read_artifact(run_dir)
+    art, run_dir = as_artifact(run), run_path(run)
     if art.extra.get("kind") == "knn":
         from .models.knn import load_knn
 

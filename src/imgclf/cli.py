@@ -424,6 +424,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     preds = api.predict(args.run, args.inputs, top_k=args.top_k, ensemble=args.ensemble, ood_score=args.ood_score,
                         reject=not args.no_reject, runtime=args.runtime, **_run_opts(args))  # fmt: skip
+    if not preds.rows:
+        _print_skipped(preds.skipped)
+        raise ImgclfError(f"no readable image among the {len(preds.skipped)} input(s); see the skipped files above")
     text = render(preds, args.format)
     if args.output:
         write_text(args.output, text if text.endswith("\n") else text + "\n")

@@ -38,7 +38,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="graph input: uint8 pixels at the input size (nhwc/nchw, preprocessing inside) or "
                    "normalised float NCHW (none)")  # fmt: skip
     p.add_argument("--opset", type=positive_int, help="ONNX opset (default: the exporter's current one)")
-    p.add_argument("--data", help="images to verify on (default: the run's validation split)")
+    p.add_argument("--data", help="labelled images to verify on (default: generated pictures, agreement only)")
     p.add_argument("--verify-n", type=positive_int, default=500, help="verification images")
     p.add_argument("--calib-data", help="int8 calibration images (default: the run's training split)")
     p.add_argument("--calib-n", type=positive_int, default=256, help="int8 calibration images")
@@ -55,7 +55,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 8, 32])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=positive_int, default=10)
-    p.add_argument("--json", dest="json_out", help="write the results here (default <run>/export/bench.json)")
+    p.add_argument("--json", dest="json_out", help="also write the results (JSON) to this file")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -134,12 +134,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     res = bench_run(args.run, args.runtimes, tuple(args.batch_sizes), args.warmup, args.repeats,
                     progress=not args.no_progress)  # fmt: skip
-    out = Path(args.json_out) if args.json_out else Path(args.run) / "export" / "bench.json"
-    write_json(out, res)
     print(format_table(bench_table(res), BENCH_HEADER))
     for rt, why in res["skipped"].items():
         print(f"skipped {rt}: {why}")
-    print(f"results: {out}")
+    if args.json_out:  # a measurement never writes into the run directory unasked
+        write_json(Path(args.json_out), res)
+        print(f"results: {args.json_out}")
     return 0
 
 

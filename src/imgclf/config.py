@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,8 +61,8 @@ class DataConfig:
         from PIL import ImageColor
 
         pr = self.pixel_range
-        ok = pr in ("auto", "minmax") if isinstance(pr, str) else pr[0] < pr[1]
-        _check(ok, "data.pixel_range", "must be auto, minmax or [lo, hi] with lo < hi", pr)
+        ok = pr in ("auto", "minmax") if isinstance(pr, str) else math.isfinite(pr[0] + pr[1]) and pr[0] < pr[1]
+        _check(ok, "data.pixel_range", "must be auto, minmax or [lo, hi] with finite lo < hi", pr)
         try:
             ImageColor.getrgb(self.background)
         except ValueError:

@@ -59,11 +59,11 @@ def predict_run(
     runs = [run_dir, *(ensemble or [])]
     probs, flags, names, ref, first = [], [], None, None, None
     for run in runs:
-        art = read_artifact(run)
+        art = read_artifact(run)  # the one read of the run's imgclf.json; everything below is handed ``art``
         trust = Trust.load(run, art)
         score = ood_score or trust.ood_score
         feats = score in FEATURE_SCORES and trust.stats is not None
-        out, art, samples, skips = _outputs(run, inputs, runtime, feats, tta, tta_merge, run_opts)
+        out, art, samples, skips = _outputs(art, inputs, runtime, feats, tta, tta_merge, run_opts)
         order = class_order(art.class_names, names or art.class_names, run, run_dir)  # ensembles align by name
         if ref is not None and not torch.equal(out.indices, ref):
             raise ImgclfError(f"{run}: read a different set of inputs; cannot ensemble")
@@ -95,22 +95,22 @@ def predict_run(
     return Predictions(rows, dict(skips.items))
 
 
-def _outputs(run, inputs: list[str], runtime: str, feats: bool, tta: str | None, tta_merge: str, run_opts: dict):
+def _outputs(art, inputs: list[str], runtime: str, feats: bool, tta: str | None, tta_merge: str, run_opts: dict):
     """(Outputs, artifact, samples, skips) of one run through PyTorch or an exported runtime."""
-    desc = f"predict {Path(run).name}"
-    rt = resolve_runtime(runtime, run, tta=tta, device=run_opts.get("device", "auto"))
+    desc = f"predict {art.run_dir.name}"
+    rt = resolve_runtime(runtime, art, tta=tta, device=run_opts.get("device", "auto"))
     if rt == "torch":
-        return infer_run(run, lambda a, decode: scan_inputs(inputs, decode), desc=desc, features=feats, tta=tta,
+        return infer_run(art, lambda a, decode: scan_inputs(inputs, decode), desc=desc, features=feats, tta=tta,
                          tta_merge=tta_merge, **run_opts)  # fmt: skip
     if tta:
         raise ImgclfError(f"--tta runs on PyTorch only (got --runtime {rt})")
     if run_opts.get("device", "auto") not in ("auto", "cpu"):
         raise ImgclfError(f"--runtime {rt} runs on the CPU; use --runtime torch with --device {run_opts['device']}")
     limits = {k: run_opts[k] for k in ("max_pixels", "max_aspect") if k in run_opts}
-    samples = scan_inputs(inputs, run_decode_policy(read_artifact(run), **limits))
+    samples = scan_inputs(inputs, run_decode_policy(art, **limits))
     check_inputs(samples, run_opts.get("progress", False))
     opts = {k: v for k, v in run_opts.items() if k not in ("device", "max_pixels", "max_aspect")}
-    out, art, skips = runtime_outputs(run, samples, rt, desc=desc, **opts)
+    out, art, skips = runtime_outputs(art, samples, runtime, desc=desc, **opts)  # auto: PyTorch if export fails
     return out, art, samples, skips
 
 

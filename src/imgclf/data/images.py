@@ -38,6 +38,9 @@ PILLOW_MAX_PIXELS = 89_478_485
 #: longest / shortest side: beyond it the eval resize of a thin strip would allocate gigabytes
 MAX_ASPECT = 50.0
 _HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+#: the decoding of runs trained before the policy was stored (imgclf <= 0.1 of 2026-11-28): Pillow's ``convert``
+#: (16-bit clipped, alpha dropped) and float arrays clipped to [0, 1]; only ever read from such an artifact
+LEGACY = "legacy"
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
@@ -82,7 +85,7 @@ class DecodePolicy:
     def __post_init__(self) -> None:
         pr = self.pixel_range
         if isinstance(pr, str):
-            if pr not in ("auto", "minmax"):
+            if pr not in ("auto", "minmax", LEGACY):
                 raise ValueError(f"pixel_range must be 'auto', 'minmax' or [lo, hi], got {pr!r}")
         else:
             lo, hi = (float(v) for v in pr)
@@ -97,8 +100,10 @@ class DecodePolicy:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any] | None, **limits: Any) -> DecodePolicy:
-        """From ``to_json`` output (``None`` or ``{}``: the defaults, as in runs made before the policy existed)."""
-        doc = doc or {}
+        """From ``to_json`` output. ``None``: a run trained before imgclf stored its decoding, which is decoded as
+        it was trained (``LEGACY``: Pillow's conversion, alpha dropped), so its answers do not change."""
+        if doc is None:
+            return cls(LEGACY, **limits)
         pr = doc.get("pixel_range", "auto")
         return cls(pr if isinstance(pr, str) else tuple(pr), tuple(doc.get("background", (255, 255, 255))), **limits)
 
@@ -132,6 +137,8 @@ _patch_lock = threading.Lock()
 
 
 def _install_bomb_check() -> None:
+    if getattr(Image._decompression_bomb_check, "_imgclf", False):
+        return  # installed: no lock on the hot path (and none held across a fork)
     with _patch_lock:
         original = Image._decompression_bomb_check
         if getattr(original, "_imgclf", False):
@@ -160,8 +167,12 @@ def _own_limit():
 
 
 def open_image(path: str | Path, policy: DecodePolicy | None = None) -> Image.Image:
-    """Open and fully decode an image file as RGB per ``policy``, or raise ``BadImage`` naming the cause."""
-    return _decode(path, str(path), policy or DecodePolicy())
+    """Open and fully decode an image file as RGB per ``policy``, or raise ``BadImage`` naming the cause.
+
+    The file is handed to Pillow as a file object, as uploads are: Pillow 13 opened by path transposes
+    uncompressed TIFFs with EXIF orientation 5-8 wrongly, so a path and the same bytes would disagree."""
+    with _errors(str(path)), open(path, "rb") as f:
+        return _decode(f, str(path), policy or DecodePolicy())
 
 
 #: formats accepted from the network (never PostScript/EPS, which Pillow hands to Ghostscript)
@@ -178,7 +189,7 @@ def check_header(path: str | Path, policy: DecodePolicy | None = None) -> str | 
     (``"animated: N frames, the first is used"``) or None. Cheap: no pixel data is decoded."""
     policy = policy or DecodePolicy()
     src = str(path)
-    with _errors(src), _own_limit(), Image.open(path) as img:
+    with _errors(src), _own_limit(), open(path, "rb") as f, Image.open(f) as img:
         _check_size(img, src, policy)
         return _animation_note(img)
 
@@ -211,6 +222,9 @@ def _errors(path: str):
     except (PermissionError, IsADirectoryError) as e:
         raise BadImage(path, f"cannot read ({e.strerror or e})") from None
     except UnidentifiedImageError:
+        if _is_tiff(path):
+            raise BadImage(path, "a TIFF that Pillow cannot read (e.g. float64, float16 or several float channels): "
+                                 "save it as 8/16-bit or 32-bit float") from None  # fmt: skip
         raise BadImage(path, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:
         raise BadImage(path, f"too many pixels ({e})", too_large=True) from None
@@ -220,9 +234,15 @@ def _errors(path: str):
         raise BadImage(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
-def _decode(
-    fp: str | Path | io.BytesIO, path: str, policy: DecodePolicy, formats: tuple[str, ...] | None = None
-) -> Image.Image:
+def _is_tiff(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in (b"II*\x00", b"MM\x00*")
+    except OSError:
+        return False
+
+
+def _decode(fp: Any, path: str, policy: DecodePolicy, formats: tuple[str, ...] | None = None) -> Image.Image:
     with _errors(path), _own_limit(), Image.open(fp, formats=formats) as img:
         _check_size(img, path, policy)
         _check_colour_depth(img, path, policy)
@@ -251,10 +271,16 @@ def to_rgb(img: Image.Image, policy: DecodePolicy | None = None, source: str = "
     Raises ``BadImage`` for float/32-bit pixels whose range ``auto`` cannot tell (or non-finite values).
     """
     policy = policy or DecodePolicy()
+    true_type = _tiff_sample_type(img)  # read before exif_transpose, whose copy has no TIFF tags
     img = ImageOps.exif_transpose(img)
-    if img.mode in _HIGH_DEPTH:
+    if policy.pixel_range == LEGACY:
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return img if img.mode == "RGB" else img.convert("RGB")
+    arr = None if true_type is None else _as_type(np.asarray(img), true_type)
+    if arr is not None or img.mode in _HIGH_DEPTH:
         alpha = _colour_key_alpha(img)
-        img = Image.fromarray(window(np.asarray(img), policy.pixel_range, source), "L")
+        img = Image.fromarray(window(np.asarray(img) if arr is None else arr, policy.pixel_range, source), "L")
         if alpha is not None:
             img.putalpha(alpha)
     elif img.mode not in _ALPHA and img.info.get("transparency") is not None:
@@ -263,6 +289,23 @@ def to_rgb(img: Image.Image, policy: DecodePolicy | None = None, source: str = "
         bg = Image.new("RGBA", img.size, (*policy.background, 255))
         return Image.alpha_composite(bg, img.convert("RGBA")).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _tiff_sample_type(img: Image.Image) -> np.dtype | None:
+    """The true sample type of single-channel TIFFs that Pillow reads as another: unsigned 32-bit (Pillow's
+    mode I is signed: values above 2**31 wrap), signed 8-bit (read as L) and signed 16-bit (read as I, whose
+    type range would be wrong). None for every other image."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is None or img.mode not in ("I", "L"):
+        return None
+    bits, kind = tags.get(258, (8,)), tags.get(339, (1,))
+    bits, kind = (bits[0] if isinstance(bits, tuple) else bits), (kind[0] if isinstance(kind, tuple) else kind)
+    return {(32, 1): np.dtype(np.uint32), (8, 2): np.dtype(np.int8), (16, 2): np.dtype(np.int16)}.get((bits, kind))
+
+
+def _as_type(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Pillow's array reinterpreted (same bits) or converted (same values) as the file's sample type."""
+    return a.view(dtype) if a.dtype.itemsize == dtype.itemsize else a.astype(dtype)
 
 
 def _colour_key_alpha(img: Image.Image) -> Image.Image | None:
@@ -288,7 +331,12 @@ def window(a: np.ndarray, pixel_range: str | tuple[float, float] = "auto", sourc
     return np.floor(np.clip(x, 0, 255) + 0.5).clip(0, 255).astype(np.uint8)
 
 
-def _window_bounds(a: np.ndarray, pixel_range: str | tuple[float, float], source: str) -> tuple[float, float]:
+def _window_bounds(
+    a: np.ndarray, pixel_range: str | tuple[float, float], source: str, declared: bool = True
+) -> tuple[float, float]:
+    """(lo, hi) that map to 0 and 255. ``declared``: the dtype is the file's declared sample type (a PNG's or
+    TIFF's bit depth), so integers scale by their type's range; for arrays (``declared=False``: np.array makes
+    int64 of anything) the values decide: within 0-255 as 8-bit, within 0-65535 as 16-bit."""
     if not isinstance(pixel_range, str):
         return pixel_range
     if a.dtype.kind == "f" and not np.isfinite(a).all():
@@ -300,18 +348,22 @@ def _window_bounds(a: np.ndarray, pixel_range: str | tuple[float, float], source
         return mn, mx
     if a.dtype.kind in "iu":
         bits = a.dtype.itemsize * 8
-        if bits <= 16 and a.dtype.kind == "u":
-            return 0.0, float(2**bits - 1)
-        if mn >= 0 and mx <= 65535:  # 32-bit (Pillow's mode I) and signed 16-bit holding 16-bit data
+        if not declared and mn >= 0 and mx <= 255:
+            return 0.0, 255.0
+        if declared and bits <= 16:
+            top = float(2 ** (bits - (a.dtype.kind == "i")) - 1)
+            return (0.0, top) if a.dtype.kind == "u" or mn >= 0 else (-top - 1, top)
+        if mn >= 0 and mx <= 65535:  # 32-bit (Pillow's mode I) holding 16-bit data, or arrays of 16-bit values
             return 0.0, 65535.0
         what = f"{bits}-bit integer pixels in [{mn:g}, {mx:g}]"
     else:
-        if mn >= 0 and mx <= 1:
+        if mn >= -0.05 and mx <= 1.05:  # [0, 1], with 5 % of overshoot (resampling) clipped
             return 0.0, 1.0
-        if mn >= 0 and mx <= 255:
+        if mn >= -0.5 and 2 <= mx <= 255.5:
             return 0.0, 255.0
         what = f"float pixels in [{mn:g}, {mx:g}]"
-    raise BadImage(source, f"{what}: the scale is ambiguous; set data.pixel_range (minmax, or [lo, hi])")
+    raise BadImage(source, f"{what}: the scale is ambiguous; set data.pixel_range (minmax, or [lo, hi]) when "
+                           "training")  # fmt: skip
 
 
 def window_stack(a: np.ndarray, pixel_range: str | tuple[float, float] = "auto", source: str = "array") -> np.ndarray:
@@ -319,15 +371,16 @@ def window_stack(a: np.ndarray, pixel_range: str | tuple[float, float] = "auto",
     it, so every image is scaled alike), per image for ``minmax``; in chunks, so memory stays ~2x uint8."""
     if a.dtype == np.uint8:
         return a
+    if pixel_range == LEGACY:  # as runs trained before the policy read arrays
+        if a.dtype.kind != "f":
+            raise BadImage(source, f"{a.dtype} pixels: this run reads uint8 or float in [0, 1] (retrain to read more)")
+        return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
     if pixel_range == "minmax":
-        return (
-            np.stack([window(x, "minmax", f"{source}[{i}]") for i, x in enumerate(a)]) if len(a) else a.astype(np.uint8)
-        )
-    bounds = (
-        pixel_range
-        if a.dtype == np.bool_ or not isinstance(pixel_range, str)
-        else _window_bounds(a, pixel_range, source)
-    )
+        if not len(a):
+            return a.astype(np.uint8)
+        return np.stack([window(x, "minmax", f"{source}[{i}]") for i, x in enumerate(a)])
+    fixed = a.dtype == np.bool_ or not isinstance(pixel_range, str)
+    bounds = pixel_range if fixed else _window_bounds(a, pixel_range, source, declared=False)
     out = np.empty(a.shape, dtype=np.uint8)
     for i in range(0, len(a), 1024):
         out[i : i + 1024] = window(a[i : i + 1024], bounds, source)

@@ -77,7 +77,8 @@ class Samples:
     def subset(self, idx: np.ndarray | list[int]) -> Samples:
         idx = np.asarray(idx, dtype=np.int64)
         bad = {n: self.bad[int(i)] for n, i in enumerate(idx) if int(i) in self.bad}
-        return dataclasses.replace(self, items=[self.items[i] for i in idx], labels=self.labels[idx], bad=bad)
+        return dataclasses.replace(self, items=[self.items[i] for i in idx], labels=self.labels[idx], bad=bad,
+                                   notes=list(self.notes))  # fmt: skip
 
     def companion(self, split: str) -> Samples | None:
         """Another split of the same multi-split source (e.g. ``test`` of an .npz), if it has one."""
@@ -188,12 +189,14 @@ def open_unlabelled(spec: str | Path, split: str = "test", decode: DecodePolicy 
 
 
 class Found:
-    """What a folder walk found: files, entries it could not read (path -> reason), hidden entries ignored."""
+    """What a folder walk found: files, entries it could not read (path -> reason), hidden entries ignored,
+    and every folder and file seen (by device and inode), so nothing is read twice through links."""
 
     def __init__(self) -> None:
         self.files: list[Path] = []
         self.unreadable: dict[str, str] = {}
         self.hidden = 0
+        self.seen: dict[tuple[int, int], str] = {}
 
     def note(self, where: str) -> list[str]:
         if not self.hidden:
@@ -203,14 +206,20 @@ class Found:
 
 def walk_files(root: Path, found: Found | None = None) -> Found:
     """Every file below ``root`` in sorted path order, following symbolic links to folders (as torchvision's
-    ImageFolder does; ``Path.rglob`` on Python 3.11 does not enter them) with loop protection.
+    ImageFolder does; ``Path.rglob`` on Python 3.11 does not enter them), each folder and file once.
 
-    Hidden entries (``.DS_Store``, ``.git/``) are counted, not read. A broken link, a link back to a folder
-    above it, a folder that cannot be listed or a special file is recorded in ``unreadable`` with the reason.
+    Hidden entries (``.DS_Store``, ``.git/``) are counted, not read. A broken link, a link loop, a folder or
+    file reached a second time through a link (``found`` remembers across calls, so across the classes of one
+    source), a folder that cannot be listed or a special file is recorded in ``unreadable`` with the reason.
     """
     found = found or Found()
     out: list[Path] = []
-    stack: list[tuple[Path, frozenset]] = [(root, frozenset({_dir_key(root)}))]
+    key = _key(root)
+    if key in found.seen:
+        found.unreadable[str(root)] = f"the same folder as {found.seen[key]} (a link); read once"
+        return found
+    found.seen[key] = str(root)
+    stack: list[tuple[Path, frozenset]] = [(root, frozenset({key}))]
     while stack:
         d, above = stack.pop()
         try:
@@ -219,32 +228,42 @@ def walk_files(root: Path, found: Found | None = None) -> Found:
             found.unreadable[str(d)] = f"cannot list folder ({e.strerror or e})"
             continue
         for e in entries:
-            p = Path(e.path)
             if e.name.startswith("."):
                 found.hidden += 1
-                continue
-            try:
-                is_dir, is_file = e.is_dir(), e.is_file()  # both follow symlinks
-            except OSError as err:
-                found.unreadable[str(p)] = f"cannot read ({err.strerror or err})"
-                continue
-            if is_dir:
-                key = _dir_key(p)
-                if key in above:
-                    found.unreadable[str(p)] = "symlink loop (links to a folder above it); not followed"
-                else:
-                    stack.append((p, above | {key}))
-            elif is_file:
-                out.append(p)
-            elif e.is_symlink():
-                found.unreadable[str(p)] = "broken symlink (its target does not exist)"
             else:
-                found.unreadable[str(p)] = "not a regular file (device, socket or pipe)"
+                _visit(e, above, found, stack, out)
     found.files += sorted(out, key=lambda q: q.parts)
     return found
 
 
-def _dir_key(p: Path) -> tuple[int, int]:
+def _visit(e: os.DirEntry, above: frozenset, found: Found, stack: list, out: list[Path]) -> None:
+    p = Path(e.path)
+    try:
+        is_dir, is_file = e.is_dir(), e.is_file()  # both follow symlinks
+        key = _key(p) if is_dir or is_file else None
+    except OSError as err:
+        found.unreadable[str(p)] = f"cannot read ({err.strerror or err})"
+        return
+    if key is not None and key in found.seen:
+        why = (
+            "symlink loop (links to a folder above it)"
+            if key in above
+            else f"the same {'folder' if is_dir else 'file'} as {found.seen[key]} (a link)"
+        )
+        found.unreadable[str(p)] = f"{why}; read once"
+    elif is_dir:
+        found.seen[key] = str(p)  # type: ignore[index]
+        stack.append((p, above | {key}))
+    elif is_file:
+        found.seen[key] = str(p)  # type: ignore[index]
+        out.append(p)
+    elif e.is_symlink() and not os.path.exists(p):
+        found.unreadable[str(p)] = "broken symlink (its target does not exist)"
+    else:
+        found.unreadable[str(p)] = "not a regular file (device, socket or pipe)"
+
+
+def _key(p: Path) -> tuple[int, int]:
     st = p.stat()
     return st.st_dev, st.st_ino
 
@@ -295,15 +314,19 @@ def _natural_sorted(labels: set[str]) -> list[str]:
 
 
 def _existing(p: Path) -> Path:
-    """``p``, or its other Unicode spelling (NFC/NFD) when only that exists: a CSV typed in NFC names a file
-    that macOS stored in NFD."""
+    """``p``, or the existing path that differs from it only in Unicode normal form (NFC/NFD), component by
+    component: a CSV typed in NFC names files and folders that macOS stored in NFD."""
     if p.exists():
         return p
-    for form in ("NFC", "NFD"):
-        q = Path(unicodedata.normalize(form, str(p)))
-        if q.exists():
-            return q
-    return p
+    q, parts = (Path(p.anchor), p.parts[1:]) if p.is_absolute() else (Path("."), p.parts)
+    for part in parts:
+        if not (q / part).exists():
+            try:
+                part = next((c.name for c in q.iterdir() if nfc(c.name) == nfc(part)), part)
+            except OSError:
+                return p
+        q = q / part
+    return q if q.exists() else p
 
 
 def read_csv(path: Path, need_label: bool = True, decode: DecodePolicy | None = None) -> Samples:

@@ -88,11 +88,18 @@ def _warn_small_classes(names: list[str], usable: np.ndarray, in_val: np.ndarray
                     "metrics are missing", where, ", ".join(single[:10]))  # fmt: skip
 
 
-def run_split(run_dir, config: dict, which: str, flag: str) -> Samples:
-    """A saved run's own ``train`` or ``val`` split, rebuilt from its resolved config (same seed, same images)."""
+def run_split(art, which: str, flag: str) -> Samples:
+    """A saved run's own ``train`` or ``val`` split, rebuilt from its resolved config (same seed, same images);
+    a warning when its size differs from the one training recorded (files added, removed or unreadable)."""
     from ..config import build_config
 
     try:
-        return getattr(prepare_data(build_config([config], ["the run's config"])), which)
+        split = getattr(prepare_data(build_config([art.config], ["the run's config"])), which)
     except ImgclfError as e:
-        raise ImgclfError(f"{run_dir}: its {which} images are unavailable ({e}); pass {flag}") from None
+        raise ImgclfError(f"{art.run_dir}: its {which} images are unavailable ({e}); pass {flag}") from None
+    recorded = (art.extra.get("data") or {}).get(f"n_{which}")
+    if recorded is not None and recorded != len(split):
+        log.warning("%s: the rebuilt %s split has %d images where training had %d (the data changed); "
+                    "figures on it are not the training-time ones (pass %s)",
+                    art.run_dir, which, len(split), recorded, flag)  # fmt: skip
+    return split

@@ -42,7 +42,7 @@ def bench_run(
     for rt in runtimes:
         t_load = time.perf_counter()
         try:
-            pred = load_predictor(run_dir, rt)
+            pred = load_predictor(art, rt)
         except ImgclfError as e:  # e.g. an int8 export refused for its accuracy drop: say so, bench the rest
             skipped[rt] = str(e)
             bar.update(len(batch_sizes))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..artifact import Artifact, load_artifact, package_versions
+from ..artifact import Artifact, load_artifact, package_versions, run_path
 from ..data.images import DecodePolicy
 from ..data.splits import run_split
 from ..errors import ImgclfError
@@ -116,20 +116,35 @@ def metadata(art: Artifact, pixels: str, run_dir: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- verification data
 
 
-def verification_batches(run_dir: Path, art: Artifact, data: str | None, n: int, batch: int = 32, split: str = "val"):
+def verification_batches(art: Artifact, data: str | None, n: int, batch: int = 32, split: str = "val"):
     """Up to ``n`` images as (uint8 NCHW pixels at the input size, labels) batches.
 
-    From ``data`` (any source) or the run's own validation split. The pixels are the resized and
-    centre-cropped images (the artifact's eval transform without normalisation), so PyTorch and the
-    exported graph see exactly the same numbers.
+    From ``data`` (any source; the pixels are the resized and centre-cropped images, the artifact's eval
+    transform without normalisation, so PyTorch and the exported graph see exactly the same numbers), or,
+    without data, ``generated_batches``: the run's training data is never needed.
     """
     from ..data.sources import open_source
 
-    if data:
-        samples = open_source(data, split, DecodePolicy.from_preprocessing(art.preprocessing)).remap_to(art.class_names)
-    else:
-        samples = run_split(run_dir, art.config, "val", "--data")
+    if not data:
+        return generated_batches(art, n, batch)
+    samples = open_source(data, split, DecodePolicy.from_preprocessing(art.preprocessing)).remap_to(art.class_names)
     return pixel_batches(samples, art, n, batch, seed=0)
+
+
+def generated_batches(art: Artifact, n: int, batch: int = 32, seed: int = 0):
+    """``n`` generated pictures (unlabelled: label -1) as (uint8 NCHW pixels, labels) batches: smooth random
+    colour fields (a 4 x 4 grid upsampled, plus noise), which give the model varied, confident answers,
+    unlike white noise, so a top-1 agreement on them means something."""
+    c, h, w = art.preprocessing["input_size"]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        grid = torch.rand(b, c, 4, 4, generator=g) * 255
+        x = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+        x = (x + torch.randn(b, c, h, w, generator=g) * 12).clamp(0, 255).round().to(torch.uint8)
+        out.append((x, torch.full((b,), -1, dtype=torch.long)))
+    return out
 
 
 def to_input(pixels_nchw: torch.Tensor, pixels: str, art: Artifact) -> np.ndarray:
@@ -287,11 +302,15 @@ def _quantize_openvino(
 def _int8_gate(fmt: str, path: Path, check: dict[str, Any], tolerance: float, force: bool) -> bool:
     """Refuse (delete) an int8 model that loses more than ``tolerance`` top-1 points, unless ``force``.
 
-    True when within the tolerance; False when kept by ``force`` (never chosen automatically then)."""
-    if check["top1_drop_points"] <= tolerance:
+    Without labelled verification images (no --data) the disagreement with fp32 stands in for the drop: it
+    is never smaller. True when within the tolerance; False when kept by ``force`` (never chosen
+    automatically then)."""
+    labelled = check.get("labelled", check["images"]) > 0
+    loss = check["top1_drop_points"] if labelled else round(100 * (1 - check["top1_agreement"]), 3)
+    if loss <= tolerance:
         return True
-    msg = (f"{fmt} model loses {check['top1_drop_points']:.2f} top-1 points on {check['images']} images "
-           f"(tolerance {tolerance})")  # fmt: skip
+    what = "loses" if labelled else "disagrees with fp32 on"
+    msg = f"{fmt} model {what} {loss:.2f} top-1 points on {check['images']} images (tolerance {tolerance})"
     if not force:
         path.unlink()
         if path.suffix == ".xml":
@@ -387,7 +406,7 @@ parameters {{ key: "imgclf.labels" value: {{ string_value: {json.dumps(json.dump
 
 
 def export_run(
-    run_dir: str | Path,
+    run: str | Path | Artifact,
     fmt: str = "onnx",
     *,
     output: str | Path | None = None,
@@ -401,17 +420,25 @@ def export_run(
     force: bool = False,
     triton_max_batch: int = 64,
     triton_delay_us: int = 2000,
+    generated_ok: bool = False,
 ) -> dict[str, Any]:
-    """Export ``run_dir`` as ``fmt`` into ``output`` (default ``<run>/export``), verify it, write ``export.json``.
+    """Export ``run`` (a run directory or an ``Artifact`` read from one) as ``fmt`` into ``output`` (default
+    ``<run>/export``), verify it against PyTorch, write ``export.json``.
 
-    The int8 formats are calibrated on ``calib_n`` training images (``calib_data`` or the run's training
-    data) and refused when they lose more than ``int8_tolerance`` top-1 points on the verification
-    images, unless ``force``.
+    Verification uses ``data`` (agreement, logit difference and the top-1 drop), or without it generated
+    pictures (agreement and logit difference only; a warning says so unless ``generated_ok``). The int8
+    formats are calibrated on ``calib_n`` training images (``calib_data`` or the run's training data) and
+    refused when they lose more than ``int8_tolerance`` top-1 points on the verification images, unless
+    ``force``.
     """
     if fmt not in FORMATS:
         raise ImgclfError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
-    run_dir = Path(run_dir)
-    model, art = load_artifact(run_dir, "cpu")
+    model, art = load_artifact(run, "cpu")
+    run_dir = run_path(run)
+    if not data and not generated_ok:
+        log.warning("%s: no --data given: the %s export is verified on %d generated pictures (agreement with "
+                    "PyTorch only); pass --data for real images and the top-1 drop",
+                    run_dir, fmt, verify_n)  # fmt: skip
     if art.extra.get("kind") == "knn":
         raise ImgclfError(f"{run_dir}: a k-NN index cannot be exported yet; export a trained run")
     out_dir = Path(output) if output else run_dir / "export"
@@ -420,7 +447,7 @@ def export_run(
     # only the onnx format writes model.onnx; the others stage the fp32 graph under a hidden name
     onnx_path = out_dir / ("model.onnx" if fmt == "onnx" else f".model.fp32-for-{fmt}.onnx")
     job = _Job(run_dir, art, ServingModel(model.float(), art, pixels), metadata(art, pixels, run_dir),
-               list(verification_batches(run_dir, art, data, verify_n)), pixels, out_dir, onnx_path)  # fmt: skip
+               list(verification_batches(art, data, verify_n)), pixels, out_dir, onnx_path)  # fmt: skip
     result: dict[str, Any] = {"format": fmt, "pixels": pixels, "outputs": list(OUTPUTS), "run": str(run_dir),
                               "metadata": job.meta}  # fmt: skip
     if fmt != "torchscript":
@@ -524,7 +551,7 @@ def _calibration_batches(run_dir: Path, art: Artifact, data: str | None, n: int,
     from ..data.sources import open_source
 
     decode = DecodePolicy.from_preprocessing(art.preprocessing)
-    samples = open_source(data, "train", decode) if data else run_split(run_dir, art.config, "train", "--calib-data")
+    samples = open_source(data, "train", decode) if data else run_split(art, "train", "--calib-data")
     return pixel_batches(samples, art, n, seed=seed)
 
 

@@ -4,7 +4,11 @@
 Every predictor takes uint8 NHWC pixels at the model's input size (``to_pixels`` makes them from
 PIL images with the artifact's resize and centre crop) and returns ``(logits, probs, features)`` as
 float32 numpy arrays, ``probs`` calibrated, ``features`` the pooled embedding. Exported files come
-from ``<run>/export`` and are exported (and verified) on first use.
+from ``<run>/export`` when it holds a current export (``imgclf export``); otherwise the fast formats are
+compiled on first use into a user cache keyed by the run's content (``~/.cache/imgclf/exports``,
+``$IMGCLF_CACHE``) and verified against PyTorch on generated images. Nothing here reads the run's
+training data or writes into the run directory, so a run copied alone to another machine predicts and
+serves at full speed.
 
 Example:
     >>> p = load_predictor("runs/x", "openvino")          # doctest: +SKIP
@@ -14,8 +18,10 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,9 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifact import Artifact, load_artifact, read_artifact
+from ..artifact import META_FILE, WEIGHTS_FILE, Artifact, as_artifact, load_artifact, run_path
 from ..errors import ImgclfError
 from .export import EXPORT_FILE, FILES, OUTPUTS, export_run, ort_session
+
+log = logging.getLogger("imgclf")
 
 RUNTIMES = ("torch", "torch-cl", "torch-bf16", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
             "openvino-int8")  # fmt: skip
@@ -50,12 +58,12 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_runtime(run_dir: str | Path | None = None) -> str:
+def default_runtime(run: str | Path | Artifact | None = None) -> str:
     """The fastest runtime installed (measured by ``imgclf bench``): OpenVINO int8 when the run already has an
     accepted int8 export (it needs calibration data and an accuracy check, so it is never made implicitly),
     then OpenVINO bf16 / fp32, ONNX Runtime, torch."""
     have = available_runtimes()
-    if run_dir is not None and "openvino-int8" in have and _current(Path(run_dir), "openvino-int8", accepted=True):
+    if run is not None and "openvino-int8" in have and _current(run_path(run), "openvino-int8", accepted=True):
         return "openvino-int8"
     for r in ("openvino-bf16", "openvino", "onnxruntime", "torch-cl"):
         if r in have:
@@ -93,11 +101,11 @@ class Predictor:
 
 
 class TorchPredictor(Predictor):
-    def __init__(self, run_dir: Path, mode: str = "torch", device: str = "cpu"):
+    def __init__(self, run: str | Path | Artifact, mode: str = "torch", device: str = "cpu"):
         from .export import ServingModel
 
-        model, self.art = load_artifact(run_dir, device)
-        self.name, self.path, self.device = mode, str(run_dir), torch.device(device)
+        model, self.art = load_artifact(run, device)
+        self.name, self.path, self.device = mode, str(run_path(run)), torch.device(device)
         self.model = ServingModel(model.float(), self.art, "nhwc").to(self.device)
         self.channels_last = mode in ("torch-cl", "torch-bf16")
         if self.channels_last:
@@ -113,9 +121,9 @@ class TorchPredictor(Predictor):
 
 
 class OnnxPredictor(Predictor):
-    def __init__(self, run_dir: Path, int8: bool = False, threads: int | None = None):
-        self.art, self.name = read_artifact(run_dir), "onnxruntime-int8" if int8 else "onnxruntime"
-        path = _exported(run_dir, "onnx-int8" if int8 else "onnx")
+    def __init__(self, art: Artifact, int8: bool = False, threads: int | None = None):
+        self.art, self.name = art, "onnxruntime-int8" if int8 else "onnxruntime"
+        path = exported(art, "onnx-int8" if int8 else "onnx")
         self.sess, self.path = ort_session(path, threads or torch.get_num_threads()), str(path)
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,14 +131,12 @@ class OnnxPredictor(Predictor):
 
 
 class OpenVinoPredictor(Predictor):
-    def __init__(self, run_dir: Path, precision: str = "f32", threads: int | None = None):
+    def __init__(self, art: Artifact, precision: str = "f32", threads: int | None = None):
         import openvino as ov
 
-        self.art, self.name = (
-            read_artifact(run_dir),
-            {"bf16": "openvino-bf16", "int8": "openvino-int8"}.get(precision, "openvino"),
-        )
-        path = _exported(run_dir, "openvino-int8" if precision == "int8" else "openvino")
+        self.art = art
+        self.name = {"bf16": "openvino-bf16", "int8": "openvino-int8"}.get(precision, "openvino")
+        path = exported(art, "openvino-int8" if precision == "int8" else "openvino")
         cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if precision != "int8":  # int8: the layers kept in floating point run at the CPU's best precision
             cfg["INFERENCE_PRECISION_HINT"] = precision
@@ -145,65 +151,115 @@ class OpenVinoPredictor(Predictor):
         return tuple(np.asarray(res[o]) for o in self.outputs)  # type: ignore[return-value]
 
 
-def _exported(run_dir: Path, fmt: str) -> Path:
-    """``<run>/export/<file>`` for ``fmt`` with uint8 NHWC input, exported and verified on first use."""
-
-    path = run_dir / "export" / FILES[fmt]
+def exported(art: Artifact, fmt: str) -> Path:
+    """An up-to-date export of ``fmt`` with uint8 NHWC input and every output, never written into the run:
+    ``<run>/export`` when ``imgclf export`` left a current one there, else the user cache (compiled and
+    verified against PyTorch on generated images on first use). int8 needs calibration images and an
+    accuracy check, so it is only ever taken from ``<run>/export``."""
+    run_dir = run_path(art)
     if _current(run_dir, fmt):
-        return path
-    export_run(run_dir, fmt, pixels="nhwc", verify_n=200)
-    return path
+        return run_dir / "export" / FILES[fmt]
+    if fmt.endswith("int8"):
+        raise ImgclfError(f"{run_dir}: no accepted {fmt} export; make one with `imgclf export {run_dir} --format "
+                          f"{fmt}` (it calibrates on training images, or --calib-data)")  # fmt: skip
+    cache = export_cache_dir(run_dir, fmt)
+    if not _recorded(cache, fmt):
+        log.info("compiling %s for %s into %s (once per run content)", fmt, run_dir, cache)
+        export_run(art, fmt, output=cache, pixels="nhwc", verify_n=64, generated_ok=True)
+    return cache / FILES[fmt]
 
 
-def _current(run_dir: Path, fmt: str, accepted: bool = False) -> bool:
-    """``<run>/export`` holds an up-to-date export of ``fmt`` with uint8 NHWC input and every output."""
+def cache_root() -> Path:
+    """``$IMGCLF_CACHE`` or ``~/.cache/imgclf``: compiled exports and cached features live here."""
+    return Path(os.environ.get("IMGCLF_CACHE") or Path.home() / ".cache" / "imgclf")
 
-    path = run_dir / "export" / FILES[fmt]
-    rec_path = run_dir / "export" / EXPORT_FILE
+
+def export_cache_dir(run_dir: Path, fmt: str) -> Path:
+    """``<cache>/exports/<key>``: the key hashes the run's weights and ``imgclf.json`` (its content, not its
+    path or time), the format and the imgclf and torch versions that exported it."""
+    h = hashlib.sha256()
+    for name in (WEIGHTS_FILE, META_FILE):
+        with open(run_dir / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    from ..artifact import package_versions
+
+    v = package_versions()
+    h.update(json.dumps([fmt, v.get("imgclf"), v.get("torch"), v.get("onnx"), v.get("openvino")]).encode())
+    return cache_root() / "exports" / h.hexdigest()[:24]
+
+
+def _recorded(out_dir: Path, fmt: str, accepted: bool = False) -> bool:
+    """``out_dir`` holds an export of ``fmt`` with uint8 NHWC input and every output (per its export.json)."""
+    rec_path = out_dir / EXPORT_FILE
     try:
         rec = json.loads(rec_path.read_text()).get(fmt, {}) if rec_path.is_file() else {}
     except (OSError, ValueError):
         return False
     ok = rec.get("pixels") == "nhwc" and rec.get("outputs") == list(OUTPUTS)  # older exports lack features
     ok = ok and (not accepted or rec.get("accepted", False))  # an int8 model kept by --force is not picked
-    return ok and path.is_file() and _newer(path, run_dir)
+    return ok and (out_dir / FILES[fmt]).is_file()
+
+
+def _current(run_dir: Path, fmt: str, accepted: bool = False) -> bool:
+    """``<run>/export`` holds an up-to-date export of ``fmt`` (not older than the run's weights and metadata)."""
+    path = run_dir / "export" / FILES[fmt]
+    return _recorded(run_dir / "export", fmt, accepted) and _newer(path, run_dir)
 
 
 def _newer(path: Path, run_dir: Path) -> bool:
     """An export older than the run's weights is stale (the run was retrained or recalibrated)."""
-    src = [run_dir / "model.safetensors", run_dir / "imgclf.json"]
+    src = [run_dir / WEIGHTS_FILE, run_dir / META_FILE]
     return all(os.path.getmtime(path) >= os.path.getmtime(p) for p in src if p.exists())
 
 
-def load_predictor(run_dir: str | Path, runtime: str = "auto", device: str = "cpu") -> Predictor:
-    run_dir = Path(run_dir)
-    runtime = default_runtime(run_dir) if runtime == "auto" else runtime
+def load_predictor(run: str | Path | Artifact, runtime: str = "auto", device: str = "cpu") -> Predictor:
+    """A ``Predictor`` of ``run`` (a run directory or an ``Artifact`` read from one) on ``runtime``."""
+    art = as_artifact(run)
+    runtime = default_runtime(art) if runtime == "auto" else runtime
     if runtime not in RUNTIMES:
         raise ImgclfError(f"--runtime must be auto or one of {', '.join(RUNTIMES)} (got {runtime!r})")
     if runtime not in available_runtimes():
         why = "a CPU with AVX512-BF16/AMX" if runtime.endswith("bf16") else "pip install 'imgclf[deploy]'"
         raise ImgclfError(f"runtime {runtime} is not available here ({why})")
     if runtime.startswith("torch"):
-        return TorchPredictor(run_dir, runtime, device)
+        return TorchPredictor(art, runtime, device)
     if runtime.startswith("onnxruntime"):
-        return OnnxPredictor(run_dir, int8=runtime.endswith("int8"))
-    return OpenVinoPredictor(run_dir, runtime.removeprefix("openvino").removeprefix("-") or "f32")
+        return OnnxPredictor(art, int8=runtime.endswith("int8"))
+    return OpenVinoPredictor(art, runtime.removeprefix("openvino").removeprefix("-") or "f32")
 
 
-def resolve_runtime(runtime: str, run_dir: str | Path, *, tta: str | None = None, device: str = "auto") -> str:
+def resolve_runtime(runtime: str, run: str | Path | Artifact, *, tta: str | None = None, device: str = "auto") -> str:
     """``auto`` -> the fastest installed runtime, or ``torch`` where only PyTorch can run the job
     (test-time augmentation, a k-NN index, a GPU)."""
     if runtime != "auto":
         return runtime
     from ..dist import resolve_device
 
-    if tta or read_artifact(run_dir).extra.get("kind") == "knn" or resolve_device(device).type != "cpu":
+    if tta or as_artifact(run).extra.get("kind") == "knn" or resolve_device(device).type != "cpu":
         return "torch"
-    return default_runtime(run_dir)
+    return default_runtime(run)
+
+
+def auto_predictor(run: str | Path | Artifact, runtime: str = "auto", device: str = "cpu") -> Predictor:
+    """``load_predictor``, except that ``auto`` falls back to PyTorch (with a warning naming the cause) when the
+    fast runtime cannot be made for this model, instead of failing."""
+    art = as_artifact(run)
+    if runtime != "auto":
+        return load_predictor(art, runtime, device)
+    rt = resolve_runtime(runtime, art, device=device)
+    try:
+        return load_predictor(art, rt, device)
+    except Exception as e:  # noqa: BLE001 - an exporter's failure on an unusual model must not stop predict/serve
+        if rt.startswith("torch"):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        log.warning("%s: %s is not available for %s (%s); using PyTorch", run_path(art), rt, art.arch, first)
+        return load_predictor(art, "torch-cl" if device == "cpu" else "torch", device)
 
 
 def runtime_outputs(
-    run_dir: str | Path,
+    run: str | Path | Artifact,
     samples,
     runtime: str,
     *,
@@ -221,7 +277,7 @@ def runtime_outputs(
     from ..data.transforms import pixel_transform
     from ..eval.inference import Outputs
 
-    pred = load_predictor(run_dir, runtime)
+    pred = auto_predictor(run, runtime)
     loader = make_loader(ImageDataset(samples, pixel_transform(pred.art.preprocessing)), batch_size, train=False,
                          num_workers=num_workers)  # fmt: skip
     skips = SkipLog(strict=strict_images)

@@ -27,7 +27,7 @@ from ..errors import ImgclfError
 from ..eval.trust import Trust
 from .batcher import Batcher
 from .monitor import DriftMonitor
-from .runtime import Predictor, load_predictor, resolve_runtime
+from .runtime import Predictor, auto_predictor
 
 log = logging.getLogger("imgclf")
 _SPEC = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.-]+)(?::(?P<version>[0-9]+))?=)?(?P<run>.+)$")
@@ -146,11 +146,11 @@ def load_models(specs: list[str], opts: ServeOptions) -> dict[str, dict[str, Ser
         version = version or str(len(models.get(name, {})) + 1)
         if version in models.get(name, {}):
             raise ImgclfError(f"model {name} version {version} is given twice")
-        if read_artifact(run).extra.get("kind") == "knn":
+        art = read_artifact(run)
+        if art.extra.get("kind") == "knn":
             raise ImgclfError(f"{run}: a k-NN index cannot be served yet; serve a trained run")
         t0 = time.perf_counter()
-        rt = resolve_runtime(opts.runtime, run, device=opts.device)
-        pred = load_predictor(run, rt, str(resolve_device(opts.device)) if rt.startswith("torch") else "cpu")
+        pred = auto_predictor(art, opts.runtime, str(resolve_device(opts.device)))
         models.setdefault(name, {})[version] = m = ServedModel(name, version, run, pred, opts)
         log.info("model %s:%s from %s on %s (%.1f s)", name, version, run, pred.name, time.perf_counter() - t0)
         for n in (1, opts.max_batch):  # warm-up: the first calls of a shape compile kernels

@@ -131,7 +131,7 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
     (``data``; None: the run's own validation split again); save them."""
     from ..data.splits import run_split
 
-    opener = _labelled(data, split) if data else lambda a, d: run_split(run_dir, a.config, "val", "--data")
+    opener = _labelled(data, split) if data else lambda a, d: run_split(a, "val", "--data")
     out, art, samples, _ = infer_run(run_dir, opener, desc="calibrate", features=True, **run_opts)
     if len(out.labels) < 10:
         raise ImgclfError(f"{samples.name}: {len(out.labels)} readable images; calibration needs at least 10")

@@ -116,7 +116,7 @@ def infer(
 
 
 def infer_run(
-    run_dir: str | Path,
+    run: str | Path | Artifact,
     open_samples: Callable[[Artifact, DecodePolicy], Samples],
     *,
     batch_size: int = 64,
@@ -134,7 +134,7 @@ def infer_run(
     """Load a saved run and run it over ``open_samples(artifact, decode_policy)`` with the artifact's decoding
     (bit depth, background; within ``max_pixels``/``max_aspect``) and eval preprocessing (or its TTA views)."""
     dev = resolve_device(device)
-    model, art = load_artifact(run_dir, dev)
+    model, art = load_artifact(run, dev)
     samples = open_samples(art, run_decode_policy(art, max_pixels, max_aspect))
     check_inputs(samples, progress)
     transform = tta_transform(art.preprocessing, tta) if tta else eval_transform(art.preprocessing)

@@ -306,7 +306,7 @@ def report_run(
     from ..data.transforms import eval_transform
     from ..dist import resolve_device
     from ..errors import ImgclfError
-    from .inference import infer
+    from .inference import check_inputs, infer, run_decode_policy
     from .ood import ood_report
 
     dev = resolve_device(device)
@@ -329,7 +329,9 @@ def report_run(
                                  num_workers=-1)  # fmt: skip
             return infer(model, loader, dev, features=True, progress=True, desc=desc)
 
-        o_in, o_out = run(val, "val"), run(open_unlabelled(ood_data, ood_split), "ood")
+        ood_samples = open_unlabelled(ood_data, ood_split, run_decode_policy(art))  # decoded as the run decodes
+        check_inputs(ood_samples)
+        o_in, o_out = run(val, "val"), run(ood_samples, "ood")
         s_in, s_out = trust.scores(o_in.logits, o_in.features), trust.scores(o_out.logits, o_out.features)
         ood = {"report": ood_report(s_in, s_out), "scores": {k: (s_in[k].numpy(), s_out[k].numpy()) for k in s_in},
                "id_name": f"validation split of {val.name}", "ood_name": str(ood_data)}  # fmt: skip

@@ -8,7 +8,46 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, dump_yaml
+from ..errors import ImgclfError
 from ..io import write_text
+
+LOCK_FILE = "run.lock"
+
+
+def hold_run_lock(run_dir: Path):
+    """An exclusive lock on ``run_dir/run.lock`` for as long as the returned file stays open (the process
+    lives): a second ``train --name`` cannot write into a run that is still training. None without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return None
+    f = open(run_dir / LOCK_FILE, "a")  # noqa: SIM115 - held open on purpose
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ImgclfError(
+            f"{run_dir} is being trained by another process; wait for it or pick another --name"
+        ) from None
+    return f
+
+
+def run_is_live(run_dir: Path) -> bool:
+    """Another process holds ``run_dir``'s lock (it is training there now)."""
+    path = run_dir / LOCK_FILE
+    if not path.exists():
+        return False
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 class RunLogger:
@@ -18,9 +57,11 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.tb = None
+        self.lock = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = hold_run_lock(self.run_dir)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -68,3 +109,7 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.lock is not None:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+            self.lock.close()
+            self.lock = None

@@ -38,7 +38,7 @@ from ..eval.metrics import compute_metrics
 from ..io import save_safetensors
 from ..models.factory import create_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .logger import RunLogger
+from .logger import LOCK_FILE, RunLogger, run_is_live
 from .optim import build_optimizer, build_scheduler
 from .strategy import Phase, apply_phase, phase_at, plan
 from .task import ClassificationTask
@@ -244,7 +244,7 @@ def run_dir_for(cfg: Config, resume: bool, dist: Dist) -> Path:
 
 
 #: what a run writes before its first epoch ends (a run stopped then, e.g. by --strict-images, is reusable)
-_EARLY_FILES = {"config.yaml", "metrics.jsonl", "metrics.csv", "tensorboard", "checkpoints"}
+_EARLY_FILES = {"config.yaml", "metrics.jsonl", "metrics.csv", "tensorboard", "checkpoints", LOCK_FILE}
 
 
 def never_started(d: Path) -> bool:
@@ -252,7 +252,7 @@ def never_started(d: Path) -> bool:
     metrics row, no artifact, nothing of the user's): reusing its name loses nothing."""
     if not d.is_dir():
         return False
-    if not {p.name for p in d.iterdir()} <= _EARLY_FILES or any((d / "checkpoints").glob("*")):
+    if not {p.name for p in d.iterdir()} <= _EARLY_FILES or any((d / "checkpoints").glob("*")) or run_is_live(d):
         return False
     rows = d / "metrics.jsonl"  # metrics.csv is written with it
     return not rows.exists() or rows.stat().st_size == 0
