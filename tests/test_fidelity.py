@@ -326,7 +326,13 @@ def test_a_run_that_never_finished_an_epoch_can_be_reused(tmp_path):
     (data / "class_2" / "Thumbs.db").unlink()
     r = run_cli("train", *args, "--name", "x", "--strict-images")
     assert r.code == 2 and "trunc.png" in r.err, r
-    assert {p.name for p in (out / "x").iterdir()} <= {"config.yaml", "metrics.jsonl", "metrics.csv", "checkpoints", "run.lock"}
+    assert {p.name for p in (out / "x").iterdir()} <= {
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.csv",
+        "checkpoints",
+        "run.lock",
+    }
     shutil.copytree(out / "x", out / "y")
     r = run_cli("train", *args, "--name", "x")  # the same name again, without --strict-images
     assert r.code == 0 and (out / "x" / "imgclf.json").exists(), r

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgclf.eval.metrics import compute_metrics, confusion_table, metrics_table
+from imgclf.eval.metrics import confusion_table, metrics_table
+from imgclf.train.metrics import compute_metrics
 
 
 def _logits(preds: list[int], k: int) -> torch.Tensor:

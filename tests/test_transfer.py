@@ -147,18 +147,18 @@ def test_mixup_cutmix_targets_are_distributions_and_mix():
         assert (ym >= 0).all()
         seen_mixed |= bool(((ym > 0.05) & (ym < 0.9)).sum(1).ge(2).any())
     assert seen_mixed
-    loss, _ = loop.task(x, ym)  # the task takes soft targets
+    loss, _ = loop.wrapped(x, ym)  # the task takes soft targets
     assert torch.isfinite(loss)
 
 
 def test_training_mixes_batches_and_stops_mixing_for_the_last_epochs(tmp_path, tiny_folder, monkeypatch):
     """Through imgclf's loop: soft (B, K) targets summing to 1 while mixing, hard labels in the final epoch."""
-    from imgclf.train import task as task_mod
+    from imgclf.train import tasks as task_mod
 
     from .conftest import TINY, run_cli
 
     seen = []
-    real = task_mod.ClassificationTask.forward
+    real = task_mod.TaskModule.forward
 
     def spy(self, images, targets):
         if self.training:
@@ -170,7 +170,7 @@ def test_training_mixes_batches_and_stops_mixing_for_the_last_epochs(tmp_path, t
             )
         return real(self, images, targets)
 
-    monkeypatch.setattr(task_mod.ClassificationTask, "forward", spy)
+    monkeypatch.setattr(task_mod.TaskModule, "forward", spy)
     r = run_cli("train", "--data", tiny_folder, "--epochs", "3", "--output", tmp_path, "--name", "m", *TINY,
                 "--aug.mixup", "0.4", "--aug.cutmix", "1.0", "--aug.mix_off_epochs", "1")  # fmt: skip
     assert r.code == 0, r

@@ -328,3 +328,23 @@ def test_report_is_self_contained_with_every_section(tiny_run, tmp_path):
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
     for text in ("AUROC", "temperature", "class_2", "top1"):
         assert text in page
+
+
+@pytest.mark.unit
+def test_tta_crops_resize_with_the_runs_own_interpolation():
+    """five_crop used to map lanczos/box/hamming to bicubic silently; now the run's interpolation or an error."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from imgclf.errors import ImgclfError
+    from imgclf.eval.tta import tta_transform
+
+    pre = {"input_size": [3, 32, 32], "interpolation": "lanczos", "mean": [0.5] * 3, "std": [0.5] * 3,
+           "crop_pct": 0.875, "crop_mode": "center"}  # fmt: skip
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 40, 3), dtype=np.uint8))
+    views = tta_transform(pre, "five_crop")(img)
+    resized = v2.Resize(36, interpolation=v2.InterpolationMode.LANCZOS)(img)
+    ref = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre["mean"], pre["std"])])
+    assert torch.allclose(views[0], ref(v2.FiveCrop(32)(resized)[0]))
+    with pytest.raises(ImgclfError, match="no deterministic test-time resize"):
+        tta_transform(dict(pre, interpolation="random"), "five_crop")

@@ -246,7 +246,10 @@ class TrainConfig:
     """The loop: epochs, loss, precision, EMA, model selection and stopping."""
 
     epochs: int = opt(10, "number of epochs")
-    label_smoothing: float = opt(0.1, "label smoothing for the cross-entropy loss")
+    loss: Literal["ce", "focal"] = opt("ce", "ce: cross-entropy | focal: focal loss (Lin et al. 2017)")
+    label_smoothing: float = opt(0.1, "label smoothing of integer targets (cross-entropy and focal)")
+    focal_gamma: float = opt(2.0, "focal loss focusing parameter (0 = cross-entropy)")
+    focal_alpha: float | list[float] | None = opt(None, "focal loss weight: one for all classes or one per class")
     amp: Literal["auto", "none", "bf16", "fp16"] = opt(
         "auto", "mixed precision: auto = bf16/fp16 on CUDA, none on CPU (fp32 channels_last is faster here)"
     )
@@ -262,6 +265,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", self.label_smoothing)
+        _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0", self.focal_gamma)
+        alpha = self.focal_alpha if isinstance(self.focal_alpha, list) else [self.focal_alpha or 1.0]
+        _check(all(a > 0 for a in alpha), "train.focal_alpha", "must be > 0 (one value or one per class)", alpha)
         _check(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1)", self.ema_decay)
         _check(self.patience is None or self.patience >= 1, "train.patience", "must be >= 1", self.patience)
 

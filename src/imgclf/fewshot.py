@@ -46,9 +46,9 @@ from .data.sources import open_source
 from .data.transforms import eval_transform, resolve_preprocessing
 from .dist import resolve_device
 from .errors import ImgclfError
-from .eval.features import extract_features
 from .io import atomic_path, write_json
 from .models.factory import architecture_of, create_model
+from .models.inference import extract_features
 from .models.knn import (
     DEFAULT_K,
     DEFAULT_TEMPERATURE,

@@ -13,12 +13,13 @@ from .config import Config, config_to_dict
 from .data.sources import Samples, stratified_split
 from .eval.calibration import calibration_metrics
 from .eval.drift import reference_stats
-from .eval.inference import Outputs, infer
-from .eval.metrics import compute_metrics
 from .eval.predictions import VAL_PREDICTIONS, save_predictions
 from .eval.trust import fit_trust
 from .models.factory import architecture_of
+from .models.inference import Outputs, infer
+from .train.metrics import compute_metrics
 from .train.probe import fit_probe
+from .train.tasks import SingleLabelTask
 from .train.trainer import Fitted, eval_loader, fit
 
 
@@ -70,6 +71,7 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
         metrics=metrics,
         weights_source=f.weights_source,
         extra={
+            "task": SingleLabelTask.from_config(cfg.train).to_json(),
             "data": {"train": f.splits.train.name, "n_train": len(f.splits.train), "n_val": len(f.splits.val)},
             "calibration": {k: v for k, v in cal.items() if k != "reliability"},
             "ood": trust.to_json() if cfg.trust.ood else None,

@@ -1,4 +1,6 @@
-"""Plots (matplotlib, headless Agg backend), written atomically as PNG files."""
+"""Plots written atomically as PNG files, with matplotlib's object API (``matplotlib.figure.Figure``): no
+pyplot, no global figure registry and no backend switch, so importing or using imgclf never changes a
+notebook user's matplotlib backend."""
 
 from __future__ import annotations
 
@@ -9,17 +11,15 @@ from .io import atomic_write
 
 
 def figure(w: float = 6.4, h: float = 4.0):
-    import matplotlib
+    """A standalone ``Figure`` (w x h inches, 120 dpi); ``savefig`` renders it with Agg."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt, plt.figure(figsize=(w, h), dpi=120)
+    return Figure(figsize=(w, h), dpi=120)
 
 
 def lr_find_plot(result: dict[str, Any], path: Path) -> None:
     """Loss (raw and smoothed) against the learning rate on a log axis, with the suggestion marked."""
-    plt, fig = figure()
+    fig = figure()
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(result["lrs"], result["losses"], color="#bbbbbb", lw=1, label="loss")
     ax.plot(result["lrs"], result["smoothed"], color="#1f77b4", lw=2, label="smoothed")
@@ -36,24 +36,20 @@ def lr_find_plot(result: dict[str, Any], path: Path) -> None:
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
 
 
 def png_bytes(fig) -> bytes:
     """The figure as PNG bytes (for embedding), then closed."""
     import io
 
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()
 
 
 def training_curves(rows: list[dict[str, Any]]) -> bytes:
     """Train/val loss and val top-1 (raw and EMA) per epoch."""
-    plt, fig = figure(9.0, 3.4)
+    fig = figure(9.0, 3.4)
     ep = [r["epoch"] for r in rows]
     ax = fig.add_subplot(1, 2, 1)
     for key, label in (("train_loss", "train loss"), ("val_loss", "val loss"), ("ema_val_loss", "val loss (EMA)")):
@@ -83,7 +79,7 @@ def confusion_heatmap(cm: list[list[int]], names: list[str]) -> bytes:
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
     k = len(names)
     size = min(12.0, 2.5 + 0.45 * k)
-    plt, fig = figure(size, size * 0.85)
+    fig = figure(size, size * 0.85)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if k <= 60:
@@ -107,7 +103,7 @@ def confusion_heatmap(cm: list[list[int]], names: list[str]) -> bytes:
 
 def reliability_diagram(before: dict[str, list[float]], after: dict[str, list[float]], t: float) -> bytes:
     """Accuracy against confidence per bin, before and after temperature scaling."""
-    plt, fig = figure(8.0, 3.6)
+    fig = figure(8.0, 3.6)
     for i, (rel, title) in enumerate(((before, "before"), (after, f"after temperature scaling (T = {t:.2f})"))):
         ax = fig.add_subplot(1, 2, i + 1)
         mids = [(lo + hi) / 2 for lo, hi in zip(rel["lower"], rel["upper"])]
@@ -133,7 +129,7 @@ def ood_histograms(scores: dict[str, tuple[Any, Any]], thresholds: dict[str, flo
     import numpy as np
 
     n = len(scores)
-    plt, fig = figure(3.2 * n, 3.0)
+    fig = figure(3.2 * n, 3.0)
     for i, (name, (ind, ood)) in enumerate(scores.items()):
         ax = fig.add_subplot(1, n, i + 1)
         both = np.concatenate([np.asarray(ind), np.asarray(ood)])

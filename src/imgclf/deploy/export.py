@@ -31,8 +31,9 @@ from ..artifact import Artifact, load_artifact, package_versions, run_path
 from ..data.images import DecodePolicy
 from ..data.splits import run_split
 from ..errors import ImgclfError
-from ..eval.inference import forward_both
 from ..io import atomic_path, write_json, write_text
+from ..models.inference import forward_both
+from ..train.tasks import task_from_json
 
 log = logging.getLogger("imgclf")
 
@@ -77,6 +78,7 @@ class ServingModel(nn.Module):
         self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(pre["std"]))).view(1, c, 1, 1))
         self.register_buffer("shift", (-torch.tensor(pre["mean"]) / torch.tensor(pre["std"])).view(1, c, 1, 1))
         self.register_buffer("inv_t", torch.tensor(1.0 / temperature))
+        self.task = task_from_json(art.extra.get("task"))
         self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,7 +87,7 @@ class ServingModel(nn.Module):
                 x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
             x = x.float() * self.scale + self.shift
         logits, feats = forward_both(self.model, x, logits=True, features=True)  # (N, K), (N, D)
-        return logits, (logits * self.inv_t).softmax(-1), feats
+        return logits, self.task.probs(logits * self.inv_t), feats  # the task's activation, calibrated
 
 
 def example_input(art: Artifact, pixels: str, batch: int = 2) -> torch.Tensor:

@@ -275,7 +275,7 @@ def runtime_outputs(
 
     from ..data.loader import ImageDataset, SkipLog, make_loader
     from ..data.transforms import pixel_transform
-    from ..eval.inference import Outputs
+    from ..models.inference import Outputs
 
     pred = auto_predictor(run, runtime)
     loader = make_loader(ImageDataset(samples, pixel_transform(pred.art.preprocessing)), batch_size, train=False,

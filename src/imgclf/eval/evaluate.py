@@ -12,10 +12,10 @@ from ..artifact import META_FILE, read_artifact
 from ..data.sources import open_source, open_unlabelled
 from ..errors import ImgclfError
 from ..io import write_json
+from ..train.metrics import compute_metrics
 from .calibration import calibration_metrics, fit_temperature
 from .drift import reference_stats
 from .inference import infer_run
-from .metrics import compute_metrics
 from .ood import ood_report, threshold_for_tpr
 from .trust import Trust
 

@@ -131,7 +131,7 @@ def side_by_side(img: Image.Image, pre: dict[str, Any], cam: np.ndarray, title: 
     from ..plots import figure
 
     seen = view_transform(pre)(img).permute(1, 2, 0).clamp(0, 1).numpy()
-    plt, fig = figure(6.0, 3.3)
+    fig = figure(6.0, 3.3)
     for i, (pic, name) in enumerate([(seen, "input"), (overlay(img, pre, cam), title)]):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.imshow(pic)
@@ -139,4 +139,3 @@ def side_by_side(img: Image.Image, pre: dict[str, Any], cam: np.ndarray, title: 
         ax.axis("off")
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)

@@ -10,7 +10,7 @@ import torch
 
 from ..data.sources import Samples
 from ..io import save_safetensors
-from .inference import Outputs
+from ..models.inference import Outputs
 
 VAL_PREDICTIONS = "val_predictions.safetensors"
 

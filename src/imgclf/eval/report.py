@@ -21,8 +21,8 @@ import yaml
 from ..artifact import Artifact
 from ..data.sources import Samples
 from ..io import write_text
+from ..models.inference import Outputs
 from .calibration import reliability
-from .inference import Outputs
 from .predictions import VAL_PREDICTIONS, Saved, load_predictions, top_losses
 from .trust import Trust
 
@@ -153,7 +153,7 @@ def _gallery(
                 img = samples.load(t["index"])
                 x = eval_transform(art.preprocessing)(img)[None]
                 cam = cam_maps(model, x, [art.class_names.index(t["pred"])], method)[0]
-                plt, fig = figure(2.0, 2.0)
+                fig = figure(2.0, 2.0)
                 ax = fig.add_axes([0, 0, 1, 1])
                 ax.imshow(overlay(img, art.preprocessing, cam))
                 ax.axis("off")
@@ -306,7 +306,8 @@ def report_run(
     from ..data.transforms import eval_transform
     from ..dist import resolve_device
     from ..errors import ImgclfError
-    from .inference import check_inputs, infer, run_decode_policy
+    from ..models.inference import infer
+    from .inference import check_inputs, run_decode_policy
     from .ood import ood_report
 
     dev = resolve_device(device)

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ImgclfError
 from ..io import save_safetensors
+from ..train.tasks import SingleLabelTask, task_from_json
 from .calibration import calibration_metrics, fit_temperature, reliability
 from .ood import FEATURE_SCORES, SCORES, FeatureStats, fit_feature_stats, logit_scores, threshold_for_tpr
 
@@ -35,14 +36,15 @@ class Trust:
     tpr: float = 0.95
     thresholds: dict[str, float] = field(default_factory=dict)
     stats: FeatureStats | None = None
+    task: SingleLabelTask = field(default_factory=SingleLabelTask)  # the head's activation and decision
 
     @property
     def needs_features(self) -> bool:
         return self.ood_score in FEATURE_SCORES and self.stats is not None
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities."""
-        return (logits.float() / self.temperature).softmax(-1)
+        """Calibrated probabilities: the task's activation at the run's temperature."""
+        return self.task.probs(logits, self.temperature)
 
     def scores(self, logits: torch.Tensor, feats: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every OOD score available from these outputs (higher = more in-distribution)."""
@@ -92,7 +94,8 @@ class Trust:
                 raise ImgclfError(f"{run_dir}: OOD statistics {path.name} are missing (retrain or drop OOD)")
             stats = FeatureStats.from_state(load_file(str(path), device=device), ood.get("knn_k") or 10)
         return cls(float(cal.get("temperature", 1.0)), ood.get("ood_score", "energy"), float(ood.get("tpr", 0.95)),
-                   {k: float(v) for k, v in (ood.get("thresholds") or {}).items()}, stats)  # fmt: skip
+                   {k: float(v) for k, v in (ood.get("thresholds") or {}).items()}, stats,
+                   task_from_json(art.extra.get("task")))  # fmt: skip
 
 
 def fit_trust(

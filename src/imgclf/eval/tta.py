@@ -25,15 +25,22 @@ from torchvision.transforms import v2
 
 from ..data.transforms import eval_transform
 from ..errors import ImgclfError
+from ..models.inference import MERGES, merge_views  # noqa: F401 - part of the TTA API
 
 MODES = ("flip", "five_crop", "ten_crop", "multiscale", "flip_multiscale")
-MERGES = ("mean_logits", "mean_probs")
 ZOOMS = (0.9, 1.0, 1.1)  # multiscale: crop fractions relative to the model's crop_pct (capped at 1)
 
 
 def _interp(name: str) -> v2.InterpolationMode:
-    return {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
-            "nearest": v2.InterpolationMode.NEAREST}.get(name, v2.InterpolationMode.BICUBIC)  # fmt: skip
+    """The run's interpolation, exactly as its eval transform uses it (timm's table); an unknown name is an
+    error, never a silent substitute."""
+    from timm.data.transforms import str_to_interp_mode
+
+    try:
+        return str_to_interp_mode(name)
+    except KeyError:
+        raise ImgclfError(f"interpolation {name!r} has no deterministic test-time resize (use bilinear, bicubic, "
+                          "nearest, box, hamming or lanczos)") from None  # fmt: skip
 
 
 def _tensor(pre: dict[str, Any]) -> v2.Compose:
@@ -62,12 +69,3 @@ def tta_transform(pre: dict[str, Any], mode: str):
         return torch.stack(out)
 
     return apply
-
-
-def merge_views(logits: torch.Tensor, merge: str = "mean_logits", temperature: float = 1.0) -> torch.Tensor:
-    """(B, V, K) per-view logits -> (B, K): mean logits, or ``T * log`` of the mean calibrated probabilities."""
-    if merge == "mean_probs":
-        return temperature * (logits.float() / temperature).softmax(-1).mean(1).clamp_min(1e-12).log()
-    if merge == "mean_logits":
-        return logits.float().mean(1)
-    raise ImgclfError(f"--tta-merge must be one of {', '.join(MERGES)} (got {merge!r})")

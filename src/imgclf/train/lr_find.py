@@ -84,7 +84,7 @@ def lr_find(
         if loop.mixup is not None and len(y) % 2 == 0:
             x, y = loop.mixup(x, y)
         with autocast(dist.device, loop.dtype):
-            loss, _ = loop.task(x, y)
+            loss, _ = loop.wrapped(x, y)
         loop.opt.zero_grad(set_to_none=True)
         loop.scaler.scale(loss).backward()
         loop.scaler.step(loop.opt)

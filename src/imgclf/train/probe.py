@@ -28,7 +28,6 @@ import numpy as np
 import timm.utils
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..artifact import package_versions
@@ -38,14 +37,15 @@ from ..data.sources import Samples
 from ..data.transforms import eval_transform, resolve_preprocessing, train_transform
 from ..dist import Dist, setup
 from ..errors import ImgclfError
-from ..eval.features import Features, extract_features
-from ..eval.metrics import compute_metrics
 from ..io import save_safetensors
 from ..models.factory import create_model
+from ..models.inference import Features, extract_features
 from ..models.weights import packaged_weights_file
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logger import RunLogger
+from .metrics import compute_metrics
 from .optim import build_optimizer, build_scheduler
+from .tasks import SingleLabelTask
 from .trainer import LAST_CKPT, Fitted, State, prepare_data, run_dir_for, score_of
 
 log = logging.getLogger("imgclf")
@@ -149,12 +149,14 @@ def safe_open_meta(path: Path) -> dict[str, str]:
 
 def fit_lbfgs(
     xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor, k: int, wd_grid: list[float],
-    max_iter: int, metric: str = "top1",
+    max_iter: int, metric: str = "top1", task: SingleLabelTask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:  # fmt: skip
-    """Multinomial logistic regression per L2 strength (strongest first, warm-started); best by val ``metric``.
+    """The task's loss (without label smoothing; cross-entropy: multinomial logistic regression) + L2 per
+    strength (strongest first, warm-started), solved by L-BFGS; best by val ``metric``.
 
     Returns the head (weight (K, D), bias (K,)) in the raw feature space and one row per strength.
     """
+    crit = (task or SingleLabelTask()).eval_criterion()
     mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     xs, xv = (xtr - mu) / sd, (xva - mu) / sd
     w = torch.zeros(k, xs.shape[1], requires_grad=True)
@@ -165,13 +167,13 @@ def fit_lbfgs(
 
         def closure(opt: torch.optim.Optimizer = opt, wd: float = wd) -> torch.Tensor:
             opt.zero_grad()
-            loss = F.cross_entropy(xs @ w.T + b, ytr) + 0.5 * wd * (w * w).sum()
+            loss = crit(xs @ w.T + b, ytr) + 0.5 * wd * (w * w).sum()
             loss.backward()
             return loss
 
         opt.step(closure)
         with torch.no_grad():
-            row = {"wd": wd, **_val_row(xv @ w.T + b, yva, k, metric)}
+            row = {"wd": wd, **_val_row(xv @ w.T + b, yva, k, metric, crit)}
         rows.append(row)
         if best is None or (row["score"], -row["val_loss"]) > (best[0]["score"], -best[0]["val_loss"]):
             best = (row, w.detach().clone(), b.detach().clone())
@@ -180,8 +182,8 @@ def fit_lbfgs(
     return weight, bb - weight @ mu, rows
 
 
-def _val_row(logits: torch.Tensor, targets: torch.Tensor, k: int, metric: str) -> dict[str, float]:
-    m = compute_metrics(logits, targets, [str(i) for i in range(k)])
+def _val_row(logits: torch.Tensor, targets: torch.Tensor, k: int, metric: str, loss: Any) -> dict[str, float]:
+    m = compute_metrics(logits, targets, [str(i) for i in range(k)], loss=loss)
     return {"val_top1": m["top1"], "val_loss": m["loss"], "val_macro_f1": m["macro_f1"], "score": score_of(m, metric)}
 
 
@@ -200,6 +202,8 @@ def fit_sgd(
     sched = build_scheduler(opt, cfg.sched, math.ceil(per_epoch / cfg.optim.accum_steps), cfg.train.epochs)
     best_state = {k: v.clone() for k, v in head.state_dict().items()}
     ck_path = run_dir / LAST_CKPT
+    task = SingleLabelTask.from_config(cfg.train)
+    crit, eval_crit = task.criterion(), task.eval_criterion()
     if ck is not None and "optimizer" in ck:  # resuming
         head.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -211,7 +215,7 @@ def fit_sgd(
         order = _epoch_order(len(tr.labels), cfg.train.seed, e)
         for i in range(per_epoch):
             idx = order[i * bs : (i + 1) * bs]
-            loss = F.cross_entropy(head(tr.features[idx]), tr.labels[idx], label_smoothing=cfg.train.label_smoothing)
+            loss = crit(head(tr.features[idx]), tr.labels[idx])
             (loss / cfg.optim.accum_steps).backward()
             if (i + 1) % cfg.optim.accum_steps == 0 or i + 1 == per_epoch:
                 opt.step()
@@ -220,7 +224,7 @@ def fit_sgd(
                 sched.step_update(state.updates)
             total += loss.item() * len(idx)
         with torch.no_grad():
-            val = _val_row(head(va.features), va.labels, head.out_features, cfg.train.metric)
+            val = _val_row(head(va.features), va.labels, head.out_features, cfg.train.metric, eval_crit)
         score = val["score"]
         improved = state.best is None or score > state.best
         if improved:
@@ -247,8 +251,9 @@ def fit_sgd(
 
 
 def _lbfgs_head(tr: Features, va: Features, k: int, cfg: Config, run_dir: Path, state: State, logger: RunLogger):
+    task = SingleLabelTask.from_config(cfg.train)
     weight, bias, rows = fit_lbfgs(tr.features, tr.labels, va.features, va.labels, k, cfg.probe.wd_grid,
-                                   cfg.probe.max_iter, cfg.train.metric)  # fmt: skip
+                                   cfg.probe.max_iter, cfg.train.metric, task)  # fmt: skip
     state.history = [{"epoch": i + 1, **{key: v for key, v in r.items() if key != "score"}} for i, r in enumerate(rows)]
     best = max(rows, key=lambda r: (r["score"], -r["val_loss"]))  # ties: the lower validation loss
     state.epoch, state.best, state.best_epoch = len(rows), best["score"], rows.index(best) + 1

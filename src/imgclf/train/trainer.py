@@ -33,15 +33,15 @@ from ..data.splits import DataSplits, prepare_data
 from ..data.transforms import eval_transform, resolve_preprocessing, train_transform
 from ..dist import Dist, amp_dtype, any_rank, autocast, barrier, broadcast, setup
 from ..errors import ImgclfError
-from ..eval.inference import infer
-from ..eval.metrics import compute_metrics
 from ..io import save_safetensors
 from ..models.factory import create_model
+from ..models.inference import infer
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .logger import LOCK_FILE, RunLogger, run_is_live
+from .metrics import compute_metrics
 from .optim import build_optimizer, build_scheduler
 from .strategy import Phase, apply_phase, phase_at, plan
-from .task import ClassificationTask
+from .tasks import SingleLabelTask, TaskModule
 
 log = logging.getLogger("imgclf")
 
@@ -71,7 +71,8 @@ class Loop:
     cfg: Config
     dist: Dist
     model: nn.Module  # the bare network
-    task: nn.Module  # ClassificationTask, DDP-wrapped when distributed
+    task: SingleLabelTask  # what the outputs mean: loss, activation, decision
+    wrapped: nn.Module  # TaskModule(model, task.criterion()), DDP-wrapped when distributed
     opt: torch.optim.Optimizer
     sched: Any
     ema: ModelEmaV3 | None
@@ -140,10 +141,10 @@ def train_one_epoch(loop: Loop, loader: DataLoader, state: State, desc: str) -> 
                 x, y = x[:-1], y[:-1]
             x, y = loop.mixup(x, y)  # y: (B, K) soft targets
         step_now = pending + 1 == accum or i + 1 == len(loader)
-        sync = nullcontext() if step_now or not hasattr(loop.task, "no_sync") else loop.task.no_sync()
+        sync = nullcontext() if step_now or not hasattr(loop.wrapped, "no_sync") else loop.wrapped.no_sync()
         with sync:
             with autocast(dist.device, loop.dtype):
-                loss, _ = loop.task(x, y)
+                loss, _ = loop.wrapped(x, y)
             value = loss.item()
             if any_rank(not math.isfinite(value), dist):
                 nonfinite += 1
@@ -179,7 +180,7 @@ def train_one_epoch(loop: Loop, loader: DataLoader, state: State, desc: str) -> 
 def set_train_mode(loop: Loop) -> None:
     """Training mode, except frozen BatchNorm layers; a head-only phase runs the whole backbone in eval mode
     (no dropout or stochastic depth on frozen features), exactly as a cached probe sees them."""
-    loop.task.train()
+    loop.wrapped.train()
     if loop.phase.head_only:
         loop.model.eval()
     for m in loop.frozen:
@@ -215,7 +216,7 @@ def validate(loop: Loop, loader: DataLoader, names: list[str]) -> dict[str, dict
                   channels_last=loop.fmt == torch.channels_last)  # fmt: skip
         if len(o.labels) == 0:
             raise ImgclfError("no validation image could be read; see the skipped files")
-        out[which] = compute_metrics(o.logits, o.labels, names)
+        out[which] = compute_metrics(o.logits, o.labels, names, loss=loop.task.eval_criterion())
     return out
 
 
@@ -272,8 +273,9 @@ def build_loop(cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int
             switch_prob=cfg.aug.mix_switch_prob, label_smoothing=cfg.train.label_smoothing, num_classes=num_classes,
         )  # fmt: skip
     phases = plan(cfg)
-    loop = Loop(cfg, dist, model, model, None, None, ema, scaler, SkipLog(strict=cfg.data.strict_images), dtype, fmt,
-                phases, phases[0], updates_per_epoch, [], mixup)  # fmt: skip
+    task, skips = SingleLabelTask.from_config(cfg.train), SkipLog(strict=cfg.data.strict_images)
+    loop = Loop(cfg, dist, model, task, model, None, None, ema, scaler, skips, dtype, fmt, phases, phases[0],
+                updates_per_epoch, [], mixup)  # fmt: skip
     enter_phase(loop, phases[0])
     return loop
 
@@ -284,12 +286,12 @@ def enter_phase(loop: Loop, phase: Phase) -> None:
     groups, loop.frozen = apply_phase(loop.model, phase, cfg.optim.weight_decay)
     if not groups:
         raise ImgclfError(f"phase '{phase.name}' has nothing to train (check transfer.freeze_stages)")
-    loop.task = None  # drop the previous phase's DDP wrapper (and its gradient hooks) before wrapping again
-    task: nn.Module = ClassificationTask(loop.model, cfg.train.label_smoothing)
+    loop.wrapped = None  # drop the previous phase's DDP wrapper (and its gradient hooks) before wrapping again
+    wrapped: nn.Module = TaskModule(loop.model, loop.task.criterion())
     if dist.world_size > 1:  # re-wrapped per phase: DDP only syncs parameters that trained at wrap time
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
-        task = torch.nn.parallel.DistributedDataParallel(task, device_ids=ids)
-    loop.task, loop.phase = task, phase
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
+    loop.wrapped, loop.phase = wrapped, phase
     loop.opt = build_optimizer(loop.model, cfg.optim, groups)
     loop.sched = build_scheduler(loop.opt, cfg.sched, loop.updates_per_epoch, phase.epochs)
     loop.sched.step_update(0)

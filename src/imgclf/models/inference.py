@@ -1,0 +1,126 @@
+"""Run a model over a loader and collect logits and/or pooled features, labels and sample indices: the one
+loop for validation during training, evaluation, prediction, feature extraction (probes, k-NN, OOD
+statistics) and test-time augmentation. A batch of (B, V, C, H, W) view stacks (``imgclf.eval.tta``) is
+run as B*V images and merged back; unreadable files are skipped into a ``SkipLog``.
+
+It sits below ``train`` (which validates with it) and ``eval`` (which loads runs around it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.loader import SkipLog
+from ..dist import autocast
+from ..errors import ImgclfError
+
+MERGES = ("mean_logits", "mean_probs")
+
+
+class Outputs(NamedTuple):
+    logits: torch.Tensor  # (N, K) float32 on CPU (empty (N, 0) when not requested)
+    labels: torch.Tensor  # (N,)
+    indices: torch.Tensor  # (N,) positions in the data source
+    features: torch.Tensor | None = None  # (N, D) pooled pre-logits features when requested
+    score_logits: torch.Tensor | None = None  # TTA with mean_probs: the views' mean logits, for OOD scores
+
+    @property
+    def ood_logits(self) -> torch.Tensor:
+        """The logits OOD scores are computed from (mean logits under TTA)."""
+        return self.logits if self.score_logits is None else self.score_logits
+
+
+def forward_both(model: nn.Module, x: torch.Tensor, logits: bool, features: bool):
+    """Logits and/or pooled features through timm's contract, sharing one ``forward_features``."""
+    fmap = model.forward_features(x)
+    feats = model.forward_head(fmap, pre_logits=True) if features else None
+    out = model.forward_head(fmap) if logits else None
+    return out, feats
+
+
+@torch.no_grad()  # not inference_mode: outputs feed autograd later (temperature, probes)
+def infer(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    skips: SkipLog | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    logits: bool = True,
+    features: bool = False,
+    tta_merge: str = "mean_logits",
+    temperature: float = 1.0,
+    progress: bool = False,
+    desc: str = "eval",
+) -> Outputs:
+    """Logits (and/or features) for every decodable sample of ``loader``; bad samples go to ``skips``."""
+    model.eval()
+    outs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "indices": [], "features": [], "score": []}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+        if skips is not None:
+            skips.add(batch.skipped)
+        if batch.images is None:
+            continue
+        x = batch.images.to(device, non_blocking=True)
+        views = x.shape[1] if x.ndim == 5 else 0  # (B, V, C, H, W) from test-time augmentation
+        x = (x.flatten(0, 1) if views else x).contiguous(memory_format=fmt)
+        with autocast(device, amp_dtype):
+            out, feats = forward_both(model, x, logits, features)
+        if out is not None:
+            out = out.float()
+            per_view = out.unflatten(0, (-1, views)) if views else None
+            outs["logits"].append((merge_views(per_view, tta_merge, temperature) if views else out).cpu())
+            if views and tta_merge != "mean_logits":
+                outs["score"].append(per_view.mean(1).cpu())
+        if feats is not None:
+            feats = feats.float()
+            outs["features"].append((feats.unflatten(0, (-1, views)).mean(1) if views else feats).cpu())
+        outs["labels"].append(batch.labels)
+        outs["indices"].append(batch.indices)
+    n = sum(len(t) for t in outs["labels"])
+    k, d = getattr(model, "num_classes", 0), getattr(model, "num_features", 0)
+    empty = {"logits": torch.empty(0, k) if logits else torch.empty(n, 0), "features": torch.empty(0, d),
+             "labels": torch.empty(0, dtype=torch.long), "indices": torch.empty(0, dtype=torch.long),
+             "score": torch.empty(0, k)}  # fmt: skip
+    cat = {key: torch.cat(v) if v else empty[key] for key, v in outs.items()}
+    return Outputs(cat["logits"], cat["labels"], cat["indices"], cat["features"] if features else None,
+                   cat["score"] if outs["score"] else None)  # fmt: skip
+
+
+def merge_views(logits: torch.Tensor, merge: str = "mean_logits", temperature: float = 1.0) -> torch.Tensor:
+    """(B, V, K) per-view logits -> (B, K): mean logits, or ``T * log`` of the mean calibrated probabilities."""
+    if merge == "mean_probs":
+        return temperature * (logits.float() / temperature).softmax(-1).mean(1).clamp_min(1e-12).log()
+    if merge == "mean_logits":
+        return logits.float().mean(1)
+    raise ImgclfError(f"--tta-merge must be one of {', '.join(MERGES)} (got {merge!r})")
+
+
+class Features(NamedTuple):
+    features: torch.Tensor  # (N, D) float32 on CPU
+    labels: torch.Tensor  # (N,)
+    indices: torch.Tensor  # (N,) positions in the data source
+
+
+def extract_features(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    skips: SkipLog | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+    desc: str = "features",
+) -> Features:
+    """Features of every decodable sample of ``loader`` (model in eval mode); bad samples go to ``skips``."""
+    out = infer(model, loader, device, skips=skips, amp_dtype=amp_dtype, channels_last=channels_last, logits=False,
+                features=True, progress=progress, desc=desc)  # fmt: skip
+    return Features(out.features, out.labels, out.indices)

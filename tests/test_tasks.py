@@ -1,0 +1,78 @@
+"""The task seam: losses by name, the task recorded in the artifact, every stage asking it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imgclf.errors import ImgclfError
+from imgclf.train.losses import CrossEntropyLoss, FocalLoss
+from imgclf.train.tasks import SingleLabelTask, task_from_json
+
+from .conftest import TINY, run_cli
+
+
+def _softmax(z: list[float]) -> list[float]:
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+@pytest.mark.unit
+def test_focal_loss_matches_the_hand_computed_value():
+    z, gamma = [1.0, 0.0, -1.0], 2.0
+    p = _softmax(z)  # p0 = e / (e + 1 + 1/e) = 0.665241
+    assert p[0] == pytest.approx(0.665241, abs=1e-6)
+    by_hand = -((1 - p[0]) ** gamma) * math.log(p[0])  # 0.045678
+    assert by_hand == pytest.approx(0.045678, abs=1e-6)
+    x, y = torch.tensor([z]), torch.tensor([0])
+    assert float(FocalLoss(gamma)(x, y)) == pytest.approx(by_hand, rel=1e-5)
+    assert float(FocalLoss(gamma, alpha=[0.25, 1.0, 1.0])(x, y)) == pytest.approx(0.25 * by_hand, rel=1e-5)
+    assert float(FocalLoss(gamma, alpha=0.5)(x, y)) == pytest.approx(0.5 * by_hand, rel=1e-5)
+    s = 0.1  # label smoothing: y = (1 - s) onehot + s / K
+    ys = [(1 - s) + s / 3, s / 3, s / 3]
+    smooth = sum(-ys[k] * (1 - p[k]) ** gamma * math.log(p[k]) for k in range(3))
+    assert float(FocalLoss(gamma, label_smoothing=s)(x, y)) == pytest.approx(smooth, rel=1e-5)
+    soft = torch.tensor([[0.6, 0.4, 0.0]])  # MixUp targets are used as they are
+    by_hand_soft = sum(-soft[0, k].item() * (1 - p[k]) ** gamma * math.log(p[k]) for k in range(3))
+    assert float(FocalLoss(gamma, label_smoothing=s)(x, soft)) == pytest.approx(by_hand_soft, rel=1e-5)
+
+
+@pytest.mark.unit
+def test_gamma_zero_is_cross_entropy_and_ce_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 5, generator=g), torch.randint(0, 5, (16,), generator=g)
+    for s in (0.0, 0.1):
+        ref = F.cross_entropy(x, y, label_smoothing=s)
+        assert float(FocalLoss(0.0, label_smoothing=s)(x, y)) == pytest.approx(float(ref), rel=1e-5)
+        assert float(CrossEntropyLoss(s)(x, y)) == pytest.approx(float(ref), rel=1e-6)
+    with pytest.raises(ValueError, match="3 values for 5 classes"):
+        FocalLoss(2.0, alpha=[1, 1, 1])(x, y)
+
+
+@pytest.mark.unit
+def test_task_json_round_trip_and_old_runs():
+    t = SingleLabelTask(loss="focal", label_smoothing=0.05, focal_gamma=1.5, focal_alpha=[1.0, 2.0])
+    assert task_from_json(json.loads(json.dumps(t.to_json()))) == t
+    assert task_from_json(None) == SingleLabelTask()  # a run saved before tasks were recorded
+    with pytest.raises(ImgclfError, match="unknown loss 'dice'"):
+        SingleLabelTask(loss="dice")
+    with pytest.raises(ImgclfError, match="not known to this imgclf"):
+        task_from_json({"kind": "segmentation"})
+
+
+@pytest.mark.cli
+def test_training_with_focal_loss_records_the_task_and_reports_its_loss(tmp_path, tiny_folder):
+    r = run_cli("train", "--data", tiny_folder, "--epochs", "1", "--output", tmp_path, "--name", "f", *TINY,
+                "--train.loss", "focal", "--train.focal_gamma", "2", "--train.label_smoothing", "0")  # fmt: skip
+    assert r.code == 0, r
+    art = json.loads((tmp_path / "f" / "imgclf.json").read_text())
+    assert art["task"] == {"kind": "single_label", "loss": "focal", "label_smoothing": 0.0, "focal_gamma": 2.0,
+                           "focal_alpha": None}  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(x["train_loss"]) for x in rows)
+    r = run_cli("train", "--data", tiny_folder, "--train.loss", "dice", *TINY)
+    assert r.code == 2 and "train.loss" in r.err and "Traceback" not in r.err
