@@ -4,7 +4,7 @@ Importing ``imgclf`` is cheap and has no side effects; the heavy modules load on
 
 Example:
     >>> import imgclf
-    >>> result = imgclf.train()                      # doctest: +SKIP  (the embedded Fashion-MNIST job)
+    >>> result = imgclf.train()  # doctest: +SKIP
     >>> imgclf.evaluate(result.run_dir, "builtin:fashion-mnist:test")["top1"]  # doctest: +SKIP
     0.91
 """

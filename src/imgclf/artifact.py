@@ -16,6 +16,7 @@ import json
 import platform
 import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -52,6 +53,16 @@ class Artifact:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def kind(self) -> str:
+        """The artifact kind (a key of ``KINDS``): ``classifier`` unless ``imgclf.json`` says otherwise."""
+        return self.extra.get("kind") or "classifier"
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature (1.0 for runs without one)."""
+        return float((self.extra.get("calibration") or {}).get("temperature", 1.0))
 
     def to_json(self) -> dict[str, Any]:
         d = dict(vars(self))
@@ -133,20 +144,22 @@ def read_artifact(run_dir: str | Path) -> Artifact:
     return Artifact(**known, extra=doc, run_dir=run_dir)
 
 
-def load_artifact(run: str | Path | Artifact, device: str | torch.device = "cpu") -> tuple[nn.Module, Artifact]:
-    """The model (eval mode) and its metadata from a run directory (or an ``Artifact`` already read from one).
+@dataclass(frozen=True)
+class Kind:
+    """What one kind of artifact is: how its model loads, and the stages that cannot take it yet (with the
+    reason, said as a one-line error by ``require``). Stages ask the registry, never ``if kind == ...``."""
 
-    A few-shot index (``"kind": "knn"`` in ``imgclf.json``) loads as ``imgclf.fewshot.KNNClassifier``.
-    """
+    load: Callable[[Artifact, Path, Any], nn.Module]
+    cannot: dict[str, str] = field(default_factory=dict)  # stage -> why not
+    torch_only: bool = False  # no exported runtime (predict/serve use PyTorch)
+
+
+def _load_classifier(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
+    """A trained timm classifier from ``model.safetensors``."""
     from safetensors.torch import load_file
 
     from .models.factory import build_model
 
-    art, run_dir = as_artifact(run), run_path(run)
-    if art.extra.get("kind") == "knn":
-        from .models.knn import load_knn
-
-        return load_knn(Path(run_dir) / WEIGHTS_FILE, Path(run_dir) / META_FILE, art, device), art
     wpath = run_dir / WEIGHTS_FILE
     if not wpath.is_file():
         raise ImgclfError(f"{run_dir}: weights file {WEIGHTS_FILE} is missing")
@@ -157,4 +170,47 @@ def load_artifact(run: str | Path | Artifact, device: str | torch.device = "cpu"
     except Exception as e:  # noqa: BLE001 - corrupt or mismatched file
         first = str(e).strip().splitlines()[0][:200]
         raise ImgclfError(f"{wpath}: cannot load weights into {art.arch} ({first})") from None
+    return model
+
+
+def _load_knn(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
+    """A few-shot k-NN index (``imgclf knn build``) as ``imgclf.models.knn.KNNClassifier``."""
+    from .models.knn import load_knn
+
+    return load_knn(run_dir / WEIGHTS_FILE, run_dir / META_FILE, art, device)
+
+
+#: artifact kind (``imgclf.json`` ``kind``) -> what it is; a zero-shot classifier joins here
+KINDS: dict[str, Kind] = {
+    "classifier": Kind(_load_classifier),
+    "knn": Kind(_load_knn, torch_only=True, cannot={
+        "export": "a k-NN index cannot be exported yet; export a trained run",
+        "serve": "a k-NN index cannot be served yet; serve a trained run",
+        "report": "a k-NN index has no training report; evaluate it with `imgclf eval`",
+        "explain": "CAMs need a trained classifier (a k-NN index has no class head)",
+    }),
+}  # fmt: skip
+
+
+def kind_of(art: Artifact) -> Kind:
+    """The registry entry of ``art``'s kind (ImgclfError for a kind this imgclf does not know)."""
+    if art.kind not in KINDS:
+        raise ImgclfError(f"{art.run_dir}: artifact kind {art.kind!r} is not known to this imgclf (known: "
+                          f"{', '.join(KINDS)}); upgrade imgclf")  # fmt: skip
+    return KINDS[art.kind]
+
+
+def require(art: Artifact, stage: str) -> None:
+    """ImgclfError naming the run and the reason when ``stage`` (export, serve, report, explain) cannot take
+    ``art``'s kind."""
+    why = kind_of(art).cannot.get(stage)
+    if why:
+        raise ImgclfError(f"{art.run_dir}: {why}")
+
+
+def load_artifact(run: str | Path | Artifact, device: str | torch.device = "cpu") -> tuple[nn.Module, Artifact]:
+    """The model (eval mode) and its metadata from a run directory (or an ``Artifact`` already read from one),
+    loaded by its kind's loader (``KINDS``; a few-shot index loads as ``imgclf.models.knn.KNNClassifier``)."""
+    art, run_dir = as_artifact(run), run_path(run)
+    model = kind_of(art).load(art, run_dir, device)
     return model.to(device).eval(), art

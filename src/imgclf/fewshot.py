@@ -181,7 +181,7 @@ def embed(
 
     Example:
         >>> e = embed("builtin:fashion-mnist", weights="packaged", per_class=20, input_size=64)  # doctest: +SKIP
-        >>> e.features.shape
+        >>> e.features.shape  # doctest: +SKIP
         torch.Size([200, 1280])
     """
     return _embed(
@@ -392,7 +392,7 @@ def add_to_index(
 
     Example:
         >>> clf, art = add_to_index("runs/knn1", "new_classes/")  # doctest: +SKIP
-        >>> art.class_names[-1]
+        >>> art.class_names[-1]  # doctest: +SKIP
         'zebra'
     """
     dev = resolve_device(device)
@@ -504,7 +504,7 @@ def episode_accuracy(
 
     Example:
         >>> r = episode_accuracy(e.features, e.labels, ways=5, shots=1, episodes=600)  # doctest: +SKIP
-        >>> f"{100 * r['mean']:.1f} ± {100 * r['ci95']:.1f} %"
+        >>> f"{100 * r['mean']:.1f} ± {100 * r['ci95']:.1f} %"  # doctest: +SKIP
         '61.2 ± 0.8 %'
     """
     check_params(k, mode, temperature, where="episodes")
@@ -571,7 +571,7 @@ def few_shot_report(
 
     Example:
         >>> r = few_shot_report("builtin:fashion-mnist", weights="packaged", per_class=100)  # doctest: +SKIP
-        >>> r["results"]["prototype"]["5"]["mean"]
+        >>> r["results"]["prototype"]["5"]["mean"]  # doctest: +SKIP
         0.72
     """
     modes = (modes,) if isinstance(modes, str) else tuple(modes)

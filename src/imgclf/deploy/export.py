@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..artifact import Artifact, load_artifact, package_versions, run_path
+from ..artifact import Artifact, load_artifact, package_versions, require, run_path
 from ..data.images import DecodePolicy
 from ..data.splits import run_split
 from ..errors import ImgclfError
@@ -73,7 +73,7 @@ class ServingModel(nn.Module):
         self.model, self.pixels = model.eval(), pixels
         pre = art.preprocessing
         if temperature is None:
-            temperature = float((art.extra.get("calibration") or {}).get("temperature", 1.0))
+            temperature = art.temperature
         c = len(pre["mean"])
         self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(pre["std"]))).view(1, c, 1, 1))
         self.register_buffer("shift", (-torch.tensor(pre["mean"]) / torch.tensor(pre["std"])).view(1, c, 1, 1))
@@ -100,13 +100,13 @@ def example_input(art: Artifact, pixels: str, batch: int = 2) -> torch.Tensor:
 
 def metadata(art: Artifact, pixels: str, run_dir: Path) -> dict[str, str]:
     """String metadata every format carries (ONNX metadata_props, OpenVINO rt_info, Triton config)."""
-    cal, ood = art.extra.get("calibration") or {}, art.extra.get("ood") or {}
+    ood = art.extra.get("ood") or {}
     return {
         "imgclf.arch": art.arch,
         "imgclf.labels": json.dumps(art.class_names),
         "imgclf.preprocessing": json.dumps(art.preprocessing),
         "imgclf.pixels": pixels,
-        "imgclf.temperature": json.dumps(float(cal.get("temperature", 1.0))),
+        "imgclf.temperature": json.dumps(art.temperature),
         "imgclf.ood": json.dumps(
             {"ood_score": ood.get("ood_score"), "tpr": ood.get("tpr"), "thresholds": ood.get("thresholds", {})}
         ),  # fmt: skip
@@ -441,8 +441,7 @@ def export_run(
         log.warning("%s: no --data given: the %s export is verified on %d generated pictures (agreement with "
                     "PyTorch only); pass --data for real images and the top-1 drop",
                     run_dir, fmt, verify_n)  # fmt: skip
-    if art.extra.get("kind") == "knn":
-        raise ImgclfError(f"{run_dir}: a k-NN index cannot be exported yet; export a trained run")
+    require(art, "export")
     out_dir = Path(output) if output else run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifact import META_FILE, WEIGHTS_FILE, Artifact, as_artifact, load_artifact, run_path
+from ..artifact import META_FILE, WEIGHTS_FILE, Artifact, as_artifact, kind_of, load_artifact, run_path
 from ..errors import ImgclfError
 from .export import EXPORT_FILE, FILES, OUTPUTS, export_run, ort_session
 
@@ -236,7 +236,7 @@ def resolve_runtime(runtime: str, run: str | Path | Artifact, *, tta: str | None
         return runtime
     from ..dist import resolve_device
 
-    if tta or as_artifact(run).extra.get("kind") == "knn" or resolve_device(device).type != "cpu":
+    if tta or kind_of(as_artifact(run)).torch_only or resolve_device(device).type != "cpu":
         return "torch"
     return default_runtime(run)
 

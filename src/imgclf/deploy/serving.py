@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifact import Artifact, read_artifact
+from ..artifact import Artifact, read_artifact, require
 from ..config import opt
 from ..data.images import MAX_ASPECT, DecodePolicy
 from ..dist import resolve_device
@@ -147,8 +147,7 @@ def load_models(specs: list[str], opts: ServeOptions) -> dict[str, dict[str, Ser
         if version in models.get(name, {}):
             raise ImgclfError(f"model {name} version {version} is given twice")
         art = read_artifact(run)
-        if art.extra.get("kind") == "knn":
-            raise ImgclfError(f"{run}: a k-NN index cannot be served yet; serve a trained run")
+        require(art, "serve")
         t0 = time.perf_counter()
         pred = auto_predictor(art, opts.runtime, str(resolve_device(opts.device)))
         models.setdefault(name, {})[version] = m = ServedModel(name, version, run, pred, opts)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..artifact import load_artifact
+from ..artifact import load_artifact, require
 from ..data.images import MAX_ASPECT, PILLOW_MAX_PIXELS, BadImage, open_image
 from ..data.sources import nfc
 from ..data.transforms import eval_transform, view_transform
@@ -104,8 +104,7 @@ def explain_image(
     """Write ``output`` (default ``<image>_<method>.png``): the image (decoded as the run decodes its data,
     within ``max_pixels``/``max_aspect``) and its CAM for ``target`` (a class name, or the prediction)."""
     model, art = load_artifact(run_dir, device)
-    if not hasattr(model, "get_classifier"):
-        raise ImgclfError(f"{run_dir}: CAMs need a trained classifier (a k-NN index has no class head)")
+    require(art, "explain")
     try:
         img = open_image(image, run_decode_policy(art, max_pixels, max_aspect))
     except BadImage as e:

@@ -298,7 +298,7 @@ def report_run(
     The validation split is rebuilt from the run's saved config (its data must still be where it was);
     without it the report keeps every section except the top-loss images and OOD detection.
     """
-    from ..artifact import load_artifact
+    from ..artifact import load_artifact, require
     from ..config import build_config
     from ..data.loader import ImageDataset, make_loader
     from ..data.sources import open_unlabelled
@@ -312,8 +312,7 @@ def report_run(
 
     dev = resolve_device(device)
     model, art = load_artifact(run_dir, dev)
-    if art.extra.get("kind") == "knn":
-        raise ImgclfError(f"{run_dir}: a k-NN index has no training report; evaluate it with `imgclf eval`")
+    require(art, "report")
     try:
         val = prepare_data(build_config([art.config], ["the run's config"])).val
     except ImgclfError as e:

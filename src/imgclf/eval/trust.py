@@ -84,7 +84,7 @@ class Trust:
     @classmethod
     def load(cls, run_dir: str | Path, art: Any, device: str = "cpu") -> Trust:
         """From ``imgclf.json`` (``calibration`` and ``ood``) and ``ood.safetensors``; identity if absent."""
-        cal, ood = art.extra.get("calibration") or {}, art.extra.get("ood") or {}
+        ood = art.extra.get("ood") or {}
         stats = None
         if ood.get("feature_stats"):
             from safetensors.torch import load_file
@@ -93,7 +93,7 @@ class Trust:
             if not path.is_file():
                 raise ImgclfError(f"{run_dir}: OOD statistics {path.name} are missing (retrain or drop OOD)")
             stats = FeatureStats.from_state(load_file(str(path), device=device), ood.get("knn_k") or 10)
-        return cls(float(cal.get("temperature", 1.0)), ood.get("ood_score", "energy"), float(ood.get("tpr", 0.95)),
+        return cls(art.temperature, ood.get("ood_score", "energy"), float(ood.get("tpr", 0.95)),
                    {k: float(v) for k, v in (ood.get("thresholds") or {}).items()}, stats,
                    task_from_json(art.extra.get("task")))  # fmt: skip
 
