@@ -96,6 +96,14 @@ def save_artifact(run_dir: str | Path, model: nn.Module, art: Artifact) -> Path:
     return run_dir
 
 
+def update_artifact(art: Artifact) -> Path:
+    """Rewrite ``imgclf.json`` of the run ``art`` was read from (atomically) after changing its fields, e.g. a
+    refitted temperature; the weights are untouched. Returns the run directory."""
+    run_dir = run_path(art)
+    write_json(run_dir / META_FILE, art.to_json())
+    return run_dir
+
+
 def as_artifact(run: str | Path | Artifact) -> Artifact:
     """``run`` itself when it is an ``Artifact`` already read, else ``read_artifact(run)``: functions take either,
     so one command reads a run's ``imgclf.json`` once and hands the result along."""

@@ -285,6 +285,7 @@ def read_image_folder(root: Path, decode: DecodePolicy | None = None) -> Samples
     classes = sorted(dirs)
     items, labels, bad, found = [], [], {}, Found()
     found.hidden = hidden
+    found.seen[_key(root)] = str(root)  # a link back to the root would read every class again as this one
     for i, c in enumerate(classes):
         before = len(found.files), set(found.unreadable)
         for d in dirs[c]:

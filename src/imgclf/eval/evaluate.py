@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 
-from ..artifact import META_FILE, read_artifact
+from ..artifact import read_artifact, update_artifact
 from ..data.sources import open_source, open_unlabelled
 from ..errors import ImgclfError
-from ..io import write_json
 from ..train.metrics import compute_metrics
 from .calibration import calibration_metrics, fit_temperature
 from .drift import reference_stats
@@ -157,5 +156,5 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
         "data": samples.name if data else f"{samples.name} (the run's validation split)",
         **reference_stats(after.probs(out.logits).numpy(), out.features.numpy()),
     }
-    write_json(Path(run_dir) / META_FILE, art.to_json())
+    update_artifact(art)
     return report
