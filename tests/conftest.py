@@ -95,3 +95,22 @@ def tiny_run(tmp_path_factory, tiny_folder) -> Path:
     r = run_cli("train", "--data", tiny_folder, "--epochs", "4", "--output", out, "--name", "tiny", *TINY)
     assert r.code == 0, r
     return out / "tiny"
+
+
+#: fixtures and calls that mean a test trains, serves or runs a command end to end
+_CLI_SIGNS = ("run_cli(", "Served(", "train(", "subprocess", "fit(", "fit_probe(", "_loop(", "_cmd(", "export_run(")
+_CLI_FIXTURES = {"tiny_run", "run", "server", "moved", "served"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers: every test not marked otherwise is ``cli`` when it runs a command, trains, serves or uses a
+    trained run, else ``unit`` (``pytest -m unit``: the fast tier while working; CI runs everything)."""
+    import inspect
+
+    for item in items:
+        if any(any(item.iter_markers(name)) for name in ("unit", "cli")):
+            continue
+        fn = getattr(item, "function", None)
+        src = inspect.getsource(fn) if fn is not None else ""
+        heavy = set(getattr(item, "fixturenames", ())) & _CLI_FIXTURES or any(s in src for s in _CLI_SIGNS)
+        item.add_marker(pytest.mark.cli if heavy else pytest.mark.unit)
