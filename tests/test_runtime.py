@@ -64,9 +64,19 @@ def test_exports_are_reused_until_the_run_changes(run):
     assert second != first and second.is_file()  # a new content key: exported again
     r = run_cli("export", run, "--format", "onnx")  # the run's own export wins while it is current
     assert r.code == 0 and Path(load_predictor(run, "onnxruntime").path) == run / "export" / "model.onnx", r
+    copy = run.parent / "copy"
+    shutil.copytree(run, copy)  # a copy with new file times: still current (the export records the content)
     later = time.time() + 5
-    os.utime(run / "imgclf.json", (later, later))  # the run changed after its export: stale, the cache is used
-    assert Path(load_predictor(run, "onnxruntime").path) == second
+    os.utime(copy / "export" / "model.onnx", (later - 100, later - 100))  # older than the run's files
+    assert Path(load_predictor(copy, "onnxruntime").path) == copy / "export" / "model.onnx"
+    doc["calibration"]["temperature"] = 3.0  # the run changed after its export: stale, the cache is used
+    (run / "imgclf.json").write_text(json.dumps(doc))
+    os.utime(run / "export" / "model.onnx", (later, later))  # even when the export looks newer
+    third = Path(load_predictor(run, "onnxruntime").path)
+    assert third.parent != run / "export" and third.is_file()
+    (third.parent / "model.onnx").write_bytes(b"damaged")  # a damaged cache entry is made again
+    fixed = load_predictor(run, "onnxruntime")
+    assert Path(fixed.path) == third and fixed(np.zeros((1, 32, 32, 3), np.uint8))[1].shape == (1, 3)
 
 
 def test_bench_writes_throughput_and_latency_per_runtime_and_batch(run, tmp_path):

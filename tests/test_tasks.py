@@ -76,3 +76,8 @@ def test_training_with_focal_loss_records_the_task_and_reports_its_loss(tmp_path
     assert rows and all(math.isfinite(x["train_loss"]) for x in rows)
     r = run_cli("train", "--data", tiny_folder, "--train.loss", "dice", *TINY)
     assert r.code == 2 and "train.loss" in r.err and "Traceback" not in r.err
+    r = run_cli("train", "--data", tiny_folder, "--output", tmp_path, "--name", "a2", *TINY, "--train.loss", "focal",
+                "--train.focal_alpha", "[1, 2]")  # fmt: skip
+    assert r.code == 2 and "2 values for 3 classes" in r.err and not (tmp_path / "a2").exists(), r
+    r = run_cli("train", "--data", tiny_folder, *TINY, "--train.loss", "focal", "--train.focal_alpha", "0")
+    assert r.code == 2 and "train.focal_alpha" in r.err, r

@@ -96,6 +96,19 @@ def save_artifact(run_dir: str | Path, model: nn.Module, art: Artifact) -> Path:
     return run_dir
 
 
+def content_key(run_dir: str | Path) -> str:
+    """A hash of a run's weights and ``imgclf.json`` (their bytes, not their paths or times): exports record
+    it and count as current only while the run still has it (copies that reset file times cannot fool it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in (WEIGHTS_FILE, META_FILE):
+        with open(Path(run_dir) / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def update_artifact(art: Artifact) -> Path:
     """Rewrite ``imgclf.json`` of the run ``art`` was read from (atomically) after changing its fields, e.g. a
     refitted temperature; the weights are untouched. Returns the run directory."""
@@ -196,6 +209,7 @@ KINDS: dict[str, Kind] = {
         "serve": "a k-NN index cannot be served yet; serve a trained run",
         "report": "a k-NN index has no training report; evaluate it with `imgclf eval`",
         "explain": "CAMs need a trained classifier (a k-NN index has no class head)",
+        "calibrate": "a k-NN index has no temperature to fit (its votes are its probabilities)",
     }),
 }  # fmt: skip
 

@@ -118,8 +118,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                        verify_n=args.verify_n, calib_data=args.calib_data, calib_n=args.calib_n,
                        int8_tolerance=args.int8_tolerance, force=args.force)  # fmt: skip
         v = r["verify"]
+        labelled = v.get("labelled", v["images"]) > 0  # generated pictures have no labels: no top-1 to show
         rows.append([fmt, r["path"], f"{v['max_abs_logit_diff']:.2e}", f"{100 * v['top1_agreement']:.2f} %",
-                     f"{100 * v['top1_exported']:.2f} %", f"{v['top1_drop_points']:+.2f}", v["images"]])  # fmt: skip
+                     f"{100 * v['top1_exported']:.2f} %" if labelled else "-",
+                     f"{v['top1_drop_points']:+.2f}" if labelled else "-", v["images"]])  # fmt: skip
     head = ["format", "path", "max |logit diff|", "top-1 agreement", "top-1", "drop (points)", "images"]
     print(format_table(rows, head))
     return 0

@@ -266,7 +266,11 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", self.label_smoothing)
         _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0", self.focal_gamma)
-        alpha = self.focal_alpha if isinstance(self.focal_alpha, list) else [self.focal_alpha or 1.0]
+        alpha = (
+            self.focal_alpha
+            if isinstance(self.focal_alpha, list)
+            else [1.0 if self.focal_alpha is None else self.focal_alpha]
+        )
         _check(all(a > 0 for a in alpha), "train.focal_alpha", "must be > 0 (one value or one per class)", alpha)
         _check(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1)", self.ema_decay)
         _check(self.patience is None or self.patience >= 1, "train.patience", "must be >= 1", self.patience)

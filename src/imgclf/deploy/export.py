@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..artifact import Artifact, load_artifact, package_versions, require, run_path
+from ..artifact import Artifact, as_artifact, content_key, load_artifact, package_versions, require, run_path
 from ..data.images import DecodePolicy
 from ..data.splits import run_split
 from ..errors import ImgclfError
@@ -435,13 +435,13 @@ def export_run(
     """
     if fmt not in FORMATS:
         raise ImgclfError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
-    model, art = load_artifact(run, "cpu")
-    run_dir = run_path(run)
+    art, run_dir = as_artifact(run), run_path(run)
+    require(art, "export")
+    model, art = load_artifact(art, "cpu")
     if not data and not generated_ok:
         log.warning("%s: no --data given: the %s export is verified on %d generated pictures (agreement with "
                     "PyTorch only); pass --data for real images and the top-1 drop",
                     run_dir, fmt, verify_n)  # fmt: skip
-    require(art, "export")
     out_dir = Path(output) if output else run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -450,7 +450,7 @@ def export_run(
     job = _Job(run_dir, art, ServingModel(model.float(), art, pixels), metadata(art, pixels, run_dir),
                list(verification_batches(art, data, verify_n)), pixels, out_dir, onnx_path)  # fmt: skip
     result: dict[str, Any] = {"format": fmt, "pixels": pixels, "outputs": list(OUTPUTS), "run": str(run_dir),
-                              "metadata": job.meta}  # fmt: skip
+                              "run_key": content_key(run_dir), "metadata": job.meta}  # fmt: skip
     if fmt != "torchscript":
         _export_onnx(job.serving, art, pixels, onnx_path, job.meta, opset)
     try:

@@ -23,13 +23,14 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..artifact import META_FILE, WEIGHTS_FILE, Artifact, as_artifact, kind_of, load_artifact, run_path
+from ..artifact import Artifact, as_artifact, content_key, kind_of, load_artifact, require, run_path
 from ..errors import ImgclfError
 from .export import EXPORT_FILE, FILES, OUTPUTS, export_run, ort_session
 
@@ -153,20 +154,46 @@ class OpenVinoPredictor(Predictor):
 
 def exported(art: Artifact, fmt: str) -> Path:
     """An up-to-date export of ``fmt`` with uint8 NHWC input and every output, never written into the run:
-    ``<run>/export`` when ``imgclf export`` left a current one there, else the user cache (compiled and
-    verified against PyTorch on generated images on first use). int8 needs calibration images and an
-    accuracy check, so it is only ever taken from ``<run>/export``."""
+    ``<run>/export`` when ``imgclf export`` left one there for the run's current content, else the user
+    cache (compiled and verified against PyTorch on generated images on first use). int8 needs calibration
+    images and an accuracy check, so it is only ever taken from ``<run>/export``."""
+    require(art, "export")
     run_dir = run_path(art)
-    if _current(run_dir, fmt):
+    key = content_key(run_dir)
+    if _current(run_dir, fmt, key=key):
         return run_dir / "export" / FILES[fmt]
     if fmt.endswith("int8"):
         raise ImgclfError(f"{run_dir}: no accepted {fmt} export; make one with `imgclf export {run_dir} --format "
                           f"{fmt}` (it calibrates on training images, or --calib-data)")  # fmt: skip
-    cache = export_cache_dir(run_dir, fmt)
+    cache = export_cache_dir(key, fmt)
     if not _recorded(cache, fmt):
-        log.info("compiling %s for %s into %s (once per run content)", fmt, run_dir, cache)
-        export_run(art, fmt, output=cache, pixels="nhwc", verify_n=64, generated_ok=True)
+        _compile_into_cache(art, fmt, cache)
     return cache / FILES[fmt]
+
+
+def _compile_into_cache(art: Artifact, fmt: str, cache: Path) -> None:
+    """Export into a private folder, then rename it into place: processes compiling the same entry at once
+    never see each other's half-written files (the first rename wins; the others discard theirs)."""
+    import tempfile
+
+    log.info("compiling %s for %s into %s (once per run content)", fmt, run_path(art), cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    except OSError as e:
+        raise ImgclfError(f"cannot write the export cache {cache.parent} ({e.strerror or e}); set $IMGCLF_CACHE "
+                          "to a writable folder or use --runtime torch") from None  # fmt: skip
+    try:
+        export_run(art, fmt, output=tmp, pixels="nhwc", verify_n=64, generated_ok=True)
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process put the same entry in place first
+            pass
+    except OSError as e:
+        raise ImgclfError(f"cannot write the export cache {cache.parent} ({e.strerror or e}); set $IMGCLF_CACHE "
+                          "to a writable folder or use --runtime torch") from None  # fmt: skip
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cache_root() -> Path:
@@ -174,43 +201,37 @@ def cache_root() -> Path:
     return Path(os.environ.get("IMGCLF_CACHE") or Path.home() / ".cache" / "imgclf")
 
 
-def export_cache_dir(run_dir: Path, fmt: str) -> Path:
-    """``<cache>/exports/<key>``: the key hashes the run's weights and ``imgclf.json`` (its content, not its
-    path or time), the format and the imgclf and torch versions that exported it."""
-    h = hashlib.sha256()
-    for name in (WEIGHTS_FILE, META_FILE):
-        with open(run_dir / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+def export_cache_dir(key: str, fmt: str) -> Path:
+    """``<cache>/exports/<hash>``: of the run's content key (``artifact.content_key``), the format and the
+    imgclf, torch, onnx and openvino versions that export it."""
     from ..artifact import package_versions
 
     v = package_versions()
-    h.update(json.dumps([fmt, v.get("imgclf"), v.get("torch"), v.get("onnx"), v.get("openvino")]).encode())
+    h = hashlib.sha256(json.dumps([key, fmt, v.get("imgclf"), v.get("torch"), v.get("onnx"),
+                                   v.get("openvino")]).encode())  # fmt: skip
     return cache_root() / "exports" / h.hexdigest()[:24]
 
 
 def _recorded(out_dir: Path, fmt: str, accepted: bool = False) -> bool:
     """``out_dir`` holds an export of ``fmt`` with uint8 NHWC input and every output (per its export.json)."""
-    rec_path = out_dir / EXPORT_FILE
-    try:
-        rec = json.loads(rec_path.read_text()).get(fmt, {}) if rec_path.is_file() else {}
-    except (OSError, ValueError):
-        return False
+    rec = _record(out_dir, fmt)
     ok = rec.get("pixels") == "nhwc" and rec.get("outputs") == list(OUTPUTS)  # older exports lack features
     ok = ok and (not accepted or rec.get("accepted", False))  # an int8 model kept by --force is not picked
     return ok and (out_dir / FILES[fmt]).is_file()
 
 
-def _current(run_dir: Path, fmt: str, accepted: bool = False) -> bool:
-    """``<run>/export`` holds an up-to-date export of ``fmt`` (not older than the run's weights and metadata)."""
-    path = run_dir / "export" / FILES[fmt]
-    return _recorded(run_dir / "export", fmt, accepted) and _newer(path, run_dir)
+def _current(run_dir: Path, fmt: str, accepted: bool = False, key: str | None = None) -> bool:
+    """``<run>/export`` holds an export of ``fmt`` made from the run's current weights and metadata (its
+    recorded ``run_key`` equals the run's ``content_key``: retraining or recalibrating makes it stale)."""
+    rec = _record(run_dir / "export", fmt)
+    return _recorded(run_dir / "export", fmt, accepted) and rec.get("run_key") == (key or content_key(run_dir))
 
 
-def _newer(path: Path, run_dir: Path) -> bool:
-    """An export older than the run's weights is stale (the run was retrained or recalibrated)."""
-    src = [run_dir / WEIGHTS_FILE, run_dir / META_FILE]
-    return all(os.path.getmtime(path) >= os.path.getmtime(p) for p in src if p.exists())
+def _record(out_dir: Path, fmt: str) -> dict:
+    try:
+        return json.loads((out_dir / EXPORT_FILE).read_text()).get(fmt, {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def load_predictor(run: str | Path | Artifact, runtime: str = "auto", device: str = "cpu") -> Predictor:
@@ -224,9 +245,30 @@ def load_predictor(run: str | Path | Artifact, runtime: str = "auto", device: st
         raise ImgclfError(f"runtime {runtime} is not available here ({why})")
     if runtime.startswith("torch"):
         return TorchPredictor(art, runtime, device)
-    if runtime.startswith("onnxruntime"):
-        return OnnxPredictor(art, int8=runtime.endswith("int8"))
-    return OpenVinoPredictor(art, runtime.removeprefix("openvino").removeprefix("-") or "f32")
+    for attempt in (1, 2):  # a damaged cache entry (a killed write, a full disk) is removed and made again
+        try:
+            if runtime.startswith("onnxruntime"):
+                return OnnxPredictor(art, int8=runtime.endswith("int8"))
+            return OpenVinoPredictor(art, runtime.removeprefix("openvino").removeprefix("-") or "f32")
+        except ImgclfError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime / OpenVINO raise their own types for bad files
+            bad = _cached_entry(art, runtime)
+            why = " ".join(str(e).split())[-200:] or type(e).__name__
+            if bad is None or attempt == 2:
+                raise ImgclfError(f"{run_path(art)}: the {runtime} model cannot be loaded ({why})") from None
+            log.warning("%s: damaged cached export (%s); compiling it again", bad, why)
+            shutil.rmtree(bad, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _cached_entry(art: Artifact, runtime: str) -> Path | None:
+    """The user-cache folder ``runtime`` loads from for ``art`` (None when it loads from ``<run>/export``)."""
+    fmt = "onnx" if runtime.startswith("onnxruntime") else "openvino"
+    if runtime.endswith("int8") or _current(run_path(art), fmt):
+        return None
+    entry = export_cache_dir(content_key(run_path(art)), fmt)
+    return entry if entry.exists() else None
 
 
 def resolve_runtime(runtime: str, run: str | Path | Artifact, *, tta: str | None = None, device: str = "auto") -> str:
@@ -253,8 +295,8 @@ def auto_predictor(run: str | Path | Artifact, runtime: str = "auto", device: st
     except Exception as e:  # noqa: BLE001 - an exporter's failure on an unusual model must not stop predict/serve
         if rt.startswith("torch"):
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        log.warning("%s: %s is not available for %s (%s); using PyTorch", run_path(art), rt, art.arch, first)
+        why = " ".join(str(e).split())[-200:] or type(e).__name__  # the end of the message names the cause
+        log.warning("%s: %s is not available for %s (%s); using PyTorch", run_path(art), rt, art.arch, why)
         return load_predictor(art, "torch-cl" if device == "cpu" else "torch", device)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..artifact import read_artifact, update_artifact
+from ..artifact import read_artifact, require, update_artifact
 from ..data.sources import open_source, open_unlabelled
 from ..errors import ImgclfError
 from ..train.metrics import compute_metrics
@@ -131,7 +131,9 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
     from ..data.splits import run_split
 
     opener = _labelled(data, split) if data else lambda a, d: run_split(a, "val", "--data")
-    out, art, samples, _ = infer_run(run_dir, opener, desc="calibrate", features=True, **run_opts)
+    art = read_artifact(run_dir)
+    require(art, "calibrate")
+    out, art, samples, _ = infer_run(art, opener, desc="calibrate", features=True, **run_opts)
     if len(out.labels) < 10:
         raise ImgclfError(f"{samples.name}: {len(out.labels)} readable images; calibration needs at least 10")
     before = Trust.load(run_dir, art)

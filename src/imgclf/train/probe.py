@@ -278,6 +278,7 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
     timm.utils.random_seed(cfg.train.seed, dist.rank)
     splits = prepare_data(cfg)
     k = len(splits.class_names)
+    SingleLabelTask.from_config(cfg.train).check(k)
     model, wsrc = create_model(cfg.model, k)
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):

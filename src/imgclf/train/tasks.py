@@ -52,6 +52,13 @@ class SingleLabelTask:
         if isinstance(self.focal_alpha, list):
             object.__setattr__(self, "focal_alpha", tuple(self.focal_alpha))
 
+    def check(self, num_classes: int) -> None:
+        """ImgclfError before training when the settings do not fit ``num_classes`` (per-class focal alpha)."""
+        a = self.focal_alpha
+        if isinstance(a, tuple) and len(a) != num_classes:
+            raise ImgclfError(f"train.focal_alpha has {len(a)} values for {num_classes} classes (one per class, "
+                              "in class-name order, or a single value)")  # fmt: skip
+
     @classmethod
     def from_config(cls, train: Any) -> SingleLabelTask:
         """From a ``config.TrainConfig`` (loss, label_smoothing, focal_gamma, focal_alpha)."""

@@ -274,6 +274,7 @@ def build_loop(cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int
         )  # fmt: skip
     phases = plan(cfg)
     task, skips = SingleLabelTask.from_config(cfg.train), SkipLog(strict=cfg.data.strict_images)
+    task.check(num_classes)
     loop = Loop(cfg, dist, model, task, model, None, None, ema, scaler, skips, dtype, fmt, phases, phases[0],
                 updates_per_epoch, [], mixup)  # fmt: skip
     enter_phase(loop, phases[0])
