@@ -81,3 +81,5 @@ def test_training_with_focal_loss_records_the_task_and_reports_its_loss(tmp_path
     assert r.code == 2 and "2 values for 3 classes" in r.err and not (tmp_path / "a2").exists(), r
     r = run_cli("train", "--data", tiny_folder, *TINY, "--train.loss", "focal", "--train.focal_alpha", "0")
     assert r.code == 2 and "train.focal_alpha" in r.err, r
+    r = run_cli("train", "--data", tiny_folder, *TINY, "--train.focal_alpha", "0.5")  # with the default ce loss
+    assert r.code == 2 and "applies to train.loss focal only" in r.err, r

@@ -272,6 +272,8 @@ class TrainConfig:
             else [1.0 if self.focal_alpha is None else self.focal_alpha]
         )
         _check(all(a > 0 for a in alpha), "train.focal_alpha", "must be > 0 (one value or one per class)", alpha)
+        _check(self.focal_alpha is None or self.loss == "focal", "train.focal_alpha", "applies to train.loss focal "
+               "only (set --train.loss focal)", self.focal_alpha)  # fmt: skip
         _check(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1)", self.ema_decay)
         _check(self.patience is None or self.patience >= 1, "train.patience", "must be >= 1", self.patience)
 
