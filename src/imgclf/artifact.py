@@ -12,6 +12,7 @@ The weights also load in plain timm::
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -98,12 +99,19 @@ def save_artifact(run_dir: str | Path, model: nn.Module, art: Artifact) -> Path:
 
 def content_key(run_dir: str | Path) -> str:
     """A hash of a run's weights and ``imgclf.json`` (their bytes, not their paths or times): exports record
-    it and count as current only while the run still has it (copies that reset file times cannot fool it)."""
+    it and count as current only while the run still has it (copies that reset file times cannot fool it).
+    Memoised on the two files' (size, mtime), so one command hashes a large model once."""
+    files = [Path(run_dir) / WEIGHTS_FILE, Path(run_dir) / META_FILE]
+    return _content_key(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=32)
+def _content_key(files: tuple[tuple[str, int, int], ...]) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for name in (WEIGHTS_FILE, META_FILE):
-        with open(Path(run_dir) / name, "rb") as f:
+    for name, _, _ in files:
+        with open(name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()

@@ -26,7 +26,7 @@ import contextlib
 import contextvars
 import io
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +111,6 @@ class DecodePolicy:
     def from_preprocessing(cls, pre: dict[str, Any], **limits: Any) -> DecodePolicy:
         """The policy stored in an artifact's preprocessing (``pre["decode"]``) with this command's limits."""
         return cls.from_json(pre.get("decode"), **limits)
-
-    def with_limits(self, max_pixels: int | None, max_aspect: float | None) -> DecodePolicy:
-        return replace(self, max_pixels=max_pixels or None, max_aspect=max_aspect or None)
 
 
 def parse_color(text: str | tuple | list) -> tuple[int, int, int]:
@@ -328,7 +325,7 @@ def window(a: np.ndarray, pixel_range: str | tuple[float, float] = "auto", sourc
         return a.astype(np.uint8) * 255
     lo, hi = _window_bounds(a, pixel_range, source)
     x = (a.astype(np.float64) - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros(a.shape)
-    return np.floor(np.clip(x, 0, 255) + 0.5).clip(0, 255).astype(np.uint8)
+    return np.floor(np.clip(x, 0, 255) + 0.5).astype(np.uint8)
 
 
 def _window_bounds(

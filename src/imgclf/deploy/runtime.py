@@ -212,9 +212,9 @@ def export_cache_dir(key: str, fmt: str) -> Path:
     return cache_root() / "exports" / h.hexdigest()[:24]
 
 
-def _recorded(out_dir: Path, fmt: str, accepted: bool = False) -> bool:
+def _recorded(out_dir: Path, fmt: str, accepted: bool = False, rec: dict | None = None) -> bool:
     """``out_dir`` holds an export of ``fmt`` with uint8 NHWC input and every output (per its export.json)."""
-    rec = _record(out_dir, fmt)
+    rec = _record(out_dir, fmt) if rec is None else rec
     ok = rec.get("pixels") == "nhwc" and rec.get("outputs") == list(OUTPUTS)  # older exports lack features
     ok = ok and (not accepted or rec.get("accepted", False))  # an int8 model kept by --force is not picked
     return ok and (out_dir / FILES[fmt]).is_file()
@@ -224,7 +224,7 @@ def _current(run_dir: Path, fmt: str, accepted: bool = False, key: str | None = 
     """``<run>/export`` holds an export of ``fmt`` made from the run's current weights and metadata (its
     recorded ``run_key`` equals the run's ``content_key``: retraining or recalibrating makes it stale)."""
     rec = _record(run_dir / "export", fmt)
-    return _recorded(run_dir / "export", fmt, accepted) and rec.get("run_key") == (key or content_key(run_dir))
+    return _recorded(run_dir / "export", fmt, accepted, rec) and rec.get("run_key") == (key or content_key(run_dir))
 
 
 def _record(out_dir: Path, fmt: str) -> dict:

@@ -21,9 +21,10 @@ import torch
 
 from ..artifact import Artifact, read_artifact, require
 from ..config import opt
-from ..data.images import MAX_ASPECT, DecodePolicy
+from ..data.images import MAX_ASPECT
 from ..dist import resolve_device
 from ..errors import ImgclfError
+from ..eval.inference import run_decode_policy
 from ..eval.trust import Trust
 from .batcher import Batcher
 from .monitor import DriftMonitor
@@ -96,8 +97,7 @@ class ServedModel:
         c, h, w = self.art.preprocessing["input_size"]
         self.input_hwc = (h, w, c)
         # uploads decode as the run's training data did (bit depth, transparency), within the server's limits
-        self.decode = DecodePolicy.from_preprocessing(self.art.preprocessing, max_pixels=opts.max_pixels or None,
-                                                      max_aspect=MAX_ASPECT)  # fmt: skip
+        self.decode = run_decode_policy(self.art, opts.max_pixels, MAX_ASPECT)
         self.feat_dim = -1  # known after the first call
 
     @property
