@@ -104,11 +104,12 @@ _CLI_FIXTURES = {"tiny_run", "run", "server", "moved", "served"}
 
 def pytest_collection_modifyitems(config, items):
     """Tiers: every test not marked otherwise is ``cli`` when it runs a command, trains, serves or uses a
-    trained run, else ``unit`` (``pytest -m unit``: the fast tier while working; CI runs everything)."""
+    trained run, else ``unit`` (``pytest -m unit``: the fast tier while working; CI runs everything). ``contract``
+    and ``regression`` tests are tiers of their own (``pytest -m contract``, ``-m regression``)."""
     import inspect
 
     for item in items:
-        if any(any(item.iter_markers(name)) for name in ("unit", "cli")):
+        if any(any(item.iter_markers(name)) for name in ("unit", "cli", "contract", "regression")):
             continue
         fn = getattr(item, "function", None)
         src = inspect.getsource(fn) if fn is not None else ""

@@ -119,3 +119,40 @@ def test_resume_refuses_changes_that_break_exact_continuation(tmp_path):
     _saved_run(tmp_path)
     with pytest.raises(ImgclfError, match=r"'train.epochs' cannot change \(4 -> 6\)"):
         resume_config(tmp_path / "runs", "r1", {"train.epochs": 6})
+
+
+@pytest.mark.unit
+def test_inference_flags_are_generated_from_the_typed_config():
+    """eval / predict / calibrate / knn take their shared flags from ``InferConfig``: same names, types, checks."""
+    import typing
+
+    from imgclf.cli import build_parser, config_from_args
+    from imgclf.config import InferConfig
+    from imgclf.errors import ImgclfError
+    from imgclf.eval.tta import MERGES, MODES
+
+    hints = typing.get_type_hints(InferConfig)
+    assert typing.get_args(typing.get_args(hints["tta"])[0]) == MODES and typing.get_args(hints["tta_merge"]) == MERGES
+    parser = build_parser()
+    args = parser.parse_args(["eval", "runs/x", "--data", "d", "--no-progress", "--tta", "flip", "--max-pixels", "0"])
+    cfg = config_from_args(InferConfig, args)
+    assert (cfg.progress, cfg.tta, cfg.batch_size, cfg.max_pixels) == (False, "flip", 128, 0)
+    assert cfg.kwargs()["max_pixels"] is None and cfg.kwargs()["tta_merge"] == "mean_logits"
+    args = parser.parse_args(["predict", "runs/x", "a.png", "--strict-images", "--workers", "0"])
+    assert config_from_args(InferConfig, args) == InferConfig(strict_images=True, workers=0)
+    assert not hasattr(parser.parse_args(["calibrate", "runs/x"]), "tta")  # calibrate fits on single views
+    with pytest.raises(ImgclfError, match="--batch-size must be >= 1"):
+        config_from_args(InferConfig, parser.parse_args(["predict", "runs/x", "a.png", "--batch-size", "0"]))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "r", "--data", "d", "--tta", "sideways"], "--tta: expects one of flip"),
+    (["predict", "r", "a.png", "--batch-size", "many"], "--batch-size: expects int"),
+])  # fmt: skip
+def test_bad_generated_flag_values_are_one_line_errors(argv, message, capsys):
+    from imgclf.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

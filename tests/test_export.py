@@ -25,9 +25,9 @@ def _torch_reference(run, pixels_nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
     model, art = api.load(run)
     x = torch.from_numpy(pixels_nhwc).permute(0, 3, 1, 2).float() / 255
-    mean, std = torch.tensor(art.preprocessing["mean"]), torch.tensor(art.preprocessing["std"])
+    mean, std = torch.tensor(art.preprocessing.mean), torch.tensor(art.preprocessing.std)
     x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-    t = art.extra["calibration"]["temperature"]
+    t = art.temperature
     with torch.no_grad():
         logits = model(x)
     return logits.numpy(), (logits / t).softmax(1).numpy()

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from imgclf.config import ModelConfig
-from imgclf.data.transforms import eval_transform, resolve_preprocessing
+from imgclf.data.preprocess import Preprocess
 from imgclf.errors import ImgclfError
 from imgclf.models.factory import check_model_name, create_model
 from imgclf.models.weights import PACKAGED, load_into, packaged_weights_file, read_state_dict
@@ -31,8 +31,7 @@ def lite0_imagenet():
 
 
 def _top(model, photo: np.ndarray, k: int = 5) -> tuple[list[int], list[float]]:
-    pre = resolve_preprocessing(model)
-    x = eval_transform(pre)(Image.fromarray(photo))[None]
+    x = Preprocess.from_model(model).eval()(Image.fromarray(photo))[None]
     with torch.no_grad():
         p = model(x).softmax(-1)[0]
     v, i = p.topk(k)
@@ -138,18 +137,11 @@ def test_preprocessing_is_derived_from_the_model_and_overrides_apply():
     from imgclf.config import DataConfig
 
     model = timm.create_model("tf_efficientnet_lite0")
-    pre = resolve_preprocessing(model)
-    assert pre == {
-        "input_size": [3, 224, 224],
-        "interpolation": "bicubic",
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "crop_pct": 0.875,
-        "crop_mode": "center",
-    }
-    pre2 = resolve_preprocessing(model, DataConfig(input_size=96, crop_pct=1.0))
-    assert pre2["input_size"] == [3, 96, 96] and pre2["crop_pct"] == 1.0
-    x = eval_transform(pre2)(Image.new("RGB", (50, 30), (255, 255, 255)))
+    pre = Preprocess.from_model(model)
+    assert pre == Preprocess((3, 224, 224), "bicubic", (0.5,) * 3, (0.5,) * 3, 0.875, "center")
+    pre2 = Preprocess.from_model(model, DataConfig(input_size=96, crop_pct=1.0))
+    assert pre2.input_size == (3, 96, 96) and pre2.crop_pct == 1.0
+    x = pre2.eval()(Image.new("RGB", (50, 30), (255, 255, 255)))
     assert x.shape == (3, 96, 96) and torch.allclose(x, torch.ones_like(x))  # white -> (1 - 0.5) / 0.5
 
 

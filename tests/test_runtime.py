@@ -120,17 +120,21 @@ def test_predict_runtime_flag_gives_the_same_answers(run, tiny_test_folder):
 def test_uint8_pixels_normalise_to_exactly_the_eval_transform(crop_mode):
     """The serving input (uint8 pixels, normalised in the graph) is the eval transform's tensor, for every crop
     mode (the border mode pads with the mean colour, which a [0, 1] view with mean 0 would get wrong)."""
+    import timm.data
     import torch
     from PIL import Image
 
-    from imgclf.data.transforms import eval_transform, pixel_transform
+    from imgclf.data.preprocess import Preprocess
 
-    pre = {"input_size": [3, 40, 40], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
-           "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "crop_mode": crop_mode}  # fmt: skip
-    mean, std = torch.tensor(pre["mean"]).view(3, 1, 1), torch.tensor(pre["std"]).view(3, 1, 1)
+    pre = Preprocess((3, 40, 40), "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.875, crop_mode)
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    timm_eval = timm.data.create_transform(input_size=pre.input_size, interpolation=pre.interpolation, mean=pre.mean,
+                                           std=pre.std, crop_pct=pre.crop_pct, crop_mode=crop_mode)  # fmt: skip
     rng = np.random.default_rng(0)
     for w, h in [(28, 28), (100, 57), (300, 400)]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        px = pixel_transform(pre)(img)
+        px = pre.chw_pixels()(img)
         assert px.dtype == torch.uint8 and px.shape == (3, 40, 40)
-        assert (eval_transform(pre)(img) - (px.float() / 255 - mean) / std).abs().max() < 1e-5
+        assert (pre.eval()(img) - (px.float() / 255 - mean) / std).abs().max() < 1e-5
+        assert torch.equal(pre.eval()(img), timm_eval(img))  # timm's own eval transform, to the last bit
+        assert torch.equal(pre.normalize()(px[None])[0], timm_eval(img))  # the graph's normalisation too

@@ -11,13 +11,14 @@ from PIL import Image
 import imgclf.models.smallcnn  # noqa: F401 - registers simplecnn_*
 from imgclf.config import AugmentConfig, Config, SchedConfig
 from imgclf.data.loader import ImageDataset, make_loader
+from imgclf.data.preprocess import Preprocess
 from imgclf.data.sources import Samples
-from imgclf.data.transforms import train_transform
 from imgclf.dist import Dist
 from imgclf.models.transfer import head_names, layer_scales, stage_groups
+from imgclf.train.loop import set_train_mode
 from imgclf.train.optim import build_optimizer, build_scheduler
 from imgclf.train.strategy import phase_at, plan
-from imgclf.train.trainer import build_loop, enter_phase, set_train_mode
+from imgclf.train.trainer import build_loop, enter_phase
 
 MODELS = ["test_efficientnet", "test_vit", "test_convnext", "simplecnn_s"]
 
@@ -203,17 +204,16 @@ def test_onecycle_and_restarts_schedules():
 
 
 def test_augmentation_options_build_the_expected_pipeline():
-    pre = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
-           "crop_pct": 1.0, "crop_mode": "center"}  # fmt: skip
+    pre = Preprocess((3, 32, 32), "bilinear", (0.5,) * 3, (0.5,) * 3, 1.0)
     aug = AugmentConfig(rotation=10, translate=0.1, shear=5, perspective=0.2, auto_augment="trivialaugment",
                         grayscale=0.1, re_prob=0.25, color_jitter=0.3)  # fmt: skip
-    names = [type(t).__name__ for t in train_transform(pre, aug).transforms]
+    names = [type(t).__name__ for t in pre.train(aug).transforms]
     for want in ("RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandomAffine", "RandomPerspective",
                  "TrivialAugmentWide", "RandomErasing", "Normalize"):  # fmt: skip
         assert want in names, names
     for spec, op in [("rand-m9-n2-mstd0.5", "RandAugment"), ("augmix-m5-w4-d2", "AugMixAugment"),
                      ("original", "AutoAugment")]:  # fmt: skip
-        t = train_transform(pre, AugmentConfig(auto_augment=spec))
+        t = pre.train(AugmentConfig(auto_augment=spec))
         assert op in [type(x).__name__ for x in t.transforms]
         assert t(Image.new("RGB", (40, 30), (90, 20, 200))).shape == (3, 32, 32)
 

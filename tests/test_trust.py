@@ -16,6 +16,7 @@ from PIL import Image
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
+from imgclf.data.preprocess import Preprocess
 from imgclf.eval.calibration import brier, calibration_metrics, ece_equal_mass, ece_equal_width, fit_temperature
 from imgclf.eval.ood import detection_metrics, fit_feature_stats, logit_scores, threshold_for_tpr
 from imgclf.eval.report import SECTIONS
@@ -130,8 +131,7 @@ def test_merge_views_and_tta_views():
     z = torch.tensor([[[2.0, 0.0], [0.0, 2.0]]])  # one image, two views
     assert torch.allclose(merge_views(z, "mean_logits"), torch.tensor([[1.0, 1.0]]))
     assert torch.allclose(merge_views(z, "mean_probs").exp(), torch.tensor([[0.5, 0.5]]), atol=1e-6)
-    pre = {"input_size": [3, 32, 32], "crop_pct": 0.875, "interpolation": "bicubic",
-           "mean": [0.5] * 3, "std": [0.5] * 3, "crop_mode": "center"}  # fmt: skip
+    pre = Preprocess((3, 32, 32), "bicubic", (0.5,) * 3, (0.5,) * 3, 0.875)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
     v = tta_transform(pre, "flip")(img)
     assert v.shape == (2, 3, 32, 32) and torch.equal(v[1], v[0].flip(-1))
@@ -150,14 +150,13 @@ def test_trained_run_carries_calibration_ood_and_report(tiny_run):
 
 def test_eval_with_tta_equals_mean_of_flipped_views(tiny_run, tiny_test_folder):
     from imgclf import api
-    from imgclf.data.transforms import eval_transform
 
     m_plain = api.evaluate(tiny_run, str(tiny_test_folder), num_workers=0, progress=False)
     m_tta = api.evaluate(tiny_run, str(tiny_test_folder), num_workers=0, progress=False, tta="flip")
     assert m_tta["tta"]["mode"] == "flip" and m_tta["n"] == m_plain["n"] == 24
     model, art = api.load(tiny_run)
     img = Image.open(next(iter(sorted(tiny_test_folder.rglob("*.png"))))).convert("RGB")
-    x = eval_transform(art.preprocessing)(img)[None]
+    x = art.preprocessing.eval()(img)[None]
     with torch.no_grad():
         expected = (model(x) + model(x.flip(-1))) / 2
     preds = api.predict(tiny_run, [str(tiny_test_folder / "class_0" / "img_000.png")], tta="flip",
@@ -339,12 +338,11 @@ def test_tta_crops_resize_with_the_runs_own_interpolation():
     from imgclf.errors import ImgclfError
     from imgclf.eval.tta import tta_transform
 
-    pre = {"input_size": [3, 32, 32], "interpolation": "lanczos", "mean": [0.5] * 3, "std": [0.5] * 3,
-           "crop_pct": 0.875, "crop_mode": "center"}  # fmt: skip
+    pre = Preprocess((3, 32, 32), "lanczos", (0.5,) * 3, (0.5,) * 3, 0.875)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 40, 3), dtype=np.uint8))
     views = tta_transform(pre, "five_crop")(img)
     resized = v2.Resize(36, interpolation=v2.InterpolationMode.LANCZOS)(img)
-    ref = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre["mean"], pre["std"])])
-    assert torch.allclose(views[0], ref(v2.FiveCrop(32)(resized)[0]))
-    with pytest.raises(ImgclfError, match="no deterministic test-time resize"):
-        tta_transform(dict(pre, interpolation="random"), "five_crop")
+    ref = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
+    assert torch.allclose(views[0], ref(v2.FiveCrop(32)(resized)[0]), atol=1e-6)  # v2 multiplies by 1/255
+    with pytest.raises(ImgclfError, match="'random' is not a known resize"):  # never a silent substitute
+        Preprocess.from_json({**pre.to_json(), "interpolation": "random"})

@@ -21,7 +21,7 @@ from .errors import ImgclfError
 from .eval.evaluate import evaluate_run
 from .pipeline import TrainResult, run_training
 from .predict import Predictions, predict_run
-from .train.trainer import LAST_CKPT
+from .rundir import LAST_CKPT, RunDir
 
 #: The recipe applied when no training data is given: the embedded Fashion-MNIST job.
 DEFAULT_RECIPE = "default"
@@ -85,7 +85,7 @@ def resume_config(output: str | Path, name: str | None, overrides: dict[str, Any
         if not cands:
             raise ImgclfError(f"--resume: no run with a checkpoint under {out}/ (pass --name of the run)")
         run = cands[-1].parents[1]
-    saved = run / "config.yaml"
+    saved = RunDir(run).config
     if not saved.is_file():
         raise ImgclfError(f"--resume: {run} has no config.yaml; is it an imgclf run?")
     flat = dict(overrides or {})

@@ -26,49 +26,64 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .data.preprocess import Preprocess
 from .errors import ImgclfError
-from .io import save_safetensors, write_json
+from .io import atomic_path, save_safetensors, write_json
+from .rundir import META_FILE, WEIGHTS_FILE, RunDir  # noqa: F401 - the layout, re-exported
 
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "imgclf.json"
 FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "arch", "class_names", "preprocessing")
 
 
 @dataclass
 class Artifact:
-    """What a run leaves behind, apart from the weights."""
+    """What a run leaves behind, apart from the weights (``imgclf.json``; its top-level keys are these fields).
+
+    The sections later stages add have their own fields, read nowhere by string key: ``kind`` (a key of
+    ``KINDS``), ``task`` (``train.tasks.task_from_json``; ``None`` in runs from before tasks: single-label
+    cross-entropy), ``calibration`` (``temperature`` and its fit), ``ood`` (score, TPR, thresholds), ``drift``
+    (reference statistics) and ``data`` (training data name and split sizes). Keys this imgclf does not know
+    (a kind's own section such as ``knn``, or a newer imgclf's) stay in ``extra`` and are written back.
+    """
 
     arch: str
     class_names: list[str]
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocess
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     weights_source: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    kind: str = "classifier"
+    task: dict[str, Any] | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, Any] | None = None
+    drift: dict[str, Any] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     run_dir: Path | None = field(default=None, repr=False, compare=False)  # where it was read from; not stored
+
+    def __post_init__(self) -> None:
+        self.preprocessing = Preprocess.from_json(self.preprocessing)  # a dict from JSON (or callers) is typed here
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     @property
-    def kind(self) -> str:
-        """The artifact kind (a key of ``KINDS``): ``classifier`` unless ``imgclf.json`` says otherwise."""
-        return self.extra.get("kind") or "classifier"
-
-    @property
     def temperature(self) -> float:
         """The calibration temperature (1.0 for runs without one)."""
-        return float((self.extra.get("calibration") or {}).get("temperature", 1.0))
+        return float(self.calibration.get("temperature", 1.0))
 
     def to_json(self) -> dict[str, Any]:
         d = dict(vars(self))
         d.pop("run_dir")
         extra = d.pop("extra")
+        d["preprocessing"] = self.preprocessing.to_json()
+        for section in ("task", "calibration", "ood", "drift", "data"):
+            if not d[section]:
+                d.pop(section)  # absent rather than empty: files of runs without the section stay as they were
         return {**d, **extra}
 
 
@@ -84,17 +99,24 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def save_artifact(run_dir: str | Path, model: nn.Module, art: Artifact) -> Path:
-    """Write weights then metadata into ``run_dir`` (each atomically); returns the directory."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def save_artifact(run_dir: str | Path, model: nn.Module, art: Artifact, *, overwrite: bool = True) -> Path:
+    """The one writer of a run: ``model.safetensors`` (what ``art``'s kind stores of ``model``) and
+    ``imgclf.json``, each written to a temporary file and renamed into place, weights first. Returns the
+    directory; ``art.run_dir`` is set to it.
+
+    Raises ImgclfError when ``run_dir`` already holds a run and ``overwrite`` is False."""
+    run = RunDir(run_dir)
+    if run.meta.exists() and not overwrite:
+        raise ImgclfError(f"{run.path}: already holds a run; choose another directory or pass overwrite=True")
+    tensors, meta = kind_of(art).state(model, art)
     art.created = art.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     art.versions = art.versions or package_versions()
-    save_safetensors(
-        run_dir / WEIGHTS_FILE, model.state_dict(), {"arch": art.arch, "num_classes": str(art.num_classes)}
-    )
-    write_json(run_dir / META_FILE, art.to_json())
-    return run_dir
+    run.path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run.meta) as tmp_meta:
+        save_safetensors(run.weights, tensors, {"arch": art.arch, "num_classes": str(art.num_classes), **meta})
+        write_json(tmp_meta, art.to_json())
+    art.run_dir = run.path
+    return run.path
 
 
 def content_key(run_dir: str | Path) -> str:
@@ -161,7 +183,6 @@ def read_artifact(run_dir: str | Path) -> Artifact:
         "format_version": isinstance(doc["format_version"], int),
         "arch": isinstance(doc["arch"], str),
         "class_names": isinstance(doc["class_names"], list) and all(isinstance(c, str) for c in doc["class_names"]),
-        "preprocessing": isinstance(doc["preprocessing"], dict),
     }
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
@@ -170,6 +191,15 @@ def read_artifact(run_dir: str | Path) -> Artifact:
         raise ImgclfError(f"{meta_path}: format {doc['format_version']} is newer than this imgclf; upgrade imgclf")
     doc["class_names"] = [unicodedata.normalize("NFC", c) for c in doc["class_names"]]  # as every source reads them
     known = {k: doc.pop(k) for k in list(doc) if k in Artifact.__dataclass_fields__ and k not in ("extra", "run_dir")}
+    for section, typ in (("kind", str), ("task", dict), ("calibration", dict), ("ood", dict), ("drift", dict),
+                         ("data", dict)):  # fmt: skip
+        if known.get(section) is not None and not isinstance(known[section], typ):
+            raise ImgclfError(f"{meta_path}: field {section} should be a {typ.__name__}, "
+                              f"got {type(known[section]).__name__}")  # fmt: skip
+    for section in ("kind", "calibration", "data"):
+        if known.get(section, 0) is None:
+            known.pop(section)  # null in the file: the default
+    known["preprocessing"] = Preprocess.from_json(known["preprocessing"], f"{meta_path}: preprocessing")
     return Artifact(**known, extra=doc, run_dir=run_dir)
 
 
@@ -179,6 +209,7 @@ class Kind:
     reason, said as a one-line error by ``require``). Stages ask the registry, never ``if kind == ...``."""
 
     load: Callable[[Artifact, Path, Any], nn.Module]
+    state: Callable[[nn.Module, Artifact], tuple[dict[str, torch.Tensor], dict[str, str]]]  # tensors, file metadata
     cannot: dict[str, str] = field(default_factory=dict)  # stage -> why not
     torch_only: bool = False  # no exported runtime (predict/serve use PyTorch)
 
@@ -202,6 +233,19 @@ def _load_classifier(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
     return model
 
 
+def _classifier_state(model: nn.Module, art: Artifact) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return model.state_dict(), {}
+
+
+def _knn_state(model: nn.Module, art: Artifact) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Backbone (timm's own keys) + index tensors; the class names in the file's metadata let a load notice
+    weights and ``imgclf.json`` from different writes."""
+    if len(art.class_names) != model.num_classes:
+        raise ImgclfError(f"save: {len(art.class_names)} class names for an index of {model.num_classes} classes")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.index_state().items()}
+    return tensors, {"kind": art.kind, "class_names": json.dumps(art.class_names)}
+
+
 def _load_knn(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
     """A few-shot k-NN index (``imgclf knn build``) as ``imgclf.models.knn.KNNClassifier``."""
     from .models.knn import load_knn
@@ -211,8 +255,8 @@ def _load_knn(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
 
 #: artifact kind (``imgclf.json`` ``kind``) -> what it is; a zero-shot classifier joins here
 KINDS: dict[str, Kind] = {
-    "classifier": Kind(_load_classifier),
-    "knn": Kind(_load_knn, torch_only=True, cannot={
+    "classifier": Kind(_load_classifier, _classifier_state),
+    "knn": Kind(_load_knn, _knn_state, torch_only=True, cannot={
         "export": "a k-NN index cannot be exported yet; export a trained run",
         "serve": "a k-NN index cannot be served yet; serve a trained run",
         "report": "a k-NN index has no training report; evaluate it with `imgclf eval`",

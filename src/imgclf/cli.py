@@ -7,6 +7,8 @@ Errors a user can fix print one line and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import logging
 import sys
 import typing
@@ -15,7 +17,15 @@ from typing import Any
 
 from . import cli_deploy
 from .cli_deploy import positive_int as _positive_int
-from .config import Config, config_to_dict, field_types, section_fields
+from .config import (
+    Config,
+    ConfigFieldError,
+    InferConfig,
+    coerce,
+    config_to_dict,
+    field_types,
+    section_fields,
+)  # fmt: skip
 from .errors import ImgclfError
 
 #: short flag -> dotted config key
@@ -131,11 +141,7 @@ def _add_knn(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--per-class", type=_positive_int, help="use at most this many images per class (seeded)")
         q.add_argument("--split", default="train", help="split of a multi-split .npz / builtin data (default train)")
         q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--batch-size", type=_positive_int, default=64)
-        q.add_argument("--workers", type=int, default=-1)
-        q.add_argument("--device", default="auto")
-        q.add_argument("--strict-images", action="store_true")
-        q.add_argument("--no-progress", action="store_true")
+        config_flags(q, InferConfig, exclude=("max_pixels", "max_aspect", "tta", "tta_merge"))
 
     def model_opts(q: argparse.ArgumentParser) -> None:
         q.add_argument("--model", default="tf_efficientnet_lite0", help="any timm backbone")
@@ -168,42 +174,41 @@ def _add_knn(sub: argparse._SubParsersAction) -> None:
     embed_opts(e)
 
 
-def _infer_opts(p: argparse.ArgumentParser, batch_size: int) -> None:
-    from .eval.tta import MERGES, MODES
+def config_flags(p: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None,
+                 exclude: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """One flag per field of the typed config ``cls`` (``--field-name``; a boolean is ``--field-name`` when it
+    defaults to False, ``--no-field-name`` when it defaults to True), typed and checked by ``config.coerce``,
+    help from the field; ``config_from_args`` builds ``cls`` back (its own checks name the flag)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        tp, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        default, h = (defaults or {}).get(f.name, f.default), f.metadata.get("help", "")
+        if tp is bool:
+            off = "--no-" + f.name.replace("_", "-")
+            p.add_argument(off if default else flag, dest=f.name, action="store_false" if default else "store_true",
+                           help=f"no {h}" if default else h)  # fmt: skip
+            p.set_defaults(**{f.name: default})
+            continue
+        p.add_argument(flag, dest=f.name, type=functools.partial(_coerce_flag, tp=tp, flag=flag), default=default,
+                       metavar=_type_hint(tp), help=f"{h} (default {default})")  # fmt: skip
 
-    p.add_argument("--tta", choices=MODES, help="test-time augmentation views")
-    p.add_argument("--tta-merge", choices=MERGES, default="mean_logits", help="how views are merged")
-    _loader_opts(p, batch_size)
+
+def _coerce_flag(text: str, tp: Any, flag: str) -> Any:
+    try:
+        return coerce(text, tp, flag, "command line")
+    except ImgclfError as e:
+        raise argparse.ArgumentTypeError(str(e).replace(f"command line: field '{flag}' ", "")) from None
 
 
-def _loader_opts(p: argparse.ArgumentParser, batch_size: int) -> None:
-    p.add_argument("--batch-size", type=_positive_int, default=batch_size)
-    p.add_argument("--workers", type=int, default=-1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--strict-images", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    _limit_opts(p)
-
-
-def _non_negative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive_int(text)
-
-
-def _limit_opts(p: argparse.ArgumentParser) -> None:
-    from .data.images import MAX_ASPECT, PILLOW_MAX_PIXELS
-
-    p.add_argument(
-        "--max-pixels",
-        type=_non_negative_int,
-        default=PILLOW_MAX_PIXELS,
-        help="skip images with more pixels, read from the header (0: no limit; default %(default)s)",
-    )
-    p.add_argument(
-        "--max-aspect",
-        type=float,
-        default=MAX_ASPECT,
-        help="skip images whose longer side exceeds this x the shorter (0: no limit; default %(default)s)",
-    )
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """``cls`` from the flags ``config_flags`` made (fields without a flag keep their defaults)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    try:
+        return cls(**given)
+    except ConfigFieldError as e:
+        raise ImgclfError(str(e).replace(f"config field '{e.key}'", "--" + e.key.replace("_", "-"))) from None
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -215,7 +220,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ood-split", default="test", help="split of a multi-split OOD .npz")
     p.add_argument("--format", choices=["table", "json"], default="table", help="stdout format")
     p.add_argument("--json", dest="json_out", help="also write the metrics JSON to this file")
-    _infer_opts(p, 128)
+    config_flags(p, InferConfig, {"batch_size": 128})
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
@@ -223,7 +228,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--data", help="held-out labelled data, not your test set (default: the run's val split)")
     p.add_argument("--split", default="val", help="split of a multi-split .npz (default val)")
-    _loader_opts(p, 128)
+    config_flags(p, InferConfig, {"batch_size": 128}, exclude=("tta", "tta_merge"))
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
@@ -236,7 +241,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", help="class to explain (default: the predicted one)")
     p.add_argument("--output", "-o", help="PNG to write (default <image>_<method>.png next to the image)")
     p.add_argument("--device", default="cpu")
-    _limit_opts(p)
+    config_flags(p, InferConfig, exclude=("batch_size", "workers", "device", "strict_images", "progress", "tta",
+                                          "tta_merge"))  # fmt: skip
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -260,7 +266,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="score for 'unknown' (default: the run's trust.ood_score)")  # fmt: skip
     p.add_argument("--no-reject", action="store_true", help="report OOD scores but never answer 'unknown'")
     cli_deploy.runtime_opt(p, "auto: the fastest installed (PyTorch for --tta, k-NN indexes and GPUs)")
-    _infer_opts(p, 64)
+    config_flags(p, InferConfig)
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -344,19 +350,8 @@ def _print_skipped(skipped: dict[str, str]) -> None:
 
 
 def _run_opts(args: argparse.Namespace) -> dict[str, Any]:
-    """The options eval, predict and calibrate share, as keyword arguments of ``infer_run``."""
-    opts = {
-        "batch_size": args.batch_size,
-        "num_workers": args.workers,
-        "device": args.device,
-        "strict_images": args.strict_images,
-        "progress": not args.no_progress,
-        "max_pixels": args.max_pixels or None,
-        "max_aspect": args.max_aspect or None,
-    }
-    if getattr(args, "tta", None):
-        opts.update(tta=args.tta, tta_merge=args.tta_merge)
-    return opts
+    """The options eval, predict and calibrate share (``InferConfig``), as keyword arguments of ``infer_run``."""
+    return config_from_args(InferConfig, args).kwargs()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -472,8 +467,9 @@ def cmd_knn(args: argparse.Namespace) -> int:
     from .eval.metrics import format_table
     from .io import write_json
 
-    common = {"split": args.split, "seed": args.seed, "device": args.device, "batch_size": args.batch_size,
-              "num_workers": args.workers, "strict_images": args.strict_images, "progress": not args.no_progress,
+    run = config_from_args(InferConfig, args)
+    common = {"split": args.split, "seed": args.seed, "device": run.device, "batch_size": run.batch_size,
+              "num_workers": run.workers, "strict_images": run.strict_images, "progress": run.progress,
               "per_class": args.per_class}  # fmt: skip
     if args.knn_command == "add":
         clf, art = fewshot.add_to_index(args.run, args.support, **common)

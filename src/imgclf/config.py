@@ -325,8 +325,42 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@dataclass
+class InferConfig:
+    """How a saved run goes over data in ``eval``, ``predict`` and ``calibrate``; those verbs' flags are generated
+    from these fields (``--batch-size``, ``--no-progress``, ...), and ``kwargs()`` is what ``infer_run`` takes."""
+
+    batch_size: int = opt(64, "images per forward pass")
+    workers: int = opt(-1, "loader worker processes (-1: automatic, 0: load in the main process)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
+    strict_images: bool = opt(False, "stop at the first unreadable image instead of skipping it")
+    progress: bool = opt(True, "progress bars")
+    max_pixels: int = opt(89_478_485, "skip images with more pixels, read from the header (0: no limit)")
+    max_aspect: float = opt(50.0, "skip images whose longer side exceeds this x the shorter (0: no limit)")
+    tta: Literal["flip", "five_crop", "ten_crop", "multiscale", "flip_multiscale"] | None = opt(
+        None, "test-time augmentation views (imgclf.eval.tta)"
+    )
+    tta_merge: Literal["mean_logits", "mean_probs"] = opt("mean_logits", "how test-time views are merged")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        _check(self.workers >= -1, "workers", "must be >= -1", self.workers)
+        _check(self.max_pixels >= 0, "max_pixels", "must be >= 0", self.max_pixels)
+        _check(self.max_aspect == 0 or self.max_aspect >= 1, "max_aspect", "must be 0 or >= 1", self.max_aspect)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``eval.inference.infer_run`` (0 limits mean none)."""
+        out = {"batch_size": self.batch_size, "num_workers": self.workers, "device": self.device,
+               "strict_images": self.strict_images, "progress": self.progress,
+               "max_pixels": self.max_pixels or None, "max_aspect": self.max_aspect or None}  # fmt: skip
+        if self.tta:
+            out.update(tta=self.tta, tta_merge=self.tta_merge)
+        return out
+
+
 AUTO_AUGMENT_FAMILIES = ("rand", "augmix", "original", "originalr", "v0", "v0r")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+#: resize filters both timm and torchvision implement for eval and training (timm's ``str_to_interp_mode``)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
 
 
 class ConfigFieldError(ImgclfError):

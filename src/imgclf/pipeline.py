@@ -13,10 +13,11 @@ from .config import Config, config_to_dict
 from .data.sources import Samples, stratified_split
 from .eval.calibration import calibration_metrics
 from .eval.drift import reference_stats
-from .eval.predictions import VAL_PREDICTIONS, save_predictions
+from .eval.predictions import save_predictions
 from .eval.trust import fit_trust
 from .models.factory import architecture_of
 from .models.inference import Outputs, infer
+from .rundir import VAL_PREDICTIONS
 from .train.metrics import compute_metrics
 from .train.probe import fit_probe
 from .train.tasks import SingleLabelTask
@@ -70,13 +71,11 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
         config=config_to_dict(cfg),
         metrics=metrics,
         weights_source=f.weights_source,
-        extra={
-            "task": SingleLabelTask.from_config(cfg.train).to_json(),
-            "data": {"train": f.splits.train.name, "n_train": len(f.splits.train), "n_val": len(f.splits.val)},
-            "calibration": {k: v for k, v in cal.items() if k != "reliability"},
-            "ood": trust.to_json() if cfg.trust.ood else None,
-            "drift": _drift_reference(trust, val_o, f.splits.val.name),
-        },
+        task=SingleLabelTask.from_config(cfg.train).to_json(),
+        data={"train": f.splits.train.name, "n_train": len(f.splits.train), "n_val": len(f.splits.val)},
+        calibration={k: v for k, v in cal.items() if k != "reliability"},
+        ood=trust.to_json() if cfg.trust.ood else None,
+        drift=_drift_reference(trust, val_o, f.splits.val.name),
     )
     if f.dist.is_main:
         save_artifact(f.run_dir, f.model, art)

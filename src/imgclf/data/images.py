@@ -107,11 +107,6 @@ class DecodePolicy:
         pr = doc.get("pixel_range", "auto")
         return cls(pr if isinstance(pr, str) else tuple(pr), tuple(doc.get("background", (255, 255, 255))), **limits)
 
-    @classmethod
-    def from_preprocessing(cls, pre: dict[str, Any], **limits: Any) -> DecodePolicy:
-        """The policy stored in an artifact's preprocessing (``pre["decode"]``) with this command's limits."""
-        return cls.from_json(pre.get("decode"), **limits)
-
 
 def parse_color(text: str | tuple | list) -> tuple[int, int, int]:
     """``white``, ``#80ff00``, ``rgb(1,2,3)`` or ``[r, g, b]`` -> an RGB tuple (PIL.ImageColor); ValueError if not."""

@@ -97,7 +97,7 @@ def run_split(art, which: str, flag: str) -> Samples:
         split = getattr(prepare_data(build_config([art.config], ["the run's config"])), which)
     except ImgclfError as e:
         raise ImgclfError(f"{art.run_dir}: its {which} images are unavailable ({e}); pass {flag}") from None
-    recorded = (art.extra.get("data") or {}).get(f"n_{which}")
+    recorded = art.data.get(f"n_{which}")
     if recorded is not None and recorded != len(split):
         log.warning("%s: the rebuilt %s split has %d images where training had %d (the data changed); "
                     "figures on it are not the training-time ones (pass %s)",

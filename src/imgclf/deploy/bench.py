@@ -35,7 +35,7 @@ def bench_run(
     runtimes = runtimes or available_runtimes()
     if min(batch_sizes) < 1 or repeats < 1 or warmup < 0:
         raise ImgclfError("--batch-sizes and --repeats must be >= 1, --warmup >= 0")
-    c, h, w = art.preprocessing["input_size"]
+    c, h, w = art.preprocessing.input_size
     rng = np.random.default_rng(0)
     rows, ref, skipped = [], {}, {}
     bar = tqdm(total=len(runtimes) * len(batch_sizes), desc="bench", disable=not progress, leave=False)
@@ -79,7 +79,7 @@ def bench_run(
     return {
         "run": str(run_dir),
         "arch": art.arch,
-        "input_size": art.preprocessing["input_size"],
+        "input_size": list(art.preprocessing.input_size),
         "baseline": runtimes[0],
         "warmup": warmup,
         "repeats": repeats,

@@ -28,11 +28,11 @@ import torch
 import torch.nn as nn
 
 from ..artifact import Artifact, as_artifact, content_key, load_artifact, package_versions, require, run_path
-from ..data.images import DecodePolicy
 from ..data.splits import run_split
 from ..errors import ImgclfError
 from ..io import atomic_path, write_json, write_text
 from ..models.inference import forward_both
+from ..rundir import EXPORT_FILE, RunDir
 from ..train.tasks import task_from_json
 
 log = logging.getLogger("imgclf")
@@ -50,7 +50,6 @@ FILES = {
 PIXELS = ("none", "nhwc", "nchw")
 #: every exported graph's outputs, in order
 OUTPUTS = ("logits", "probs", "features")
-EXPORT_FILE = "export.json"
 #: openvino-int8: training images (not the calibration ones) on which NNCF keeps top-1 agreement with fp32
 HELD_N = 1000
 #: ... within this many points (stricter than the user's tolerance, which is judged on other images)
@@ -71,27 +70,24 @@ class ServingModel(nn.Module):
         if pixels not in PIXELS:
             raise ImgclfError(f"--pixels must be one of {', '.join(PIXELS)} (got {pixels!r})")
         self.model, self.pixels = model.eval(), pixels
-        pre = art.preprocessing
         if temperature is None:
             temperature = art.temperature
-        c = len(pre["mean"])
-        self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(pre["std"]))).view(1, c, 1, 1))
-        self.register_buffer("shift", (-torch.tensor(pre["mean"]) / torch.tensor(pre["std"])).view(1, c, 1, 1))
+        self.normalize = art.preprocessing.normalize()  # the eval transform's own arithmetic
         self.register_buffer("inv_t", torch.tensor(1.0 / temperature))
-        self.task = task_from_json(art.extra.get("task"))
+        self.task = task_from_json(art.task)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.pixels != "none":
             if self.pixels == "nhwc":
                 x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-            x = x.float() * self.scale + self.shift
+            x = self.normalize(x)
         logits, feats = forward_both(self.model, x, logits=True, features=True)  # (N, K), (N, D)
         return logits, self.task.probs(logits * self.inv_t), feats  # the task's activation, calibrated
 
 
 def example_input(art: Artifact, pixels: str, batch: int = 2) -> torch.Tensor:
-    c, h, w = art.preprocessing["input_size"]
+    c, h, w = art.preprocessing.input_size
     if pixels == "none":
         return torch.randn(batch, c, h, w)
     shape = (batch, h, w, c) if pixels == "nhwc" else (batch, c, h, w)
@@ -100,11 +96,11 @@ def example_input(art: Artifact, pixels: str, batch: int = 2) -> torch.Tensor:
 
 def metadata(art: Artifact, pixels: str, run_dir: Path) -> dict[str, str]:
     """String metadata every format carries (ONNX metadata_props, OpenVINO rt_info, Triton config)."""
-    ood = art.extra.get("ood") or {}
+    ood = art.ood or {}
     return {
         "imgclf.arch": art.arch,
         "imgclf.labels": json.dumps(art.class_names),
-        "imgclf.preprocessing": json.dumps(art.preprocessing),
+        "imgclf.preprocessing": json.dumps(art.preprocessing.to_json()),
         "imgclf.pixels": pixels,
         "imgclf.temperature": json.dumps(art.temperature),
         "imgclf.ood": json.dumps(
@@ -129,7 +125,7 @@ def verification_batches(art: Artifact, data: str | None, n: int, batch: int = 3
 
     if not data:
         return generated_batches(art, n, batch)
-    samples = open_source(data, split, DecodePolicy.from_preprocessing(art.preprocessing)).remap_to(art.class_names)
+    samples = open_source(data, split, art.preprocessing.decoder()).remap_to(art.class_names)
     return pixel_batches(samples, art, n, batch, seed=0)
 
 
@@ -137,7 +133,7 @@ def generated_batches(art: Artifact, n: int, batch: int = 32, seed: int = 0):
     """``n`` generated pictures (unlabelled: label -1) as (uint8 NCHW pixels, labels) batches: smooth random
     colour fields (a 4 x 4 grid upsampled, plus noise), which give the model varied, confident answers,
     unlike white noise, so a top-1 agreement on them means something."""
-    c, h, w = art.preprocessing["input_size"]
+    c, h, w = art.preprocessing.input_size
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, n, batch):
@@ -155,9 +151,7 @@ def to_input(pixels_nchw: torch.Tensor, pixels: str, art: Artifact) -> np.ndarra
         return pixels_nchw.permute(0, 2, 3, 1).contiguous().numpy()
     if pixels == "nchw":
         return pixels_nchw.numpy()
-    mean = torch.tensor(art.preprocessing["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(art.preprocessing["std"]).view(1, 3, 1, 1)
-    return ((pixels_nchw.float() / 255.0 - mean) / std).numpy()
+    return art.preprocessing.normalize()(pixels_nchw).numpy()
 
 
 def verify(run_fn, serving: ServingModel, batches, art: Artifact, pixels: str) -> dict[str, Any]:
@@ -385,7 +379,7 @@ def _head_nodes(path: Path) -> list[str]:
 
 
 def _triton_config(name: str, art: Artifact, pixels: str, max_batch: int, delay_us: int, feat_dim: int) -> str:
-    c, h, w = art.preprocessing["input_size"]
+    c, h, w = art.preprocessing.input_size
     dims = {"nhwc": [h, w, c], "nchw": [c, h, w], "none": [c, h, w]}[pixels]
     dtype = "TYPE_FP32" if pixels == "none" else "TYPE_UINT8"
     k = art.num_classes
@@ -442,7 +436,7 @@ def export_run(
         log.warning("%s: no --data given: the %s export is verified on %d generated pictures (agreement with "
                     "PyTorch only); pass --data for real images and the top-1 drop",
                     run_dir, fmt, verify_n)  # fmt: skip
-    out_dir = Path(output) if output else run_dir / "export"
+    out_dir = Path(output) if output else RunDir(run_dir).export
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # only the onnx format writes model.onnx; the others stage the fp32 graph under a hidden name
@@ -551,16 +545,16 @@ def _calibration_batches(run_dir: Path, art: Artifact, data: str | None, n: int,
     """Training images (not the verification ones) for int8 calibration."""
     from ..data.sources import open_source
 
-    decode = DecodePolicy.from_preprocessing(art.preprocessing)
-    samples = open_source(data, "train", decode) if data else run_split(art, "train", "--calib-data")
+    if data:
+        samples = open_source(data, "train", art.preprocessing.decoder())
+    else:
+        samples = run_split(art, "train", "--calib-data")
     return pixel_batches(samples, art, n, seed=seed)
 
 
 def pixel_batches(samples, art: Artifact, n: int, batch: int = 32, seed: int = 0):
     """Up to ``n`` random images of ``samples`` as (uint8 NCHW pixels at the input size, labels) batches."""
-    from ..data.transforms import pixel_transform
-
-    to_pixels = pixel_transform(art.preprocessing)
+    to_pixels = art.preprocessing.chw_pixels()
     idx = np.random.default_rng(seed).permutation(len(samples))[:n]
     xs, ys = [], []
     for i in idx:

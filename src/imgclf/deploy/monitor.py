@@ -6,7 +6,7 @@ logs a warning when a statistic crosses its threshold (and an info line when it 
 Thread-safe: batches arrive from the inference thread, reports are read by HTTP handlers.
 
 Example:
-    >>> mon = DriftMonitor(art.extra["drift"], window=1000)   # doctest: +SKIP
+    >>> mon = DriftMonitor(art.drift, window=1000)   # doctest: +SKIP
     >>> mon.update(probs, feats, unknown); mon.check()       # doctest: +SKIP
 """
 

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
@@ -32,7 +31,8 @@ import torch
 
 from ..artifact import Artifact, as_artifact, content_key, kind_of, load_artifact, require, run_path
 from ..errors import ImgclfError
-from .export import EXPORT_FILE, FILES, OUTPUTS, export_run, ort_session
+from ..rundir import EXPORT_FILE, RunDir
+from .export import FILES, OUTPUTS, export_run, ort_session
 
 log = logging.getLogger("imgclf")
 
@@ -80,14 +80,7 @@ def to_pixels(images: list, art: Artifact) -> np.ndarray:
 
 def pixel_fn(art: Artifact):
     """PIL image -> (H, W, 3) uint8 at the input size; built once per preprocessing."""
-    return _pixel_fn(json.dumps(art.preprocessing, sort_keys=True))
-
-
-@functools.lru_cache(maxsize=16)
-def _pixel_fn(preprocessing: str):
-    from ..data.transforms import pixel_array_transform
-
-    return pixel_array_transform(json.loads(preprocessing))
+    return art.preprocessing.pixels()
 
 
 class Predictor:
@@ -161,7 +154,7 @@ def exported(art: Artifact, fmt: str) -> Path:
     run_dir = run_path(art)
     key = content_key(run_dir)
     if _current(run_dir, fmt, key=key):
-        return run_dir / "export" / FILES[fmt]
+        return RunDir(run_dir).export / FILES[fmt]
     if fmt.endswith("int8"):
         raise ImgclfError(f"{run_dir}: no accepted {fmt} export; make one with `imgclf export {run_dir} --format "
                           f"{fmt}` (it calibrates on training images, or --calib-data)")  # fmt: skip
@@ -223,8 +216,8 @@ def _recorded(out_dir: Path, fmt: str, accepted: bool = False, rec: dict | None 
 def _current(run_dir: Path, fmt: str, accepted: bool = False, key: str | None = None) -> bool:
     """``<run>/export`` holds an export of ``fmt`` made from the run's current weights and metadata (its
     recorded ``run_key`` equals the run's ``content_key``: retraining or recalibrating makes it stale)."""
-    rec = _record(run_dir / "export", fmt)
-    return _recorded(run_dir / "export", fmt, accepted, rec) and rec.get("run_key") == (key or content_key(run_dir))
+    rec = _record(RunDir(run_dir).export, fmt)
+    return _recorded(RunDir(run_dir).export, fmt, accepted, rec) and rec.get("run_key") == (key or content_key(run_dir))
 
 
 def _record(out_dir: Path, fmt: str) -> dict:
@@ -316,11 +309,10 @@ def runtime_outputs(
     from tqdm.auto import tqdm
 
     from ..data.loader import ImageDataset, SkipLog, make_loader
-    from ..data.transforms import pixel_transform
     from ..models.inference import Outputs
 
     pred = auto_predictor(run, runtime)
-    loader = make_loader(ImageDataset(samples, pixel_transform(pred.art.preprocessing)), batch_size, train=False,
+    loader = make_loader(ImageDataset(samples, pred.art.preprocessing.chw_pixels()), batch_size, train=False,
                          num_workers=num_workers)  # fmt: skip
     skips = SkipLog(strict=strict_images)
     logits, feats, labels, indices = [], [], [], []

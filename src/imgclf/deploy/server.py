@@ -402,7 +402,7 @@ class Server:
             "inputs": [{"name": "input", "datatype": "UINT8", "shape": [-1, *m.input_hwc]},
                        {"name": "image", "datatype": "BYTES", "shape": [-1]}],
             "outputs": outs,
-            "parameters": {"labels": m.art.class_names, "preprocessing": m.art.preprocessing},
+            "parameters": {"labels": m.art.class_names, "preprocessing": m.art.preprocessing.to_json()},
         })  # fmt: skip
 
     def _outputs(self, m: ServedModel) -> list[tuple[str, str, list[int]]]:

@@ -86,7 +86,7 @@ class ServedModel:
         self.name, self.version, self.run_dir, self.predictor = name, version, run_dir, predictor
         self.art: Artifact = predictor.art
         self.trust = Trust.load(run_dir, self.art)
-        ref = self.art.extra.get("drift")
+        ref = self.art.drift
         if ref is None:
             log.warning("model %s: %s has no drift reference (trained before drift monitoring); "
                         "`imgclf calibrate %s` adds one", name, run_dir, run_dir)  # fmt: skip
@@ -94,7 +94,7 @@ class ServedModel:
                                     check_every=max(1, opts.drift_window // 10), thresholds=opts.drift_thresholds,
                                     name=f"{name}:{version}")  # fmt: skip
         self.batcher = Batcher(self.infer, opts.max_batch, opts.max_delay_ms, opts.max_queue)
-        c, h, w = self.art.preprocessing["input_size"]
+        c, h, w = self.art.preprocessing.input_size
         self.input_hwc = (h, w, c)
         # uploads decode as the run's training data did (bit depth, transparency), within the server's limits
         self.decode = run_decode_policy(self.art, opts.max_pixels, MAX_ASPECT)

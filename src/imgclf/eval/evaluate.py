@@ -147,14 +147,12 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
         "before": calibration_metrics(out.logits, out.labels, before.temperature),
         "after": calibration_metrics(out.logits, out.labels, t),
     }
-    cal = dict(art.extra.get("calibration") or {})
-    cal.update(temperature=t, refit=report)
-    art.extra["calibration"] = cal
-    if art.extra.get("ood"):
+    art.calibration = {**art.calibration, "temperature": t, "refit": report}
+    if art.ood:
         scores = after.scores(out.logits, out.features)
-        art.extra["ood"]["thresholds"] = {k: threshold_for_tpr(v, after.tpr) for k, v in scores.items()}
-        art.extra["ood"]["thresholds_data"] = samples.name
-    art.extra["drift"] = {
+        art.ood = {**art.ood, "thresholds": {k: threshold_for_tpr(v, after.tpr) for k, v in scores.items()},
+                   "thresholds_data": samples.name}  # fmt: skip
+    art.drift = {
         "data": samples.name if data else f"{samples.name} (the run's validation split)",
         **reference_stats(after.probs(out.logits).numpy(), out.features.numpy()),
     }

@@ -22,8 +22,8 @@ from PIL import Image
 
 from ..artifact import load_artifact, require
 from ..data.images import MAX_ASPECT, PILLOW_MAX_PIXELS, BadImage, open_image
+from ..data.preprocess import Preprocess
 from ..data.sources import nfc
-from ..data.transforms import eval_transform, view_transform
 from ..errors import ImgclfError
 from .inference import run_decode_policy
 from .trust import Trust
@@ -81,11 +81,11 @@ def cam_maps(model: nn.Module, x: torch.Tensor, targets: list[int], method: str 
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
 
 
-def overlay(img: Image.Image, pre: dict[str, Any], cam: np.ndarray) -> np.ndarray:
+def overlay(img: Image.Image, pre: Preprocess, cam: np.ndarray) -> np.ndarray:
     """The image as the model saw it (resize + centre crop) with the CAM as a heat map (H, W, 3) uint8."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    seen = view_transform(pre)(img)  # (3, H, W) in [0, 1]
+    seen = pre.view()(img)  # (3, H, W) in [0, 1]
     rgb = seen.permute(1, 2, 0).clamp(0, 1).numpy().astype(np.float32)
     return show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.55)
 
@@ -109,7 +109,7 @@ def explain_image(
         img = open_image(image, run_decode_policy(art, max_pixels, max_aspect))
     except BadImage as e:
         raise ImgclfError(f"{e.source}: {e.reason}") from None
-    x = eval_transform(art.preprocessing)(img)[None].to(device)
+    x = art.preprocessing.eval()(img)[None].to(device)
     with torch.no_grad():
         probs = Trust.load(run_dir, art).probs(model(x))[0].cpu()
     if target is None:
@@ -124,12 +124,12 @@ def explain_image(
     return {"label": art.class_names[cls], "prob": float(probs[cls]), "method": method, "output": str(out)}
 
 
-def side_by_side(img: Image.Image, pre: dict[str, Any], cam: np.ndarray, title: str, out: Path) -> None:
+def side_by_side(img: Image.Image, pre: Preprocess, cam: np.ndarray, title: str, out: Path) -> None:
     """Save the model's view and the overlay next to each other with a title."""
     from ..io import atomic_write
     from ..plots import figure
 
-    seen = view_transform(pre)(img).permute(1, 2, 0).clamp(0, 1).numpy()
+    seen = pre.view()(img).permute(1, 2, 0).clamp(0, 1).numpy()
     fig = figure(6.0, 3.3)
     for i, (pic, name) in enumerate([(seen, "input"), (overlay(img, pre, cam), title)]):
         ax = fig.add_subplot(1, 2, i + 1)

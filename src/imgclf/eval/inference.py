@@ -11,7 +11,6 @@ from ..artifact import Artifact, load_artifact
 from ..data.images import MAX_ASPECT, PILLOW_MAX_PIXELS, DecodePolicy
 from ..data.loader import ImageDataset, SkipLog, make_loader
 from ..data.sources import Samples
-from ..data.transforms import eval_transform
 from ..dist import resolve_device
 from ..models.inference import Outputs, infer
 from .tta import tta_transform
@@ -22,8 +21,7 @@ log = logging.getLogger("imgclf")
 def run_decode_policy(art: Artifact, max_pixels: int | None = PILLOW_MAX_PIXELS,
                       max_aspect: float | None = MAX_ASPECT) -> DecodePolicy:  # fmt: skip
     """How a run decodes its inputs (as in training: stored in the artifact) with this command's limits."""
-    return DecodePolicy.from_preprocessing(art.preprocessing, max_pixels=max_pixels or None,
-                                           max_aspect=max_aspect or None)  # fmt: skip
+    return art.preprocessing.decoder(max_pixels, max_aspect)
 
 
 def check_inputs(samples: Samples, progress: bool = False) -> None:
@@ -56,7 +54,7 @@ def infer_run(
     model, art = load_artifact(run, dev)
     samples = open_samples(art, run_decode_policy(art, max_pixels, max_aspect))
     check_inputs(samples, progress)
-    transform = tta_transform(art.preprocessing, tta) if tta else eval_transform(art.preprocessing)
+    transform = tta_transform(art.preprocessing, tta) if tta else art.preprocessing.eval()
     loader = make_loader(ImageDataset(samples, transform), batch_size, train=False, num_workers=num_workers,
                          pin_memory=dev.type == "cuda")  # fmt: skip
     skips = SkipLog(strict=strict_images)

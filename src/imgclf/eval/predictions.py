@@ -12,8 +12,6 @@ from ..data.sources import Samples
 from ..io import save_safetensors
 from ..models.inference import Outputs
 
-VAL_PREDICTIONS = "val_predictions.safetensors"
-
 
 class Saved(NamedTuple):
     logits: torch.Tensor  # (N, K)

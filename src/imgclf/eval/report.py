@@ -22,12 +22,12 @@ from ..artifact import Artifact
 from ..data.sources import Samples
 from ..io import write_text
 from ..models.inference import Outputs
+from ..rundir import REPORT_FILE, VAL_PREDICTIONS, RunDir
 from .calibration import reliability
-from .predictions import VAL_PREDICTIONS, Saved, load_predictions, top_losses
+from .predictions import Saved, load_predictions, top_losses
 from .trust import Trust
 
 log = logging.getLogger("imgclf")
-REPORT_FILE = "report.html"
 SECTIONS = (
     "summary",
     "training",
@@ -148,10 +148,8 @@ def _gallery(
         pic = ""
         if samples is not None and model is not None and hasattr(model, "get_classifier"):
             try:
-                from ..data.transforms import eval_transform
-
                 img = samples.load(t["index"])
-                x = eval_transform(art.preprocessing)(img)[None]
+                x = art.preprocessing.eval()(img)[None]
                 cam = cam_maps(model, x, [art.class_names.index(t["pred"])], method)[0]
                 fig = figure(2.0, 2.0)
                 ax = fig.add_axes([0, 0, 1, 1])
@@ -179,8 +177,8 @@ def write_report(
     from ..plots import confusion_heatmap, reliability_diagram, training_curves
 
     run_dir = Path(run_dir)
-    cal = art.extra.get("calibration") or {}
-    trust = Trust(temperature=float(cal.get("temperature", 1.0)))
+    cal = art.calibration
+    trust = Trust(temperature=art.temperature)
     saved = load_predictions(run_dir / VAL_PREDICTIONS)
     if reliability is None and saved is not None:
         reliability = _reliability(saved, trust.temperature)
@@ -234,24 +232,28 @@ def write_report(
             "config", "Configuration and versions", f"<pre>{html.escape(cfg_text)}</pre><pre>{html.escape(ver)}</pre>"
         )
     )
+    out = run_dir / REPORT_FILE
+    write_text(out, _page(run_dir.name, art, parts))
+    return out
+
+
+def _page(name: str, art: Artifact, parts: list[str]) -> str:
+    """The report's HTML page around its sections."""
     nav = "".join(f'<a href="#{s}">{s.replace("-", " ")}</a>' for s in SECTIONS)
-    title = f"imgclf report: {run_dir.name}"
+    title = f"imgclf report: {name}"
     sub = (
         f"{art.arch} · {art.weights_source} · {len(art.class_names)} classes · "
         f"{art.config.get('transfer', {}).get('strategy', '')} · {art.created or time.strftime('%Y-%m-%d')}"
     )
-    page = (
+    return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{CSS}</style></head><body><header><h1>{html.escape(title)}</h1><p>{html.escape(sub)}</p></header>"
         f"<nav>{nav}</nav><main>{''.join(parts)}</main></body></html>"
     )
-    out = run_dir / REPORT_FILE
-    write_text(out, page)
-    return out
 
 
 def _history(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics_jsonl
     if not path.is_file():
         return []
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -268,7 +270,7 @@ def _reliability(saved: Saved, t: float) -> dict:
 def _ood_body(art: Artifact, ood: dict[str, Any] | None) -> str:
     from ..plots import ood_histograms
 
-    thresholds = (art.extra.get("ood") or {}).get("thresholds", {})
+    thresholds = (art.ood or {}).get("thresholds", {})
     if not ood:
         t = _table(["score", "threshold (keeps 95 % of val)"], [[k, f"{v:.4g}"] for k, v in thresholds.items()])
         return (
@@ -303,7 +305,6 @@ def report_run(
     from ..data.loader import ImageDataset, make_loader
     from ..data.sources import open_unlabelled
     from ..data.splits import prepare_data
-    from ..data.transforms import eval_transform
     from ..dist import resolve_device
     from ..errors import ImgclfError
     from ..models.inference import infer
@@ -325,7 +326,7 @@ def report_run(
         trust = Trust.load(run_dir, art)
 
         def run(samples: Samples, desc: str) -> Outputs:
-            loader = make_loader(ImageDataset(samples, eval_transform(art.preprocessing)), 128, train=False,
+            loader = make_loader(ImageDataset(samples, art.preprocessing.eval()), 128, train=False,
                                  num_workers=-1)  # fmt: skip
             return infer(model, loader, dev, features=True, progress=True, desc=desc)
 

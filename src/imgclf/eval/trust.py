@@ -20,11 +20,10 @@ import torch
 
 from ..errors import ImgclfError
 from ..io import save_safetensors
+from ..rundir import OOD_FILE
 from ..train.tasks import SingleLabelTask, task_from_json
 from .calibration import calibration_metrics, fit_temperature, reliability
 from .ood import FEATURE_SCORES, SCORES, FeatureStats, fit_feature_stats, logit_scores, threshold_for_tpr
-
-OOD_FILE = "ood.safetensors"
 
 
 @dataclass
@@ -84,7 +83,7 @@ class Trust:
     @classmethod
     def load(cls, run_dir: str | Path, art: Any, device: str = "cpu") -> Trust:
         """From ``imgclf.json`` (``calibration`` and ``ood``) and ``ood.safetensors``; identity if absent."""
-        ood = art.extra.get("ood") or {}
+        ood = art.ood or {}
         stats = None
         if ood.get("feature_stats"):
             from safetensors.torch import load_file
@@ -95,7 +94,7 @@ class Trust:
             stats = FeatureStats.from_state(load_file(str(path), device=device), ood.get("knn_k") or 10)
         return cls(art.temperature, ood.get("ood_score", "energy"), float(ood.get("tpr", 0.95)),
                    {k: float(v) for k, v in (ood.get("thresholds") or {}).items()}, stats,
-                   task_from_json(art.extra.get("task")))  # fmt: skip
+                   task_from_json(art.task))  # fmt: skip
 
 
 def fit_trust(

@@ -18,12 +18,11 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torchvision.transforms import v2
 
-from ..data.transforms import eval_transform
+from ..data.preprocess import Preprocess
 from ..errors import ImgclfError
 from ..models.inference import MERGES, merge_views  # noqa: F401 - part of the TTA API
 
@@ -32,34 +31,26 @@ ZOOMS = (0.9, 1.0, 1.1)  # multiscale: crop fractions relative to the model's cr
 
 
 def _interp(name: str) -> v2.InterpolationMode:
-    """The run's interpolation, exactly as its eval transform uses it (timm's table); an unknown name is an
-    error, never a silent substitute."""
+    """The run's interpolation, exactly as its eval transform uses it (timm's table; ``Preprocess`` refuses a
+    name outside it, so there is no silent substitute)."""
     from timm.data.transforms import str_to_interp_mode
 
-    try:
-        return str_to_interp_mode(name)
-    except KeyError:
-        raise ImgclfError(f"interpolation {name!r} has no deterministic test-time resize (use bilinear, bicubic, "
-                          "nearest, box, hamming or lanczos)") from None  # fmt: skip
+    return str_to_interp_mode(name)
 
 
-def _tensor(pre: dict[str, Any]) -> v2.Compose:
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre["mean"], pre["std"])])
-
-
-def tta_transform(pre: dict[str, Any], mode: str):
+def tta_transform(pre: Preprocess, mode: str):
     """A transform from a PIL image to a (V, C, H, W) stack of views."""
     if mode not in MODES:
         raise ImgclfError(f"--tta must be one of {', '.join(MODES)} (got {mode!r})")
-    size = tuple(pre["input_size"][1:])
+    size = pre.size
     if mode in ("five_crop", "ten_crop"):
-        resize = v2.Resize(math.floor(size[0] / pre["crop_pct"]), interpolation=_interp(pre["interpolation"]))
+        resize = v2.Resize(math.floor(size[0] / pre.crop_pct), interpolation=_interp(pre.interpolation))
         crops = v2.FiveCrop(size) if mode == "five_crop" else v2.TenCrop(size)
-        to_t = _tensor(pre)
-        return lambda img: torch.stack([to_t(c) for c in crops(resize(img))])
-    zooms = [pre["crop_pct"] * z for z in (ZOOMS if "multiscale" in mode else (1.0,))]
+        to_t, norm = v2.PILToTensor(), pre.normalize()  # the eval transform's own normalisation
+        return lambda img: torch.stack([norm(to_t(c)) for c in crops(resize(img))])
+    zooms = [pre.crop_pct * z for z in (ZOOMS if "multiscale" in mode else (1.0,))]
     zooms = [z / max(1.0, max(zooms)) for z in zooms]  # a crop cannot exceed the image: shift the zooms down
-    views = [eval_transform(dict(pre, crop_pct=z)) for z in zooms]
+    views = [pre.with_crop(z).eval() for z in zooms]
     flip = "flip" in mode
 
     def apply(img):

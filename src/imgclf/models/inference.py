@@ -35,6 +35,12 @@ class Outputs(NamedTuple):
         return self.logits if self.score_logits is None else self.score_logits
 
 
+def embedding_dim(model: nn.Module) -> int:
+    """Width D of ``forward_head(pre_logits=True)``: timm's ``head_hidden_size`` (models with a hidden head
+    layer, e.g. MobileNetV3 1280 vs 960 ``num_features``, MambaOut, GhostNet), else ``num_features``."""
+    return int(getattr(model, "head_hidden_size", None) or getattr(model, "num_features", 0))
+
+
 def forward_both(model: nn.Module, x: torch.Tensor, logits: bool, features: bool):
     """Logits and/or pooled features through timm's contract, sharing one ``forward_features``."""
     fmap = model.forward_features(x)
@@ -85,7 +91,7 @@ def infer(
         outs["labels"].append(batch.labels)
         outs["indices"].append(batch.indices)
     n = sum(len(t) for t in outs["labels"])
-    k, d = getattr(model, "num_classes", 0), getattr(model, "num_features", 0)
+    k, d = getattr(model, "num_classes", 0), embedding_dim(model)
     empty = {"logits": torch.empty(0, k) if logits else torch.empty(n, 0), "features": torch.empty(0, d),
              "labels": torch.empty(0, dtype=torch.long), "indices": torch.empty(0, dtype=torch.long),
              "score": torch.empty(0, k)}  # fmt: skip

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ImgclfError
+from .inference import embedding_dim
 
 KIND = "knn"  #: ``imgclf.json`` ``kind`` of a saved index
 MODES = ("knn", "prototype")
@@ -167,7 +168,8 @@ class KNNClassifier(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return int(self.backbone.num_features)
+        """The embedding width D (``forward_head(pre_logits=True)``, timm's ``head_hidden_size``)."""
+        return embedding_dim(self.backbone)
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:

@@ -10,8 +10,7 @@ from typing import Any
 from ..config import Config, dump_yaml
 from ..errors import ImgclfError
 from ..io import write_text
-
-LOCK_FILE = "run.lock"
+from ..rundir import LOCK_FILE, METRICS_CSV, METRICS_JSONL, RunDir
 
 
 def hold_run_lock(run_dir: Path):
@@ -65,21 +64,21 @@ class RunLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(RunDir(self.run_dir).tensorboard))
         except ImportError:  # tensorboard is optional
             self.tb = None
 
     def save_config(self, cfg: Config) -> None:
         if self.enabled:
-            write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+            write_text(RunDir(self.run_dir).config, dump_yaml(cfg))
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self._truncate_after(row["epoch"] - 1)
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(RunDir(self.run_dir).metrics_jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        path = self.run_dir / "metrics.csv"
+        path = RunDir(self.run_dir).metrics_csv
         new = not path.exists()
         with open(path, "a", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(row))
@@ -93,7 +92,7 @@ class RunLogger:
 
     def _truncate_after(self, epoch: int) -> None:
         """After a resume, drop rows of epochs that the interrupted run logged past its checkpoint."""
-        for name in ("metrics.jsonl", "metrics.csv"):
+        for name in (METRICS_JSONL, METRICS_CSV):
             path = self.run_dir / name
             if not path.exists():
                 continue

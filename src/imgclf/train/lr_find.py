@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm.utils
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data.transforms import resolve_preprocessing
-from ..dist import autocast, setup
+from ..data.preprocess import Preprocess
 from ..errors import ImgclfError
 from ..io import write_json
-from .trainer import build_loop, model_config, prepare_data, set_train_mode, train_loader
+from .loop import forward_loss, prepare_run, set_train_mode
+from .trainer import build_loop, model_config, train_loader
 
 log = logging.getLogger("imgclf")
 
@@ -57,13 +56,12 @@ def lr_find(
     """Run the range test on ``cfg``'s training data and model; return lrs, losses and the suggestion."""
     if not 0 < start_lr < end_lr:
         raise ImgclfError(f"lr-find: need 0 < --start-lr < --end-lr (got {start_lr}, {end_lr})")
-    dist = setup(cfg.train.device)
-    timm.utils.random_seed(cfg.train.seed)
-    splits = prepare_data(cfg)
+    run = prepare_run(cfg, needs_dir=False)  # the set-up of every training run, without a run directory
+    dist, splits = run.dist, run.splits
     from ..models.factory import create_model
 
     model, _ = create_model(model_config(cfg), len(splits.class_names))
-    tl = train_loader(splits.train, resolve_preprocessing(model, cfg.data), cfg, dist)
+    tl = train_loader(splits.train, Preprocess.from_model(model, cfg.data), cfg, dist)
     loop = build_loop(cfg, dist, model, updates_per_epoch=len(tl), num_classes=len(splits.class_names))
     set_train_mode(loop)
     lrs, losses, best = [], [], math.inf
@@ -83,8 +81,7 @@ def lr_find(
         y = batch.labels.to(dist.device)
         if loop.mixup is not None and len(y) % 2 == 0:
             x, y = loop.mixup(x, y)
-        with autocast(dist.device, loop.dtype):
-            loss, _ = loop.wrapped(x, y)
+        loss = forward_loss(loop, x, y)  # the step of `imgclf train` (task loss, autocast), at this rate
         loop.opt.zero_grad(set_to_none=True)
         loop.scaler.scale(loss).backward()
         loop.scaler.step(loop.opt)

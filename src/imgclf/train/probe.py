@@ -33,20 +33,23 @@ from safetensors.torch import load_file
 from ..artifact import package_versions
 from ..config import Config
 from ..data.loader import ImageDataset, SkipLog, Skipped, make_loader
+from ..data.preprocess import Preprocess
 from ..data.sources import Samples
-from ..data.transforms import eval_transform, resolve_preprocessing, train_transform
-from ..dist import Dist, setup
+from ..dist import Dist
 from ..errors import ImgclfError
 from ..io import save_safetensors
 from ..models.factory import create_model
 from ..models.inference import Features, extract_features
 from ..models.weights import packaged_weights_file
+from ..rundir import BEST_WEIGHTS, LAST_CKPT
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logger import RunLogger
+from .loop import EpochHooks, FeatureBatches, Loop, State, prepare_run, run_epochs, score_of, train_one_epoch
 from .metrics import compute_metrics
 from .optim import build_optimizer, build_scheduler
-from .tasks import SingleLabelTask
-from .trainer import LAST_CKPT, Fitted, State, prepare_data, run_dir_for, score_of
+from .strategy import Phase
+from .tasks import SingleLabelTask, TaskModule
+from .trainer import Fitted
 
 log = logging.getLogger("imgclf")
 CACHE_FORMAT = 1
@@ -187,67 +190,57 @@ def _val_row(logits: torch.Tensor, targets: torch.Tensor, k: int, metric: str, l
     return {"val_top1": m["top1"], "val_loss": m["loss"], "val_macro_f1": m["macro_f1"], "score": score_of(m, metric)}
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+def head_loop(cfg: Config, head: nn.Linear, batches_per_epoch: int) -> Loop:
+    """The shared training loop's state for a linear head on cached CPU features: the run's task, optimizer and
+    schedule; one phase, no AMP, EMA, MixUp or DDP (every rank fits the same head on the same features)."""
+    task = SingleLabelTask.from_config(cfg.train)
+    opt = build_optimizer(head, cfg.optim)
+    per_epoch = math.ceil(batches_per_epoch / cfg.optim.accum_steps)
+    sched = build_scheduler(opt, cfg.sched, per_epoch, cfg.train.epochs)
+    phase = Phase("probe", 0, cfg.train.epochs)
+    return Loop(cfg, Dist(torch.device("cpu")), head, task, TaskModule(head, task.criterion()), opt, sched, None,
+                torch.amp.GradScaler("cpu", enabled=False), SkipLog(), None, torch.contiguous_format, [phase], phase,
+                per_epoch, [], None)  # fmt: skip
 
 
 def fit_sgd(
     head: nn.Linear, tr: Features, va: Features, cfg: Config, run_dir: Path, state: State, logger: RunLogger,
     ck: dict | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Mini-batch head training on cached features; checkpoints every epoch; returns the best head state."""
-    bs = cfg.data.batch_size
-    per_epoch = len(tr.labels) // bs if len(tr.labels) > bs else 1
-    opt = build_optimizer(head, cfg.optim)
-    sched = build_scheduler(opt, cfg.sched, math.ceil(per_epoch / cfg.optim.accum_steps), cfg.train.epochs)
-    best_state = {k: v.clone() for k, v in head.state_dict().items()}
-    ck_path = run_dir / LAST_CKPT
-    task = SingleLabelTask.from_config(cfg.train)
-    crit, eval_crit = task.criterion(), task.eval_criterion()
+    """Mini-batch head training on cached features through the shared loop (``train_one_epoch``,
+    ``run_epochs``); checkpoints every epoch; returns the best head state."""
+    batches = FeatureBatches(tr.features, tr.labels, cfg.data.batch_size, cfg.train.seed)
+    loop = head_loop(cfg, head, len(batches))
+    best = {"model": {k: v.clone() for k, v in head.state_dict().items()}}
     if ck is not None and "optimizer" in ck:  # resuming
         head.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        best_state = ck["best_head"]
-    sched.step_update(state.updates)
-    while state.epoch < cfg.train.epochs and not (cfg.train.patience and state.stale >= cfg.train.patience):
-        e, t0, total = state.epoch + 1, time.perf_counter(), 0.0
-        order = _epoch_order(len(tr.labels), cfg.train.seed, e)
-        for i in range(per_epoch):
-            idx = order[i * bs : (i + 1) * bs]
-            loss = crit(head(tr.features[idx]), tr.labels[idx])
-            (loss / cfg.optim.accum_steps).backward()
-            if (i + 1) % cfg.optim.accum_steps == 0 or i + 1 == per_epoch:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                state.updates += 1
-                sched.step_update(state.updates)
-            total += loss.item() * len(idx)
+        loop.opt.load_state_dict(ck["optimizer"])
+        loop.sched.load_state_dict(ck["scheduler"])
+        best["model"] = ck["best_head"]
+        state.phase_updates = state.updates  # one phase: its schedule runs on all updates
+    loop.sched.step_update(state.phase_updates)
+    names = [str(i) for i in range(head.out_features)]
+
+    def validate() -> dict[str, dict[str, Any]]:
         with torch.no_grad():
-            val = _val_row(head(va.features), va.labels, head.out_features, cfg.train.metric, eval_crit)
-        score = val["score"]
-        improved = state.best is None or score > state.best
-        if improved:
-            state.best, state.best_epoch, state.stale = score, e, 0
-            best_state = {k: v.clone() for k, v in head.state_dict().items()}
-        else:
-            state.stale += 1
-        secs = time.perf_counter() - t0
-        seen = min(per_epoch * bs, len(tr.labels))
-        row = {"epoch": e, "train_loss": total / max(seen, 1), "lr": opt.param_groups[0]["lr"],
-               "img_per_s": seen / max(secs, 1e-9), "epoch_seconds": secs,
-               **{k: v for k, v in val.items() if k != "score"}, "best": improved}  # fmt: skip
-        state.history.append(row)
-        state.epoch = e
-        logger.log_epoch(row)
+            return {"model": compute_metrics(head(va.features), va.labels, names, loss=loop.task.eval_criterion())}
+
+    def checkpoint() -> None:
         if logger.enabled:
-            save_checkpoint(ck_path, {"model": head.state_dict(), "optimizer": opt.state_dict(),
-                                  "scheduler": sched.state_dict(), "best_head": best_state, "probe": True,
-                                  "state": {k: v for k, v in vars(state).items() if k != "history"},
-                                  "history": state.history})  # fmt: skip
-        log.info("epoch %d/%d  loss %.4f  val top1 %.2f %%%s", e, cfg.train.epochs, row["train_loss"],
-                 100 * val["val_top1"], " *" if improved else "")  # fmt: skip
-    return best_state
+            save_checkpoint(run_dir / LAST_CKPT, {"model": head.state_dict(), "optimizer": loop.opt.state_dict(),
+                            "scheduler": loop.sched.state_dict(), "best_head": best["model"], "probe": True,
+                            "state": {k: v for k, v in vars(state).items() if k != "history"},
+                            "history": state.history})  # fmt: skip
+
+    hooks = EpochHooks(
+        train=lambda e: train_one_epoch(loop, batches, state, f"probe epoch {e}/{cfg.train.epochs}"),
+        validate=validate, checkpoint=checkpoint, before_epoch=batches.set_epoch,
+        keep_best=lambda which: best.update(model={k: v.clone() for k, v in head.state_dict().items()}),
+        line=lambda r: f"epoch {r['epoch']}/{cfg.train.epochs}  loss {r['train_loss']:.4f}  val top1 "
+                       f"{100 * r['val_top1']:.2f} %{' *' if r['best'] else ''}",
+    )  # fmt: skip
+    run_epochs(cfg, state, hooks, logger)
+    return best["model"]
 
 
 def _lbfgs_head(tr: Features, va: Features, k: int, cfg: Config, run_dir: Path, state: State, logger: RunLogger):
@@ -272,30 +265,27 @@ def _lbfgs_head(tr: Features, va: Features, k: int, cfg: Config, run_dir: Path, 
 def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
     """Frozen backbone, cached features, a fitted linear head; see the module docstring."""
     t_start = time.perf_counter()
-    dist = setup(cfg.train.device)
-    run_dir = run_dir_for(cfg, resume, dist)
-    resume = resume and (run_dir / LAST_CKPT).is_file()  # a run that never completed an epoch starts afresh
-    timm.utils.random_seed(cfg.train.seed, dist.rank)
-    splits = prepare_data(cfg)
+    run = prepare_run(cfg, resume)
+    dist, run_dir, resume, splits = run.dist, run.run_dir, run.resume, run.splits
     k = len(splits.class_names)
     SingleLabelTask.from_config(cfg.train).check(k)
     model, wsrc = create_model(cfg.model, k)
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
         raise ImgclfError(f"the cached probe needs a Linear classifier; {cfg.model.name} has {type(head).__name__}")
-    pre = resolve_preprocessing(model, cfg.data)
+    pre = Preprocess.from_model(model, cfg.data)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(dist.device, memory_format=fmt).eval()
     skips = SkipLog(strict=cfg.data.strict_images)
     versions = {k: v for k, v in package_versions().items() if k in ("torch", "timm", "imgclf")}
-    base = {"arch": cfg.model.name, "weights": weights_identity(wsrc, cfg, model), "preprocessing": pre,
+    base = {"arch": cfg.model.name, "weights": weights_identity(wsrc, cfg, model), "preprocessing": pre.to_json(),
             "versions": versions}  # fmt: skip
-    ev = eval_transform(pre)
+    ev = pre.eval()
     feats = [cached_features(model, splits.train, ev, {"name": "train"}, base, cfg, dist, skips)]
     for i in range(cfg.probe.aug_passes):
         aug = {k: getattr(cfg.aug, k) for k in _VIEW_AUG_FIELDS}
         view = {"name": f"train-aug{i + 1}", "aug": aug, "seed": cfg.train.seed * 1000 + i + 1}
-        feats.append(cached_features(model, splits.train, train_transform(pre, cfg.aug), view, base, cfg, dist, skips))
+        feats.append(cached_features(model, splits.train, pre.train(cfg.aug), view, base, cfg, dist, skips))
     tr = Features(*(torch.cat(parts) for parts in zip(*feats)))
     va = cached_features(model, splits.val, ev, {"name": "val"}, base, cfg, dist, skips)
     if len(va.labels) == 0 or len(tr.labels) == 0:
@@ -317,5 +307,5 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
     logger.close()
     head.load_state_dict({k2: v.to(head.weight.device) for k2, v in head_state.items()})
     if dist.is_main:
-        save_safetensors(run_dir / "checkpoints" / "best.safetensors", model.state_dict())
+        save_safetensors(run_dir / BEST_WEIGHTS, model.state_dict())
     return Fitted(cfg, run_dir, model, state, splits, pre, wsrc, dist, skips, time.perf_counter() - t_start)

@@ -1,0 +1,299 @@
+"""The one training loop: run set-up, the optimisation step, the epoch and the epoch sequence, shared by full
+training (``trainer``), the cached-feature probe's SGD head (``probe``) and the LR range test (``lr_find``).
+
+- ``prepare_run``: device/process group, run directory (new, named or resumed), seeding, data splits.
+- ``forward_loss`` / ``update``: the task's loss under autocast; one optimizer update (unscale, clip, step,
+  schedule per update, EMA), as torchvision's ``train_one_epoch(model, criterion, ...)`` and timm's task
+  modules split it.
+- ``train_one_epoch``: accumulation, DDP ``no_sync``, MixUp/CutMix, non-finite-loss guard, progress bar; it
+  takes any iterable of ``Batch`` (image loaders, or ``FeatureBatches`` of cached features for the probe).
+- ``run_epochs``: train, validate, keep the best, patience, history rows, logging and checkpointing; each
+  caller plugs in what differs (``EpochHooks``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm.utils
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data.loader import Batch, SkipLog
+from ..data.splits import DataSplits, prepare_data
+from ..dist import Dist, any_rank, autocast, broadcast, setup
+from ..errors import ImgclfError
+from ..rundir import EARLY_FILES, LAST_CKPT, RunDir
+from .logger import RunLogger, run_is_live
+from .strategy import Phase
+from .tasks import SingleLabelTask
+
+log = logging.getLogger("imgclf")
+MAX_NONFINITE = 5  # consecutive non-finite losses before giving up
+
+
+@dataclass
+class State:
+    """Mutable loop state that a checkpoint captures."""
+
+    epoch: int = 0  # epochs completed
+    updates: int = 0
+    phase_updates: int = 0  # updates since the current phase began (drives its schedule)
+    best: float | None = None
+    best_epoch: int = -1
+    best_which: str = "model"
+    stale: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Loop:
+    """Everything a training step touches."""
+
+    cfg: Config
+    dist: Dist
+    model: nn.Module  # the bare network
+    task: SingleLabelTask  # what the outputs mean: loss, activation, decision
+    wrapped: nn.Module  # TaskModule(model, task.criterion()), DDP-wrapped when distributed
+    opt: torch.optim.Optimizer
+    sched: Any
+    ema: ModelEmaV3 | None
+    scaler: torch.amp.GradScaler
+    skips: SkipLog
+    dtype: torch.dtype | None
+    fmt: torch.memory_format
+    phases: list[Phase]
+    phase: Phase
+    updates_per_epoch: int
+    frozen: list[nn.Module]  # norm layers kept in eval mode in this phase
+    mixup: Mixup | None
+
+
+def run_dir_for(cfg: Config, resume: bool, dist: Dist) -> Path:
+    """The run directory: the named one to resume, a new named one (never overwritten), or a fresh timestamped one."""
+    out = Path(cfg.run.output)
+    if resume:
+        if not cfg.run.name:
+            raise ImgclfError("resume needs run.name (the run directory under run.output)")
+        d = out / cfg.run.name
+        if not (d / LAST_CKPT).is_file():
+            if not never_started(d):
+                raise ImgclfError(f"--resume: {d} has no checkpoint ({LAST_CKPT}) to resume from")
+            log.info("%s never completed an epoch: starting it afresh", d)
+        return d
+    if cfg.run.name:
+        d = out / cfg.run.name
+        if dist.is_main and d.exists() and any(d.iterdir()) and not never_started(d):
+            raise ImgclfError(f"run directory {d} already exists; add --resume to continue it or pick another --name")
+        return d
+    stem = f"{cfg.model.name.replace('/', '_').replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    d, n = out / stem, 2
+    while d.exists():
+        d, n = out / f"{stem}-{n}", n + 1
+    return Path(broadcast(str(d), dist))  # every rank uses rank 0's choice
+
+
+def never_started(d: Path) -> bool:
+    """``d`` exists and holds only what a run writes before completing its first epoch (no checkpoint, no
+    metrics row, no artifact, nothing of the user's): reusing its name loses nothing."""
+    if not d.is_dir():
+        return False
+    if not {p.name for p in d.iterdir()} <= EARLY_FILES or any(RunDir(d).checkpoints.glob("*")) or run_is_live(d):
+        return False
+    rows = RunDir(d).metrics_jsonl  # metrics.csv is written with it
+    return not rows.exists() or rows.stat().st_size == 0
+
+
+def set_train_mode(loop: Loop) -> None:
+    """Training mode, except frozen BatchNorm layers; a head-only phase runs the whole backbone in eval mode
+    (no dropout or stochastic depth on frozen features), exactly as a cached probe sees them."""
+    loop.wrapped.train()
+    if loop.phase.head_only:
+        loop.model.eval()
+    for m in loop.frozen:
+        m.eval()
+
+
+def train_one_epoch(loop: Loop, loader: Any, state: State, desc: str) -> dict[str, float]:
+    """One pass over ``loader`` (any sized iterable of ``Batch``); returns mean loss, images/s, the last LR."""
+    cfg, dist = loop.cfg, loop.dist
+    set_train_mode(loop)
+    accum, pending, nonfinite = cfg.optim.accum_steps, 0, 0
+    total_loss, seen, t0 = 0.0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, disable=not (cfg.run.progress and dist.is_main), leave=False, unit="batch")
+    loop.opt.zero_grad(set_to_none=True)
+    for i, batch in enumerate(bar):
+        loop.skips.add(batch.skipped)
+        # every item unreadable, or BatchNorm would see a single sample: skip (on every rank together)
+        if any_rank(batch.images is None or len(batch.labels) < 2, dist):
+            continue
+        x = batch.images.to(dist.device, non_blocking=True).contiguous(memory_format=loop.fmt)
+        y = batch.labels.to(dist.device, non_blocking=True)
+        if loop.mixup is not None and loop.mixup.mixup_enabled:  # off for the last aug.mix_off_epochs
+            if len(y) % 2:  # timm's batch mixing pairs images
+                x, y = x[:-1], y[:-1]
+            x, y = loop.mixup(x, y)  # y: (B, K) soft targets
+        step_now = pending + 1 == accum or i + 1 == len(loader)
+        sync = nullcontext() if step_now or not hasattr(loop.wrapped, "no_sync") else loop.wrapped.no_sync()
+        with sync:
+            loss = forward_loss(loop, x, y)
+            value = loss.item()
+            if any_rank(not math.isfinite(value), dist):
+                nonfinite += 1
+                if nonfinite >= MAX_NONFINITE:
+                    raise ImgclfError(f"training diverged (loss {value}) in epoch {state.epoch + 1}; lower optim.lr")
+                loop.opt.zero_grad(set_to_none=True)
+                pending = 0
+                continue
+            nonfinite = 0
+            loop.scaler.scale(loss / accum).backward()
+        pending += 1
+        if step_now:
+            update(loop, state)
+            pending = 0
+        total_loss += value * len(y)
+        seen += len(y)
+        rate = seen * dist.world_size / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(
+            loss=f"{total_loss / seen:.4f}", lr=f"{loop.opt.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}"
+        )
+    if pending:
+        update(loop, state)  # the last group when trailing batches were skipped
+    bar.close()
+    secs = time.perf_counter() - t0
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "lr": loop.opt.param_groups[0]["lr"],
+        "img_per_s": seen * dist.world_size / max(secs, 1e-9),
+        "epoch_seconds": secs,
+    }
+
+
+def update(loop: Loop, state: State) -> None:
+    """Optimizer step (with unscale + clip), schedule and EMA update."""
+    if loop.cfg.optim.clip_grad is not None:
+        loop.scaler.unscale_(loop.opt)
+        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.cfg.optim.clip_grad)
+    loop.scaler.step(loop.opt)
+    loop.scaler.update()
+    loop.opt.zero_grad(set_to_none=True)
+    state.updates += 1
+    state.phase_updates += 1
+    loop.sched.step_update(state.phase_updates)
+    if loop.ema is not None:
+        loop.ema.update(loop.model, step=state.updates)
+
+
+def score_of(metrics: dict[str, Any], metric: str) -> float:
+    """Higher is better for every metric (loss is negated)."""
+    return -metrics["loss"] if metric == "loss" else metrics[metric]
+
+
+@dataclass
+class Run:
+    """What every training entry point starts from (``prepare_run``)."""
+
+    cfg: Config
+    dist: Dist
+    run_dir: Path
+    resume: bool  # a checkpoint exists and will be restored
+    splits: DataSplits
+
+
+def prepare_run(cfg: Config, resume: bool = False, *, needs_dir: bool = True) -> Run:
+    """Set up devices / the process group, choose the run directory (``needs_dir``; lr-find has none), seed
+    torch, numpy and python per rank (timm's crops use ``random``) and open the data splits."""
+    dist = setup(cfg.train.device)
+    run_dir = run_dir_for(cfg, resume, dist) if needs_dir else Path(cfg.run.output)
+    resume = needs_dir and resume and (run_dir / LAST_CKPT).is_file()  # never completed an epoch: afresh
+    timm.utils.random_seed(cfg.train.seed, dist.rank)
+    return Run(cfg, dist, run_dir, resume, prepare_data(cfg))
+
+
+def forward_loss(loop: Loop, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The task's training loss of one batch under the run's autocast (``loop.wrapped``: task module, DDP)."""
+    with autocast(loop.dist.device, loop.dtype):
+        loss, _ = loop.wrapped(x, y)
+    return loss
+
+
+class FeatureBatches:
+    """Cached features as training batches for ``train_one_epoch``: a seeded permutation per epoch
+    (``set_epoch``), full batches only (one batch of everything when there are fewer than ``batch_size``)."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
+        self.features, self.labels, self.bs, self.seed, self.epoch = features, labels, batch_size, seed, 1
+        n = len(labels)
+        self.n_batches = n // batch_size if n > batch_size else 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(len(self.labels), generator=g)
+        for i in range(self.n_batches):
+            idx = order[i * self.bs : (i + 1) * self.bs]
+            yield Batch(self.features[idx], self.labels[idx], idx, [])
+
+
+@dataclass
+class EpochHooks:
+    """What differs between the callers of ``run_epochs``."""
+
+    train: Callable[[int], dict[str, float]]  # epoch -> train stats (train_loss, lr, img_per_s, epoch_seconds)
+    validate: Callable[[], dict[str, dict[str, Any]]]  # -> {"model": metrics, ["ema": metrics]}
+    keep_best: Callable[[str], None]  # save the best weights ("model" or "ema")
+    checkpoint: Callable[[], None]  # write the resume checkpoint (rank 0 only)
+    line: Callable[[dict[str, Any]], str]  # the log line of an epoch row
+    before_epoch: Callable[[int], None] = lambda epoch: None  # phase changes, MixUp switch-off, loader seeding
+
+
+def stopped(cfg: Config, state: State) -> bool:
+    return cfg.train.patience is not None and state.stale >= cfg.train.patience
+
+
+def run_epochs(cfg: Config, state: State, hooks: EpochHooks, logger: RunLogger, is_main: bool = True) -> None:
+    """Epochs ``state.epoch + 1 .. cfg.train.epochs``: train, validate (raw and EMA weights), keep the best by
+    ``cfg.train.metric``, append a history row, log it, checkpoint, stop after ``cfg.train.patience`` epochs
+    without improvement."""
+    while state.epoch < cfg.train.epochs and not stopped(cfg, state):
+        e = state.epoch + 1
+        hooks.before_epoch(e)
+        stats = hooks.train(e)
+        val = hooks.validate()
+        which = max(val, key=lambda k: score_of(val[k], cfg.train.metric))
+        score = score_of(val[which], cfg.train.metric)
+        improved = state.best is None or score > state.best
+        if improved:
+            state.best, state.best_epoch, state.best_which, state.stale = score, e, which, 0
+            if is_main:
+                hooks.keep_best(which)
+        else:
+            state.stale += 1
+        row = {"epoch": e, **stats, **{f"val_{k}": val["model"][k] for k in ("loss", "top1", "macro_f1")}}
+        if "ema" in val:
+            row.update({f"ema_val_{k}": val["ema"][k] for k in ("loss", "top1", "macro_f1")})
+        row["best"] = improved
+        state.history.append(row)
+        state.epoch = e
+        logger.log_epoch(row)
+        if is_main:
+            hooks.checkpoint()
+        log.info(hooks.line(row))
+        if stopped(cfg, state):
+            log.info("early stop: no better %s for %d epochs", cfg.train.metric, state.stale)
