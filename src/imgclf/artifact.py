@@ -241,9 +241,8 @@ def _knn_state(model: nn.Module, art: Artifact) -> tuple[dict[str, torch.Tensor]
     """Backbone (timm's own keys) + index tensors; the class names in the file's metadata let a load notice
     weights and ``imgclf.json`` from different writes."""
     if len(art.class_names) != model.num_classes:
-        raise ImgclfError(f"save: {len(art.class_names)} class names for an index of {model.num_classes} classes")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.index_state().items()}
-    return tensors, {"kind": art.kind, "class_names": json.dumps(art.class_names)}
+        raise ImgclfError(f"save_index: {len(art.class_names)} class names for an index of {model.num_classes} classes")
+    return model.index_state(), {"kind": art.kind, "class_names": json.dumps(art.class_names)}  # copied on save
 
 
 def _load_knn(art: Artifact, run_dir: Path, device: Any) -> nn.Module:

@@ -171,8 +171,6 @@ def save_index(run_dir: str | Path, clf: KNNClassifier, art: Artifact, *, overwr
     Example:
         >>> save_index("runs/knn1", *build_index("support/", weights="packaged"))  # doctest: +SKIP
     """
-    if len(art.class_names) != clf.num_classes:
-        raise ImgclfError(f"save_index: {len(art.class_names)} class names for an index of {clf.num_classes} classes")
     info = art.extra.get(KIND) if isinstance(art.extra.get(KIND), dict) else {}
     art.kind, art.extra = KIND, {**art.extra, KIND: _index_info(clf, art.class_names, info.get("sources", []))}
     return save_artifact(run_dir, clf, art, overwrite=overwrite)
