@@ -125,3 +125,31 @@ def test_resume_gives_the_same_run_for_every_strategy(case, tmp_path, monkeypatc
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
     assert resumed.val_metrics["top1"] == pytest.approx(full.val_metrics["top1"], abs=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_workers_do_not_keep_the_run_lock(tmp_path):
+    """A DataLoader worker forked while the trainer holds the run lock must not hold it after the trainer
+    is gone (a SIGKILLed trainer's workers linger up to 5 s; ``--resume`` then said "being trained")."""
+    from imgclf.errors import ImgclfError
+    from imgclf.train.logger import hold_run_lock, run_is_live
+
+    lock = hold_run_lock(tmp_path)
+    with pytest.raises(ImgclfError, match="being trained by another process"):
+        hold_run_lock(tmp_path)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "worker": outlives the trainer's lock
+        os.write(w, b"up")
+        time.sleep(3)
+        os._exit(0)
+    try:
+        assert os.read(r, 2) == b"up"  # the child runs (its fork hooks have run)
+        lock.close()  # the trainer dies
+        assert not run_is_live(tmp_path)
+        hold_run_lock(tmp_path).close()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)

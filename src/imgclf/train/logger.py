@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,25 @@ from ..errors import ImgclfError
 from ..io import write_text
 from ..rundir import LOCK_FILE, METRICS_CSV, METRICS_JSONL, RunDir
 
+_HELD_LOCKS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker), close the copies of the run-lock files. flock locks belong
+    to the open file description, so a worker that outlives a SIGKILLed trainer for a few seconds would
+    otherwise keep the run locked and make ``train --resume`` fail with "being trained by another process"."""
+    for f in list(_HELD_LOCKS):
+        f.close()  # the parent's descriptor (and its lock) is untouched
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 def hold_run_lock(run_dir: Path):
     """An exclusive lock on ``run_dir/run.lock`` for as long as the returned file stays open (the process
-    lives): a second ``train --name`` cannot write into a run that is still training. None without fcntl."""
+    lives): a second ``train --name`` cannot write into a run that is still training. None without fcntl.
+    Forked children do not keep the lock (see ``_close_inherited_locks``)."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks here
@@ -28,6 +45,7 @@ def hold_run_lock(run_dir: Path):
         raise ImgclfError(
             f"{run_dir} is being trained by another process; wait for it or pick another --name"
         ) from None
+    _HELD_LOCKS.add(f)
     return f
 
 
