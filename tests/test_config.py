@@ -156,3 +156,46 @@ def test_bad_generated_flag_values_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cls,fn,skip", [
+    ("ExportConfig", "imgclf.deploy.export:export_run", {"run", "fmt", "generated_ok"}),
+    ("BenchConfig", "imgclf.deploy.bench:bench_run", {"run_dir"}),
+])  # fmt: skip
+def test_verb_configs_match_the_functions_they_feed(cls, fn, skip):
+    """The flags of export / bench are generated from these configs and passed on by name: the configs must
+    name every keyword of the function, with the same defaults, so a new keyword cannot miss its flag."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    import imgclf.config as config
+
+    module, name = fn.split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    fields = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+              for f in dataclasses.fields(getattr(config, cls))}  # fmt: skip
+    defaults = {k: p.default for k, p in params.items() if k not in skip}
+    assert set(fields) == set(defaults)
+    for k, v in fields.items():
+        assert v == defaults[k] or (isinstance(v, list) and tuple(v) == defaults[k]), (k, v, defaults[k])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv,message", [
+    (["knn", "build", "s", "--name", "x", "--per-class", "0"], "--per-class must be >= 1"),
+    (["knn", "build", "s", "--name", "x", "--pixel-range", "[5,1]"], "--pixel-range must be auto, minmax"),
+    (["knn", "episodes", "s", "--ways", "1"], "--ways must be >= 2"),
+    (["knn", "episodes", "s", "--modes", "nearest"], "invalid choice: 'nearest'"),
+    (["export", "r", "--pixels", "rgb"], "invalid choice: 'rgb'"),
+    (["bench", "r", "--batch-sizes", "0"], "--batch-sizes must be >= 1"),
+    (["serve", "r", "--max-batch", "0"], "--max-batch must be >= 1"),
+])  # fmt: skip
+def test_generated_flags_of_every_verb_check_their_values(argv, message, capsys):
+    """knn, export, bench and serve flags come from typed configs; a bad value names the flag in one line."""
+    from imgclf.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

@@ -31,7 +31,7 @@ from imgclf.fewshot import (
 from .conftest import make_folder, run_cli
 
 #: a tiny timm model with random weights at 32 px: fast enough for every unit test below
-TINY = dict(model_name="test_efficientnet", weights="none", input_size=32, num_workers=0, progress=False)
+TINY = dict(model="test_efficientnet", weights="none", input_size=32, workers=0, progress=False)
 
 
 def unit(deg: float) -> list[float]:
@@ -225,7 +225,7 @@ def test_add_to_index_appends_new_classes_and_remaps_labels(knn_run, support_fol
     more = tmp_path / "more"  # class_1 (known) and class_3 (new): sorted labels 0, 1 must become 1, 3
     for c in ("class_1", "class_3"):
         shutil.copytree(extra / c, more / c)
-    clf, art = add_to_index(run, more, num_workers=0, progress=False)
+    clf, art = add_to_index(run, more, workers=0, progress=False)
     assert art.class_names == ["class_0", "class_1", "class_2", "class_3"]
     assert clf.support_counts() == [6, 10, 6, 4]
     loaded, art2 = load_index(run)
@@ -279,14 +279,14 @@ def test_packaged_weights_few_shot_far_above_chance_and_random_weights():
     prototype): packaged 0.673; random inits with torch seeds 0..4: 0.585, 0.429, 0.560, 0.542, 0.451
     (CI95 about 0.007). The baseline is seed 0, the strongest of those five inits.
     """
-    kw = dict(per_class=40, input_size=64, crop_pct=1.0, num_workers=0, progress=False)
+    kw = dict(per_class=40, input_size=64, crop_pct=1.0, workers=0, progress=False)
     ep = dict(shots=5, queries=15, episodes=100, seed=0, mode="prototype")
-    packaged = embed("builtin:fashion-mnist", "tf_efficientnet_lite0", "packaged", **kw)
+    packaged = embed("builtin:fashion-mnist", weights="packaged", **kw)
     assert packaged.features.shape == (400, 1280) and len(packaged.class_names) == 10
     acc = episode_accuracy(packaged.features, packaged.labels, **ep)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        rand = embed("builtin:fashion-mnist", "tf_efficientnet_lite0", "none", **kw)
+        rand = embed("builtin:fashion-mnist", weights="none", **kw)
     baseline = episode_accuracy(rand.features, rand.labels, **ep)
     assert acc["ways"] == 10 and acc["chance"] == 0.1
     assert acc["mean"] >= 0.58, acc["mean"]  # far above chance (0.10)
@@ -295,3 +295,19 @@ def test_packaged_weights_few_shot_far_above_chance_and_random_weights():
     knn = episode_accuracy(packaged.features, packaged.labels, **{**ep, "mode": "knn"})
     knn_base = episode_accuracy(rand.features, rand.labels, **{**ep, "mode": "knn"})
     assert knn["mean"] >= 0.55 and knn["mean"] >= knn_base["mean"] + 0.05, (knn["mean"], knn_base["mean"])
+
+
+def test_embedding_honours_the_image_limits_and_the_decode_policy(support_folder):
+    """``--max-pixels`` applies to the images a k-NN index embeds (the support set is 32x32 pictures), and the
+    index records the decode policy (pixel_range) it was built with."""
+    with pytest.raises(ImgclfError, match="no readable images to embed"):
+        embed(support_folder, **{**TINY, "max_pixels": 100})
+    e = embed(support_folder, **{**TINY, "pixel_range": (0, 255)})
+    assert e.preprocessing.decode.pixel_range == (0.0, 255.0) and len(e.labels) == 18
+    with pytest.raises(TypeError, match="num_workers"):
+        embed(support_folder, num_workers=0)
+
+
+def test_adding_to_an_index_keeps_its_backbone_and_preprocessing(knn_run, support_folder):
+    with pytest.raises(ImgclfError, match="input_size cannot change when adding images"):
+        add_to_index(knn_run, support_folder, input_size=64, workers=0, progress=False)

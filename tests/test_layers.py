@@ -18,7 +18,7 @@ LAYERS = {
     "eval": 4,
     "deploy": 5,
     "pipeline": 6, "predict": 6, "fewshot": 6,  # fewshot: the public re-exports of the k-NN stages
-    "api": 7, "cli": 8, "cli_deploy": 8, "__init__": 9, "__main__": 9,
+    "api": 7, "cli": 8, "__init__": 9, "__main__": 9,
 }  # fmt: skip
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgclf.eval.metrics import confusion_table, metrics_table
+from imgclf.cli.output import confusion_table, metrics_table
 from imgclf.train.metrics import compute_metrics
 
 

@@ -83,3 +83,30 @@ def test_training_with_focal_loss_records_the_task_and_reports_its_loss(tmp_path
     assert r.code == 2 and "train.focal_alpha" in r.err, r
     r = run_cli("train", "--data", tiny_folder, *TINY, "--train.focal_alpha", "0.5")  # with the default ce loss
     assert r.code == 2 and "applies to train.loss focal only" in r.err, r
+
+
+@pytest.mark.unit
+def test_drift_statistics_ask_the_task_what_a_decision_and_its_confidence_are():
+    """Drift's class distribution and confidence come from the run's task (``class_rates``, ``confidence``),
+    not from a hard-coded argmax: a task deciding by another rule changes the class statistics."""
+    import dataclasses
+
+    import numpy as np
+
+    from imgclf.eval.drift import drift_scores, reference_stats
+    from imgclf.train.tasks import SingleLabelTask
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    task = SingleLabelTask()
+    assert task.class_rates(torch.from_numpy(probs)).tolist() == [0.5, 0.25, 0.25]
+    assert task.confidence(torch.from_numpy(probs)).tolist() == [0.7, 0.8, 0.6, 0.5]
+    ref = reference_stats(probs, task=task)
+    assert ref["class_dist"] == [0.5, 0.25, 0.25] and ref == reference_stats(probs)  # single-label is the default
+
+    @dataclasses.dataclass(frozen=True)
+    class Lowest(SingleLabelTask):  # a stand-in rule: decide for the least likely class
+        def decide(self, p: torch.Tensor) -> torch.Tensor:
+            return p.argmin(-1)
+
+    assert reference_stats(probs, task=Lowest())["class_dist"] == [0.5, 0.0, 0.5]  # argmin ties: first index
+    assert drift_scores(ref, probs, task=Lowest())["psi_class"] > drift_scores(ref, probs)["psi_class"] == 0.0

@@ -358,6 +358,125 @@ class InferConfig:
         return out
 
 
+@dataclass(frozen=True)
+class EmbedConfig:
+    """What the few-shot verbs embed and how: the backbone, which labelled images, and the preprocessing
+    overrides. ``imgclf knn``'s flags are generated from these fields; ``models.embedding.embed``,
+    ``train.knn_index.build_index`` and ``eval.fewshot.few_shot_report`` take it (with an ``InferConfig``
+    for the loader, device and image limits)."""
+
+    model: str = opt("tf_efficientnet_lite0", "any timm backbone")
+    weights: str = opt("auto", "auto | packaged | hub | none | FILE.safetensors/.pth")
+    split: str = opt("train", "split of a multi-split .npz / builtin data")
+    per_class: int | None = opt(None, "embed at most this many images per class (seeded choice; default all)")
+    seed: int = opt(0, "seed of the per-class choice (and of the episodes)")
+    input_size: int | None = opt(None, "square input size (default: the model's)")
+    crop_pct: float | None = opt(None, "eval centre-crop fraction (default: the model's)")
+    interpolation: str | None = opt(None, "resize interpolation (bilinear, bicubic, ...; default: the model's)")
+    pixel_range: tuple[float, float] | str = opt(
+        "auto", "how 16-bit and float pixels map to 0-255 (see data.pixel_range)"
+    )
+    background: str = opt("white", "colour that transparent pixels are composited over")
+
+    def __post_init__(self) -> None:
+        _check(self.per_class is None or self.per_class >= 1, "per_class", "must be >= 1", self.per_class)
+        try:
+            self.data_config()
+        except ConfigFieldError as e:  # DataConfig names its own section; these fields have none
+            raise ConfigFieldError(e.key.removeprefix("data."), str(e).replace("'data.", "'")) from None
+
+    def data_config(self, infer: InferConfig | None = None) -> DataConfig:
+        """The ``DataConfig`` whose overrides and decode policy ``Preprocess.from_model`` applies (image
+        limits from ``infer``)."""
+        limits = {"max_pixels": infer.max_pixels, "max_aspect": infer.max_aspect} if infer is not None else {}
+        return DataConfig(input_size=self.input_size, crop_pct=self.crop_pct, interpolation=self.interpolation,
+                          pixel_range=self.pixel_range, background=self.background, **limits)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KNNConfig:
+    """The k-NN / nearest-prototype rule of a few-shot index (``models.knn``; ``imgclf knn`` flags)."""
+
+    k: int = opt(10, "neighbours that vote")
+    temperature: float = opt(0.07, "vote / prototype softmax temperature")
+    mode: Literal["knn", "prototype"] = opt("knn", "k-NN vote or nearest class mean (SimpleShot)")
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, "k", "must be >= 1", self.k)
+        _check(self.temperature > 0, "temperature", "must be > 0", self.temperature)
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """N-way K-shot episodes (``eval.fewshot.few_shot_report``; ``imgclf knn episodes`` flags)."""
+
+    shots: list[int] = opt([1, 5, 10], "support images per class (K), one report per value")
+    ways: int | None = opt(None, "classes per episode (default: all)")
+    queries: int = opt(15, "query images per class and episode")
+    episodes: int = opt(200, "random episodes per K")
+    modes: list[Literal["knn", "prototype"]] = opt(["prototype", "knn"], "the rules to measure")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.shots) and min(self.shots) >= 1, "shots", "must be >= 1", self.shots)
+        _check(self.ways is None or self.ways >= 2, "ways", "must be >= 2", self.ways)
+        _check(self.queries >= 1, "queries", "must be >= 1", self.queries)
+        _check(self.episodes >= 1, "episodes", "must be >= 1", self.episodes)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How ``deploy.export.export_run`` writes and verifies an exported graph (``imgclf export`` flags)."""
+
+    output: str | None = opt(None, "directory to write (default <run>/export)", short="-o")
+    pixels: Literal["nhwc", "nchw", "none"] = opt(
+        "nhwc", "graph input: uint8 pixels at the input size (nhwc/nchw, preprocessing inside) or normalised "
+        "float NCHW (none)"
+    )  # fmt: skip
+    opset: int | None = opt(None, "ONNX opset (default: the exporter's current one)")
+    data: str | None = opt(None, "labelled images to verify on (default: generated pictures, agreement only)")
+    verify_n: int = opt(500, "verification images")
+    calib_data: str | None = opt(None, "int8 calibration images (default: the run's training split)")
+    calib_n: int = opt(256, "int8 calibration images")
+    int8_tolerance: float = opt(1.0, "max top-1 points an int8 model may lose")
+    force: bool = opt(False, "keep an int8 model beyond the tolerance (with a warning)")
+    triton_max_batch: int = opt(64, "Triton dynamic batching: largest batch")
+    triton_delay_us: int = opt(2000, "Triton dynamic batching: max queue delay in microseconds")
+
+    def __post_init__(self) -> None:
+        for key in ("verify_n", "calib_n", "triton_max_batch"):
+            _check(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
+        _check(self.opset is None or self.opset >= 7, "opset", "must be >= 7", self.opset)
+        _check(self.int8_tolerance >= 0, "int8_tolerance", "must be >= 0", self.int8_tolerance)
+        _check(self.triton_delay_us >= 0, "triton_delay_us", "must be >= 0", self.triton_delay_us)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``deploy.bench.bench_run`` measures (``imgclf bench`` flags)."""
+
+    runtimes: list[str] | None = opt(None, "runtimes to measure (default: every one available, torch first)")
+    batch_sizes: list[int] = opt([1, 8, 32], "batch sizes")
+    warmup: int = opt(3, "untimed calls first")
+    repeats: int = opt(10, "timed calls per runtime and batch size")
+    progress: bool = opt(True, "progress bars")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.batch_sizes) and min(self.batch_sizes) >= 1, "batch_sizes", "must be >= 1", self.batch_sizes)
+        _check(self.warmup >= 0, "warmup", "must be >= 0", self.warmup)
+        _check(self.repeats >= 1, "repeats", "must be >= 1", self.repeats)
+
+
+def split_fields(fields: dict[str, Any], *configs: Any) -> list[Any]:
+    """``configs`` with ``fields`` applied, each name to the config that has it (``dataclasses.replace``);
+    TypeError for a name none of them has. Lets the Python API take ``embed(data, per_class=5, workers=0)``
+    as well as typed configs."""
+    names = [{f.name for f in dataclasses.fields(c)} for c in configs]
+    unknown = set(fields) - set().union(*names)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    return [dataclasses.replace(c, **{k: v for k, v in fields.items() if k in n}) for c, n in zip(configs, names)]
+
+
 AUTO_AUGMENT_FAMILIES = ("rand", "augmix", "original", "originalr", "v0", "v0r")
 #: resize filters both timm and torchvision implement for eval and training (timm's ``str_to_interp_mode``)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")

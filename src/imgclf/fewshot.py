@@ -19,13 +19,14 @@ softmax is the vote distribution.
 embeddings computed once; ``few_shot_report`` does that for K = 1, 5, 10 straight from a data spec.
 
 Example:
-    >>> clf, art = build_index("support/", "tf_efficientnet_lite0", "packaged", k=10)  # doctest: +SKIP
+    >>> clf, art = build_index("support/", weights="packaged", k=10)  # doctest: +SKIP
     >>> save_index("runs/pets-knn", clf, art)                                           # doctest: +SKIP
     >>> add_to_index("runs/pets-knn", "more_support/")   # new classes welcome, no training  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+from .config import EmbedConfig, EpisodeConfig, KNNConfig
 from .eval.fewshot import episode_accuracy, few_shot_report, sample_episodes
 from .models.embedding import DEFAULT_MODEL, Embeddings, embed
 from .models.knn import (
@@ -43,6 +44,7 @@ from .train.knn_index import add_to_index, build_index, load_index, save_index, 
 
 __all__ = [
     "DEFAULT_K", "DEFAULT_TEMPERATURE", "KIND", "MODES", "check_params", "class_prototypes", "classify_embeddings",
-    "vote", "DEFAULT_MODEL", "Embeddings", "KNNClassifier", "add_to_index", "build_index", "embed", "episode_accuracy",
-    "few_shot_report", "load_index", "sample_episodes", "save_index", "support_loo_accuracy",
+    "vote", "DEFAULT_MODEL", "EmbedConfig", "EpisodeConfig", "KNNConfig", "Embeddings", "KNNClassifier",
+    "add_to_index", "build_index", "embed", "episode_accuracy", "few_shot_report", "load_index", "sample_episodes",
+    "save_index", "support_loo_accuracy",
 ]  # fmt: skip

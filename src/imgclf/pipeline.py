@@ -93,7 +93,7 @@ def _drift_reference(trust, val_o: Outputs, name: str) -> dict[str, Any] | None:
     if len(val_o.logits) < 2:
         return None
     return {"data": f"{name} (validation split)",
-            **reference_stats(trust.probs(val_o.logits).numpy(), val_o.features.numpy())}  # fmt: skip
+            **reference_stats(trust.probs(val_o.logits).numpy(), val_o.features.numpy(), trust.task)}  # fmt: skip
 
 
 def _stats_subset(train: Samples, cfg: Config) -> Samples:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,6 @@ from .deploy.runtime import resolve_runtime, runtime_outputs
 from .errors import ImgclfError
 from .eval.evaluate import class_order
 from .eval.inference import check_inputs, infer_run, run_decode_policy
-from .eval.metrics import format_table
 from .eval.ood import FEATURE_SCORES
 from .eval.trust import Trust
 
@@ -112,32 +108,3 @@ def _outputs(art, inputs: list[str], runtime: str, feats: bool, tta: str | None,
     opts = {k: v for k, v in run_opts.items() if k not in ("device", "max_pixels", "max_aspect")}
     out, art, skips = runtime_outputs(art, samples, runtime, desc=desc, **opts)  # auto: PyTorch if export fails
     return out, art, samples, skips
-
-
-def render(preds: Predictions, fmt: str) -> str:
-    """``table`` (aligned text), ``csv`` (path,label_1,prob_1,...) or ``json``."""
-    if fmt == "json":
-        doc = {"predictions": preds.rows, "skipped": [{"path": p, "reason": r} for p, r in preds.skipped.items()]}
-        return json.dumps(doc, indent=2)
-    k = max((len(r["top"]) for r in preds.rows), default=0)
-    judged = any("unknown" in r for r in preds.rows)
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        extra = ["label", "unknown", "ood_score"] if judged else []
-        w.writerow(["path", *extra, *[h for j in range(1, k + 1) for h in (f"label_{j}", f"prob_{j}")]])
-        for r in preds.rows:
-            ex = [r.get("label"), r.get("unknown"), r.get("ood_score", "")] if judged else []
-            w.writerow([r["path"], *ex, *[v for t in r["top"] for v in (t["label"], f"{t['prob']:.6f}")]])
-        return buf.getvalue()
-    if fmt == "table":
-
-        def first(r: dict) -> list[str]:
-            if not judged:
-                return []
-            return ["unknown" if r.get("unknown") else r["label"], f"{r['ood_score']:.3g}" if "ood_score" in r else ""]
-
-        body = [[r["path"], *first(r), *[f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]]] for r in preds.rows]
-        head = ["path", *(["answer", "ood score"] if judged else []), *[f"top{j}" for j in range(1, k + 1)]]
-        return format_table(body, head)
-    raise ImgclfError(f"--format must be table, csv or json (got {fmt!r})")

@@ -88,12 +88,3 @@ def bench_run(
         "versions": package_versions(),
         "date": time.strftime("%Y-%m-%d"),
     }
-
-
-def bench_table(res: dict[str, Any]) -> list[list[str]]:
-    return [[r["runtime"], str(r["batch"]), f"{r['img_per_s']:.1f}", f"{r['latency_ms_median']:.2f}",
-             f"{r['latency_ms_p90']:.2f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-",
-             f"{100 * r['top1_agreement_with_first']:.1f} %"] for r in res["results"]]  # fmt: skip
-
-
-BENCH_HEADER = ["runtime", "batch", "img/s", "latency ms (median)", "p90 ms", "vs first", "top-1 = first"]

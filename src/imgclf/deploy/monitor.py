@@ -34,8 +34,10 @@ class DriftMonitor:
         check_every: int = 100,
         thresholds: dict[str, float] | None = None,
         name: str = "model",
+        task: Any = None,
     ):
         self.ref, self.window, self.min_samples, self.name = reference, window, min_samples, name
+        self.task = task  # the run's task (``train.tasks``): what a decision and its confidence are
         self.check_every, self.thresholds = check_every, {**THRESHOLDS, **(thresholds or {})}
         self._lock = threading.Lock()
         self._probs: np.ndarray | None = None
@@ -85,7 +87,7 @@ class DriftMonitor:
         elif len(probs) < self.min_samples:
             rep["status"] = "warming up"
         else:
-            rep.update(drift_scores(self.ref, probs, feats))
+            rep.update(drift_scores(self.ref, probs, feats, self.task))
             over = drifted(rep, self.thresholds)
             rep["status"], rep["drifted"] = ("drift" if over else "ok"), over
             was = self.last.get("status")

@@ -3,7 +3,8 @@
 The reference comes from validation data (fitted with the calibration, stored in ``imgclf.json`` under
 ``drift``): the predicted-class distribution, the calibrated confidence distribution (bin edges at
 its deciles, plus 101 quantiles for KS), and the per-dimension mean and variance of the embedding
-the classifier sees. Live traffic is compared with it by
+the classifier sees. The run's task says what "predicted class" and "confidence" mean
+(``class_rates`` and ``confidence``: argmax and top probability for single-label). Live traffic is compared with it by
 
 - PSI (population stability index) of the predicted classes and of the confidence bins:
   ``sum((p - q) * ln(p / q))``; the usual reading is < 0.1 stable, 0.1-0.25 moderate, > 0.25 major;
@@ -23,25 +24,34 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..errors import ImgclfError
+from ..train.tasks import SingleLabelTask
 
 #: default thresholds past which the server reports (and logs) drift
 THRESHOLDS = {"psi_class": 0.2, "psi_confidence": 0.2, "ks_confidence": 0.2, "embedding_shift": 0.3}
 _EPS = 1e-4
 
 
-def reference_stats(probs: np.ndarray, feats: np.ndarray | None = None) -> dict[str, Any]:
-    """JSON-ready reference statistics of calibrated ``probs`` (N, K) and embeddings ``feats`` (N, D)."""
+def _decisions(probs: np.ndarray, task: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(K,) class rates and (N,) confidences of ``probs`` (N, K) under ``task`` (default single-label)."""
+    t = torch.from_numpy(probs)
+    task = task or SingleLabelTask()
+    return task.class_rates(t).numpy().astype(np.float64), task.confidence(t).numpy().astype(np.float64)
+
+
+def reference_stats(probs: np.ndarray, feats: np.ndarray | None = None, task: Any = None) -> dict[str, Any]:
+    """JSON-ready reference statistics of calibrated ``probs`` (N, K) and embeddings ``feats`` (N, D);
+    ``task`` (``train.tasks``; default single-label) defines the class rates and confidences."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or len(probs) < 2:
         raise ImgclfError(f"a drift reference needs at least 2 predictions (got {len(probs)})")
-    k = probs.shape[1]
-    conf = probs.max(1)
+    rates, conf = _decisions(probs, task)
     edges = np.unique(np.quantile(conf, np.linspace(0, 1, 11)[1:-1]))  # inner decile edges
     ref: dict[str, Any] = {
         "n": len(probs),
-        "class_dist": _r(np.bincount(probs.argmax(1), minlength=k) / len(probs)),
+        "class_dist": _r(rates),
         "conf_edges": _r(edges),
         "conf_hist": _r(_hist(conf, edges)),
         "conf_quantiles": _r(np.quantile(conf, np.linspace(0, 1, 101))),
@@ -52,16 +62,18 @@ def reference_stats(probs: np.ndarray, feats: np.ndarray | None = None) -> dict[
     return ref
 
 
-def drift_scores(ref: dict[str, Any], probs: np.ndarray, feats: np.ndarray | None = None) -> dict[str, Any]:
-    """Distances of live ``probs`` / ``feats`` from ``ref`` (see the module docstring)."""
+def drift_scores(
+    ref: dict[str, Any], probs: np.ndarray, feats: np.ndarray | None = None, task: Any = None
+) -> dict[str, Any]:
+    """Distances of live ``probs`` (N, K) / ``feats`` (N, D) from ``ref`` (see the module docstring), with the
+    class rates and confidences of ``task`` (the run's; default single-label)."""
     probs = np.asarray(probs, dtype=np.float64)
     n = len(probs)
     out: dict[str, Any] = {"n": n}
     if n == 0:
         return out
-    k = len(ref["class_dist"])
-    conf = probs.max(1)
-    out["psi_class"] = psi(np.array(ref["class_dist"]), np.bincount(probs.argmax(1), minlength=k)[:k] / n)
+    rates, conf = _decisions(probs, task)
+    out["psi_class"] = psi(np.array(ref["class_dist"]), rates[: len(ref["class_dist"])])
     edges = np.array(ref["conf_edges"])
     out["psi_confidence"] = psi(np.array(ref["conf_hist"]), _hist(conf, edges))
     out["ks_confidence"] = ks_to_quantiles(conf, np.array(ref["conf_quantiles"]))

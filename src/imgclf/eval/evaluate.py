@@ -3,6 +3,7 @@ and re-fitting the calibration temperature and OOD thresholds on other held-out 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,7 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
         raise ImgclfError(f"{samples.name}: {len(out.labels)} readable images; calibration needs at least 10")
     before = Trust.load(run_dir, art)
     t = fit_temperature(out.logits, out.labels)
-    after = Trust(t, before.ood_score, before.tpr, {}, before.stats)
+    after = dataclasses.replace(before, temperature=t, thresholds={})  # the run's task and OOD statistics
     report = {
         "temperature": t,
         "previous_temperature": before.temperature,
@@ -154,7 +155,7 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
                    "thresholds_data": samples.name}  # fmt: skip
     art.drift = {
         "data": samples.name if data else f"{samples.name} (the run's validation split)",
-        **reference_stats(after.probs(out.logits).numpy(), out.features.numpy()),
+        **reference_stats(after.probs(out.logits).numpy(), out.features.numpy(), after.task),
     }
     update_artifact(art)
     return report

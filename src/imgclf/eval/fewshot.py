@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..artifact import package_versions
+from ..config import EmbedConfig, InferConfig, split_fields
 from ..errors import ImgclfError
-from ..models.embedding import DEFAULT_MODEL, embed
+from ..models.embedding import embed
 from ..models.knn import (
     DEFAULT_K,
     DEFAULT_TEMPERATURE,
@@ -143,42 +144,36 @@ def episode_accuracy(
 
 def few_shot_report(
     data_spec: str | Path,
-    model_name: str = DEFAULT_MODEL,
-    weights: str = "auto",
+    cfg: EmbedConfig | None = None,
+    infer: InferConfig | None = None,
     *,
     shots: Sequence[int] = (1, 5, 10),
     ways: int | None = None,
     queries: int = 15,
     episodes: int = 200,
-    seed: int = 0,
     modes: str | Sequence[str] = ("prototype", "knn"),
     k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
-    split: str = "train",
-    per_class: int | None = None,
-    input_size: int | None = None,
-    crop_pct: float | None = None,
-    interpolation: str | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
-    num_workers: int = -1,
-    strict_images: bool = False,
-    progress: bool = True,
+    **fields: Any,
 ) -> dict[str, Any]:
     """Embed a labelled data set once and report N-way K-shot episode accuracy for every K and mode.
 
     Args:
         data_spec: folder, CSV, .npz or ``builtin:NAME`` (the pool episodes are drawn from).
-        model_name, weights: backbone and weight source.
+        cfg, infer, **fields: backbone, images, preprocessing, loader and device, as in
+            ``models.embedding.embed`` (``per_class`` embeds a seeded subset, for speed; ``cfg.seed`` also
+            seeds the episodes).
         shots: the K values.
-        ways, queries, episodes, seed, k, temperature: as in ``episode_accuracy`` (ways None = all classes).
+        ways, queries, episodes, k, temperature: as in ``episode_accuracy`` (ways None = all classes).
         modes: ``knn``, ``prototype`` or both.
-        split, per_class, input_size, crop_pct, interpolation, device, batch_size, num_workers,
-            strict_images, progress: as in ``embed`` (``per_class`` embeds a seeded subset, for speed).
 
     Returns:
         JSON-ready dict: ``results[mode][str(K)] = {"mean", "ci95", "std", "ways", "chance", ...}`` plus the
         model, weights source, preprocessing, pool size, timings and package versions.
+
+    Raises:
+        ImgclfError: bad k / mode / temperature (before any embedding), unreadable data, too few images
+        per class for the episodes.
 
     Example:
         >>> r = few_shot_report("builtin:fashion-mnist", weights="packaged", per_class=100)  # doctest: +SKIP
@@ -189,11 +184,9 @@ def few_shot_report(
     for m in modes:
         check_params(k, m, temperature, where="few_shot_report")
     t0 = time.perf_counter()
-    emb = embed(
-        data_spec, model_name, weights, split=split, per_class=per_class, seed=seed, input_size=input_size,
-        crop_pct=crop_pct, interpolation=interpolation, device=device, batch_size=batch_size,
-        num_workers=num_workers, strict_images=strict_images, progress=progress,
-    )  # fmt: skip
+    cfg, infer = split_fields(fields, cfg or EmbedConfig(), infer or InferConfig())
+    emb = embed(data_spec, cfg, infer)
+    seed = cfg.seed
     t1 = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     for m in modes:
@@ -203,9 +196,9 @@ def few_shot_report(
                                  seed=seed, mode=m, k=k, temperature=temperature)  # fmt: skip
             results[m][str(s)] = {key: v for key, v in r.items() if key != "accuracies"}
     return {
-        "data": str(data_spec), "split": split, "model": model_name, "arch": emb.arch, "weights": emb.weights_source,
+        "data": str(data_spec), "split": cfg.split, "model": cfg.model, "arch": emb.arch, "weights": emb.weights_source,
         "preprocessing": emb.preprocessing.to_json(), "n_images": len(emb.labels), "num_classes": len(emb.class_names),
-        "class_names": emb.class_names, "per_class": per_class, "ways": ways or "all", "queries": queries,
+        "class_names": emb.class_names, "per_class": cfg.per_class, "ways": ways or "all", "queries": queries,
         "episodes": episodes, "seed": seed, "k": k, "temperature": temperature, "results": results,
         "skipped_files": emb.skipped, "embed_seconds": round(t1 - t0, 2),
         "episode_seconds": round(time.perf_counter() - t1, 2), "versions": package_versions(),

@@ -5,14 +5,14 @@ and episodes (``train.knn_index``, ``eval.fewshot``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DataConfig, ModelConfig
+from ..config import EmbedConfig, InferConfig, ModelConfig, split_fields
 from ..data.loader import ImageDataset, SkipLog, make_loader
 from ..data.preprocess import Preprocess
 from ..data.sources import open_source
@@ -21,7 +21,7 @@ from ..errors import ImgclfError
 from .factory import architecture_of, create_model
 from .inference import extract_features
 
-DEFAULT_MODEL = "tf_efficientnet_lite0"
+DEFAULT_MODEL = EmbedConfig.model
 
 # --------------------------------------------------------------------------- embedding data
 
@@ -38,44 +38,36 @@ class Embeddings(NamedTuple):
     skipped: dict[str, str]  # unreadable file -> reason
 
 
-def backbone(
-    model_name: str, weights: str, input_size: int | None, crop_pct: float | None, interpolation: str | None
-) -> tuple[nn.Module, str, str, Preprocess]:
-    """(headless model, weights source, timm arch, preprocessing with the overrides applied)."""
-    overrides = DataConfig(input_size=input_size, crop_pct=crop_pct, interpolation=interpolation)
-    model, source = create_model(ModelConfig(name=model_name, weights=weights), num_classes=0)
-    return model.eval(), source, architecture_of(model, model_name), Preprocess.from_model(model, overrides)
+def backbone(cfg: EmbedConfig, infer: InferConfig | None = None) -> tuple[nn.Module, str, str, Preprocess]:
+    """(headless model, weights source, timm arch, preprocessing with ``cfg``'s overrides and ``infer``'s image
+    limits applied)."""
+    model, source = create_model(ModelConfig(name=cfg.model, weights=cfg.weights), num_classes=0)
+    pre = Preprocess.from_model(model, cfg.data_config(infer))
+    return model.eval(), source, architecture_of(model, cfg.model), pre
 
 
-def open_labelled(data: str | Path, split: str, per_class: int | None, seed: int, pre: Preprocess):
-    """The labelled ``Samples`` of ``data`` decoded per ``pre``, at most ``per_class`` per class (seeded)."""
-    samples = open_source(data, split, pre.decoder())
-    if per_class is None:
+def open_labelled(data: str | Path, cfg: EmbedConfig, pre: Preprocess, infer: InferConfig):
+    """The labelled ``Samples`` of ``data`` (``cfg.split``) decoded per ``pre`` under ``infer``'s image limits,
+    at most ``cfg.per_class`` per class (seeded by ``cfg.seed``)."""
+    samples = open_source(data, cfg.split, pre.decoder(infer.max_pixels, infer.max_aspect))
+    if cfg.per_class is None:
         return samples
-    if per_class < 1:
-        raise ImgclfError(f"per_class must be >= 1 (got {per_class})")
-    rng = np.random.default_rng(seed)
-    keep = [rng.permutation(np.flatnonzero(samples.labels == c))[:per_class] for c in np.unique(samples.labels)]
+    rng = np.random.default_rng(cfg.seed)
+    keep = [rng.permutation(np.flatnonzero(samples.labels == c))[: cfg.per_class] for c in np.unique(samples.labels)]
     return samples.subset(np.sort(np.concatenate(keep)))
 
 
 def embed_samples(
-    model: nn.Module,
-    samples,
-    pre: Preprocess,
-    device: torch.device,
-    *,
-    batch_size: int,
-    num_workers: int,
-    strict_images: bool,
-    progress: bool,
+    model: nn.Module, samples, pre: Preprocess, infer: InferConfig
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
-    """(N, D) normalised embeddings, (N,) labels of ``samples`` and the unreadable files."""
-    loader = make_loader(ImageDataset(samples, pre.eval()), batch_size, train=False,
-                         num_workers=num_workers, pin_memory=device.type == "cuda")  # fmt: skip
-    skips = SkipLog(strict=strict_images)
+    """(N, D) normalised embeddings, (N,) labels of ``samples`` and the unreadable files, on ``infer.device``."""
+    device = resolve_device(infer.device)
+    loader = make_loader(ImageDataset(samples, pre.eval()), infer.batch_size, train=False,
+                         num_workers=infer.workers, pin_memory=device.type == "cuda")  # fmt: skip
+    skips = SkipLog(strict=infer.strict_images)
     model = model.to(device, memory_format=torch.channels_last)  # measured ~3x faster on a busy 2-core CPU
-    feats = extract_features(model, loader, device, skips=skips, channels_last=True, progress=progress, desc="embed")
+    feats = extract_features(model, loader, device, skips=skips, channels_last=True, progress=infer.progress,
+                             desc="embed")  # fmt: skip
     return F.normalize(feats.features, dim=-1), feats.labels, dict(skips.items)
 
 
@@ -87,18 +79,11 @@ def present_classes(labels: torch.Tensor, class_names: list[str]) -> tuple[torch
     return lut[labels], [class_names[i] for i in present]
 
 
-def embed_source(
-    data: str | Path, model_name: str, weights: str, *, split: str, per_class: int | None, seed: int,
-    input_size: int | None, crop_pct: float | None, interpolation: str | None, device: str,
-    batch_size: int, num_workers: int, strict_images: bool, progress: bool,
-) -> tuple[Embeddings, nn.Module]:  # fmt: skip
-    dev = resolve_device(device)
-    model, source, arch, pre = backbone(model_name, weights, input_size, crop_pct, interpolation)
-    samples = open_labelled(data, split, per_class, seed, pre)
-    feats, labels, skipped = embed_samples(
-        model, samples, pre, dev, batch_size=batch_size, num_workers=num_workers,
-        strict_images=strict_images, progress=progress,
-    )  # fmt: skip
+def embed_source(data: str | Path, cfg: EmbedConfig, infer: InferConfig) -> tuple[Embeddings, nn.Module]:
+    """``embed``, also returning the backbone (on ``infer.device``)."""
+    model, source, arch, pre = backbone(cfg, infer)
+    samples = open_labelled(data, cfg, pre, infer)
+    feats, labels, skipped = embed_samples(model, samples, pre, infer)
     if len(labels) == 0:
         raise ImgclfError(f"{samples.name}: no readable images to embed")
     labels, names = present_classes(labels, samples.class_names)
@@ -106,45 +91,30 @@ def embed_source(
 
 
 def embed(
-    data: str | Path,
-    model_name: str = DEFAULT_MODEL,
-    weights: str = "auto",
-    *,
-    split: str = "train",
-    per_class: int | None = None,
-    seed: int = 0,
-    input_size: int | None = None,
-    crop_pct: float | None = None,
-    interpolation: str | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
-    num_workers: int = -1,
-    strict_images: bool = False,
-    progress: bool = True,
+    data: str | Path, cfg: EmbedConfig | None = None, infer: InferConfig | None = None, **fields: Any
 ) -> Embeddings:
     """L2-normalised pooled embeddings of a labelled data source, with the backbone's eval preprocessing.
 
     Args:
         data: folder, CSV, .npz or ``builtin:NAME[:split]``.
-        model_name: timm architecture.
-        weights: ``auto``, ``packaged``, ``hub``, ``none`` or a weights file (see ``imgclf models``).
-        split: split of a multi-split .npz / built-in set.
-        per_class: embed at most this many images per class (seeded random choice); None = all.
-        seed: seed of that choice.
-        input_size, crop_pct, interpolation: preprocessing overrides (default: the model's pretrained config).
-        device: ``auto``, ``cpu``, ``cuda``, ...
-        batch_size, num_workers, strict_images, progress: loader and reporting options.
+        cfg: backbone (``model``, ``weights``: ``auto``, ``packaged``, ``hub``, ``none`` or a file), which
+            images (``split``, ``per_class`` with ``seed``) and preprocessing overrides (``input_size``,
+            ``crop_pct``, ``interpolation``, ``pixel_range``, ``background``); default ``EmbedConfig()``.
+        infer: device, batch size, loader workers, ``strict_images``, progress and the image limits
+            (``max_pixels``, ``max_aspect``); default ``InferConfig()``.
+        **fields: any field of either config by name, applied on top (``embed(d, per_class=5, workers=0)``).
 
     Returns:
         ``Embeddings`` (features (N, D), labels (N,), class names, preprocessing, arch, weights source, skipped).
+
+    Raises:
+        TypeError: a keyword that is no field of either config. ImgclfError: unreadable data, unknown model,
+        or no readable image.
 
     Example:
         >>> e = embed("builtin:fashion-mnist", weights="packaged", per_class=20, input_size=64)  # doctest: +SKIP
         >>> e.features.shape  # doctest: +SKIP
         torch.Size([200, 1280])
     """
-    return embed_source(
-        data, model_name, weights, split=split, per_class=per_class, seed=seed, input_size=input_size,
-        crop_pct=crop_pct, interpolation=interpolation, device=device, batch_size=batch_size,
-        num_workers=num_workers, strict_images=strict_images, progress=progress,
-    )[0]  # fmt: skip
+    cfg, infer = split_fields(fields, cfg or EmbedConfig(), infer or InferConfig())
+    return embed_source(data, cfg, infer)[0]

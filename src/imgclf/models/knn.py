@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import KNNConfig
 from ..errors import ImgclfError
 from .inference import embedding_dim
 
 KIND = "knn"  #: ``imgclf.json`` ``kind`` of a saved index
-MODES = ("knn", "prototype")
-DEFAULT_K = 10
-DEFAULT_TEMPERATURE = 0.07  # DINO's k-NN temperature; cosines of one backbone differ by a few 0.01
+MODES = typing.get_args(typing.get_type_hints(KNNConfig)["mode"])  # ("knn", "prototype")
+DEFAULT_K = KNNConfig.k
+DEFAULT_TEMPERATURE = KNNConfig.temperature  # 0.07, DINO's k-NN temperature; cosines of one backbone differ by ~0.01
 EMB_KEY, LABEL_KEY = "knn.embeddings", "knn.labels"  # index tensors next to the backbone's own keys
 _LOG_FLOOR = 1e-12  # classes without votes get log(1e-12), not -inf, so NLL and calibration stay finite
 

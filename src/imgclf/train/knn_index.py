@@ -6,7 +6,7 @@ a ``models.knn.KNNClassifier`` saved as a normal run directory by the one artifa
 use it like any trained classifier. ``add_to_index`` adds images (and new classes): nothing is trained.
 
 Example:
-    >>> clf, art = build_index("support/", "tf_efficientnet_lite0", "packaged", k=10)  # doctest: +SKIP
+    >>> clf, art = build_index("support/", weights="packaged", k=10)  # doctest: +SKIP
     >>> save_index("runs/pets-knn", clf, art)                                           # doctest: +SKIP
     >>> add_to_index("runs/pets-knn", "more_support/")   # new classes welcome, no training  # doctest: +SKIP
 """
@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..artifact import Artifact, load_artifact, save_artifact
+from ..config import EmbedConfig, InferConfig, split_fields
 from ..dist import resolve_device
 from ..errors import ImgclfError
-from ..models.embedding import DEFAULT_MODEL, embed_samples, embed_source, open_labelled, present_classes
+from ..models.embedding import embed_samples, embed_source, open_labelled, present_classes
 from ..models.knn import (
     DEFAULT_K,
     DEFAULT_TEMPERATURE,
@@ -33,6 +34,11 @@ from ..models.knn import (
     check_params,
     vote,
 )
+
+#: ``EmbedConfig`` fields recorded under the index's ``config.data``
+DATA_FIELDS = ("split", "per_class", "seed", "input_size", "crop_pct", "interpolation", "pixel_range", "background")
+#: fields an index fixes when it is built (its backbone and preprocessing)
+FIXED_FIELDS = ("model", "weights", "input_size", "crop_pct", "interpolation", "pixel_range", "background")
 
 # --------------------------------------------------------------------------- the saved index
 
@@ -83,65 +89,45 @@ def _index_info(clf: KNNClassifier, class_names: list[str], sources: list[dict[s
 
 def build_index(
     support: str | Path,
-    model_name: str = DEFAULT_MODEL,
-    weights: str = "auto",
+    cfg: EmbedConfig | None = None,
+    infer: InferConfig | None = None,
     *,
     k: int = DEFAULT_K,
     mode: str = "knn",
     temperature: float = DEFAULT_TEMPERATURE,
-    split: str = "train",
-    per_class: int | None = None,
-    seed: int = 0,
-    input_size: int | None = None,
-    crop_pct: float | None = None,
-    interpolation: str | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
-    num_workers: int = -1,
-    strict_images: bool = False,
-    progress: bool = True,
+    **fields: Any,
 ) -> tuple[KNNClassifier, Artifact]:
     """Embed a labelled support set and return the k-NN classifier and its artifact metadata.
 
     Args:
         support: folder (one sub-folder per class, any number of shots), CSV, .npz or ``builtin:NAME``.
-        model_name, weights: backbone and weight source, as for training.
+        cfg, infer, **fields: backbone, images, preprocessing, loader and device, as in ``models.embedding.embed``.
         k, mode, temperature: the classification rule (see the module docstring).
-        split, per_class, seed, input_size, crop_pct, interpolation, device, batch_size, num_workers,
-            strict_images, progress: as in ``embed``.
 
     Returns:
         ``(KNNClassifier in eval mode on the device, Artifact)``; pass both to ``save_index``.
         Classes without a readable image are left out; unreadable files are listed in the artifact.
+
+    Raises:
+        ImgclfError: bad k / mode / temperature (before any embedding), unreadable data or no readable image.
 
     Example:
         >>> clf, art = build_index("support/", weights="packaged", mode="prototype")  # doctest: +SKIP
         >>> clf(images).argmax(1)                                                      # doctest: +SKIP
     """
     check_params(k, mode, temperature)
-    emb, model = embed_source(
-        support, model_name, weights, split=split, per_class=per_class, seed=seed, input_size=input_size,
-        crop_pct=crop_pct, interpolation=interpolation, device=device, batch_size=batch_size,
-        num_workers=num_workers, strict_images=strict_images, progress=progress,
-    )  # fmt: skip
+    cfg, infer = split_fields(fields, cfg or EmbedConfig(), infer or InferConfig())
+    emb, model = embed_source(support, cfg, infer)
     clf = KNNClassifier(model, emb.features, emb.labels, len(emb.class_names), k=k, mode=mode, temperature=temperature)
     clf = clf.to(next(model.parameters()).device).eval()
-    source = {"data": str(support), "split": split, "n": len(emb.labels), "skipped": emb.skipped}
+    source = {"data": str(support), "split": cfg.split, "n": len(emb.labels), "skipped": emb.skipped}
     art = Artifact(
         arch=emb.arch,
         class_names=emb.class_names,
         preprocessing=emb.preprocessing,
         config={
-            "model": {"name": model_name, "weights": weights},
-            "data": {
-                "path": str(support),
-                "split": split,
-                "per_class": per_class,
-                "seed": seed,
-                "input_size": input_size,
-                "crop_pct": crop_pct,
-                "interpolation": interpolation,
-            },
+            "model": {"name": cfg.model, "weights": cfg.weights},
+            "data": {"path": str(support), **{f: getattr(cfg, f) for f in DATA_FIELDS}},
             "knn": {"k": k, "mode": mode, "temperature": temperature},
         },  # fmt: skip
         metrics={"support_loo_top1": support_loo_accuracy(clf)},
@@ -192,15 +178,9 @@ def load_index(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
 def add_to_index(
     run_dir: str | Path,
     more_support: str | Path,
-    *,
-    split: str = "train",
-    per_class: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    batch_size: int = 64,
-    num_workers: int = -1,
-    strict_images: bool = False,
-    progress: bool = True,
+    cfg: EmbedConfig | None = None,
+    infer: InferConfig | None = None,
+    **fields: Any,
 ) -> tuple[KNNClassifier, Artifact]:
     """Add labelled images to a saved index in place; unseen class names become new classes. No training.
 
@@ -211,23 +191,30 @@ def add_to_index(
     Args:
         run_dir: a directory written by ``save_index``.
         more_support: folder, CSV, .npz or ``builtin:NAME`` with the images to add.
-        split, per_class, seed, device, batch_size, num_workers, strict_images, progress: as in ``embed``.
+        cfg, infer, **fields: as in ``models.embedding.embed``; only ``split``, ``per_class`` and ``seed`` of
+            ``cfg`` apply (the backbone and preprocessing are the index's own).
 
     Returns:
         The updated ``(KNNClassifier, Artifact)``.
+
+    Raises:
+        ImgclfError: ``cfg`` asks for another backbone or preprocessing than the index's, the run is not an
+        index, unreadable data or no readable image.
 
     Example:
         >>> clf, art = add_to_index("runs/knn1", "new_classes/")  # doctest: +SKIP
         >>> art.class_names[-1]  # doctest: +SKIP
         'zebra'
     """
-    dev = resolve_device(device)
+    cfg, infer = split_fields(fields, cfg or EmbedConfig(), infer or InferConfig())
+    fixed = [f for f in FIXED_FIELDS if getattr(cfg, f) != getattr(EmbedConfig, f)]
+    if fixed:
+        raise ImgclfError(f"{run_dir}: an index keeps its own backbone and preprocessing; "
+                          f"{', '.join(fixed)} cannot change when adding images")  # fmt: skip
+    dev = resolve_device(infer.device)
     clf, art = load_index(run_dir, dev)
-    samples = open_labelled(more_support, split, per_class, seed, art.preprocessing)
-    feats, labels, skipped = embed_samples(
-        clf.backbone, samples, art.preprocessing, dev, batch_size=batch_size, num_workers=num_workers,
-        strict_images=strict_images, progress=progress,
-    )  # fmt: skip
+    samples = open_labelled(more_support, cfg, art.preprocessing, infer)
+    feats, labels, skipped = embed_samples(clf.backbone, samples, art.preprocessing, infer)
     if len(labels) == 0:
         raise ImgclfError(f"{samples.name}: no readable images to add")
     labels, new_names = present_classes(labels, samples.class_names)
@@ -237,7 +224,7 @@ def add_to_index(
     art.class_names = names
     art.metrics = {**art.metrics, "support_loo_top1": support_loo_accuracy(clf)}
     info = art.extra.get(KIND, {})
-    info["sources"] = [*info.get("sources", []), {"data": str(more_support), "split": split, "n": len(labels),
+    info["sources"] = [*info.get("sources", []), {"data": str(more_support), "split": cfg.split, "n": len(labels),
                                                    "skipped": skipped}]  # fmt: skip
     save_index(run_dir, clf, art, overwrite=True)
     return clf, art

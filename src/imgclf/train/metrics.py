@@ -1,5 +1,5 @@
 """Classification metrics with torchmetrics: top-1/top-5, per-class precision/recall/F1, macro-F1,
-balanced accuracy and the confusion matrix (the single-label task's metric set; ``imgclf.eval.metrics``
+balanced accuracy and the confusion matrix (the single-label task's metric set; ``imgclf.cli.output``
 prints them).
 
 Example:

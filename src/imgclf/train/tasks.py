@@ -80,6 +80,16 @@ class SingleLabelTask:
         """(N, K) probabilities -> (N,) predicted class indices (argmax)."""
         return probs.argmax(-1)
 
+    def confidence(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N, K) probabilities -> (N,) confidence of the decision (the top probability); drift monitoring
+        compares its distribution with the reference's."""
+        return probs.max(-1).values
+
+    def class_rates(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N, K) probabilities -> (K,) share of the N images decided for each class (sums to 1); drift
+        monitoring compares it with the reference's by PSI."""
+        return torch.bincount(self.decide(probs), minlength=probs.shape[-1]).double() / max(1, len(probs))
+
     def to_json(self) -> dict[str, Any]:
         d = {"kind": self.kind, **asdict(self)}
         if isinstance(d["focal_alpha"], tuple):

@@ -1,0 +1,248 @@
+"""Everything the command line prints: aligned tables, the per-verb summaries, prediction listings
+(table / CSV / JSON), skipped-file lists and the logging handler that keeps log lines off progress bars.
+The library returns dicts; only this module turns them into text."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImgclfError
+
+SUMMARY_KEYS = ("top1", "top5", "macro_f1", "balanced_accuracy", "loss", "n")
+
+# --------------------------------------------------------------------------- primitives
+
+
+def format_table(rows: list[list[Any]], header: list[str]) -> str:
+    """A plain aligned text table (first column left-aligned, the rest right-aligned)."""
+    cols = [header, *rows]
+    widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
+
+    def line(r: list[Any]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def pct(x: float | None) -> str:
+    """``0.9123`` -> ``91.23 %``; None -> ``-``."""
+    return "-" if x is None else f"{100 * x:.2f} %"
+
+
+def print_skipped(skipped: dict[str, str]) -> None:
+    """The unreadable files a command skipped, with the reason, on stderr."""
+    if skipped:
+        print(f"\nskipped {len(skipped)} unreadable file(s):", file=sys.stderr)
+        for path, why in sorted(skipped.items()):
+            print(f"  {path}: {why}", file=sys.stderr)
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(quiet: bool) -> None:
+    """``imgclf`` log records as plain lines on stderr, written around tqdm bars; ``quiet``: warnings only."""
+    logger = logging.getLogger("imgclf")
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def metrics_table(m: dict[str, Any], title: str = "") -> str:
+    """The summary and per-class tables of a metrics dict (``train.metrics.compute_metrics``)."""
+    rows = []
+    for key in SUMMARY_KEYS:
+        if key in m:
+            v = m[key]
+            rows.append([key, str(v) if key == "n" else (f"{v:.4f}" if key == "loss" else pct(v))])
+    parts = [title] if title else []
+    parts.append(format_table(rows, ["metric", "value"]))
+    if "per_class" in m:
+        pc = [[name, f"{100 * d['precision']:.2f}", f"{100 * d['recall']:.2f}", f"{100 * d['f1']:.2f}",
+               str(d["support"])] for name, d in m["per_class"].items()]  # fmt: skip
+        parts.append(format_table(pc, ["class", "precision %", "recall %", "f1 %", "support"]))
+    return "\n\n".join(parts)
+
+
+def confusion_table(m: dict[str, Any], class_names: list[str]) -> str:
+    """The confusion matrix as text: rows = true class, columns = predicted class index."""
+    cm = m.get("confusion_matrix")
+    if not cm:
+        return ""
+    header = ["true \\ pred", *[str(i) for i in range(len(class_names))]]
+    rows = [[f"{i} {name}"[:24], *[str(v) for v in row]] for i, (name, row) in enumerate(zip(class_names, cm))]
+    return format_table(rows, header)
+
+
+def print_train(result: Any) -> None:
+    """``api.train``'s ``TrainResult``: validation and test tables, skipped files, the run directory."""
+    print(metrics_table(result.val_metrics, f"validation (best epoch {result.best_epoch})"))
+    if result.test_metrics is not None:
+        print()
+        print(metrics_table(result.test_metrics, "test"))
+    print_skipped(result.skipped)
+    print(f"\nrun: {result.run_dir}  ({result.seconds / 60:.1f} min)")
+
+
+def print_lr_find(res: dict[str, Any], js: Path, png: Path) -> None:
+    print(
+        f"suggested lr {res['suggested_lr']:.3g} (steepest fall of the loss); minimum loss at {res['min_loss_lr']:.3g}"
+    )
+    print(f"{res['steps_run']} steps in {res['seconds']}s; plot {png}, data {js}")
+
+
+def print_eval(m: dict[str, Any], run: str, class_names: list[str], tta: str | None) -> None:
+    """One run's metrics (``api.evaluate``): tables, calibration, OOD detection, confusion matrix, skipped."""
+    print(metrics_table(m, f"{run} on {m['data']}" + (f" (TTA {tta})" if tta else "")))
+    if "calibration" in m:  # the metrics dict's calibration entry (ECE/NLL before and after), not the artifact's
+        c = m["calibration"]
+        print(f"\ncalibration (T = {c['temperature']:.3f}): ECE {pct(c['before']['ece'])} -> {pct(c['after']['ece'])}, "
+              f"NLL {c['before']['nll']:.4f} -> {c['after']['nll']:.4f}")  # fmt: skip
+    if "ood" in m:
+        o = m["ood"]
+        rows = [[k, f"{v['auroc']:.4f}", f"{v['aupr']:.4f}", pct(v["fpr_at_95_tpr"]),
+                 pct(o["rejected"].get(k, {}).get("in")), pct(o["rejected"].get(k, {}).get("ood"))]
+                for k, v in o["metrics"].items()]  # fmt: skip
+        print(f"\nout-of-distribution: {o['data']} ({o['n']} images)")
+        print(format_table(rows, ["score", "AUROC", "AUPR", "FPR@95%TPR", "in rejected", "OOD rejected"]))
+    print("\nconfusion matrix (rows: true, columns: predicted class index)")
+    print(confusion_table(m, class_names))
+    print_skipped(m.get("skipped_files", {}))
+
+
+def print_ensemble(rep: dict[str, Any]) -> None:
+    """``api.evaluate_ensemble``: each calibrated member, the ensemble and its gain over the best member."""
+    rows = [[Path(r).name, pct(m["top1"]), f"{m['calibration']['nll']:.4f}", pct(m["calibration"]["ece"])]
+            for r, m in rep["members"].items()]  # fmt: skip
+    e = rep["ensemble"]
+    rows.append([f"ensemble of {len(rep['members'])}", pct(e["top1"]), f"{e['calibration']['nll']:.4f}",
+                 pct(e["calibration"]["ece"])])  # fmt: skip
+    print(format_table(rows, ["model (calibrated)", "top-1", "NLL", "ECE"]))
+    g = rep["gain"]
+    print(f"\ngain over the best member: top-1 {g['top1_points']:+.2f} points, NLL {-g['nll']:+.4f}")
+
+
+def print_json(doc: dict[str, Any]) -> None:
+    print(json.dumps(doc, indent=2))
+
+
+def print_calibrate(run: str, r: dict[str, Any]) -> None:
+    print(f"{run}: temperature {r['previous_temperature']:.3f} -> {r['temperature']:.3f} on {r['data']} "
+          f"({r['n']} images); ECE {pct(r['before']['ece'])} -> {pct(r['after']['ece'])}, "
+          f"NLL {r['before']['nll']:.4f} -> {r['after']['nll']:.4f}")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def render_predictions(preds: Any, fmt: str) -> str:
+    """``api.predict``'s ``Predictions`` as ``table`` (aligned text), ``csv`` (path,label_1,prob_1,...) or
+    ``json``; with OOD judgement, the answer (a label or ``unknown``) and the score come first."""
+    if fmt == "json":
+        doc = {"predictions": preds.rows, "skipped": [{"path": p, "reason": r} for p, r in preds.skipped.items()]}
+        return json.dumps(doc, indent=2)
+    k = max((len(r["top"]) for r in preds.rows), default=0)
+    judged = any("unknown" in r for r in preds.rows)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        extra = ["label", "unknown", "ood_score"] if judged else []
+        w.writerow(["path", *extra, *[h for j in range(1, k + 1) for h in (f"label_{j}", f"prob_{j}")]])
+        for r in preds.rows:
+            ex = [r.get("label"), r.get("unknown"), r.get("ood_score", "")] if judged else []
+            w.writerow([r["path"], *ex, *[v for t in r["top"] for v in (t["label"], f"{t['prob']:.6f}")]])
+        return buf.getvalue()
+    if fmt == "table":
+
+        def first(r: dict) -> list[str]:
+            if not judged:
+                return []
+            return ["unknown" if r.get("unknown") else r["label"], f"{r['ood_score']:.3g}" if "ood_score" in r else ""]
+
+        body = [[r["path"], *first(r), *[f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]]] for r in preds.rows]
+        head = ["path", *(["answer", "ood score"] if judged else []), *[f"top{j}" for j in range(1, k + 1)]]
+        return format_table(body, head)
+    raise ImgclfError(f"--format must be table, csv or json (got {fmt!r})")
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+def print_exports(results: list[tuple[str, dict[str, Any]]]) -> None:
+    """One row per exported format: path and its verification against PyTorch."""
+    rows = []
+    for fmt, r in results:
+        v = r["verify"]
+        labelled = v.get("labelled", v["images"]) > 0  # generated pictures have no labels: no top-1 to show
+        rows.append([fmt, r["path"], f"{v['max_abs_logit_diff']:.2e}", f"{100 * v['top1_agreement']:.2f} %",
+                     f"{100 * v['top1_exported']:.2f} %" if labelled else "-",
+                     f"{v['top1_drop_points']:+.2f}" if labelled else "-", v["images"]])  # fmt: skip
+    print(format_table(rows, ["format", "path", "max |logit diff|", "top-1 agreement", "top-1", "drop (points)",
+                              "images"]))  # fmt: skip
+
+
+def print_bench(res: dict[str, Any]) -> None:
+    """``deploy.bench.bench_run``: throughput and latency per runtime and batch size, then what was skipped."""
+    rows = [[r["runtime"], str(r["batch"]), f"{r['img_per_s']:.1f}", f"{r['latency_ms_median']:.2f}",
+             f"{r['latency_ms_p90']:.2f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+             f"{100 * r['top1_agreement_with_first']:.1f} %"] for r in res["results"]]  # fmt: skip
+    print(format_table(rows, ["runtime", "batch", "img/s", "latency ms (median)", "p90 ms", "vs first",
+                              "top-1 = first"]))  # fmt: skip
+    for rt, why in res["skipped"].items():
+        print(f"skipped {rt}: {why}")
+
+
+# --------------------------------------------------------------------------- few-shot and models
+
+
+def print_index(run: Path, n: int, art: Any, built: bool) -> None:
+    """A built or extended k-NN index."""
+    if not built:
+        print(f"{run}: {n} support images, {len(art.class_names)} classes")
+        return
+    loo = art.metrics.get("support_loo_top1")
+    extra = f"; leave-one-out accuracy on the support set {100 * loo:.1f} %" if loo is not None else ""
+    print(f"index {run}: {n} images, {len(art.class_names)} classes{extra}")
+    print(f"use it like a trained run: imgclf predict {run} IMAGES")
+
+
+def print_episodes(rep: dict[str, Any], shots: list[int], episodes: int, queries: int) -> None:
+    """``eval.fewshot.few_shot_report``: mean ± 95 % CI per mode and K."""
+    rows = [[mode, *[f"{100 * r[str(s)]['mean']:.2f} ± {100 * r[str(s)]['ci95']:.2f}" for s in shots]]
+            for mode, r in rep["results"].items()]  # fmt: skip
+    ways = next(iter(rep["results"].values()))[str(shots[0])]["ways"]
+    print(f"{ways}-way episode accuracy % (mean ± 95 % CI over {episodes} episodes, {queries} queries/class)")
+    print(format_table(rows, ["mode", *[f"{s}-shot" for s in shots]]))
+    print(f"{rep['model']} ({rep['weights']}) on {rep['n_images']} images of {rep['data']}")
+
+
+def print_models(names: list[str], limit: int, hub: set[str], packaged: dict[str, bool], pip: dict[str, str]) -> None:
+    """``imgclf models``: architectures and the weight sources each has."""
+    shown = names if limit == 0 else names[:limit]
+    rows = [[n, "installed" if packaged.get(n) else ("pip install " + pip[n] if n in packaged else "-"),
+             "yes" if n in hub else "-"] for n in shown]  # fmt: skip
+    print(format_table(rows, ["architecture", "packaged weights (offline)", "hub weights (online)"]))
+    if len(shown) < len(names):
+        print(f"... {len(names) - len(shown)} more (use --limit 0 to list all)")
+    print(f"\n{len(names)} architecture(s) match. Weight sources for --weights:")
+    print("  packaged  ImageNet weights shipped in PyPI packages: "
+          + ", ".join(f"{a} ({'installed' if ok else 'not installed'})" for a, ok in packaged.items()))  # fmt: skip
+    print("  FILE      a local .safetensors or .pth state dict (loaded with weights_only=True)")
+    print("  hub       timm / Hugging Face pretrained download (needs internet)")
+    print("  none      random initialisation")

@@ -1,0 +1,66 @@
+"""``imgclf train`` and ``imgclf lr-find``: the verbs that take the training config."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ImgclfError
+from . import output
+from .flags import config_parser, flat_overrides, positive_int
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = config_parser(
+        sub, "train", "fine-tune a model (no arguments: the embedded Fashion-MNIST job)",
+        "Train a classifier. Precedence: defaults < --recipe < --config < flags.",
+    )  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run named by --name (or the newest) from its last checkpoint")  # fmt: skip
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .. import api
+
+    ns = vars(args)
+    flat = flat_overrides(args)
+    if ns.get("resume"):
+        if ns.get("config") or ns.get("recipe"):
+            raise ImgclfError("--resume uses the run's saved config.yaml; drop --config/--recipe")
+        out = flat.pop("run.output", "runs")
+        cfg = api.resume_config(out, flat.pop("run.name", None), flat)
+    else:
+        cfg = api.make_config(config_file=ns.get("config"), recipe=ns.get("recipe"), overrides=flat)
+    output.print_train(api.train(cfg, resume=bool(ns.get("resume"))))
+    return 0
+
+
+def add_lr_find(sub: argparse._SubParsersAction) -> None:
+    p = config_parser(
+        sub, "lr-find", "LR range test: plot loss against learning rate and suggest a value",
+        "Runs --steps updates with the learning rate rising exponentially, on the same data, model and strategy"
+        " as `imgclf train` with the same flags; writes lr_find.png and lr_find.json.",
+    )  # fmt: skip
+    p.add_argument("--start-lr", type=float, default=1e-7)
+    p.add_argument("--end-lr", type=float, default=1.0)
+    p.add_argument("--steps", type=positive_int, default=100)
+    p.add_argument("--out", help="output directory (default runs/lr-find-<model>-<time>)")
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .. import api
+    from ..train.lr_find import lr_find, save_lr_find
+
+    ns = vars(args)
+    cfg = api.make_config(config_file=ns.get("config"), recipe=ns.get("recipe"), overrides=flat_overrides(args))
+    res = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+    stem = f"lr-find-{cfg.model.name.replace('/', '_').replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) if getattr(args, "out", None) else Path(cfg.run.output) / stem
+    js, png = save_lr_find(res, out)
+    output.print_lr_find(res, js, png)
+    return 0
+
+
+VERBS = {"train": (add_train, cmd_train), "lr-find": (add_lr_find, cmd_lr_find)}

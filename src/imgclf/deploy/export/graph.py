@@ -1,0 +1,86 @@
+"""The exported graph: ``ServingModel`` (preprocessing and calibration in the graph), its example input, its
+input layouts and outputs, and the metadata every format carries."""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ...artifact import Artifact, package_versions
+from ...config import ExportConfig
+from ...errors import ImgclfError
+from ...models.inference import forward_both
+from ...train.tasks import task_from_json
+
+PIXELS = typing.get_args(typing.get_type_hints(ExportConfig)["pixels"])  # ("nhwc", "nchw", "none")
+#: every exported graph's outputs, in order
+OUTPUTS = ("logits", "probs", "features")
+
+
+class ServingModel(nn.Module):
+    """The run's model with preprocessing (optional) and calibration in the graph.
+
+    ``pixels``: ``"nhwc"`` / ``"nchw"`` take uint8 pixels (0-255) at the model's input size; ``"none"``
+    takes float NCHW already normalised (the artifact's mean/std). Returns ``(logits, probs, features)``:
+    the calibrated probabilities and the pooled embedding the classifier sees (timm's
+    ``forward_head(pre_logits=True)``), which feature-based OOD scores and drift monitoring use.
+    """
+
+    def __init__(self, model: nn.Module, art: Artifact, pixels: str = "nhwc", temperature: float | None = None):
+        super().__init__()
+        if pixels not in PIXELS:
+            raise ImgclfError(f"--pixels must be one of {', '.join(PIXELS)} (got {pixels!r})")
+        self.model, self.pixels = model.eval(), pixels
+        if temperature is None:
+            temperature = art.temperature
+        self.normalize = art.preprocessing.normalize()  # the eval transform's own arithmetic
+        self.register_buffer("inv_t", torch.tensor(1.0 / temperature))
+        self.task = task_from_json(art.task)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.pixels != "none":
+            if self.pixels == "nhwc":
+                x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+            x = self.normalize(x)
+        logits, feats = forward_both(self.model, x, logits=True, features=True)  # (N, K), (N, D)
+        return logits, self.task.probs(logits * self.inv_t), feats  # the task's activation, calibrated
+
+
+def example_input(art: Artifact, pixels: str, batch: int = 2) -> torch.Tensor:
+    c, h, w = art.preprocessing.input_size
+    if pixels == "none":
+        return torch.randn(batch, c, h, w)
+    shape = (batch, h, w, c) if pixels == "nhwc" else (batch, c, h, w)
+    return torch.randint(0, 256, shape, dtype=torch.uint8)
+
+
+def to_input(pixels_nchw: torch.Tensor, pixels: str, art: Artifact) -> np.ndarray:
+    """The exported graph's input for uint8 NCHW pixels."""
+    if pixels == "nhwc":
+        return pixels_nchw.permute(0, 2, 3, 1).contiguous().numpy()
+    if pixels == "nchw":
+        return pixels_nchw.numpy()
+    return art.preprocessing.normalize()(pixels_nchw).numpy()
+
+
+def metadata(art: Artifact, pixels: str, run_dir: Path) -> dict[str, str]:
+    """String metadata every format carries (ONNX metadata_props, OpenVINO rt_info, Triton config)."""
+    ood = art.ood or {}
+    return {
+        "imgclf.arch": art.arch,
+        "imgclf.labels": json.dumps(art.class_names),
+        "imgclf.preprocessing": json.dumps(art.preprocessing.to_json()),
+        "imgclf.pixels": pixels,
+        "imgclf.temperature": json.dumps(art.temperature),
+        "imgclf.ood": json.dumps(
+            {"ood_score": ood.get("ood_score"), "tpr": ood.get("tpr"), "thresholds": ood.get("thresholds", {})}
+        ),  # fmt: skip
+        "imgclf.run": run_dir.name,
+        "imgclf.version": package_versions().get("imgclf", ""),
+    }

@@ -1,0 +1,94 @@
+"""OpenVINO IR: converted from the fp32 ONNX graph, the metadata in its rt_info; int8 by NNCF."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import ImgclfError
+from .verification import _Job
+
+#: openvino-int8: training images (not the calibration ones) on which NNCF keeps top-1 agreement with fp32
+HELD_N = 1000
+#: ... within this many points (stricter than the user's tolerance, which is judged on other images)
+HELD_MAX_DISAGREEMENT = 0.5
+
+
+def _export_openvino(onnx_path: Path, out_xml: Path, meta: dict[str, str]) -> Path:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ImgclfError("OpenVINO export needs the openvino package: pip install 'imgclf[deploy]'") from None
+    return _save_openvino(ov.convert_model(str(onnx_path)), out_xml, meta)
+
+
+def _save_openvino(model: Any, out_xml: Path, meta: dict[str, str]) -> Path:
+    """Write an ``ov.Model`` with the imgclf metadata in its rt_info; .xml and .bin replace the old ones together."""
+    import openvino as ov
+
+    for k, v in meta.items():
+        model.set_rt_info(v, ["imgclf", k.removeprefix("imgclf.")])
+    with tempfile.TemporaryDirectory(dir=out_xml.parent, prefix=".ov-") as tmp:
+        staged = Path(tmp) / out_xml.name  # OpenVINO wants a .xml name and writes the .bin next to it
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        staged.with_suffix(".bin").replace(out_xml.with_suffix(".bin"))
+        staged.replace(out_xml)
+    return out_xml
+
+
+def _ov_runner(xml: Path | Any, precision: str | None = "f32"):
+    """``x -> logits`` of an OpenVINO model (a path or an ``ov.Model``); ``precision`` None: the device's choice."""
+    import openvino as ov
+
+    cfg = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+    compiled = ov.Core().compile_model(str(xml) if isinstance(xml, Path) else xml, "CPU", cfg)
+    out = compiled.output("logits")
+    return lambda x: compiled(x)[out]
+
+
+def _openvino(job: _Job) -> dict[str, Any]:
+    xml = _export_openvino(job.onnx_path, job.path, job.meta)
+    return {"path": str(xml), "verify": job.verify(_ov_runner(xml))}
+
+
+def _quantize_openvino(
+    fp32_onnx: Path, out_xml: Path, meta: dict[str, str], calib: list[np.ndarray], held: list[np.ndarray],
+    tolerance: float,
+) -> Path:  # fmt: skip
+    """int8 OpenVINO IR by NNCF post-training quantization with accuracy control.
+
+    Calibrated on ``calib``; NNCF then keeps reverting the layers that hurt most to floating point until
+    top-1 agreement with the fp32 model on ``held`` (other training images, no labels needed) is within
+    ``tolerance`` points. The verification images are not used, so their figures stay honest.
+    """
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        raise ImgclfError("openvino-int8 needs nncf and openvino: pip install 'imgclf[deploy]'") from None
+    model = ov.convert_model(str(fp32_onnx))
+    ref_fn = _ov_runner(model)
+    held_ref = [(x, ref_fn(x).argmax(1)) for x in held]
+
+    def agreement(compiled, data) -> float:
+        out = compiled.output("logits")
+        hits = sum(int((compiled(x)[out].argmax(1) == r).sum()) for x, r in data)
+        return hits / max(sum(len(r) for _, r in data), 1)
+
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.ERROR)  # NNCF reports every reverted layer at INFO
+    try:
+        q = nncf.quantize_with_accuracy_control(
+            model, nncf.Dataset(calib), nncf.Dataset(held_ref), validation_fn=agreement,
+            max_drop=max(0.0, min(tolerance, HELD_MAX_DISAGREEMENT)) / 100,
+            drop_type=nncf.DropType.ABSOLUTE, preset=nncf.QuantizationPreset.MIXED,
+            subset_size=sum(len(x) for x in calib),
+        )  # fmt: skip
+    finally:
+        nncf_log.setLevel(level)
+    return _save_openvino(q, out_xml, meta)

@@ -1,0 +1,120 @@
+"""Images for verifying an export against PyTorch (and for int8 calibration), the comparison itself, and
+``_Job``: what every format's export needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...artifact import Artifact
+from ...data.splits import run_split
+from ...errors import ImgclfError
+from .graph import ServingModel, to_input
+
+
+def verification_batches(art: Artifact, data: str | None, n: int, batch: int = 32, split: str = "val"):
+    """Up to ``n`` images as (uint8 NCHW pixels at the input size, labels) batches.
+
+    From ``data`` (any source; the pixels are the resized and centre-cropped images, the artifact's eval
+    transform without normalisation, so PyTorch and the exported graph see exactly the same numbers), or,
+    without data, ``generated_batches``: the run's training data is never needed.
+    """
+    from ...data.sources import open_source
+
+    if not data:
+        return generated_batches(art, n, batch)
+    samples = open_source(data, split, art.preprocessing.decoder()).remap_to(art.class_names)
+    return pixel_batches(samples, art, n, batch, seed=0)
+
+
+def generated_batches(art: Artifact, n: int, batch: int = 32, seed: int = 0):
+    """``n`` generated pictures (unlabelled: label -1) as (uint8 NCHW pixels, labels) batches: smooth random
+    colour fields (a 4 x 4 grid upsampled, plus noise), which give the model varied, confident answers,
+    unlike white noise, so a top-1 agreement on them means something."""
+    c, h, w = art.preprocessing.input_size
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        grid = torch.rand(b, c, 4, 4, generator=g) * 255
+        x = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+        x = (x + torch.randn(b, c, h, w, generator=g) * 12).clamp(0, 255).round().to(torch.uint8)
+        out.append((x, torch.full((b,), -1, dtype=torch.long)))
+    return out
+
+
+def _calibration_batches(run_dir: Path, art: Artifact, data: str | None, n: int, seed: int = 1):
+    """Training images (not the verification ones) for int8 calibration."""
+    from ...data.sources import open_source
+
+    if data:
+        samples = open_source(data, "train", art.preprocessing.decoder())
+    else:
+        samples = run_split(art, "train", "--calib-data")
+    return pixel_batches(samples, art, n, seed=seed)
+
+
+def pixel_batches(samples, art: Artifact, n: int, batch: int = 32, seed: int = 0):
+    """Up to ``n`` random images of ``samples`` as (uint8 NCHW pixels at the input size, labels) batches."""
+    to_pixels = art.preprocessing.chw_pixels()
+    idx = np.random.default_rng(seed).permutation(len(samples))[:n]
+    xs, ys = [], []
+    for i in idx:
+        try:
+            img = samples.load(int(i))
+        except Exception:  # noqa: BLE001 - an unreadable file is just not used
+            continue
+        xs.append(to_pixels(img))
+        ys.append(int(samples.labels[i]))
+    if not xs:
+        raise ImgclfError(f"{samples.name}: no readable images for the export")
+    for s in range(0, len(xs), batch):
+        yield torch.stack(xs[s : s + batch]), torch.tensor(ys[s : s + batch])
+
+
+def verify(run_fn, serving: ServingModel, batches, art: Artifact, pixels: str) -> dict[str, Any]:
+    """Compare ``run_fn(input) -> logits`` with PyTorch on the verification batches."""
+    diffs, agree, n, known_n, correct_ref, correct = [], 0, 0, 0, 0, 0
+    for px, y in batches:
+        x = to_input(px, pixels, art)
+        with torch.no_grad():
+            ref = serving(torch.from_numpy(x))[0].float()
+        got = torch.from_numpy(np.asarray(run_fn(x), dtype=np.float32))
+        diffs.append(float((got - ref).abs().max()))
+        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        known = y >= 0
+        correct_ref += int((ref.argmax(1) == y)[known].sum())
+        correct += int((got.argmax(1) == y)[known].sum())
+        n, known_n = n + len(y), known_n + int(known.sum())
+    k = max(known_n, 1)
+    return {
+        "images": n,
+        "max_abs_logit_diff": max(diffs),
+        "top1_agreement": agree / n,
+        "labelled": known_n,
+        "top1_torch": correct_ref / k,
+        "top1_exported": correct / k,
+        "top1_drop_points": round(100 * (correct_ref - correct) / k, 3),
+    }
+
+
+@dataclass
+class _Job:
+    """What every format's export needs."""
+
+    run_dir: Path
+    art: Artifact
+    serving: ServingModel
+    meta: dict[str, str]
+    batches: list  # verification (uint8 NCHW pixels, labels)
+    pixels: str
+    out_dir: Path
+    onnx_path: Path  # the fp32 ONNX graph (model.onnx, or a staged hidden file for the other formats)
+    path: Path  # the file this format leaves in out_dir (FILES[fmt])
+
+    def verify(self, run_fn) -> dict[str, Any]:
+        return verify(run_fn, self.serving, self.batches, self.art, self.pixels)
