@@ -437,7 +437,7 @@ class ExportConfig:
     verify_n: int = opt(500, "verification images")
     calib_data: str | None = opt(None, "int8 calibration images (default: the run's training split)")
     calib_n: int = opt(256, "int8 calibration images")
-    int8_tolerance: float = opt(1.0, "max top-1 points an int8 model may lose")
+    int8_tolerance: float = opt(1.0, "max top-1 points an int8 model may lose (negative: it must gain)")
     force: bool = opt(False, "keep an int8 model beyond the tolerance (with a warning)")
     triton_max_batch: int = opt(64, "Triton dynamic batching: largest batch")
     triton_delay_us: int = opt(2000, "Triton dynamic batching: max queue delay in microseconds")
@@ -446,7 +446,6 @@ class ExportConfig:
         for key in ("verify_n", "calib_n", "triton_max_batch"):
             _check(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
         _check(self.opset is None or self.opset >= 7, "opset", "must be >= 7", self.opset)
-        _check(self.int8_tolerance >= 0, "int8_tolerance", "must be >= 0", self.int8_tolerance)
         _check(self.triton_delay_us >= 0, "triton_delay_us", "must be >= 0", self.triton_delay_us)
 
 

@@ -32,6 +32,7 @@ from ..dist import Dist, amp_dtype, barrier
 from ..errors import ImgclfError
 from ..io import save_safetensors
 from ..models.factory import create_model
+from ..models.guards import guard_channels_last
 from ..models.inference import infer
 from ..rundir import BEST_WEIGHTS, LAST_CKPT
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -103,6 +104,8 @@ def build_loop(cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int
     """EMA, scaler, MixUp and the first phase's task, optimizer and schedule around ``model``."""
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(dist.device, memory_format=fmt)
+    if fmt == torch.channels_last:
+        guard_channels_last(model, dist.device)
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema else None
     dtype = amp_dtype(cfg.train.amp, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
