@@ -20,7 +20,7 @@ import timm
 from demo_seeds import machine
 
 from imgclf.artifact import Artifact, save_artifact
-from imgclf.data.transforms import resolve_preprocessing
+from imgclf.data.preprocess import Preprocess
 from imgclf.deploy.bench import bench_run
 from imgclf.deploy.runtime import available_runtimes
 from imgclf.io import write_json
@@ -40,7 +40,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in a.archs:
             model = timm.create_model(arch, pretrained=False, num_classes=1000).eval()
-            art = Artifact(arch, [f"class_{i}" for i in range(1000)], resolve_preprocessing(model))
+            art = Artifact(arch, [f"class_{i}" for i in range(1000)], Preprocess.from_model(model))
             run = save_artifact(Path(tmp) / arch, model, art)
             res = bench_run(run, a.runtimes, tuple(a.batch_sizes), warmup=3, repeats=a.repeats)
             out["models"][arch] = res

@@ -223,7 +223,7 @@ def _load_classifier(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
     wpath = run_dir / WEIGHTS_FILE
     if not wpath.is_file():
         raise ImgclfError(f"{run_dir}: weights file {WEIGHTS_FILE} is missing")
-    model = build_model(art.arch, art.num_classes)
+    model = build_model(art.arch, art.num_classes, art.preprocessing.input_size[1:])
     try:
         state = load_file(str(wpath), device=str(device))
         model.load_state_dict(state, strict=True)

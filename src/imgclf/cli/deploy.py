@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import sys
 
 from ..config import BenchConfig, ExportConfig
 from ..errors import ImgclfError
@@ -27,7 +28,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..deploy.export import export_run
 
     cfg = config_from_args(ExportConfig, args)
-    output.print_exports([(fmt, export_run(args.run, fmt, **dataclasses.asdict(cfg))) for fmt in args.formats])
+    done, failed = [], []
+    for fmt in args.formats:  # one format failing does not stop the others
+        try:
+            done.append((fmt, export_run(args.run, fmt, **dataclasses.asdict(cfg))))
+        except ImgclfError as e:
+            if len(args.formats) == 1:
+                raise
+            print(f"imgclf: error: {e}", file=sys.stderr)
+            failed.append(fmt)
+    if done:
+        output.print_exports(done)
+    if failed:
+        raise ImgclfError(f"{len(failed)} of {len(args.formats)} formats failed: {', '.join(failed)} (see above)")
     return 0
 
 

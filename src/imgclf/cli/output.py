@@ -190,11 +190,12 @@ def print_exports(results: list[tuple[str, dict[str, Any]]]) -> None:
     for fmt, r in results:
         v = r["verify"]
         labelled = v.get("labelled", v["images"]) > 0  # generated pictures have no labels: no top-1 to show
-        rows.append([fmt, r["path"], f"{v['max_abs_logit_diff']:.2e}", f"{100 * v['top1_agreement']:.2f} %",
+        rows.append([fmt, r["path"], f"{v.get('max_rel_logit_diff', float('nan')):.1e}",
+                     f"{v['max_abs_logit_diff']:.2e}", f"{100 * v['top1_agreement']:.2f} %",
                      f"{100 * v['top1_exported']:.2f} %" if labelled else "-",
                      f"{v['top1_drop_points']:+.2f}" if labelled else "-", v["images"]])  # fmt: skip
-    print(format_table(rows, ["format", "path", "max |logit diff|", "top-1 agreement", "top-1", "drop (points)",
-                              "images"]))  # fmt: skip
+    print(format_table(rows, ["format", "path", "rel. logit diff", "max |logit diff|", "top-1 agreement", "top-1",
+                              "drop (points)", "images"]))  # fmt: skip
 
 
 def print_bench(res: dict[str, Any]) -> None:

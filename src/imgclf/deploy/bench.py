@@ -21,6 +21,37 @@ from ..errors import ImgclfError
 from .runtime import available_runtimes, load_predictor
 
 
+def _bench_runtime(art, rt: str, batch_sizes, warmup: int, repeats: int, hwc, rng, ref: dict, rows: list, bar) -> None:
+    """Append one row per batch size for runtime ``rt`` (rows measured before a failure are kept)."""
+    t_load = time.perf_counter()
+    pred = load_predictor(art, rt)
+    load_s = time.perf_counter() - t_load
+    for b in batch_sizes:
+        px = rng.integers(0, 256, (b, *hwc), dtype=np.uint8) if b not in ref else ref[b][0]
+        for _ in range(warmup):
+            pred(px)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _, probs, _ = pred(px)
+            times.append(time.perf_counter() - t0)
+        top1 = probs.argmax(1)
+        if b not in ref:
+            ref[b] = (px, top1)
+        med = statistics.median(times)
+        rows.append({
+            "runtime": rt,
+            "batch": b,
+            "img_per_s": round(b / med, 1),
+            "latency_ms_median": round(1000 * med, 2),
+            "latency_ms_p90": round(1000 * float(np.percentile(times, 90)), 2),
+            "top1_agreement_with_first": float((top1 == ref[b][1]).mean()),
+            "load_seconds": round(load_s, 2),
+            "file": pred.path,
+        })  # fmt: skip
+        bar.update()
+
+
 def bench_run(
     run_dir: str | Path,
     runtimes: list[str] | None = None,
@@ -40,38 +71,13 @@ def bench_run(
     rows, ref, skipped = [], {}, {}
     bar = tqdm(total=len(runtimes) * len(batch_sizes), desc="bench", disable=not progress, leave=False)
     for rt in runtimes:
-        t_load = time.perf_counter()
+        done = len(rows)
         try:
-            pred = load_predictor(art, rt)
-        except ImgclfError as e:  # e.g. an int8 export refused for its accuracy drop: say so, bench the rest
-            skipped[rt] = str(e)
-            bar.update(len(batch_sizes))
-            continue
-        load_s = time.perf_counter() - t_load
-        for b in batch_sizes:
-            px = rng.integers(0, 256, (b, h, w, c), dtype=np.uint8) if b not in ref else ref[b][0]
-            for _ in range(warmup):
-                pred(px)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                _, probs, _ = pred(px)
-                times.append(time.perf_counter() - t0)
-            top1 = probs.argmax(1)
-            if b not in ref:
-                ref[b] = (px, top1)
-            med = statistics.median(times)
-            rows.append({
-                "runtime": rt,
-                "batch": b,
-                "img_per_s": round(b / med, 1),
-                "latency_ms_median": round(1000 * med, 2),
-                "latency_ms_p90": round(1000 * float(np.percentile(times, 90)), 2),
-                "top1_agreement_with_first": float((top1 == ref[b][1]).mean()),
-                "load_seconds": round(load_s, 2),
-                "file": pred.path,
-            })  # fmt: skip
-            bar.update()
+            _bench_runtime(art, rt, batch_sizes, warmup, repeats, (h, w, c), rng, ref, rows, bar)
+        except Exception as e:  # noqa: BLE001 - a runtime that cannot load or run this model: say so, bench the rest
+            # (e.g. an int8 export refused for its accuracy drop, an exporter that cannot translate the model)
+            skipped[rt] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            bar.update(len(batch_sizes) - (len(rows) - done))
     bar.close()
     base = {r["batch"]: r["img_per_s"] for r in rows if r["runtime"] == runtimes[0]}
     for r in rows:

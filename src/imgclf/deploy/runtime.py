@@ -31,6 +31,7 @@ import torch
 
 from ..artifact import Artifact, as_artifact, content_key, kind_of, load_artifact, require, run_path
 from ..errors import ImgclfError
+from ..models.inference import reparameterized
 from ..rundir import EXPORT_FILE, RunDir
 from .export import FILES, OUTPUTS, export_run, ort_session
 
@@ -99,6 +100,7 @@ class TorchPredictor(Predictor):
         from .export import ServingModel
 
         model, self.art = load_artifact(run, device)
+        model = reparameterized(model.float(), self.art.preprocessing.input_size)
         self.name, self.path, self.device = mode, str(run_path(run)), torch.device(device)
         self.model = ServingModel(model.float(), self.art, "nhwc").to(self.device)
         self.channels_last = mode in ("torch-cl", "torch-bf16")

@@ -12,7 +12,7 @@ from ..data.images import MAX_ASPECT, PILLOW_MAX_PIXELS, DecodePolicy
 from ..data.loader import ImageDataset, SkipLog, make_loader
 from ..data.sources import Samples
 from ..dist import resolve_device
-from ..models.inference import Outputs, infer
+from ..models.inference import Outputs, infer, reparameterized
 from .tta import tta_transform
 
 log = logging.getLogger("imgclf")
@@ -52,6 +52,7 @@ def infer_run(
     (bit depth, background; within ``max_pixels``/``max_aspect``) and eval preprocessing (or its TTA views)."""
     dev = resolve_device(device)
     model, art = load_artifact(run, dev)
+    model = reparameterized(model, art.preprocessing.input_size)  # MobileOne, FastViT, ...: the fused form
     samples = open_samples(art, run_decode_policy(art, max_pixels, max_aspect))
     check_inputs(samples, progress)
     transform = tta_transform(art.preprocessing, tta) if tta else art.preprocessing.eval()

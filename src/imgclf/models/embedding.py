@@ -41,7 +41,7 @@ class Embeddings(NamedTuple):
 def backbone(cfg: EmbedConfig, infer: InferConfig | None = None) -> tuple[nn.Module, str, str, Preprocess]:
     """(headless model, weights source, timm arch, preprocessing with ``cfg``'s overrides and ``infer``'s image
     limits applied)."""
-    model, source = create_model(ModelConfig(name=cfg.model, weights=cfg.weights), num_classes=0)
+    model, source = create_model(ModelConfig(name=cfg.model, weights=cfg.weights), 0, cfg.input_size)
     pre = Preprocess.from_model(model, cfg.data_config(infer))
     return model.eval(), source, architecture_of(model, cfg.model), pre
 

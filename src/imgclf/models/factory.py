@@ -9,10 +9,12 @@ Example:
 from __future__ import annotations
 
 import difflib
+import sys
 from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
@@ -58,14 +60,47 @@ def _model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return kw
 
 
-def create_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, str]:
+def size_kwargs(name: str, input_size: int | tuple[int, int] | None) -> dict[str, Any]:
+    """``{"img_size": input_size}`` when ``name`` has a fixed input size (timm's ``fixed_input_size``: ViT,
+    DeiT, Swin, MaxViT, ...) and ``input_size`` differs from it, else ``{}``. timm then builds the model for
+    that size (patch grid, windows) and resamples pretrained position embeddings when it loads them."""
+    if input_size is None or name.startswith(HUB_PREFIX):
+        return {}
+    try:
+        cfg = timm.models.get_pretrained_cfg(name.split(".", 1)[0])
+    except Exception:  # noqa: BLE001 - no default config: nothing known to be fixed
+        return {}
+    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if cfg is None or not cfg.fixed_input_size or tuple(cfg.input_size[1:]) == hw:
+        return {}
+    return {"img_size": hw[0] if hw[0] == hw[1] else hw}
+
+
+def _check_input_size(model: nn.Module, name: str, input_size: int | tuple[int, int]) -> None:
+    """One forward pass at ``input_size``: a fixed-size model that cannot take it is a one-line error now,
+    not a traceback in the first training step (and not a run folder holding only ``config.yaml``)."""
+    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, model.pretrained_cfg.get("input_size", (3,))[0], h, w))
+    except Exception as e:  # noqa: BLE001 - timm raises assertion, runtime and value errors here
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ImgclfError(f"model '{name}' cannot take {h}x{w} inputs ({first}); "
+                          "pick another --input-size or leave it unset") from None  # fmt: skip
+    finally:
+        model.train(was)
+
+
+def create_model(cfg: ModelConfig, num_classes: int, input_size: int | None = None) -> tuple[nn.Module, str]:
     """The architecture with a ``num_classes`` head and pretrained weights; returns (model, source description).
 
     With pretrained weights the new head starts at zero, so the first updates cannot wreck the
     pretrained features with large random logits (timm's default head init gives an initial loss of
-    5.5 instead of ln 10 = 2.3 on EfficientNet-Lite0).
+    5.5 instead of ln 10 = 2.3 on EfficientNet-Lite0). ``input_size`` (square, pixels) builds fixed-size
+    models (ViTs, Swin, ...) for that size (``size_kwargs``); ImgclfError when the model cannot take it.
     """
-    model, source, new_head = _create(cfg, num_classes)
+    model, source, new_head = _create(cfg, num_classes, size_kwargs(cfg.name, input_size))
     if new_head and source != "random init":
         zero_head(model)
     return model, source
@@ -81,17 +116,21 @@ def zero_head(model: nn.Module) -> None:
             nn.init.zeros_(layers[-1].bias)
 
 
-def _create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, str, bool]:
-    """(model, source description, whether the head is new)."""
+def _create(cfg: ModelConfig, num_classes: int, sized: dict[str, Any]) -> tuple[nn.Module, str, bool]:
+    """(model, source description, whether the head is new); ``sized``: ``size_kwargs``."""
     check_model_name(cfg.name)
     source = resolve_weights(cfg)
-    kw = _model_kwargs(cfg)
+    kw = {**_model_kwargs(cfg), **sized}
     if source == "hub":
         model = _from_hub(cfg.name, num_classes, kw)
+        if sized:
+            _check_input_size(model, cfg.name, sized["img_size"])
         return model, f"hub:{cfg.name}", model.pretrained_cfg.get("num_classes") != num_classes
     if cfg.name.startswith(HUB_PREFIX):
         raise ImgclfError(f"model '{cfg.name}' comes from the hub: use --weights hub (or auto)")
-    model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **kw)
+    model = _build(cfg.name, num_classes, kw)
+    if sized:
+        _check_input_size(model, cfg.name, sized["img_size"])
     if source == "none":
         return model, "random init", True
     if source == "packaged":
@@ -102,13 +141,30 @@ def _create(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, str, bool]:
             raise ImgclfError(
                 f"no packaged weights for '{cfg.name}' (packaged: {', '.join(PACKAGED)}); use --weights hub|none|FILE"
             )
-        head = load_into(model, read_state_dict(path), f"packaged:{path.name}")
+        head = load_into(model, _resized(model, read_state_dict(path), sized), f"packaged:{path.name}")
         return model, f"packaged:{path.name}", not head
     path = Path(source).expanduser()
     if path.suffix not in _FILE_SUFFIXES and not path.exists():
         raise ImgclfError(f"model.weights: '{source}' is not auto, packaged, hub, none or an existing weights file")
-    head = load_into(model, read_state_dict(path), str(path))
+    head = load_into(model, _resized(model, read_state_dict(path), sized), str(path))
     return model, f"file:{path}", not head
+
+
+def _build(name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+    except TypeError as e:
+        if "img_size" not in kw or "img_size" not in str(e):
+            raise
+        raise ImgclfError(f"model '{name}' has a fixed input size and cannot be built for input size "
+                          f"{kw['img_size']}; leave --input-size unset") from None  # fmt: skip
+
+
+def _resized(model: nn.Module, state: dict[str, Any], sized: dict[str, Any]) -> dict[str, Any]:
+    """Weights for a fixed-size model built at another size: the model family's own timm
+    ``checkpoint_filter_fn`` resamples position embeddings (and adapts what else the family needs)."""
+    filt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None) if sized else None
+    return filt(state, model) if filt is not None else state
 
 
 def _from_hub(name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
@@ -128,10 +184,11 @@ def architecture_of(model: nn.Module, name: str) -> str:
     return arch if isinstance(arch, str) and timm.is_model(arch) else name
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """The bare architecture for loading a saved artifact (no pretrained download)."""
+def build_model(arch: str, num_classes: int, input_size: int | tuple[int, int] | None = None) -> nn.Module:
+    """The bare architecture for loading a saved artifact (no pretrained download), built for the run's
+    ``input_size`` when the architecture has a fixed one (``size_kwargs``)."""
     check_model_name(arch)
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    return _build(arch, num_classes, size_kwargs(arch, input_size))
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:

@@ -8,6 +8,7 @@ It sits below ``train`` (which validates with it) and ``eval`` (which loads runs
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -18,6 +19,8 @@ from tqdm.auto import tqdm
 from ..data.loader import SkipLog
 from ..dist import autocast
 from ..errors import ImgclfError
+
+log = logging.getLogger("imgclf")
 
 MERGES = ("mean_logits", "mean_probs")
 
@@ -130,3 +133,41 @@ def extract_features(
     out = infer(model, loader, device, skips=skips, amp_dtype=amp_dtype, channels_last=channels_last, logits=False,
                 features=True, progress=progress, desc=desc)  # fmt: skip
     return Features(out.features, out.labels, out.indices)
+
+
+#: methods by which timm modules turn their training form into the inference form
+_FUSE_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
+#: a fused model must give the unfused logits within this relative error
+REPARAM_RTOL = 1e-4
+
+
+def reparameterized(model: nn.Module, input_size: tuple[int, int, int]) -> nn.Module:
+    """The inference form of a structurally reparameterizable model (MobileOne, FastViT, RepViT, RepGhost,
+    RepVGG, ...: parallel conv/BN branches folded into one conv; ``timm.utils.reparameterize_model`` on a
+    copy), checked against the unfused model on two random images of ``input_size`` (C, H, W): the largest
+    logit difference must stay within ``REPARAM_RTOL`` of the largest logit. ``model`` itself (in eval mode)
+    when nothing fuses, or with a warning when the check fails.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("mobileone_s0", num_classes=3)
+        >>> type(reparameterized(m, (3, 64, 64)).stem.reparam_conv).__name__
+        'Conv2d'
+    """
+    model = model.eval()
+    if not any(hasattr(m, name) for m in model.modules() for name in _FUSE_METHODS):
+        return model
+    from timm.utils import reparameterize_model
+
+    fused = reparameterize_model(model).eval()  # a deep copy: the caller's model stays trainable
+    p = next(model.parameters())
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+    with torch.no_grad():
+        ref, got = model(x).float(), fused(x).float()
+    rel = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    if not rel <= REPARAM_RTOL:
+        log.warning("%s: the reparameterized model differs from the trained one (relative %.1e > %.0e); "
+                    "using the unfused model", type(model).__name__, rel, REPARAM_RTOL)  # fmt: skip
+        return model
+    log.info("%s: reparameterized for inference (relative logit difference %.1e)", type(model).__name__, rel)
+    return fused

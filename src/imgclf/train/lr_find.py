@@ -60,7 +60,7 @@ def lr_find(
     dist, splits = run.dist, run.splits
     from ..models.factory import create_model
 
-    model, _ = create_model(model_config(cfg), len(splits.class_names))
+    model, _ = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size)
     tl = train_loader(splits.train, Preprocess.from_model(model, cfg.data), cfg, dist)
     loop = build_loop(cfg, dist, model, updates_per_epoch=len(tl), num_classes=len(splits.class_names))
     set_train_mode(loop)

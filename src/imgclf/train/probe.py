@@ -269,7 +269,7 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
     dist, run_dir, resume, splits = run.dist, run.run_dir, run.resume, run.splits
     k = len(splits.class_names)
     SingleLabelTask.from_config(cfg.train).check(k)
-    model, wsrc = create_model(cfg.model, k)
+    model, wsrc = create_model(cfg.model, k, cfg.data.input_size)
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
         raise ImgclfError(f"the cached probe needs a Linear classifier; {cfg.model.name} has {type(head).__name__}")

@@ -146,7 +146,7 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     t_start = time.perf_counter()
     run = prepare_run(cfg, resume)
     dist, run_dir, resume, splits = run.dist, run.run_dir, run.resume, run.splits
-    model, wsrc = create_model(model_config(cfg), len(splits.class_names))
+    model, wsrc = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size)
     pre = Preprocess.from_model(model, cfg.data)
     tl, vl = train_loader(splits.train, pre, cfg, dist), eval_loader(splits.val, pre, cfg, dist.device.type == "cuda")
     loop = build_loop(cfg, dist, model, math.ceil(len(tl) / cfg.optim.accum_steps), len(splits.class_names))

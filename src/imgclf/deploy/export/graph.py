@@ -3,8 +3,11 @@ input layouts and outputs, and the metadata every format carries."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +87,31 @@ def metadata(art: Artifact, pixels: str, run_dir: Path) -> dict[str, str]:
         "imgclf.run": run_dir.name,
         "imgclf.version": package_versions().get("imgclf", ""),
     }
+
+
+@contextlib.contextmanager
+def unfused_attention(model: nn.Module) -> Iterator[int]:
+    """Inside: every timm module with fused attention (``fused_attn``: ``F.scaled_dot_product_attention``) uses
+    its explicit ``softmax(q k^T * scale) v`` path instead (timm's ``set_fused_attn(False)`` only reaches models
+    built after it). Yields how many modules were switched; restores them on exit."""
+    switched = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+    for m in switched:
+        m.fused_attn = False
+    try:
+        yield len(switched)
+    finally:
+        for m in switched:
+            m.fused_attn = True
+
+
+def export_failure(arch: str, fmt: str, e: BaseException) -> str:
+    """One line for an exporter's failure: the architecture, the format and the operation it could not
+    translate (an ``aten`` op when the message names one, else the message's last meaningful line)."""
+    text = str(e)
+    ops = re.findall(r"(?:torch\.ops\.)?aten[.:]{1,2}[A-Za-z_0-9]+(?:\.[A-Za-z_0-9]+)?", text)
+    if ops:
+        what = f"unsupported operation {ops[0]}"
+    else:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "http" not in ln and "tlparse" not in ln]
+        what = (lines[-1] if lines else type(e).__name__)[:160]
+    return f"{arch} cannot be exported to {fmt}: {what}"

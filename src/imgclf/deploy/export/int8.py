@@ -18,16 +18,24 @@ log = logging.getLogger("imgclf")
 
 def _int8(job: _Job, fmt: str, calib_data: str | None, calib_n: int, tolerance: float, force: bool) -> dict[str, Any]:
     run_dir, art, pixels = job.run_dir, job.art, job.pixels
-    calib = [to_input(px, pixels, art) for px, _ in _calibration_batches(run_dir, art, calib_data, calib_n)]
+    held_n = HELD_N if fmt == "openvino-int8" else 0
+    calib_b, held_b = _calibration_batches(run_dir, art, calib_data, calib_n, held_n)
+    calib = [to_input(px, pixels, art) for px, _ in calib_b]
+    held = [to_input(px, pixels, art) for px, _ in held_b]
     if fmt == "onnx-int8":
         q = _quantize_onnx(job.onnx_path, job.path, [{"input": x} for x in calib])
         check = job.verify(_ort_logits(q))
     else:
-        held = [to_input(px, pixels, art) for px, _ in _calibration_batches(run_dir, art, calib_data, HELD_N, seed=2)]
+        if not held:  # every training image went into calibration: NNCF's check can only use those
+            log.warning("openvino-int8: no training images left beyond the %d for calibration; the accuracy-"
+                        "controlled quantization checks on the calibration images", calib_n)  # fmt: skip
+            held = calib
         q = _quantize_openvino(job.onnx_path, job.path, job.meta, calib, held, tolerance)
         check = job.verify(_ov_runner(q, None))
     accepted = _int8_gate(fmt, q, check, tolerance, force)
-    return {"path": str(q), "verify": check, "calibration_images": sum(len(x) for x in calib), "accepted": accepted}
+    return {"path": str(q), "verify": check, "calibration_images": sum(len(x) for x in calib),
+            "held_out_images": sum(len(x) for x in held) if fmt == "openvino-int8" else 0,
+            "accepted": accepted}  # fmt: skip
 
 
 def _int8_gate(fmt: str, path: Path, check: dict[str, Any], tolerance: float, force: bool) -> bool:

@@ -3,6 +3,7 @@ quantization (QDQ) with onnxruntime."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,20 +11,42 @@ import numpy as np
 import torch
 
 from ...artifact import Artifact
+from ...errors import ImgclfError
 from ...io import atomic_path
-from .graph import OUTPUTS, ServingModel, example_input
+from .graph import OUTPUTS, ServingModel, example_input, export_failure, unfused_attention
 from .verification import _Job
+
+log = logging.getLogger("imgclf")
+
+
+def _export_program(serving: ServingModel, x: torch.Tensor, opset: int | None):
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return torch.onnx.export(serving, (x,), None, dynamo=True, input_names=["input"], output_names=list(OUTPUTS),
+                             dynamic_shapes={"x": {0: batch}}, opset_version=opset, optimize=True,
+                             verbose=False)  # fmt: skip
 
 
 def _export_onnx(serving: ServingModel, art: Artifact, pixels: str, out: Path, meta: dict[str, str], opset: int | None):
+    """The fp32 ONNX graph of ``serving`` (dynamo exporter, dynamic batch). Attention that the exporter cannot
+    translate (timm's fused ``scaled_dot_product_attention`` on 5-D tensors, views it cannot decompose: Hiera,
+    MaxViT, NesT, Twins) is exported again with timm's explicit attention, which computes the same; a model
+    that still fails is one ``ImgclfError`` naming the architecture and the operation."""
     import onnx
 
     x = example_input(art, pixels)
-    batch = torch.export.Dim("batch", min=1, max=4096)
     with atomic_path(out) as tmp:
-        prog = torch.onnx.export(serving, (x,), None, dynamo=True, input_names=["input"],
-                                 output_names=list(OUTPUTS), dynamic_shapes={"x": {0: batch}},
-                                 opset_version=opset, optimize=True, verbose=False)  # fmt: skip
+        try:
+            prog = _export_program(serving, x, opset)
+        except Exception as first:  # noqa: BLE001 - the exporter raises many types; the retry decides
+            with unfused_attention(serving) as n:
+                if not n:
+                    raise ImgclfError(export_failure(art.arch, "onnx", first)) from None
+                log.info("%s: ONNX export with fused attention failed; exporting with explicit attention (%d "
+                         "modules)", art.arch, n)  # fmt: skip
+                try:
+                    prog = _export_program(serving, x, opset)
+                except Exception as e:  # noqa: BLE001
+                    raise ImgclfError(export_failure(art.arch, "onnx", e)) from None
         model = prog.model_proto
         for k, v in meta.items():
             model.metadata_props.add(key=k, value=v)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ImgclfError
+from .graph import export_failure
 from .verification import _Job
 
 #: openvino-int8: training images (not the calibration ones) on which NNCF keeps top-1 agreement with fp32
@@ -18,12 +19,16 @@ HELD_N = 1000
 HELD_MAX_DISAGREEMENT = 0.5
 
 
-def _export_openvino(onnx_path: Path, out_xml: Path, meta: dict[str, str]) -> Path:
+def _export_openvino(onnx_path: Path, out_xml: Path, meta: dict[str, str], arch: str = "model") -> Path:
     try:
         import openvino as ov
     except ImportError:
         raise ImgclfError("OpenVINO export needs the openvino package: pip install 'imgclf[deploy]'") from None
-    return _save_openvino(ov.convert_model(str(onnx_path)), out_xml, meta)
+    try:
+        converted = ov.convert_model(str(onnx_path))
+    except Exception as e:  # noqa: BLE001 - OpenVINO's conversion errors have their own types
+        raise ImgclfError(export_failure(arch, "openvino", e)) from None
+    return _save_openvino(converted, out_xml, meta)
 
 
 def _save_openvino(model: Any, out_xml: Path, meta: dict[str, str]) -> Path:
@@ -51,7 +56,7 @@ def _ov_runner(xml: Path | Any, precision: str | None = "f32"):
 
 
 def _openvino(job: _Job) -> dict[str, Any]:
-    xml = _export_openvino(job.onnx_path, job.path, job.meta)
+    xml = _export_openvino(job.onnx_path, job.path, job.meta, job.art.arch)
     return {"path": str(xml), "verify": job.verify(_ov_runner(xml))}
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from ...artifact import Artifact
+from ...errors import ImgclfError
 from ...io import atomic_path
-from .graph import ServingModel, example_input
+from .graph import ServingModel, example_input, export_failure
 from .verification import _Job
 
 
@@ -21,7 +22,10 @@ def _export_torchscript(serving: ServingModel, art: Artifact, pixels: str, out: 
         # TorchScript is deprecated upstream in favour of torch.export; it is still what many C++ and
         # mobile deployments load, so it stays as an option (ONNX / OpenVINO are the default paths)
         warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(serving, (x,), check_trace=False)
+        try:
+            traced = torch.jit.trace(serving, (x,), check_trace=False)
+        except Exception as e:  # noqa: BLE001 - tracing raises many types
+            raise ImgclfError(export_failure(art.arch, "torchscript", e)) from None
         with atomic_path(out) as tmp:
             torch.jit.save(traced, str(tmp), _extra_files={k: v.encode() for k, v in meta.items()})
     return out

@@ -47,21 +47,28 @@ def generated_batches(art: Artifact, n: int, batch: int = 32, seed: int = 0):
     return out
 
 
-def _calibration_batches(run_dir: Path, art: Artifact, data: str | None, n: int, seed: int = 1):
-    """Training images (not the verification ones) for int8 calibration."""
+def _calibration_batches(run_dir: Path, art: Artifact, data: str | None, n: int, held_n: int = 0, seed: int = 1):
+    """Training images (not the verification ones) for int8 calibration: ``(calibration batches, held-out
+    batches)``, ``n`` and up to ``held_n`` images from one seeded permutation, so the two never share an
+    image (the held-out ones judge the quantized model on images it was not calibrated on)."""
     from ...data.sources import open_source
 
     if data:
         samples = open_source(data, "train", art.preprocessing.decoder())
     else:
         samples = run_split(art, "train", "--calib-data")
-    return pixel_batches(samples, art, n, seed=seed)
+    idx = np.random.default_rng(seed).permutation(len(samples))
+    calib = list(pixel_batches(samples, art, n, idx=idx[:n]))
+    rest = idx[n : n + held_n]
+    return calib, (list(pixel_batches(samples, art, held_n, idx=rest)) if len(rest) else [])
 
 
-def pixel_batches(samples, art: Artifact, n: int, batch: int = 32, seed: int = 0):
-    """Up to ``n`` random images of ``samples`` as (uint8 NCHW pixels at the input size, labels) batches."""
+def pixel_batches(samples, art: Artifact, n: int, batch: int = 32, seed: int = 0, idx: np.ndarray | None = None):
+    """Up to ``n`` random images of ``samples`` (or exactly the indices ``idx``) as (uint8 NCHW pixels at the
+    input size, labels) batches."""
     to_pixels = art.preprocessing.chw_pixels()
-    idx = np.random.default_rng(seed).permutation(len(samples))[:n]
+    if idx is None:
+        idx = np.random.default_rng(seed).permutation(len(samples))[:n]
     xs, ys = [], []
     for i in idx:
         try:
@@ -76,15 +83,27 @@ def pixel_batches(samples, art: Artifact, n: int, batch: int = 32, seed: int = 0
         yield torch.stack(xs[s : s + batch]), torch.tensor(ys[s : s + batch])
 
 
+#: an fp32 export agrees with PyTorch when its logits are this close relative to their scale ...
+PARITY_REL_TOL = 1e-3
+#: ... and this share of images get the same top-1 class
+PARITY_MIN_AGREEMENT = 0.999
+
+
 def verify(run_fn, serving: ServingModel, batches, art: Artifact, pixels: str) -> dict[str, Any]:
-    """Compare ``run_fn(input) -> logits`` with PyTorch on the verification batches."""
-    diffs, agree, n, known_n, correct_ref, correct = [], 0, 0, 0, 0, 0
+    """Compare ``run_fn(input) -> logits`` with PyTorch on the verification batches.
+
+    ``max_rel_logit_diff`` is the largest ``max_k |exported - torch| / max_k |torch|`` over images: a
+    relative error, so it neither cries wolf on models whose logits are ~1e10 (MobileOne with random weights)
+    nor misses differences on models whose logits are ~1e-3; ``max_abs_logit_diff`` is kept for reference."""
+    diffs, rels, agree, n, known_n, correct_ref, correct = [], [], 0, 0, 0, 0, 0
     for px, y in batches:
         x = to_input(px, pixels, art)
         with torch.no_grad():
             ref = serving(torch.from_numpy(x))[0].float()
         got = torch.from_numpy(np.asarray(run_fn(x), dtype=np.float32))
-        diffs.append(float((got - ref).abs().max()))
+        err = (got - ref).abs().amax(1)  # (B,)
+        diffs.append(float(err.max()))
+        rels.append(float((err / ref.abs().amax(1).clamp_min(1e-12)).max()))
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
         known = y >= 0
         correct_ref += int((ref.argmax(1) == y)[known].sum())
@@ -94,12 +113,19 @@ def verify(run_fn, serving: ServingModel, batches, art: Artifact, pixels: str) -
     return {
         "images": n,
         "max_abs_logit_diff": max(diffs),
+        "max_rel_logit_diff": max(rels),
         "top1_agreement": agree / n,
         "labelled": known_n,
         "top1_torch": correct_ref / k,
         "top1_exported": correct / k,
         "top1_drop_points": round(100 * (correct_ref - correct) / k, 3),
     }
+
+
+def parity_ok(v: dict[str, Any]) -> bool:
+    """An fp32 export's verification (``verify``) within ``PARITY_REL_TOL`` and ``PARITY_MIN_AGREEMENT``."""
+    rel = v.get("max_rel_logit_diff", 0.0)
+    return v["top1_agreement"] >= PARITY_MIN_AGREEMENT and rel <= PARITY_REL_TOL
 
 
 @dataclass
