@@ -27,6 +27,9 @@ def test_a_fixed_size_vit_trains_and_predicts_at_another_input_size(tmp_path, ti
     tiny = ["--model", "test_vit", *TINY[2:]]  # TINY: test_efficientnet at 32 px
     r = run_cli("train", "--data", tiny_folder, "--epochs", "1", "--output", tmp_path, "--name", "vit", *tiny)
     assert r.code == 0, r.err[-800:]
+    from imgclf.artifact import read_artifact
+
+    assert read_artifact(tmp_path / "vit").model_kwargs == {"img_size": 32}  # how to rebuild it on load
     img = next((tiny_folder / "class_0").iterdir())
     p = run_cli("predict", tmp_path / "vit", img, "--runtime", "torch", "--format", "json", "--no-progress")
     assert p.code == 0, p.err[-500:]
@@ -45,6 +48,16 @@ def test_size_kwargs_only_for_fixed_size_models_at_another_size():
     assert size_kwargs("test_vit", 160) == {} and size_kwargs("test_vit", None) == {}
     assert size_kwargs("test_resnet", 32) == {}  # convolutional: any size
     assert size_kwargs("test_vit", (32, 48)) == {"img_size": (32, 48)}
+
+
+@pytest.mark.unit
+def test_runs_load_with_the_build_arguments_they_were_trained_with():
+    """``Artifact.model_kwargs`` (JSON lists back to tuples); runs saved before it existed have none and build
+    as they were trained (e.g. EfficientViT trained at 160 px on the default build)."""
+    from imgclf.models.factory import build_model
+
+    assert build_model("test_vit", 3).patch_embed.img_size == (160, 160)
+    assert build_model("test_vit", 3, {"img_size": [32, 48]}).patch_embed.img_size == (32, 48)
 
 
 def _tiny_hiera() -> nn.Module:
@@ -188,3 +201,8 @@ def test_bench_keeps_the_rows_of_runtimes_that_worked(tiny_run, monkeypatch):
     assert [(r["runtime"], r["batch"]) for r in res["results"]] == [("torch", 1), ("torch", 2), ("torch-cl", 1),
                                                                     ("torch-cl", 2)]  # fmt: skip
     assert res["skipped"] == {"onnx": "onnxruntime could not load the model"}
+    assert [r["top1_agreement_with_first"] for r in res["results"]] == [1.0, 1.0, 1.0, 1.0]
+    # the first runtime failing: nothing to compare with, not a silent comparison with the second
+    res = bench.bench_run(tiny_run, ["onnx", "torch"], (1,), warmup=0, repeats=1, progress=False)
+    assert [(r["runtime"], r["top1_agreement_with_first"], r["speedup"]) for r in res["results"]] == [
+        ("torch", None, None)]  # fmt: skip

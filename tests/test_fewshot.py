@@ -308,6 +308,12 @@ def test_embedding_honours_the_image_limits_and_the_decode_policy(support_folder
         embed(support_folder, num_workers=0)
 
 
-def test_adding_to_an_index_keeps_its_backbone_and_preprocessing(knn_run, support_folder):
-    with pytest.raises(ImgclfError, match="input_size cannot change when adding images"):
+def test_adding_to_an_index_keeps_its_backbone_and_preprocessing(knn_run, support_folder, tmp_path):
+    with pytest.raises(ImgclfError, match=r"input_size \(32\) cannot change when adding images"):
         add_to_index(knn_run, support_folder, input_size=64, workers=0, progress=False)
+    with pytest.raises(ImgclfError, match=r"model \('test_efficientnet'\) cannot change"):
+        add_to_index(knn_run, support_folder, model="resnet18", workers=0, progress=False)
+    copy = shutil.copytree(knn_run, tmp_path / "copy")
+    add_to_index(copy, support_folder, **TINY)  # the index's own settings, given again: fine
+    with pytest.raises(TypeError, match="cfg must be an EmbedConfig.*model=..."):
+        embed(support_folder, "test_efficientnet")  # the old positional model name

@@ -50,6 +50,7 @@ def test_only_the_affected_convolutions_are_guarded_and_only_on_cpu():
     assert [affected_by_onednn_cl_bug(m) for m in net] == [True, True, False, False, False]
     assert guard_channels_last(net, torch.device("meta")) == []
     assert guard_channels_last(net, torch.device("cpu")) == ["0", "1"]
+    assert net[0].weight.stride() == (3, 1, 1, 1)  # plain at once: before an EMA copy or DDP sees the layout
     assert guard_channels_last(net, torch.device("cpu")) == []  # once per layer
     out = net(torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last))
     assert out.shape == (2, 4, 2, 2)

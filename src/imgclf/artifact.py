@@ -60,6 +60,7 @@ class Artifact:
     ood: dict[str, Any] | None = None
     drift: dict[str, Any] | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm build arguments (img_size of fixed-size models)
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     run_dir: Path | None = field(default=None, repr=False, compare=False)  # where it was read from; not stored
@@ -81,7 +82,7 @@ class Artifact:
         d.pop("run_dir")
         extra = d.pop("extra")
         d["preprocessing"] = self.preprocessing.to_json()
-        for section in ("task", "calibration", "ood", "drift", "data"):
+        for section in ("task", "calibration", "ood", "drift", "data", "model_kwargs"):
             if not d[section]:
                 d.pop(section)  # absent rather than empty: files of runs without the section stay as they were
         return {**d, **extra}
@@ -192,11 +193,11 @@ def read_artifact(run_dir: str | Path) -> Artifact:
     doc["class_names"] = [unicodedata.normalize("NFC", c) for c in doc["class_names"]]  # as every source reads them
     known = {k: doc.pop(k) for k in list(doc) if k in Artifact.__dataclass_fields__ and k not in ("extra", "run_dir")}
     for section, typ in (("kind", str), ("task", dict), ("calibration", dict), ("ood", dict), ("drift", dict),
-                         ("data", dict)):  # fmt: skip
+                         ("data", dict), ("model_kwargs", dict)):  # fmt: skip
         if known.get(section) is not None and not isinstance(known[section], typ):
             raise ImgclfError(f"{meta_path}: field {section} should be a {typ.__name__}, "
                               f"got {type(known[section]).__name__}")  # fmt: skip
-    for section in ("kind", "calibration", "data"):
+    for section in ("kind", "calibration", "data", "model_kwargs"):
         if known.get(section, 0) is None:
             known.pop(section)  # null in the file: the default
     known["preprocessing"] = Preprocess.from_json(known["preprocessing"], f"{meta_path}: preprocessing")
@@ -223,7 +224,7 @@ def _load_classifier(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
     wpath = run_dir / WEIGHTS_FILE
     if not wpath.is_file():
         raise ImgclfError(f"{run_dir}: weights file {WEIGHTS_FILE} is missing")
-    model = build_model(art.arch, art.num_classes, art.preprocessing.input_size[1:])
+    model = build_model(art.arch, art.num_classes, art.model_kwargs)
     try:
         state = load_file(str(wpath), device=str(device))
         model.load_state_dict(state, strict=True)

@@ -15,7 +15,7 @@ from .eval.calibration import calibration_metrics
 from .eval.drift import reference_stats
 from .eval.predictions import save_predictions
 from .eval.trust import fit_trust
-from .models.factory import architecture_of
+from .models.factory import architecture_of, size_kwargs
 from .models.inference import Outputs, infer
 from .rundir import VAL_PREDICTIONS
 from .train.metrics import compute_metrics
@@ -76,6 +76,7 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
         calibration={k: v for k, v in cal.items() if k != "reliability"},
         ood=trust.to_json() if cfg.trust.ood else None,
         drift=_drift_reference(trust, val_o, f.splits.val.name),
+        model_kwargs=size_kwargs(cfg.model.name, cfg.data.input_size),  # what create_model built it with
     )
     if f.dist.is_main:
         save_artifact(f.run_dir, f.model, art)

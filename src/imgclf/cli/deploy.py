@@ -32,10 +32,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     for fmt in args.formats:  # one format failing does not stop the others
         try:
             done.append((fmt, export_run(args.run, fmt, **dataclasses.asdict(cfg))))
-        except ImgclfError as e:
+        except Exception as e:  # noqa: BLE001 - a runtime or quantizer failing on one format: report, go on
             if len(args.formats) == 1:
                 raise
-            print(f"imgclf: error: {e}", file=sys.stderr)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            print(f"imgclf: error: {first if isinstance(e, ImgclfError) else f'{fmt} export failed: {first}'}",
+                  file=sys.stderr)  # fmt: skip
             failed.append(fmt)
     if done:
         output.print_exports(done)

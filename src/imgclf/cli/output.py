@@ -202,7 +202,7 @@ def print_bench(res: dict[str, Any]) -> None:
     """``deploy.bench.bench_run``: throughput and latency per runtime and batch size, then what was skipped."""
     rows = [[r["runtime"], str(r["batch"]), f"{r['img_per_s']:.1f}", f"{r['latency_ms_median']:.2f}",
              f"{r['latency_ms_p90']:.2f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-",
-             f"{100 * r['top1_agreement_with_first']:.1f} %"] for r in res["results"]]  # fmt: skip
+             pct(r["top1_agreement_with_first"])] for r in res["results"]]  # fmt: skip
     print(format_table(rows, ["runtime", "batch", "img/s", "latency ms (median)", "p90 ms", "vs first",
                               "top-1 = first"]))  # fmt: skip
     for rt, why in res["skipped"].items():

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..artifact import package_versions
-from ..config import EmbedConfig, InferConfig, split_fields
+from ..config import EmbedConfig, InferConfig
 from ..errors import ImgclfError
-from ..models.embedding import embed
+from ..models.embedding import embed, embed_configs
 from ..models.knn import (
     DEFAULT_K,
     DEFAULT_TEMPERATURE,
@@ -184,7 +184,7 @@ def few_shot_report(
     for m in modes:
         check_params(k, m, temperature, where="few_shot_report")
     t0 = time.perf_counter()
-    cfg, infer = split_fields(fields, cfg or EmbedConfig(), infer or InferConfig())
+    cfg, infer = embed_configs(cfg, infer, fields)
     emb = embed(data_spec, cfg, infer)
     seed = cfg.seed
     t1 = time.perf_counter()

@@ -90,6 +90,20 @@ def embed_source(data: str | Path, cfg: EmbedConfig, infer: InferConfig) -> tupl
     return Embeddings(feats, labels, names, pre, arch, source, skipped), model
 
 
+def embed_configs(
+    cfg: EmbedConfig | None, infer: InferConfig | None, fields: dict[str, Any]
+) -> tuple[EmbedConfig, InferConfig]:
+    """The two configs of the few-shot functions with ``fields`` applied by name (``config.split_fields``).
+
+    Raises:
+        TypeError: ``cfg`` / ``infer`` of another type (an old-style positional model name, ``embed(d,
+            "resnet18")``: pass ``model="resnet18"``), or a keyword that is no field of either config."""
+    for value, cls, name in ((cfg, EmbedConfig, "cfg"), (infer, InferConfig, "infer")):
+        if value is not None and not isinstance(value, cls):
+            raise TypeError(f"{name} must be an {cls.__name__}, got {value!r}; give fields by name, e.g. model=...")
+    return tuple(split_fields(fields, cfg or EmbedConfig(), infer or InferConfig()))  # type: ignore[return-value]
+
+
 def embed(
     data: str | Path, cfg: EmbedConfig | None = None, infer: InferConfig | None = None, **fields: Any
 ) -> Embeddings:
@@ -116,5 +130,5 @@ def embed(
         >>> e.features.shape  # doctest: +SKIP
         torch.Size([200, 1280])
     """
-    cfg, infer = split_fields(fields, cfg or EmbedConfig(), infer or InferConfig())
+    cfg, infer = embed_configs(cfg, infer, fields)
     return embed_source(data, cfg, infer)[0]

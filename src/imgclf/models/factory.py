@@ -172,6 +172,11 @@ def _from_hub(name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, **kw)
     except Exception as e:  # noqa: BLE001 - network, auth and missing-tag failures all end the same way
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if "img_size" in kw and ("size mismatch" in str(e) or "shape" in str(e)):
+            raise ImgclfError(
+                f"the pretrained weights of '{name}' cannot be adapted to input size {kw['img_size']} ({msg}); "
+                "leave --input-size unset, or train from --weights none"
+            ) from None
         raise ImgclfError(
             f"could not get pretrained weights for '{name}' from the hub ({msg}); "
             "check the network, or use --weights none|packaged|FILE"
@@ -184,11 +189,13 @@ def architecture_of(model: nn.Module, name: str) -> str:
     return arch if isinstance(arch, str) and timm.is_model(arch) else name
 
 
-def build_model(arch: str, num_classes: int, input_size: int | tuple[int, int] | None = None) -> nn.Module:
-    """The bare architecture for loading a saved artifact (no pretrained download), built for the run's
-    ``input_size`` when the architecture has a fixed one (``size_kwargs``)."""
+def build_model(arch: str, num_classes: int, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """The bare architecture for loading a saved artifact (no pretrained download), with the timm build
+    arguments the run was made with (``Artifact.model_kwargs``: ``size_kwargs`` at training time; runs saved
+    before imgclf recorded them have none and build as they were trained)."""
     check_model_name(arch)
-    return _build(arch, num_classes, size_kwargs(arch, input_size))
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in (model_kwargs or {}).items()}  # JSON lists
+    return _build(arch, num_classes, kw)
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:

@@ -66,6 +66,10 @@ def guard_channels_last(model: nn.Module, device: torch.device) -> list[str]:
     names = []
     for name, m in model.named_modules():
         if affected_by_onednn_cl_bug(m) and not getattr(m, "_imgclf_cl_guard", False):
+            # the weight now, before EMA copies and DDP buckets see its layout; the hook keeps it so after
+            # later ``.to(memory_format=...)`` calls and makes the input plain
+            if not _plain_strides(m.weight):
+                m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
             m.register_forward_pre_hook(_contiguous)
             m._imgclf_cl_guard = True
             names.append(name)

@@ -8,7 +8,9 @@ It sits below ``train`` (which validates with it) and ``eval`` (which loads runs
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -135,6 +137,22 @@ def extract_features(
     return Features(out.features, out.labels, out.indices)
 
 
+@contextlib.contextmanager
+def _full_precision(device: torch.device) -> Iterator[None]:
+    """No TF32 convolutions / matmuls on CUDA (PyTorch allows TF32 convolutions by default: ~1e-3 relative
+    error on Ampere and newer, which would fail a 1e-4 comparison between two exact-equivalent models)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 #: methods by which timm modules turn their training form into the inference form
 _FUSE_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
 #: a fused model must give the unfused logits within this relative error
@@ -162,7 +180,7 @@ def reparameterized(model: nn.Module, input_size: tuple[int, int, int]) -> nn.Mo
     fused = reparameterize_model(model).eval()  # a deep copy: the caller's model stays trainable
     p = next(model.parameters())
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), _full_precision(p.device):
         ref, got = model(x).float(), fused(x).float()
     rel = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
     if not rel <= REPARAM_RTOL:

@@ -271,7 +271,7 @@ def load_knn(wpath: Path, mpath: Path, art: Any, device: str | torch.device = "c
             stored_names = json.loads((f.metadata() or {}).get("class_names", "null"))
         state = load_file(str(wpath))
         emb, labels = state.pop(EMB_KEY), state.pop(LABEL_KEY)
-        backbone = build_model(art.arch, 0, art.preprocessing.input_size[1:])
+        backbone = build_model(art.arch, 0, art.model_kwargs)
         backbone.load_state_dict(state, strict=True)
     except ImgclfError:
         raise

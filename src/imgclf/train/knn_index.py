@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from ..artifact import Artifact, load_artifact, save_artifact
-from ..config import EmbedConfig, InferConfig, split_fields
+from ..config import EmbedConfig, InferConfig
 from ..dist import resolve_device
 from ..errors import ImgclfError
-from ..models.embedding import embed_samples, embed_source, open_labelled, present_classes
+from ..models.embedding import embed_configs, embed_samples, embed_source, open_labelled, present_classes
+from ..models.factory import size_kwargs
 from ..models.knn import (
     DEFAULT_K,
     DEFAULT_TEMPERATURE,
@@ -116,7 +118,7 @@ def build_index(
         >>> clf(images).argmax(1)                                                      # doctest: +SKIP
     """
     check_params(k, mode, temperature)
-    cfg, infer = split_fields(fields, cfg or EmbedConfig(), infer or InferConfig())
+    cfg, infer = embed_configs(cfg, infer, fields)
     emb, model = embed_source(support, cfg, infer)
     clf = KNNClassifier(model, emb.features, emb.labels, len(emb.class_names), k=k, mode=mode, temperature=temperature)
     clf = clf.to(next(model.parameters()).device).eval()
@@ -133,6 +135,7 @@ def build_index(
         metrics={"support_loo_top1": support_loo_accuracy(clf)},
         weights_source=emb.weights_source,
         kind=KIND,
+        model_kwargs=size_kwargs(cfg.model, cfg.input_size),  # what create_model built the backbone with
         extra={KIND: _index_info(clf, emb.class_names, [source])},
     )
     return clf, art
@@ -206,13 +209,18 @@ def add_to_index(
         >>> art.class_names[-1]  # doctest: +SKIP
         'zebra'
     """
-    cfg, infer = split_fields(fields, cfg or EmbedConfig(), infer or InferConfig())
-    fixed = [f for f in FIXED_FIELDS if getattr(cfg, f) != getattr(EmbedConfig, f)]
-    if fixed:
-        raise ImgclfError(f"{run_dir}: an index keeps its own backbone and preprocessing; "
-                          f"{', '.join(fixed)} cannot change when adding images")  # fmt: skip
+    cfg, infer = embed_configs(cfg, infer, fields)
     dev = resolve_device(infer.device)
     clf, art = load_index(run_dir, dev)
+    saved = {"model": art.config.get("model", {}).get("name"), "weights": art.config.get("model", {}).get("weights"),
+             **{f: art.config.get("data", {}).get(f) for f in FIXED_FIELDS[2:]}}  # fmt: skip
+    # a field left at its default is "not given"; one given must be the index's own (JSON turns tuples to lists)
+    fixed = [f for f in FIXED_FIELDS if getattr(cfg, f) != getattr(EmbedConfig, f)
+             and json.dumps(getattr(cfg, f)) != json.dumps(saved[f])]  # fmt: skip
+    if fixed:
+        kept = ", ".join(f"{f} ({saved[f]!r})" for f in fixed)
+        raise ImgclfError(f"{run_dir}: an index keeps its own backbone and preprocessing; {kept} cannot change "
+                          "when adding images")  # fmt: skip
     samples = open_labelled(more_support, cfg, art.preprocessing, infer)
     feats, labels, skipped = embed_samples(clf.backbone, samples, art.preprocessing, infer)
     if len(labels) == 0:
