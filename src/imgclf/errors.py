@@ -8,3 +8,9 @@ class ImgclfError(Exception):
 
     The CLI prints it as one line and exits with code 2; library callers catch it like any exception.
     """
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of ``e``'s message (its type's name when empty), cut to ``limit`` characters: how a
+    library's multi-line exception becomes part of a one-line ``ImgclfError``."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

@@ -9,7 +9,7 @@ import importlib.util
 import sys
 
 from ..config import BenchConfig, ExportConfig
-from ..errors import ImgclfError
+from ..errors import ImgclfError, first_line
 from . import output
 from .flags import config_flags, config_from_args, runtime_flag
 
@@ -35,7 +35,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - a runtime or quantizer failing on one format: report, go on
             if len(args.formats) == 1:
                 raise
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            first = first_line(e, 300)
             print(f"imgclf: error: {first if isinstance(e, ImgclfError) else f'{fmt} export failed: {first}'}",
                   file=sys.stderr)  # fmt: skip
             failed.append(fmt)

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..artifact import package_versions, read_artifact
-from ..errors import ImgclfError
+from ..errors import ImgclfError, first_line
 from .runtime import available_runtimes, load_predictor
 
 
@@ -80,7 +80,7 @@ def bench_run(
                            bar)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a runtime that cannot load or run this model: say so, bench the rest
             # (e.g. an int8 export refused for its accuracy drop, an exporter that cannot translate the model)
-            skipped[rt] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            skipped[rt] = first_line(e, 300)
             bar.update(len(batch_sizes) - (len(rows) - done))
     bar.close()
     base = {r["batch"]: r["img_per_s"] for r in rows if r["runtime"] == runtimes[0]}

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..errors import ImgclfError
+from ..errors import ImgclfError, first_line
 from . import smallcnn  # noqa: F401 - registers the simplecnn_* architectures with timm
 from .weights import PACKAGED, PACKAGED_PIP, load_into, packaged_weights_file, read_state_dict
 
@@ -85,7 +85,7 @@ def _check_input_size(model: nn.Module, name: str, input_size: int | tuple[int, 
         with torch.no_grad():
             model.eval()(torch.zeros(1, model.pretrained_cfg.get("input_size", (3,))[0], h, w))
     except Exception as e:  # noqa: BLE001 - timm raises assertion, runtime and value errors here
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        first = first_line(e, 160)
         raise ImgclfError(f"model '{name}' cannot take {h}x{w} inputs ({first}); "
                           "pick another --input-size or leave it unset") from None  # fmt: skip
     finally:
@@ -171,7 +171,7 @@ def _from_hub(name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, **kw)
     except Exception as e:  # noqa: BLE001 - network, auth and missing-tag failures all end the same way
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        msg = first_line(e, 160)
         if "img_size" in kw and ("size mismatch" in str(e) or "shape" in str(e)):
             raise ImgclfError(
                 f"the pretrained weights of '{name}' cannot be adapted to input size {kw['img_size']} ({msg}); "

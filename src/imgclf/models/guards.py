@@ -38,7 +38,11 @@ def _plain_strides(t: torch.Tensor) -> bool:
     """``t`` has the row-major strides of its shape. ``is_contiguous()`` is not enough: a 1x1 kernel's
     channels_last weight (48, 3, 1, 1) with strides (3, 1, 3, 3) counts as contiguous, yet PyTorch's
     ``suggest_memory_format`` reads it as channels_last and picks the broken kernel."""
-    return t.stride() == torch.empty(t.shape, device="meta").stride()
+    expected, step = [], 1
+    for n in reversed(t.shape):  # row-major strides, computed here: this runs on every forward of the layer
+        expected.append(step)
+        step *= n
+    return t.stride() == tuple(reversed(expected))
 
 
 def _contiguous(module: nn.Conv2d, args: tuple) -> tuple:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import KNNConfig
-from ..errors import ImgclfError
+from ..errors import ImgclfError, first_line
 from .inference import embedding_dim
 
 KIND = "knn"  #: ``imgclf.json`` ``kind`` of a saved index
@@ -276,7 +276,7 @@ def load_knn(wpath: Path, mpath: Path, art: Any, device: str | torch.device = "c
     except ImgclfError:
         raise
     except Exception as e:  # noqa: BLE001 - corrupt file, missing index tensors, mismatched backbone
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise ImgclfError(f"{wpath}: cannot load the k-NN index into {art.arch} ({first})") from None
     if stored_names is None or [unicodedata.normalize("NFC", c) for c in stored_names] != art.class_names:
         raise ImgclfError(
