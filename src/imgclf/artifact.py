@@ -57,6 +57,7 @@ class Artifact:
     kind: str = "classifier"
     task: dict[str, Any] | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
+    decision: dict[str, Any] | None = None  # multi-label decision rule and thresholds (``train.tasks.Decision``)
     ood: dict[str, Any] | None = None
     drift: dict[str, Any] | None = None
     data: dict[str, Any] = field(default_factory=dict)
@@ -73,16 +74,22 @@ class Artifact:
         return len(self.class_names)
 
     @property
-    def temperature(self) -> float:
-        """The calibration temperature (1.0 for runs without one)."""
-        return float(self.calibration.get("temperature", 1.0))
+    def temperature(self) -> float | list[float]:
+        """The calibration temperature (1.0 for runs without one): one value, or one per class for multi-label
+        runs (whose Platt offsets are ``calibration["bias"]``)."""
+        t = self.calibration.get("temperature", 1.0)
+        return [float(x) for x in t] if isinstance(t, list) else float(t)
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.task) and self.task.get("kind") == "multi_label"
 
     def to_json(self) -> dict[str, Any]:
         d = dict(vars(self))
         d.pop("run_dir")
         extra = d.pop("extra")
         d["preprocessing"] = self.preprocessing.to_json()
-        for section in ("task", "calibration", "ood", "drift", "data", "model_kwargs"):
+        for section in ("task", "calibration", "decision", "ood", "drift", "data", "model_kwargs"):
             if not d[section]:
                 d.pop(section)  # absent rather than empty: files of runs without the section stay as they were
         return {**d, **extra}
@@ -192,8 +199,8 @@ def read_artifact(run_dir: str | Path) -> Artifact:
         raise ImgclfError(f"{meta_path}: format {doc['format_version']} is newer than this imgclf; upgrade imgclf")
     doc["class_names"] = [unicodedata.normalize("NFC", c) for c in doc["class_names"]]  # as every source reads them
     known = {k: doc.pop(k) for k in list(doc) if k in Artifact.__dataclass_fields__ and k not in ("extra", "run_dir")}
-    for section, typ in (("kind", str), ("task", dict), ("calibration", dict), ("ood", dict), ("drift", dict),
-                         ("data", dict), ("model_kwargs", dict)):  # fmt: skip
+    for section, typ in (("kind", str), ("task", dict), ("calibration", dict), ("decision", dict), ("ood", dict),
+                         ("drift", dict), ("data", dict), ("model_kwargs", dict)):  # fmt: skip
         if known.get(section) is not None and not isinstance(known[section], typ):
             raise ImgclfError(f"{meta_path}: field {section} should be a {typ.__name__}, "
                               f"got {type(known[section]).__name__}")  # fmt: skip

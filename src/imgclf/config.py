@@ -246,17 +246,33 @@ class TrainConfig:
     """The loop: epochs, loss, precision, EMA, model selection and stopping."""
 
     epochs: int = opt(10, "number of epochs")
-    loss: Literal["ce", "focal"] = opt("ce", "ce: cross-entropy | focal: focal loss (Lin et al. 2017)")
-    label_smoothing: float = opt(0.1, "label smoothing of integer targets (cross-entropy and focal)")
+    loss: Literal["auto", "ce", "focal", "bce", "asl"] = opt(
+        "auto",
+        "auto: ce (single-label) or bce (multi-label) | ce: cross-entropy | focal: focal loss (Lin et al. 2017; "
+        "sigmoid focal for multi-label) | bce: binary cross-entropy | asl: asymmetric loss (Ridnik et al. 2021)",
+    )
+    label_smoothing: float | None = opt(
+        None, "label smoothing; default 0.1 for single-label, 0 for multi-label (each target moves towards 0.5)"
+    )
     focal_gamma: float = opt(2.0, "focal loss focusing parameter (0 = cross-entropy)")
-    focal_alpha: float | list[float] | None = opt(None, "focal loss weight: one for all classes or one per class")
+    focal_alpha: float | list[float] | None = opt(
+        None, "focal loss weight: one for all classes or one per class (multi-label: positive-term weight in (0, 1))"
+    )
+    pos_weight: Literal["none", "balanced", "sqrt"] = opt(
+        "none", "multi-label: weight each class's positive term by negatives / positives (balanced) or its sqrt"
+    )
+    asl_gamma_neg: float = opt(4.0, "asymmetric loss: focusing on negatives")
+    asl_gamma_pos: float = opt(0.0, "asymmetric loss: focusing on positives")
+    asl_clip: float = opt(0.05, "asymmetric loss: probability margin shifted onto negatives (0 disables)")
     amp: Literal["auto", "none", "bf16", "fp16"] = opt(
         "auto", "mixed precision: auto = bf16/fp16 on CUDA, none on CPU (fp32 channels_last is faster here)"
     )
     ema: bool = opt(True, "keep an exponential moving average of the weights (timm ModelEmaV3)")
     ema_decay: float = opt(0.998, "EMA decay (with warmup, so early epochs are not dominated by init)")
-    metric: Literal["top1", "top5", "macro_f1", "balanced_accuracy", "loss"] = opt(
-        "top1", "validation metric that picks the best checkpoint"
+    metric: Literal["auto", "top1", "top5", "macro_f1", "balanced_accuracy", "loss", "map", "micro_f1"] = opt(
+        "auto",
+        "validation metric that picks the best checkpoint; auto: top1 (single-label) or map (multi-label: mean "
+        "average precision); macro_f1 / micro_f1 of multi-label runs at threshold 0.5",
     )
     patience: int | None = opt(None, "stop after this many epochs without improvement; None disables")
     seed: int = opt(0, "random seed for split, init, shuffling and augmentation")
@@ -264,7 +280,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
-        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", self.label_smoothing)
+        s = self.label_smoothing
+        _check(s is None or 0 <= s < 1, "train.label_smoothing", "must be in [0, 1)", s)
+        _check(self.asl_gamma_neg >= 0 and self.asl_gamma_pos >= 0, "train.asl_gamma_neg/asl_gamma_pos",
+               "must be >= 0", (self.asl_gamma_neg, self.asl_gamma_pos))  # fmt: skip
+        _check(0 <= self.asl_clip < 1, "train.asl_clip", "must be in [0, 1)", self.asl_clip)
         _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0", self.focal_gamma)
         alpha = (
             self.focal_alpha
@@ -283,6 +303,19 @@ class TrustConfig:
     """What runs after training: calibration, out-of-distribution statistics and the HTML report."""
 
     calibrate: bool = opt(True, "fit a temperature on the validation split (minimum NLL); eval/predict apply it")
+    calibration_method: Literal["auto", "temperature", "platt"] = opt(
+        "auto",
+        "multi-label: a temperature per class, or Platt scaling per class (auto: platt); single-label "
+        "runs fit one temperature",
+    )
+    threshold: Literal["f1", "precision", "recall", "fixed", "top_k"] = opt(
+        "f1",
+        "multi-label decision rule: per-class thresholds tuned on validation for the best F1 (f1) or to reach "
+        "threshold_target precision / recall, one fixed threshold (threshold_value), or the top_k labels",
+    )
+    threshold_target: float = opt(0.9, "precision or recall each class's tuned threshold must reach")
+    threshold_value: float = opt(0.5, "the threshold of every class for threshold fixed")
+    threshold_top_k: int = opt(1, "labels per image for threshold top_k")
     ood: bool = opt(True, "fit OOD statistics (Mahalanobis, k-NN) on training features and thresholds on val")
     ood_score: Literal["msp", "max_logit", "energy", "mahalanobis", "knn"] = opt(
         "energy", "the score predict uses to answer 'unknown'"
@@ -298,6 +331,9 @@ class TrustConfig:
         _check(self.ood_max_train >= 10, "trust.ood_max_train", "must be >= 10", self.ood_max_train)
         _check(self.knn_k >= 1, "trust.knn_k", "must be >= 1", self.knn_k)
         _check(self.top_losses >= 0, "trust.top_losses", "must be >= 0", self.top_losses)
+        _check(0 < self.threshold_target <= 1, "trust.threshold_target", "must be in (0, 1]", self.threshold_target)
+        _check(0 < self.threshold_value < 1, "trust.threshold_value", "must be in (0, 1)", self.threshold_value)
+        _check(self.threshold_top_k >= 1, "trust.threshold_top_k", "must be >= 1", self.threshold_top_k)
 
 
 @dataclass

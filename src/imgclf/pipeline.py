@@ -11,16 +11,13 @@ from typing import Any
 from .artifact import Artifact, save_artifact
 from .config import Config, config_to_dict
 from .data.sources import Samples, stratified_split
-from .eval.calibration import calibration_metrics
 from .eval.drift import reference_stats
 from .eval.predictions import save_predictions
-from .eval.trust import fit_trust
+from .eval.trust import alternative_k, calibration_report, fit_trust, task_metrics
 from .models.factory import architecture_of, size_kwargs
 from .models.inference import Outputs, infer
 from .rundir import VAL_PREDICTIONS
-from .train.metrics import compute_metrics
 from .train.probe import fit_probe
-from .train.tasks import SingleLabelTask
 from .train.trainer import Fitted, eval_loader, fit
 
 
@@ -45,14 +42,14 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
     val_o = _outputs(f, f.splits.val, "val", True)  # features: OOD thresholds and the drift reference
     test_o = _outputs(f, f.splits.test, "test", need_feats) if f.splits.test is not None else None
     train_o = _outputs(f, _stats_subset(f.splits.train, cfg), "train features", True) if need_feats else None
-    names = f.splits.class_names
+    names, task = f.splits.class_names, f.task
     trust, cal = fit_trust(val_o.logits, val_o.labels, val_o.features, train_o and train_o.features,
-                           train_o and train_o.labels, len(names), cfg.trust)  # fmt: skip
-    val_m = compute_metrics(val_o.logits, val_o.labels, names)
-    test_m = compute_metrics(test_o.logits, test_o.labels, names) if test_o is not None else None
+                           train_o and train_o.labels, len(names), cfg.trust, task, names)  # fmt: skip
+    k = alternative_k(val_o.labels) if task.multi_label else None
+    val_m = task_metrics(trust, val_o, names, k)
+    test_m = task_metrics(trust, test_o, names, k) if test_o is not None else None
     if test_o is not None:
-        cal["test"] = {"before": calibration_metrics(test_o.logits, test_o.labels),
-                       "after": calibration_metrics(test_o.logits, test_o.labels, trust.temperature)}  # fmt: skip
+        cal["test"] = calibration_report(trust, test_o.logits, test_o.labels)
     metrics: dict[str, Any] = {
         "val": val_m,
         "best_epoch": f.state.best_epoch,
@@ -71,9 +68,10 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
         config=config_to_dict(cfg),
         metrics=metrics,
         weights_source=f.weights_source,
-        task=SingleLabelTask.from_config(cfg.train).to_json(),
+        task=task.to_json(),
         data={"train": f.splits.train.name, "n_train": len(f.splits.train), "n_val": len(f.splits.val)},
-        calibration={k: v for k, v in cal.items() if k != "reliability"},
+        calibration={k: v for k, v in cal.items() if k not in ("reliability", "thresholds")},
+        decision=trust.decision.to_json() if trust.decision is not None else None,
         ood=trust.to_json() if cfg.trust.ood else None,
         drift=_drift_reference(trust, val_o, f.splits.val.name),
         model_kwargs=size_kwargs(cfg.model.name, cfg.data.input_size),  # what create_model built it with
@@ -94,7 +92,7 @@ def _drift_reference(trust, val_o: Outputs, name: str) -> dict[str, Any] | None:
     if len(val_o.logits) < 2:
         return None
     return {"data": f"{name} (validation split)",
-            **reference_stats(trust.probs(val_o.logits).numpy(), val_o.features.numpy(), trust.task)}  # fmt: skip
+            **reference_stats(trust.probs(val_o.logits).numpy(), val_o.features.numpy(), trust)}  # fmt: skip
 
 
 def _stats_subset(train: Samples, cfg: Config) -> Samples:

@@ -1,4 +1,5 @@
-"""Top-k predictions of a saved run for images, folders and CSVs, as a table, CSV or JSON."""
+"""Predictions of a saved run for images, folders and CSVs: the top-k labels of a single-label run, the label
+set of a multi-label run (its decision thresholds applied to calibrated probabilities), as a table, CSV or JSON."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Predictions:
 
     rows: list[dict[str, Any]]  # {"path": str, "top": [{"label": str, "prob": float}, ...]}
     skipped: dict[str, str] = field(default_factory=dict)
+    multi_label: bool = False  # rows also hold "labels": the decided label set (possibly empty)
 
 
 def predict_run(
@@ -47,6 +49,8 @@ def predict_run(
     answers ``unknown`` when at least half of its members with OOD thresholds do.
     ``runtime``: ``torch`` (the run's PyTorch model, any device, TTA), ``auto`` (the fastest installed
     runtime; PyTorch where only it can run the job) or a name from ``deploy.runtime.RUNTIMES``.
+    Multi-label runs add ``labels`` to every row: the decided label set (``[{"label", "prob"}]``, most probable
+    first; the empty set is a valid answer), empty when the input is ``unknown``; they cannot be ensembled yet.
     ``run_opts``: batch_size, num_workers, device, strict_images, progress, max_pixels, max_aspect (see
     ``infer_run``). Members of an ensemble may list the same classes in another order (aligned by name).
     """
@@ -54,9 +58,13 @@ def predict_run(
         raise ImgclfError(f"--top-k must be >= 1 (got {top_k})")
     runs = [run_dir, *(ensemble or [])]
     probs, flags, names, ref, first = [], [], None, None, None
+    trusts = []
     for run in runs:
         art = read_artifact(run)  # the one read of the run's imgclf.json; everything below is handed ``art``
+        if art.multi_label and len(runs) > 1:
+            raise ImgclfError(f"{run}: a multi-label run; ensembles of multi-label runs are not supported yet")
         trust = Trust.load(run, art)
+        trusts.append(trust)
         score = ood_score or trust.ood_score
         feats = score in FEATURE_SCORES and trust.stats is not None
         out, art, samples, skips = _outputs(art, inputs, runtime, feats, tta, tta_merge, run_opts)
@@ -76,19 +84,28 @@ def predict_run(
     top_p, top_i = p.topk(k, dim=-1)
     judged = [f for f in flags if f is not None]
     votes = torch.stack([f[1] for f in judged]).float().mean(0) >= 0.5 if judged else None
+    multi = trusts[0].multi_label
+    decided = trusts[0].decide(p) if multi else None  # (N, K) bool label sets
     rows = []
     for n, (i, pr, ix) in enumerate(zip(out.indices, top_p, top_i)):
         row: dict[str, Any] = {
             "path": samples.describe(int(i)),
             "top": [{"label": names[int(c)], "prob": round(float(q), 6)} for q, c in zip(pr, ix)],
         }
+        if decided is not None:
+            on = decided[n].nonzero().flatten().tolist()
+            on.sort(key=lambda c: -float(p[n, c]))
+            row["labels"] = [{"label": names[c], "prob": round(float(p[n, c]), 6)} for c in on]
         if votes is not None:
             unknown = bool(votes[n]) and reject
-            row.update(label="unknown" if unknown else row["top"][0]["label"], unknown=unknown)
+            if multi:
+                row.update(labels=[] if unknown else row["labels"], unknown=unknown)
+            else:
+                row.update(label="unknown" if unknown else row["top"][0]["label"], unknown=unknown)
             if len(judged) == 1:
                 row.update(ood_score=round(float(judged[0][0][n]), 6))
         rows.append(row)
-    return Predictions(rows, dict(skips.items))
+    return Predictions(rows, dict(skips.items), multi)
 
 
 def _outputs(art, inputs: list[str], runtime: str, feats: bool, tta: str | None, tta_merge: str, run_opts: dict):

@@ -64,8 +64,15 @@ def setup_logging(quiet: bool) -> None:
 # --------------------------------------------------------------------------- metrics
 
 
+ML_SUMMARY_KEYS = ("map", "map_micro", "micro_f1", "macro_f1", "samples_f1", "exact_match", "hamming_loss", "lrap",
+                   "precision@1", "recall@1", "precision@3", "recall@3", "loss", "n")  # fmt: skip
+
+
 def metrics_table(m: dict[str, Any], title: str = "") -> str:
-    """The summary and per-class tables of a metrics dict (``train.metrics.compute_metrics``)."""
+    """The summary and per-class tables of a metrics dict (``train.metrics.compute_metrics`` or, multi-label,
+    ``multilabel_metrics``)."""
+    if m.get("multi_label"):
+        return _multilabel_tables(m, title)
     rows = []
     for key in SUMMARY_KEYS:
         if key in m:
@@ -77,6 +84,37 @@ def metrics_table(m: dict[str, Any], title: str = "") -> str:
         pc = [[name, f"{100 * d['precision']:.2f}", f"{100 * d['recall']:.2f}", f"{100 * d['f1']:.2f}",
                str(d["support"])] for name, d in m["per_class"].items()]  # fmt: skip
         parts.append(format_table(pc, ["class", "precision %", "recall %", "f1 %", "support"]))
+    return "\n\n".join(parts)
+
+
+def _multilabel_tables(m: dict[str, Any], title: str) -> str:
+    """Summary, decision-rule comparison and per-class (support, AP, precision, recall, F1, threshold) tables."""
+    rows = []
+    for key in ML_SUMMARY_KEYS:
+        if key in m and m[key] is not None:
+            v = m[key]
+            rows.append([key, str(v) if key == "n" else (f"{v:.4f}" if key in ("loss", "hamming_loss") else pct(v))])
+    parts = [title] if title else []
+    parts.append(format_table(rows, ["metric", "value"]))
+    d = m.get("decision") or {}
+    th = d.get("thresholds", 0.5)
+    if m.get("alternatives"):
+        rule = "top-k" if d.get("rule") == "top_k" else f"thresholds ({d.get('objective', 'fixed')})"
+        alt = [[rule, pct(m["micro_f1"]), pct(m["macro_f1"]), pct(m["samples_f1"]), pct(m["exact_match"]),
+                f"{m['hamming_loss']:.4f}"]]  # fmt: skip
+        for name, a in m["alternatives"].items():
+            alt.append([name.replace("_", " "), pct(a["micro_f1"]), pct(a["macro_f1"]), pct(a["samples_f1"]),
+                        pct(a["exact_match"]), f"{a['hamming_loss']:.4f}"])  # fmt: skip
+        parts.append(format_table(alt, ["decision rule", "micro F1", "macro F1", "samples F1", "exact match",
+                                        "Hamming loss"]))  # fmt: skip
+    if "per_class" in m:
+        pc = []
+        for i, (name, c) in enumerate(m["per_class"].items()):
+            t = th[i] if isinstance(th, list) else th
+            pc.append([name, str(c["support"]), "-" if c["ap"] is None else f"{100 * c['ap']:.2f}",
+                       f"{100 * c['precision']:.2f}", f"{100 * c['recall']:.2f}", f"{100 * c['f1']:.2f}",
+                       "top-k" if d.get("rule") == "top_k" else f"{t:.3f}"])  # fmt: skip
+        parts.append(format_table(pc, ["class", "support", "AP %", "precision %", "recall %", "f1 %", "threshold"]))
     return "\n\n".join(parts)
 
 
@@ -112,7 +150,9 @@ def print_eval(m: dict[str, Any], run: str, class_names: list[str], tta: str | N
     print(metrics_table(m, f"{run} on {m['data']}" + (f" (TTA {tta})" if tta else "")))
     if "calibration" in m:  # the metrics dict's calibration entry (ECE/NLL before and after), not the artifact's
         c = m["calibration"]
-        print(f"\ncalibration (T = {c['temperature']:.3f}): ECE {pct(c['before']['ece'])} -> {pct(c['after']['ece'])}, "
+        t = c["temperature"]
+        what = f"T = {t:.3f}" if isinstance(t, float) else f"per class, T {min(t):.2f}-{max(t):.2f}"
+        print(f"\ncalibration ({what}): ECE {pct(c['before']['ece'])} -> {pct(c['after']['ece'])}, "
               f"NLL {c['before']['nll']:.4f} -> {c['after']['nll']:.4f}")  # fmt: skip
     if "ood" in m:
         o = m["ood"]
@@ -121,8 +161,9 @@ def print_eval(m: dict[str, Any], run: str, class_names: list[str], tta: str | N
                 for k, v in o["metrics"].items()]  # fmt: skip
         print(f"\nout-of-distribution: {o['data']} ({o['n']} images)")
         print(format_table(rows, ["score", "AUROC", "AUPR", "FPR@95%TPR", "in rejected", "OOD rejected"]))
-    print("\nconfusion matrix (rows: true, columns: predicted class index)")
-    print(confusion_table(m, class_names))
+    if m.get("confusion_matrix"):
+        print("\nconfusion matrix (rows: true, columns: predicted class index)")
+        print(confusion_table(m, class_names))
     print_skipped(m.get("skipped_files", {}))
 
 
@@ -143,6 +184,14 @@ def print_json(doc: dict[str, Any]) -> None:
 
 
 def print_calibrate(run: str, r: dict[str, Any]) -> None:
+    if "method" in r:  # multi-label: per-class calibration and thresholds
+        n = len(r["temperature"]) if isinstance(r["temperature"], list) else 1
+        print(f"{run}: {r['method']} scaling of {n} classes re-fitted on {r['data']} ({r['n']} images); ECE "
+              f"{pct(r['before']['ece'])} -> {pct(r['after']['ece'])}, NLL {r['before']['nll']:.4f} -> "
+              f"{r['after']['nll']:.4f}; decision thresholds re-tuned")  # fmt: skip
+        for note in (r.get("thresholds") or {}).get("notes", []):
+            print(f"  note: {note}")
+        return
     print(f"{run}: temperature {r['previous_temperature']:.3f} -> {r['temperature']:.3f} on {r['data']} "
           f"({r['n']} images); ECE {pct(r['before']['ece'])} -> {pct(r['after']['ece'])}, "
           f"NLL {r['before']['nll']:.4f} -> {r['after']['nll']:.4f}")  # fmt: skip
@@ -153,10 +202,14 @@ def print_calibrate(run: str, r: dict[str, Any]) -> None:
 
 def render_predictions(preds: Any, fmt: str) -> str:
     """``api.predict``'s ``Predictions`` as ``table`` (aligned text), ``csv`` (path,label_1,prob_1,...) or
-    ``json``; with OOD judgement, the answer (a label or ``unknown``) and the score come first."""
+    ``json``; with OOD judgement, the answer (a label or ``unknown``) and the score come first. Multi-label
+    predictions put the label set first (``labels``: names joined by ``|``, ``(none)`` in tables for the empty
+    set; ``probs``: their probabilities), then the top-k labels."""
     if fmt == "json":
         doc = {"predictions": preds.rows, "skipped": [{"path": p, "reason": r} for p, r in preds.skipped.items()]}
         return json.dumps(doc, indent=2)
+    if getattr(preds, "multi_label", False):
+        return _render_label_sets(preds, fmt)
     k = max((len(r["top"]) for r in preds.rows), default=0)
     judged = any("unknown" in r for r in preds.rows)
     if fmt == "csv":
@@ -177,6 +230,40 @@ def render_predictions(preds: Any, fmt: str) -> str:
 
         body = [[r["path"], *first(r), *[f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]]] for r in preds.rows]
         head = ["path", *(["answer", "ood score"] if judged else []), *[f"top{j}" for j in range(1, k + 1)]]
+        return format_table(body, head)
+    raise ImgclfError(f"--format must be table, csv or json (got {fmt!r})")
+
+
+def _render_label_sets(preds: Any, fmt: str) -> str:
+    k = max((len(r["top"]) for r in preds.rows), default=0)
+    judged = any("unknown" in r for r in preds.rows)
+
+    def answer(r: dict, table: bool) -> str:
+        if r.get("unknown"):
+            return "unknown"
+        names = [t["label"] for t in r["labels"]]
+        return "|".join(names) if names or not table else "(none)"
+
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        extra = ["unknown", "ood_score"] if judged else []
+        w.writerow(["path", "labels", "probs", *extra,
+                    *[h for j in range(1, k + 1) for h in (f"label_{j}", f"prob_{j}")]])  # fmt: skip
+        for r in preds.rows:
+            ex = [r.get("unknown"), r.get("ood_score", "")] if judged else []
+            probs = "|".join(f"{t['prob']:.6f}" for t in r["labels"])
+            w.writerow([r["path"], answer(r, False), probs, *ex,
+                        *[v for t in r["top"] for v in (t["label"], f"{t['prob']:.6f}")]])  # fmt: skip
+        return buf.getvalue()
+    if fmt == "table":
+        body = []
+        for r in preds.rows:
+            score = [f"{r['ood_score']:.3g}" if "ood_score" in r else ""] if judged else []
+            shown = ", ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["labels"])
+            body.append([r["path"], "unknown" if r.get("unknown") else shown or "(none)", *score,
+                         *[f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]]])  # fmt: skip
+        head = ["path", "labels", *(["ood score"] if judged else []), *[f"top{j}" for j in range(1, k + 1)]]
         return format_table(body, head)
     raise ImgclfError(f"--format must be table, csv or json (got {fmt!r})")
 

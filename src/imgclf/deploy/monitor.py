@@ -37,7 +37,7 @@ class DriftMonitor:
         task: Any = None,
     ):
         self.ref, self.window, self.min_samples, self.name = reference, window, min_samples, name
-        self.task = task  # the run's task (``train.tasks``): what a decision and its confidence are
+        self.task = task  # the run's Trust (or task): what a decision and its confidence are
         self.check_every, self.thresholds = check_every, {**THRESHOLDS, **(thresholds or {})}
         self._lock = threading.Lock()
         self._probs: np.ndarray | None = None

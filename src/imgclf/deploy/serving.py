@@ -92,7 +92,7 @@ class ServedModel:
                         "`imgclf calibrate %s` adds one", name, run_dir, run_dir)  # fmt: skip
         self.monitor = DriftMonitor(ref, opts.drift_window, opts.drift_min_samples,
                                     check_every=max(1, opts.drift_window // 10), thresholds=opts.drift_thresholds,
-                                    name=f"{name}:{version}", task=self.trust.task)  # fmt: skip
+                                    name=f"{name}:{version}", task=self.trust)  # fmt: skip
         self.batcher = Batcher(self.infer, opts.max_batch, opts.max_delay_ms, opts.max_queue)
         c, h, w = self.art.preprocessing.input_size
         self.input_hwc = (h, w, c)

@@ -86,3 +86,87 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
 
     opt.step(closure)
     return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+# --- multi-label: one sigmoid per class ---------------------------------------------------------------------------
+
+
+def fit_per_class(logits: torch.Tensor, targets: torch.Tensor, method: str = "temperature", max_iter: int = 200
+                  ) -> tuple[list[float], list[float] | None]:  # fmt: skip
+    """Per-class calibration of sigmoid outputs, minimising each class's binary cross-entropy on (N, K) ``logits``
+    against (N, K) 0/1 ``targets`` (L-BFGS; the K problems are independent, so one joint solve is K solves).
+
+    ``temperature``: ``sigmoid(z / T_k)`` (temperature scaling per class, Guo et al. 2017); ``platt``:
+    ``sigmoid(z / T_k + b_k)`` (Platt 1999 scaling, parameterised by a temperature and a bias). Returns the K
+    temperatures (clamped to [0.05, 20]) and the K biases (None for ``temperature``; clamped to [-20, 20]). A
+    class whose validation images are all positive or all negative keeps T = 1, b = 0 (nothing to fit).
+    """
+    if method not in ("temperature", "platt"):
+        raise ValueError(f"calibration method must be temperature or platt (got {method!r})")
+    z, y = logits.detach().float().clone(), targets.detach().float().clone()
+    k = z.shape[1]
+    fit = (y.sum(0) > 0) & (y.sum(0) < len(y))  # (K,) classes with both outcomes
+    log_t = torch.zeros(k, requires_grad=True)
+    bias = torch.zeros(k, requires_grad=method == "platt")
+    params = [log_t] + ([bias] if method == "platt" else [])
+    opt = torch.optim.LBFGS(params, lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z[:, fit] / log_t[fit].exp() + bias[fit], y[:, fit],
+                                                  reduction="sum") / max(len(y), 1)  # fmt: skip
+        loss.backward()
+        return loss
+
+    if fit.any():
+        opt.step(closure)
+    t = torch.where(fit, log_t.detach().exp().clamp(0.05, 20.0), torch.ones(k))
+    b = torch.where(fit, bias.detach().clamp(-20.0, 20.0), torch.zeros(k))
+    return t.tolist(), (b.tolist() if method == "platt" else None)
+
+
+def binary_ece(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE of binary probabilities ``probs`` (M,) against 0/1 ``targets`` (M,) with equal-width bins
+    (torchmetrics ``BinaryCalibrationError``)."""
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    if len(probs) == 0:
+        return float("nan")
+    return float(binary_calibration_error(probs.float(), targets.long(), n_bins=n_bins, norm="l1"))
+
+
+def multilabel_calibration_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: Any = 1.0, bias: Any = None, n_bins: int = 15
+) -> dict[str, Any]:
+    """Calibration of ``sigmoid(logits / T + b)`` (``T``, ``b``: one value or (K,)) against (N, K) 0/1 targets:
+    ``ece`` over all N x K label probabilities pooled, ``ece_classwise`` (the mean of the per-class ECEs,
+    Kull et al. 2019), ``ece_per_class`` (K,), ``nll`` (binary cross-entropy per label) and ``brier`` (mean
+    squared error per label)."""
+    t = torch.as_tensor(temperature, dtype=torch.float32)
+    z = logits.float() / t + (torch.as_tensor(bias, dtype=torch.float32) if bias is not None else 0.0)
+    p, y = z.sigmoid(), targets.float()
+    per = [binary_ece(p[:, k].contiguous(), y[:, k].contiguous(), n_bins) for k in range(p.shape[1])]
+    return {
+        "ece": binary_ece(p.flatten(), y.flatten(), n_bins),
+        "ece_classwise": float(sum(per) / max(len(per), 1)),
+        "ece_per_class": per,
+        "nll": float(F.binary_cross_entropy_with_logits(z, y)),
+        "brier": float(((p - y) ** 2).mean()),
+    }
+
+
+def multilabel_reliability(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> dict[str, list[float]]:
+    """``reliability`` of the pooled label probabilities: per bin the mean probability, the share of positives
+    (``accuracy``) and the count."""
+    p, y = probs.float().flatten(), targets.float().flatten()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    idx = torch.bucketize(p, edges[1:-1], right=True)
+    out: dict[str, list[float]] = {"lower": edges[:-1].tolist(), "upper": edges[1:].tolist(), "confidence": [],
+                                   "accuracy": [], "count": []}  # fmt: skip
+    for b in range(n_bins):
+        m = idx == b
+        n = int(m.sum())
+        out["count"].append(n)
+        out["confidence"].append(float(p[m].mean()) if n else float("nan"))
+        out["accuracy"].append(float(y[m].mean()) if n else float("nan"))
+    return out

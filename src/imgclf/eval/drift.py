@@ -4,10 +4,13 @@ The reference comes from validation data (fitted with the calibration, stored in
 ``drift``): the predicted-class distribution, the calibrated confidence distribution (bin edges at
 its deciles, plus 101 quantiles for KS), and the per-dimension mean and variance of the embedding
 the classifier sees. The run's task says what "predicted class" and "confidence" mean
-(``class_rates`` and ``confidence``: argmax and top probability for single-label). Live traffic is compared with it by
+(``class_rates`` and ``confidence``: argmax and top probability for single-label; per-label positive rates
+under the run's thresholds and the largest label probability for multi-label). Live traffic is compared with it by
 
 - PSI (population stability index) of the predicted classes and of the confidence bins:
-  ``sum((p - q) * ln(p / q))``; the usual reading is < 0.1 stable, 0.1-0.25 moderate, > 0.25 major;
+  ``sum((p - q) * ln(p / q))``; the usual reading is < 0.1 stable, 0.1-0.25 moderate, > 0.25 major; for
+  multi-label runs ``psi_class`` is the largest PSI of one label's positive rate (each label a yes/no
+  distribution), so one label that shifts is seen among many that do not;
 - KS: the largest gap between the live and reference confidence distribution functions;
 - embedding shift: the root mean square over dimensions of the standardised mean difference
   ``(mean_live - mean_ref) / std_ref`` (Cohen's d per dimension: 0.2 is a "small" effect, 0.5 "medium";
@@ -35,7 +38,8 @@ _EPS = 1e-4
 
 
 def _decisions(probs: np.ndarray, task: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(K,) class rates and (N,) confidences of ``probs`` (N, K) under ``task`` (default single-label)."""
+    """(K,) class rates and (N,) confidences of ``probs`` (N, K) under ``task`` (a ``train.tasks`` task, or the
+    run's ``eval.trust.Trust``, which adds its multi-label decision thresholds; default single-label)."""
     t = torch.from_numpy(probs)
     task = task or SingleLabelTask()
     return task.class_rates(t).numpy().astype(np.float64), task.confidence(t).numpy().astype(np.float64)
@@ -73,7 +77,11 @@ def drift_scores(
     if n == 0:
         return out
     rates, conf = _decisions(probs, task)
-    out["psi_class"] = psi(np.array(ref["class_dist"]), rates[: len(ref["class_dist"])])
+    expected, actual = np.array(ref["class_dist"]), rates[: len(ref["class_dist"])]
+    if getattr(task, "multi_label", False):
+        out["psi_class"] = max(psi(np.array([e, 1 - e]), np.array([a, 1 - a])) for e, a in zip(expected, actual))
+    else:
+        out["psi_class"] = psi(expected, actual)
     edges = np.array(ref["conf_edges"])
     out["psi_confidence"] = psi(np.array(ref["conf_hist"]), _hist(conf, edges))
     out["ks_confidence"] = ks_to_quantiles(conf, np.array(ref["conf_quantiles"]))

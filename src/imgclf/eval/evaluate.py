@@ -17,7 +17,7 @@ from .calibration import calibration_metrics, fit_temperature
 from .drift import reference_stats
 from .inference import infer_run
 from .ood import ood_report, threshold_for_tpr
-from .trust import Trust
+from .trust import Trust, calibration_report, fit_trust, task_metrics
 
 
 def _labelled(data: str, split: str):
@@ -46,16 +46,12 @@ def evaluate_run(
     out, art, samples, skips = infer_run(run_dir, _labelled(data, split), desc="eval", features=feats, tta=tta,
                                          tta_merge=tta_merge, **run_opts)  # fmt: skip
     trust = Trust.load(run_dir, art)
-    metrics = compute_metrics(out.logits, out.labels, art.class_names)
+    metrics = task_metrics(trust, out, art.class_names, _run_k(art))
     metrics["data"] = samples.name
     if tta:
         metrics["tta"] = {"mode": tta, "merge": tta_merge}
     if len(out.labels):
-        metrics["calibration"] = {
-            "temperature": trust.temperature,
-            "before": calibration_metrics(out.logits, out.labels),
-            "after": calibration_metrics(out.logits, out.labels, trust.temperature),
-        }
+        metrics["calibration"] = {"temperature": trust.temperature, **calibration_report(trust, out.logits, out.labels)}
     if ood_data is not None:
         o, _, ood_samples, ood_skips = infer_run(run_dir, lambda a, d: open_unlabelled(ood_data, ood_split, d),
                                                  desc="ood", features=True, tta=tta, tta_merge=tta_merge,
@@ -80,15 +76,25 @@ def evaluate_run(
     return metrics
 
 
+def _run_k(art: Any) -> int | None:
+    """The top-k alternative of a multi-label run: its validation label cardinality (None: single-label)."""
+    if not art.multi_label:
+        return None
+    card = (art.metrics.get("val") or {}).get("label_cardinality", {}).get("true")
+    return max(1, round(card)) if card else 1
+
+
 def evaluate_ensemble(run_dirs: list[str | Path], data: str, *, split: str = "test", **opts: Any) -> dict[str, Any]:
     """Average the calibrated probabilities of several runs (same classes) and compare with each member.
 
     Returns ``{"ensemble": metrics, "members": {run: metrics}, "gain": {...}}``; the gain is measured
-    against the best member (top-1 up, NLL down).
+    against the best member (top-1 up, NLL down). Single-label runs only (ImgclfError otherwise).
     """
     probs, labels, members = [], None, {}
     names = read_artifact(run_dirs[0]).class_names  # members align to the first run's class order, by name
     for run in run_dirs:
+        if read_artifact(run).multi_label:
+            raise ImgclfError(f"{run}: a multi-label run; ensembles of multi-label runs are not supported yet")
         out, art, _, _ = infer_run(run, lambda a, d: open_source(data, split, d).remap_to(names),
                                    desc=f"eval {Path(run).name}", **opts)  # fmt: skip
         order = class_order(art.class_names, names, run, run_dirs[0])
@@ -138,6 +144,8 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
     if len(out.labels) < 10:
         raise ImgclfError(f"{samples.name}: {len(out.labels)} readable images; calibration needs at least 10")
     before = Trust.load(run_dir, art)
+    if before.multi_label:
+        return _recalibrate_multilabel(art, before, out, samples, data)
     t = fit_temperature(out.logits, out.labels)
     after = dataclasses.replace(before, temperature=t, thresholds={})  # the run's task and OOD statistics
     report = {
@@ -149,13 +157,41 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
         "after": calibration_metrics(out.logits, out.labels, t),
     }
     art.calibration = {**art.calibration, "temperature": t, "refit": report}
+    _refit_ood_and_drift(art, after, out, samples, data)
+    update_artifact(art)
+    return report
+
+
+def _refit_ood_and_drift(art: Any, after: Trust, out: Any, samples: Any, data: str | None) -> None:
+    """OOD thresholds and the drift reference of ``art`` from held-out outputs under the re-fitted ``after``."""
     if art.ood:
         scores = after.scores(out.logits, out.features)
         art.ood = {**art.ood, "thresholds": {k: threshold_for_tpr(v, after.tpr) for k, v in scores.items()},
                    "thresholds_data": samples.name}  # fmt: skip
     art.drift = {
         "data": samples.name if data else f"{samples.name} (the run's validation split)",
-        **reference_stats(after.probs(out.logits).numpy(), out.features.numpy(), after.task),
+        **reference_stats(after.probs(out.logits).numpy(), out.features.numpy(), after),
     }
+
+
+def _recalibrate_multilabel(art: Any, before: Trust, out: Any, samples: Any, data: str | None) -> dict[str, Any]:
+    """Re-fit a multi-label run's per-class calibration and decision thresholds (by its own ``trust`` settings)."""
+    from ..config import TrustConfig
+
+    saved = art.config.get("trust", {})
+    cfg = TrustConfig(**{k: v for k, v in saved.items() if k in TrustConfig.__dataclass_fields__})
+    after, rep = fit_trust(out.logits, out.labels, None, None, None, art.num_classes, cfg, before.task,
+                           art.class_names)  # fmt: skip
+    after.stats, after.ood_score, after.tpr = before.stats, before.ood_score, before.tpr
+    report = {
+        "method": rep["method"], "temperature": after.temperature, "bias": after.bias,
+        "previous_temperature": before.temperature, "data": samples.name, "n": len(out.labels),
+        "before": calibration_report(before, out.logits, out.labels)["after"],
+        "after": rep["val"]["after"], "thresholds": rep.get("thresholds"),
+    }  # fmt: skip
+    art.calibration = {**art.calibration, "method": rep["method"], "temperature": after.temperature,
+                       "bias": after.bias, "refit": {k: v for k, v in report.items() if k != "thresholds"}}  # fmt: skip
+    art.decision = after.decision.to_json() if after.decision is not None else None
+    _refit_ood_and_drift(art, after, out, samples, data)
     update_artifact(art)
     return report

@@ -59,7 +59,7 @@ def infer_run(
     loader = make_loader(ImageDataset(samples, transform), batch_size, train=False, num_workers=num_workers,
                          pin_memory=dev.type == "cuda")  # fmt: skip
     skips = SkipLog(strict=strict_images)
-    temperature = art.temperature
     out = infer(model, loader, dev, skips=skips, progress=progress, desc=desc, features=features, tta_merge=tta_merge,
-                temperature=temperature, channels_last=dev.type != "mps")  # fmt: skip
+                temperature=art.temperature, bias=art.calibration.get("bias"), multi_label=art.multi_label,
+                channels_last=dev.type != "mps")  # fmt: skip
     return out, art, samples, skips

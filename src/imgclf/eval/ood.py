@@ -33,9 +33,22 @@ FEATURE_SCORES = ("mahalanobis", "knn")
 SCORES = LOGIT_SCORES + FEATURE_SCORES
 
 
-def logit_scores(logits: torch.Tensor, temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """MSP, max logit and energy for (N, K) logits."""
+def logit_scores(
+    logits: torch.Tensor, temperature: Any = 1.0, bias: Any = None, multi_label: bool = False
+) -> dict[str, torch.Tensor]:
+    """MSP, max logit and energy for (N, K) logits.
+
+    Multi-label (one sigmoid per class; ``temperature``/``bias``: one value or (K,), the run's calibration):
+    ``msp`` is the largest calibrated label probability, ``max_logit`` the largest logit and ``energy`` the joint
+    energy ``sum_k log(1 + exp(z_k / T_k + b_k))`` (Wang et al. 2021, "Can multi-label classification networks
+    know what they don't know?"), which grows with the evidence for any label.
+    """
     z = logits.float()
+    if multi_label:
+        c = z / torch.as_tensor(temperature, dtype=torch.float32)
+        c = c + torch.as_tensor(bias, dtype=torch.float32) if bias is not None else c
+        return {"msp": c.sigmoid().max(1).values, "max_logit": z.max(1).values,
+                "energy": torch.nn.functional.softplus(c).sum(1)}  # fmt: skip
     return {
         "msp": (z / temperature).softmax(1).max(1).values,
         "max_logit": z.max(1).values,
@@ -80,9 +93,16 @@ class FeatureStats:
 def fit_feature_stats(
     feats: torch.Tensor, labels: torch.Tensor, num_classes: int, knn_k: int = 10, bank_size: int = 20000, seed: int = 0
 ) -> FeatureStats:
-    """Class means, a Ledoit-Wolf shared covariance of the class-centred features, and a feature bank."""
+    """Class means, a Ledoit-Wolf shared covariance of the class-centred features, and a feature bank.
+
+    Multi-label ``labels`` (N, K): an image belongs to several classes (or none), so the covariance is of the
+    features centred by their overall mean, and the centres are the mean feature of each class's positive
+    images plus the overall mean (the all-negative images have no class of their own).
+    """
     from sklearn.covariance import LedoitWolf
 
+    if labels.ndim == 2:
+        return _multilabel_stats(feats, labels, knn_k, bank_size, seed)
     f = feats.double()
     means = torch.zeros(num_classes, f.shape[1], dtype=torch.float64)
     present = labels.unique()
@@ -91,10 +111,25 @@ def fit_feature_stats(
     lw = LedoitWolf(assume_centered=True).fit((f - means[labels]).numpy())
     means = means[present]  # a class without training features must not become a centre at the origin
     precision = torch.from_numpy(lw.precision_).float()
+    return FeatureStats(means.float(), precision, _bank(feats, bank_size, seed), knn_k)
+
+
+def _bank(feats: torch.Tensor, bank_size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(len(f), generator=g)[:bank_size]
-    bank = torch.nn.functional.normalize(feats[keep].float(), dim=1)
-    return FeatureStats(means.float(), precision, bank, knn_k)
+    keep = torch.randperm(len(feats), generator=g)[:bank_size]
+    return torch.nn.functional.normalize(feats[keep].float(), dim=1)
+
+
+def _multilabel_stats(feats: torch.Tensor, labels: torch.Tensor, knn_k: int, bank_size: int, seed: int) -> FeatureStats:
+    from sklearn.covariance import LedoitWolf
+
+    f, y = feats.double(), labels.double()
+    mean = f.mean(0, keepdim=True)  # (1, D)
+    pos = y.sum(0)  # (K,)
+    centres = (y.T @ f)[pos > 0] / pos[pos > 0, None]  # (K', D) mean of each class's positives
+    lw = LedoitWolf(assume_centered=True).fit((f - mean).numpy())
+    precision = torch.from_numpy(lw.precision_).float()
+    return FeatureStats(torch.cat([centres, mean]).float(), precision, _bank(feats, bank_size, seed), knn_k)
 
 
 def threshold_for_tpr(id_scores: torch.Tensor, tpr: float = 0.95) -> float:

@@ -1,9 +1,11 @@
-"""Trust settings of a run: the calibration temperature and the OOD thresholds and statistics.
+"""Trust settings of a run: the calibration, the decision rule, and the OOD thresholds and statistics.
 
-Fitted after training (``fit_trust``) on the validation split (temperature: minimum NLL; thresholds:
-``trust.ood_tpr`` of validation images accepted) and on training features (Mahalanobis class means
-and shared precision, k-NN bank); stored in ``imgclf.json`` (``calibration``, ``ood``) and
-``ood.safetensors``; applied by eval, predict and, later, export and serve through ``Trust``.
+Fitted after training (``fit_trust``) on the validation split (calibration: minimum NLL, one temperature for
+single-label runs, a temperature (and a Platt bias) per class for multi-label runs; multi-label decision
+thresholds: tuned per class on the calibrated probabilities (``eval.thresholds``); OOD thresholds:
+``trust.ood_tpr`` of validation images accepted) and on training features (Mahalanobis class means and shared
+precision, k-NN bank); stored in ``imgclf.json`` (``calibration``, ``decision``, ``ood``) and
+``ood.safetensors``; applied by eval, predict, export and serve through ``Trust``.
 
 Example:
     >>> trust = Trust.load("runs/x", art)                      # doctest: +SKIP
@@ -21,33 +23,66 @@ import torch
 from ..errors import ImgclfError
 from ..io import save_safetensors
 from ..rundir import OOD_FILE
-from ..train.tasks import SingleLabelTask, task_from_json
-from .calibration import calibration_metrics, fit_temperature, reliability
+from ..train.tasks import Decision, SingleLabelTask, Task, task_from_json
+from .calibration import (
+    calibration_metrics,
+    fit_per_class,
+    fit_temperature,
+    multilabel_calibration_metrics,
+    multilabel_reliability,
+    reliability,
+)
 from .ood import FEATURE_SCORES, SCORES, FeatureStats, fit_feature_stats, logit_scores, threshold_for_tpr
 
 
 @dataclass
 class Trust:
-    """Temperature, OOD thresholds (one per score) and the feature statistics of one run."""
+    """Calibration, decision rule, OOD thresholds (one per score) and the feature statistics of one run.
 
-    temperature: float = 1.0
+    ``temperature`` is one value (single-label) or one per class (multi-label), ``bias`` the per-class Platt
+    offsets of a multi-label run (None: temperature scaling only), ``decision`` the multi-label decision rule
+    (None: argmax for single-label, threshold 0.5 for multi-label).
+    """
+
+    temperature: float | list[float] = 1.0
     ood_score: str = "energy"
     tpr: float = 0.95
     thresholds: dict[str, float] = field(default_factory=dict)
     stats: FeatureStats | None = None
-    task: SingleLabelTask = field(default_factory=SingleLabelTask)  # the head's activation and decision
+    task: Task = field(default_factory=SingleLabelTask)  # the head's activation and decision
+    bias: list[float] | None = None
+    decision: Decision | None = None
 
     @property
     def needs_features(self) -> bool:
         return self.ood_score in FEATURE_SCORES and self.stats is not None
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities: the task's activation at the run's temperature."""
-        return self.task.probs(logits, self.temperature)
+        """(N, K) calibrated probabilities: the task's activation with the run's calibration."""
+        return self.task.probs(logits, self.temperature, self.bias)
+
+    def decide(self, probs: torch.Tensor) -> torch.Tensor:
+        """The task's decisions of calibrated ``probs``: (N,) class indices, or (N, K) bool label sets."""
+        return self.task.decide(probs, self.decision)
+
+    def class_rates(self, probs: torch.Tensor) -> torch.Tensor:
+        """(K,) share of images decided for each class (multi-label: per-label positive rates; drift)."""
+        return self.task.class_rates(probs, self.decision)
+
+    def confidence(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N,) confidence of each decision (drift)."""
+        return self.task.confidence(probs)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task.multi_label
+
+    def _logit_scores(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return logit_scores(logits, self.temperature, self.bias, self.task.multi_label)
 
     def scores(self, logits: torch.Tensor, feats: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every OOD score available from these outputs (higher = more in-distribution)."""
-        out = logit_scores(logits, self.temperature)
+        out = self._logit_scores(logits)
         if feats is not None and self.stats is not None:
             out.update(self.stats.scores(feats))
         return out
@@ -64,7 +99,7 @@ class Trust:
                 raise ImgclfError(f"OOD score '{name}' needs features and the run's {OOD_FILE}")
             s = getattr(self.stats, name)(feats)
         else:
-            s = logit_scores(logits, self.temperature)[name]
+            s = self._logit_scores(logits)[name]
         return s, s < self.thresholds[name]
 
     def to_json(self) -> dict[str, Any]:
@@ -92,9 +127,11 @@ class Trust:
             if not path.is_file():
                 raise ImgclfError(f"{run_dir}: OOD statistics {path.name} are missing (retrain or drop OOD)")
             stats = FeatureStats.from_state(load_file(str(path), device=device), ood.get("knn_k") or 10)
+        task = task_from_json(art.task)
+        decision = Decision.from_json(art.decision) if task.multi_label else None
         return cls(art.temperature, ood.get("ood_score", "energy"), float(ood.get("tpr", 0.95)),
-                   {k: float(v) for k, v in (ood.get("thresholds") or {}).items()}, stats,
-                   task_from_json(art.task))  # fmt: skip
+                   {k: float(v) for k, v in (ood.get("thresholds") or {}).items()}, stats, task,
+                   art.calibration.get("bias"), decision)  # fmt: skip
 
 
 def fit_trust(
@@ -105,29 +142,93 @@ def fit_trust(
     train_labels: torch.Tensor | None,
     num_classes: int,
     cfg: Any,
+    task: Task | None = None,
+    class_names: list[str] | None = None,
 ) -> tuple[Trust, dict[str, Any]]:
-    """Temperature on validation logits, feature statistics on training features, thresholds on validation.
+    """Calibration and (multi-label) decision thresholds on validation outputs, feature statistics on training
+    features, OOD thresholds on validation.
 
-    ``cfg`` is the run's ``TrustConfig``. Returns the ``Trust`` and a report with ECE/NLL/Brier before and
-    after scaling and the reliability curves.
+    ``cfg`` is the run's ``TrustConfig``; ``task`` the run's (default single-label). Returns the ``Trust`` and a
+    report with the calibration metrics before and after scaling, the reliability curves and, for multi-label
+    runs, the tuned thresholds (``decision``).
     """
-    t = fit_temperature(val_logits, val_labels) if cfg.calibrate else 1.0
-    stats = None
+    task = task or SingleLabelTask()
+    report: dict[str, Any] = {}
+    if task.multi_label:
+        trust = _fit_multilabel(val_logits, val_labels, task, cfg, class_names, report)
+    else:
+        if cfg.calibration_method == "platt":
+            raise ImgclfError("trust.calibration_method platt applies to multi-label runs (single-label runs fit "
+                              "one temperature)")  # fmt: skip
+        t = fit_temperature(val_logits, val_labels) if cfg.calibrate else 1.0
+        trust = Trust(t, cfg.ood_score, cfg.ood_tpr, {}, None, task)
+        report.update(temperature=t, val={"before": calibration_metrics(val_logits, val_labels),
+                                          "after": calibration_metrics(val_logits, val_labels, t)})  # fmt: skip
+        report["reliability"] = {"before": reliability(val_logits.softmax(1), val_labels),
+                                 "after": reliability(trust.probs(val_logits), val_labels)}  # fmt: skip
     if cfg.ood and train_feats is not None and len(train_feats) >= 2:
-        stats = fit_feature_stats(train_feats, train_labels, num_classes, knn_k=cfg.knn_k)
-    trust = Trust(t, cfg.ood_score, cfg.ood_tpr, {}, stats)
+        trust.stats = fit_feature_stats(train_feats, train_labels, num_classes, knn_k=cfg.knn_k)
+    trust.ood_score, trust.tpr = cfg.ood_score, cfg.ood_tpr
     if cfg.ood:
         scores = trust.scores(val_logits, val_feats)
         trust.thresholds = {k: threshold_for_tpr(v, cfg.ood_tpr) for k, v in scores.items() if k in SCORES}
-    report = {
-        "temperature": t,
-        "val": {
-            "before": calibration_metrics(val_logits, val_labels),
-            "after": calibration_metrics(val_logits, val_labels, t),
-        },
-        "reliability": {
-            "before": reliability(val_logits.softmax(1), val_labels),
-            "after": reliability(trust.probs(val_logits), val_labels),
-        },  # fmt: skip
-    }
     return trust, report
+
+
+def _fit_multilabel(logits: torch.Tensor, labels: torch.Tensor, task: Task, cfg: Any, names: list[str] | None,
+                    report: dict[str, Any]) -> Trust:  # fmt: skip
+    """Per-class temperature / Platt scaling, then the decision rule on the calibrated validation probabilities."""
+    from .thresholds import tune_thresholds
+
+    method = "platt" if cfg.calibration_method == "auto" else cfg.calibration_method
+    t, b = fit_per_class(logits, labels, method) if cfg.calibrate else (1.0, None)
+    trust = Trust(t, task=task, bias=b)
+    report.update(method=method if cfg.calibrate else "none", temperature=t, bias=b,
+                  val={"before": multilabel_calibration_metrics(logits, labels),
+                       "after": multilabel_calibration_metrics(logits, labels, t, b)})  # fmt: skip
+    p = trust.probs(logits)
+    report["reliability"] = {"before": multilabel_reliability(logits.float().sigmoid(), labels),
+                             "after": multilabel_reliability(p, labels)}  # fmt: skip
+    rule = cfg.threshold
+    if rule == "top_k":
+        trust.decision = Decision("top_k", top_k=cfg.threshold_top_k, objective="top_k")
+    elif rule == "fixed":
+        trust.decision = Decision("threshold", cfg.threshold_value, objective="fixed")
+    else:
+        tuned = tune_thresholds(p, labels, rule, cfg.threshold_target if rule != "f1" else None, names)
+        trust.decision = Decision("threshold", tuned.thresholds, objective=rule, target=tuned.target)
+        report["thresholds"] = {"per_class": tuned.per_class, "notes": tuned.notes}
+    return trust
+
+
+def alternative_k(val_labels: torch.Tensor) -> int:
+    """The k of the top-k alternative decision rule: the mean number of labels per validation image, rounded."""
+    return max(1, round(float(val_labels.float().sum(1).mean()))) if len(val_labels) else 1
+
+
+def task_metrics(trust: Trust, o: Any, names: list[str], top_k: int | None = None) -> dict[str, Any]:
+    """The run's metrics of outputs ``o`` (``models.inference.Outputs``) with its calibration and decision rule
+    (``trust``). Multi-label runs given ``top_k`` also get the decision metrics of the other rules
+    (``alternatives``: a fixed 0.5 threshold and the ``top_k`` labels), to show what tuning the thresholds
+    gained."""
+    task = trust.task
+    m = task.metrics(o.logits, o.labels, names, loss=task.eval_criterion(), probs=trust.probs(o.logits),
+                     decision=trust.decision)  # fmt: skip
+    if task.multi_label and top_k and len(o.labels):
+        p, k = trust.probs(o.logits), top_k
+        m["decision"] = trust.decision.to_json() if trust.decision is not None else Decision().to_json()
+        m["alternatives"] = {}
+        for name, d in (("fixed_0.5", Decision()), (f"top_{k}", Decision("top_k", top_k=k))):
+            alt = task.metrics(o.logits, o.labels, names, probs=p, decision=d)
+            m["alternatives"][name] = {key: alt[key] for key in ("micro_f1", "macro_f1", "samples_f1", "exact_match",
+                                                                 "hamming_loss")}  # fmt: skip
+    return m
+
+
+def calibration_report(trust: Trust, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Calibration metrics of ``logits`` against ``labels`` before and after the run's calibration (``trust``)."""
+    if trust.task.multi_label:
+        return {"before": multilabel_calibration_metrics(logits, labels),
+                "after": multilabel_calibration_metrics(logits, labels, trust.temperature, trust.bias)}  # fmt: skip
+    return {"before": calibration_metrics(logits, labels), "after": calibration_metrics(logits, labels,
+                                                                                      trust.temperature)}  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -66,7 +66,9 @@ def infer(
     logits: bool = True,
     features: bool = False,
     tta_merge: str = "mean_logits",
-    temperature: float = 1.0,
+    temperature: float | list[float] = 1.0,
+    bias: list[float] | None = None,
+    multi_label: bool = False,
     progress: bool = False,
     desc: str = "eval",
 ) -> Outputs:
@@ -87,7 +89,8 @@ def infer(
         if out is not None:
             out = out.float()
             per_view = out.unflatten(0, (-1, views)) if views else None
-            outs["logits"].append((merge_views(per_view, tta_merge, temperature) if views else out).cpu())
+            merged = merge_views(per_view, tta_merge, temperature, bias, multi_label) if views else out
+            outs["logits"].append(merged.cpu())
             if views and tta_merge != "mean_logits":
                 outs["score"].append(per_view.mean(1).cpu())
         if feats is not None:
@@ -105,8 +108,18 @@ def infer(
                    cat["score"] if outs["score"] else None)  # fmt: skip
 
 
-def merge_views(logits: torch.Tensor, merge: str = "mean_logits", temperature: float = 1.0) -> torch.Tensor:
-    """(B, V, K) per-view logits -> (B, K): mean logits, or ``T * log`` of the mean calibrated probabilities."""
+def merge_views(
+    logits: torch.Tensor, merge: str = "mean_logits", temperature: Any = 1.0, bias: Any = None,
+    multi_label: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """(B, V, K) per-view logits -> (B, K): mean logits, or the logits whose calibrated probabilities are the mean
+    of the views' calibrated probabilities (``T * log`` of the mean softmax; multi-label, per class:
+    ``T (logit(mean sigmoid(z / T + b)) - b)``)."""
+    if merge == "mean_probs" and multi_label:
+        t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+        b = torch.as_tensor(0.0 if bias is None else bias, dtype=torch.float32, device=logits.device)
+        p = (logits.float() / t + b).sigmoid().mean(1).clamp(1e-7, 1 - 1e-7)
+        return t * (torch.logit(p) - b)
     if merge == "mean_probs":
         return temperature * (logits.float() / temperature).softmax(-1).mean(1).clamp_min(1e-12).log()
     if merge == "mean_logits":

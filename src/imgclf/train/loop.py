@@ -37,7 +37,7 @@ from ..errors import ImgclfError
 from ..rundir import EARLY_FILES, LAST_CKPT, RunDir
 from .logger import RunLogger, run_is_live
 from .strategy import Phase
-from .tasks import SingleLabelTask
+from .tasks import Task, metric_of, task_for_config
 
 log = logging.getLogger("imgclf")
 MAX_NONFINITE = 5  # consecutive non-finite losses before giving up
@@ -64,7 +64,7 @@ class Loop:
     cfg: Config
     dist: Dist
     model: nn.Module  # the bare network
-    task: SingleLabelTask  # what the outputs mean: loss, activation, decision
+    task: Task  # what the outputs mean: loss, activation, decision
     wrapped: nn.Module  # TaskModule(model, task.criterion()), DDP-wrapped when distributed
     opt: torch.optim.Optimizer
     sched: Any
@@ -209,16 +209,19 @@ class Run:
     run_dir: Path
     resume: bool  # a checkpoint exists and will be restored
     splits: DataSplits
+    task: Task  # single- or multi-label, from the training data and ``cfg.train``
 
 
 def prepare_run(cfg: Config, resume: bool = False, *, needs_dir: bool = True) -> Run:
     """Set up devices / the process group, choose the run directory (``needs_dir``; lr-find has none), seed
-    torch, numpy and python per rank (timm's crops use ``random``) and open the data splits."""
+    torch, numpy and python per rank (timm's crops use ``random``), open the data splits and pick the task
+    (multi-label when the training data hold label sets)."""
     dist = setup(cfg.train.device)
     run_dir = run_dir_for(cfg, resume, dist) if needs_dir else Path(cfg.run.output)
     resume = needs_dir and resume and (run_dir / LAST_CKPT).is_file()  # never completed an epoch: afresh
     timm.utils.random_seed(cfg.train.seed, dist.rank)
-    return Run(cfg, dist, run_dir, resume, prepare_data(cfg))
+    splits = prepare_data(cfg)
+    return Run(cfg, dist, run_dir, resume, splits, task_for_config(cfg.train, splits.train))
 
 
 def forward_loss(loop: Loop, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -267,17 +270,20 @@ def stopped(cfg: Config, state: State) -> bool:
     return cfg.train.patience is not None and state.stale >= cfg.train.patience
 
 
-def run_epochs(cfg: Config, state: State, hooks: EpochHooks, logger: RunLogger, is_main: bool = True) -> None:
+def run_epochs(
+    cfg: Config, state: State, hooks: EpochHooks, logger: RunLogger, task: Task, is_main: bool = True
+) -> None:
     """Epochs ``state.epoch + 1 .. cfg.train.epochs``: train, validate (raw and EMA weights), keep the best by
-    ``cfg.train.metric``, append a history row, log it, checkpoint, stop after ``cfg.train.patience`` epochs
-    without improvement."""
+    ``cfg.train.metric`` (resolved for ``task``), append a history row (``task.history_metrics``), log it,
+    checkpoint, stop after ``cfg.train.patience`` epochs without improvement."""
+    metric, keys = metric_of(task, cfg.train.metric), task.history_metrics
     while state.epoch < cfg.train.epochs and not stopped(cfg, state):
         e = state.epoch + 1
         hooks.before_epoch(e)
         stats = hooks.train(e)
         val = hooks.validate()
-        which = max(val, key=lambda k: score_of(val[k], cfg.train.metric))
-        score = score_of(val[which], cfg.train.metric)
+        which = max(val, key=lambda k: score_of(val[k], metric))
+        score = score_of(val[which], metric)
         improved = state.best is None or score > state.best
         if improved:
             state.best, state.best_epoch, state.best_which, state.stale = score, e, which, 0
@@ -285,9 +291,9 @@ def run_epochs(cfg: Config, state: State, hooks: EpochHooks, logger: RunLogger, 
                 hooks.keep_best(which)
         else:
             state.stale += 1
-        row = {"epoch": e, **stats, **{f"val_{k}": val["model"][k] for k in ("loss", "top1", "macro_f1")}}
+        row = {"epoch": e, **stats, **{f"val_{k}": val["model"][k] for k in keys}}
         if "ema" in val:
-            row.update({f"ema_val_{k}": val["ema"][k] for k in ("loss", "top1", "macro_f1")})
+            row.update({f"ema_val_{k}": val["ema"][k] for k in keys})
         row["best"] = improved
         state.history.append(row)
         state.epoch = e
@@ -296,4 +302,4 @@ def run_epochs(cfg: Config, state: State, hooks: EpochHooks, logger: RunLogger, 
             hooks.checkpoint()
         log.info(hooks.line(row))
         if stopped(cfg, state):
-            log.info("early stop: no better %s for %d epochs", cfg.train.metric, state.stale)
+            log.info("early stop: no better %s for %d epochs", metric, state.stale)

@@ -72,3 +72,68 @@ LOSSES = {
     "ce": lambda t: CrossEntropyLoss(t.label_smoothing),
     "focal": lambda t: FocalLoss(t.focal_gamma, t.focal_alpha, t.label_smoothing),
 }
+
+
+# --- multi-label: one sigmoid per class, dense (B, K) 0/1 (or mixed / smoothed) targets --------------------------
+# Every multi-label loss sums over the K classes and averages over the batch (timm's "batchmean", the reduction of
+# the ASL paper per image), so the gradient of one class does not shrink as classes are added. Label smoothing
+# moves each binary target towards 0.5: y (1 - s) + s / 2 (timm ``smooth_dense``); it is applied to mixed targets
+# too (MixUp/CutMix mix the raw multi-hot targets; smoothing is linear, so the order does not matter).
+
+
+def bce_loss(label_smoothing: float = 0.0, pos_weight: Sequence[float] | None = None) -> nn.Module:
+    """Binary cross-entropy with logits per class (timm ``BinaryCrossEntropy``), ``pos_weight`` (K,) scaling the
+    positive term of each class (``torch.nn.BCEWithLogitsLoss`` semantics)."""
+    from timm.loss import BinaryCrossEntropy
+
+    pw = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
+    return BinaryCrossEntropy(smoothing=label_smoothing, sum_classes=True, pos_weight=pw, smooth_dense=True)
+
+
+def asl_loss(
+    gamma_neg: float = 4.0,
+    gamma_pos: float = 0.0,
+    clip: float = 0.05,
+    label_smoothing: float = 0.0,
+    pos_weight: Sequence[float] | None = None,
+    weight: Sequence[float] | None = None,
+) -> nn.Module:
+    """Asymmetric loss (Ridnik et al. 2021, "Asymmetric Loss For Multi-Label Classification"; timm
+    ``AsymmetricLossMultiLabel``): focusing ``gamma_neg`` on negatives, ``gamma_pos`` on positives, and the
+    probability margin ``clip`` shifted onto negatives. ``weight`` (K,) scales each class's whole loss."""
+    from timm.loss import AsymmetricLossMultiLabel
+
+    def t(v):
+        return None if v is None else torch.as_tensor(v, dtype=torch.float32)
+
+    return AsymmetricLossMultiLabel(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, smoothing=label_smoothing,
+                                    reduction="batchmean", pos_weight=t(pos_weight), weight=t(weight))  # fmt: skip
+
+
+def sigmoid_focal_loss(
+    gamma: float = 2.0,
+    alpha: float | Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    pos_weight: Sequence[float] | None = None,
+) -> nn.Module:
+    """Sigmoid focal loss (Lin et al. 2017; ``torchvision.ops.sigmoid_focal_loss``):
+    ``-alpha y (1 - p)^gamma log p - (1 - alpha)(1 - y) p^gamma log(1 - p)`` per class.
+
+    It is the asymmetric loss with ``gamma_neg = gamma_pos = gamma`` and no clipping; ``alpha`` (one value or one
+    per class, in (0, 1); None = 1 for both terms) becomes ASL's per-class ``weight = 1 - alpha`` and positive
+    weight ``alpha / (1 - alpha)``, times ``pos_weight`` when given."""
+    pw = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
+    weight = None
+    if alpha is not None:
+        a = torch.as_tensor(alpha, dtype=torch.float32)
+        weight, ratio = 1 - a, a / (1 - a)
+        pw = ratio if pw is None else pw * ratio
+    return asl_loss(gamma, gamma, 0.0, label_smoothing, pw, weight)
+
+
+#: multi-label loss name (``train.loss``) -> factory taking the task's settings
+MULTILABEL_LOSSES = {
+    "bce": lambda t: bce_loss(t.label_smoothing, t.pos_weight),
+    "asl": lambda t: asl_loss(t.asl_gamma_neg, t.asl_gamma_pos, t.asl_clip, t.label_smoothing, t.pos_weight),
+    "focal": lambda t: sigmoid_focal_loss(t.focal_gamma, t.focal_alpha, t.label_smoothing, t.pos_weight),
+}

@@ -45,10 +45,9 @@ from ..rundir import BEST_WEIGHTS, LAST_CKPT
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logger import RunLogger
 from .loop import EpochHooks, FeatureBatches, Loop, State, prepare_run, run_epochs, score_of, train_one_epoch
-from .metrics import compute_metrics
 from .optim import build_optimizer, build_scheduler
 from .strategy import Phase
-from .tasks import SingleLabelTask, TaskModule
+from .tasks import SingleLabelTask, Task, TaskModule, metric_of
 from .trainer import Fitted
 
 log = logging.getLogger("imgclf")
@@ -152,14 +151,16 @@ def safe_open_meta(path: Path) -> dict[str, str]:
 
 def fit_lbfgs(
     xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor, k: int, wd_grid: list[float],
-    max_iter: int, metric: str = "top1", task: SingleLabelTask | None = None,
+    max_iter: int, metric: str = "auto", task: Task | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:  # fmt: skip
-    """The task's loss (without label smoothing; cross-entropy: multinomial logistic regression) + L2 per
-    strength (strongest first, warm-started), solved by L-BFGS; best by val ``metric``.
+    """The task's loss (without label smoothing; cross-entropy: multinomial logistic regression; binary
+    cross-entropy: one logistic regression per class) + L2 per strength (strongest first, warm-started), solved
+    by L-BFGS; best by val ``metric`` (``auto``: the task's default).
 
     Returns the head (weight (K, D), bias (K,)) in the raw feature space and one row per strength.
     """
-    crit = (task or SingleLabelTask()).eval_criterion()
+    task = task or SingleLabelTask()
+    crit, metric = task.eval_criterion(), metric_of(task, metric)
     mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     xs, xv = (xtr - mu) / sd, (xva - mu) / sd
     w = torch.zeros(k, xs.shape[1], requires_grad=True)
@@ -176,7 +177,7 @@ def fit_lbfgs(
 
         opt.step(closure)
         with torch.no_grad():
-            row = {"wd": wd, **_val_row(xv @ w.T + b, yva, k, metric, crit)}
+            row = {"wd": wd, **_val_row(xv @ w.T + b, yva, k, metric, task)}
         rows.append(row)
         if best is None or (row["score"], -row["val_loss"]) > (best[0]["score"], -best[0]["val_loss"]):
             best = (row, w.detach().clone(), b.detach().clone())
@@ -185,15 +186,14 @@ def fit_lbfgs(
     return weight, bb - weight @ mu, rows
 
 
-def _val_row(logits: torch.Tensor, targets: torch.Tensor, k: int, metric: str, loss: Any) -> dict[str, float]:
-    m = compute_metrics(logits, targets, [str(i) for i in range(k)], loss=loss)
-    return {"val_top1": m["top1"], "val_loss": m["loss"], "val_macro_f1": m["macro_f1"], "score": score_of(m, metric)}
+def _val_row(logits: torch.Tensor, targets: torch.Tensor, k: int, metric: str, task: Task) -> dict[str, float]:
+    m = task.metrics(logits, targets, [str(i) for i in range(k)], loss=task.eval_criterion())
+    return {**{f"val_{key}": m[key] for key in task.history_metrics}, "score": score_of(m, metric)}
 
 
-def head_loop(cfg: Config, head: nn.Linear, batches_per_epoch: int) -> Loop:
+def head_loop(cfg: Config, head: nn.Linear, batches_per_epoch: int, task: Task) -> Loop:
     """The shared training loop's state for a linear head on cached CPU features: the run's task, optimizer and
     schedule; one phase, no AMP, EMA, MixUp or DDP (every rank fits the same head on the same features)."""
-    task = SingleLabelTask.from_config(cfg.train)
     opt = build_optimizer(head, cfg.optim)
     per_epoch = math.ceil(batches_per_epoch / cfg.optim.accum_steps)
     sched = build_scheduler(opt, cfg.sched, per_epoch, cfg.train.epochs)
@@ -205,12 +205,12 @@ def head_loop(cfg: Config, head: nn.Linear, batches_per_epoch: int) -> Loop:
 
 def fit_sgd(
     head: nn.Linear, tr: Features, va: Features, cfg: Config, run_dir: Path, state: State, logger: RunLogger,
-    ck: dict | None = None,
+    task: Task, ck: dict | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Mini-batch head training on cached features through the shared loop (``train_one_epoch``,
     ``run_epochs``); checkpoints every epoch; returns the best head state."""
     batches = FeatureBatches(tr.features, tr.labels, cfg.data.batch_size, cfg.train.seed)
-    loop = head_loop(cfg, head, len(batches))
+    loop = head_loop(cfg, head, len(batches), task)
     best = {"model": {k: v.clone() for k, v in head.state_dict().items()}}
     if ck is not None and "optimizer" in ck:  # resuming
         head.load_state_dict(ck["model"])
@@ -220,10 +220,11 @@ def fit_sgd(
         state.phase_updates = state.updates  # one phase: its schedule runs on all updates
     loop.sched.step_update(state.phase_updates)
     names = [str(i) for i in range(head.out_features)]
+    headline = task.history_metrics[1]
 
     def validate() -> dict[str, dict[str, Any]]:
         with torch.no_grad():
-            return {"model": compute_metrics(head(va.features), va.labels, names, loss=loop.task.eval_criterion())}
+            return {"model": task.metrics(head(va.features), va.labels, names, loss=task.eval_criterion())}
 
     def checkpoint() -> None:
         if logger.enabled:
@@ -236,15 +237,15 @@ def fit_sgd(
         train=lambda e: train_one_epoch(loop, batches, state, f"probe epoch {e}/{cfg.train.epochs}"),
         validate=validate, checkpoint=checkpoint, before_epoch=batches.set_epoch,
         keep_best=lambda which: best.update(model={k: v.clone() for k, v in head.state_dict().items()}),
-        line=lambda r: f"epoch {r['epoch']}/{cfg.train.epochs}  loss {r['train_loss']:.4f}  val top1 "
-                       f"{100 * r['val_top1']:.2f} %{' *' if r['best'] else ''}",
+        line=lambda r: f"epoch {r['epoch']}/{cfg.train.epochs}  loss {r['train_loss']:.4f}  val {headline} "
+                       f"{100 * r[f'val_{headline}']:.2f} %{' *' if r['best'] else ''}",
     )  # fmt: skip
-    run_epochs(cfg, state, hooks, logger)
+    run_epochs(cfg, state, hooks, logger, task)
     return best["model"]
 
 
-def _lbfgs_head(tr: Features, va: Features, k: int, cfg: Config, run_dir: Path, state: State, logger: RunLogger):
-    task = SingleLabelTask.from_config(cfg.train)
+def _lbfgs_head(tr: Features, va: Features, k: int, cfg: Config, run_dir: Path, state: State, logger: RunLogger,
+                task: Task):  # fmt: skip
     weight, bias, rows = fit_lbfgs(tr.features, tr.labels, va.features, va.labels, k, cfg.probe.wd_grid,
                                    cfg.probe.max_iter, cfg.train.metric, task)  # fmt: skip
     state.history = [{"epoch": i + 1, **{key: v for key, v in r.items() if key != "score"}} for i, r in enumerate(rows)]
@@ -252,7 +253,8 @@ def _lbfgs_head(tr: Features, va: Features, k: int, cfg: Config, run_dir: Path, 
     state.epoch, state.best, state.best_epoch = len(rows), best["score"], rows.index(best) + 1
     for row in state.history:
         logger.log_epoch(row)
-    log.info("probe L-BFGS: best wd %g, val top1 %.2f %%", best["wd"], 100 * best["val_top1"])
+    m = task.history_metrics[1]
+    log.info("probe L-BFGS: best wd %g, val %s %.2f %%", best["wd"], m, 100 * best[f"val_{m}"])
     head_state = {"weight": weight, "bias": bias}
     plain = {k2: v for k2, v in vars(state).items() if k2 != "history"}
     if logger.enabled:
@@ -268,7 +270,6 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
     run = prepare_run(cfg, resume)
     dist, run_dir, resume, splits = run.dist, run.run_dir, run.resume, run.splits
     k = len(splits.class_names)
-    SingleLabelTask.from_config(cfg.train).check(k)
     model, wsrc = create_model(cfg.model, k, cfg.data.input_size)
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
@@ -298,14 +299,14 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
             setattr(state, key, v)
         state.history = list(ck["history"])
     if cfg.probe.solver == "lbfgs":
-        head_state = ck["model"] if ck is not None else _lbfgs_head(tr, va, k, cfg, run_dir, state, logger)
+        head_state = ck["model"] if ck is not None else _lbfgs_head(tr, va, k, cfg, run_dir, state, logger, run.task)
     else:
         head_cpu = nn.Linear(head.in_features, k)
         nn.init.zeros_(head_cpu.weight)
         nn.init.zeros_(head_cpu.bias)
-        head_state = fit_sgd(head_cpu, tr, va, cfg, run_dir, state, logger, ck)
+        head_state = fit_sgd(head_cpu, tr, va, cfg, run_dir, state, logger, run.task, ck)
     logger.close()
     head.load_state_dict({k2: v.to(head.weight.device) for k2, v in head_state.items()})
     if dist.is_main:
         save_safetensors(run_dir / BEST_WEIGHTS, model.state_dict())
-    return Fitted(cfg, run_dir, model, state, splits, pre, wsrc, dist, skips, time.perf_counter() - t_start)
+    return Fitted(cfg, run_dir, model, state, splits, run.task, pre, wsrc, dist, skips, time.perf_counter() - t_start)

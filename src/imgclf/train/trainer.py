@@ -45,10 +45,9 @@ from .loop import (
     run_epochs,
     train_one_epoch,
 )  # fmt: skip
-from .metrics import compute_metrics
 from .optim import build_optimizer, build_scheduler
 from .strategy import Phase, apply_phase, phase_at, plan
-from .tasks import SingleLabelTask, TaskModule
+from .tasks import Task, TaskModule
 
 log = logging.getLogger("imgclf")
 
@@ -62,6 +61,7 @@ class Fitted:
     model: nn.Module
     state: State
     splits: DataSplits
+    task: Task
     preprocessing: Preprocess
     weights_source: str
     dist: Dist
@@ -96,12 +96,12 @@ def validate(loop: Loop, loader: DataLoader, names: list[str]) -> dict[str, dict
                   channels_last=loop.fmt == torch.channels_last)  # fmt: skip
         if len(o.labels) == 0:
             raise ImgclfError("no validation image could be read; see the skipped files")
-        out[which] = compute_metrics(o.logits, o.labels, names, loss=loop.task.eval_criterion())
+        out[which] = loop.task.metrics(o.logits, o.labels, names, loss=loop.task.eval_criterion())
     return out
 
 
-def build_loop(cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int, num_classes: int) -> Loop:
-    """EMA, scaler, MixUp and the first phase's task, optimizer and schedule around ``model``."""
+def build_loop(cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int, task: Task, num_classes: int) -> Loop:
+    """EMA, scaler, MixUp and the first phase's task module, optimizer and schedule around ``model``."""
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(dist.device, memory_format=fmt)
     if fmt == torch.channels_last:
@@ -111,13 +111,14 @@ def build_loop(cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     mixup = None
     if cfg.aug.mixing and cfg.transfer.strategy != "probe":
+        # multi-label: timm mixes the multi-hot targets; the task's loss applies the label smoothing
         mixup = Mixup(
             mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mix_prob,
-            switch_prob=cfg.aug.mix_switch_prob, label_smoothing=cfg.train.label_smoothing, num_classes=num_classes,
+            switch_prob=cfg.aug.mix_switch_prob, label_smoothing=0.0 if task.multi_label else task.label_smoothing,
+            num_classes=num_classes, multi_label=task.multi_label,
         )  # fmt: skip
     phases = plan(cfg)
-    task, skips = SingleLabelTask.from_config(cfg.train), SkipLog(strict=cfg.data.strict_images)
-    task.check(num_classes)
+    skips = SkipLog(strict=cfg.data.strict_images)
     loop = Loop(cfg, dist, model, task, model, None, None, ema, scaler, skips, dtype, fmt, phases, phases[0],
                 updates_per_epoch, [], mixup)  # fmt: skip
     enter_phase(loop, phases[0])
@@ -131,7 +132,7 @@ def enter_phase(loop: Loop, phase: Phase) -> None:
     if not groups:
         raise ImgclfError(f"phase '{phase.name}' has nothing to train (check transfer.freeze_stages)")
     loop.wrapped = None  # drop the previous phase's DDP wrapper (and its gradient hooks) before wrapping again
-    wrapped: nn.Module = TaskModule(loop.model, loop.task.criterion())
+    wrapped: nn.Module = TaskModule(loop.model, loop.task.criterion().to(dist.device))  # loss buffers: pos_weight
     if dist.world_size > 1:  # re-wrapped per phase: DDP only syncs parameters that trained at wrap time
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
@@ -149,7 +150,7 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     model, wsrc = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size)
     pre = Preprocess.from_model(model, cfg.data)
     tl, vl = train_loader(splits.train, pre, cfg, dist), eval_loader(splits.val, pre, cfg, dist.device.type == "cuda")
-    loop = build_loop(cfg, dist, model, math.ceil(len(tl) / cfg.optim.accum_steps), len(splits.class_names))
+    loop = build_loop(cfg, dist, model, math.ceil(len(tl) / cfg.optim.accum_steps), run.task, len(splits.class_names))
     state = State()
     if resume:
         _restore(run_dir, loop, state)
@@ -166,7 +167,8 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     from safetensors.torch import load_file
 
     loop.model.load_state_dict(load_file(str(run_dir / BEST_WEIGHTS), device=str(dist.device)))
-    return Fitted(cfg, run_dir, loop.model, state, splits, pre, wsrc, dist, loop.skips, time.perf_counter() - t_start)
+    return Fitted(cfg, run_dir, loop.model, state, splits, run.task, pre, wsrc, dist, loop.skips,
+                  time.perf_counter() - t_start)  # fmt: skip
 
 
 def model_config(cfg: Config):
@@ -199,17 +201,18 @@ def _epochs(loop: Loop, state: State, run_dir: Path, tl: DataLoader, vl: DataLoa
     hooks = EpochHooks(
         train=lambda e: train_one_epoch(loop, tl, state, f"epoch {e}/{cfg.train.epochs} {loop.phase.name}"),
         validate=lambda: validate(loop, vl, names), keep_best=keep_best, checkpoint=lambda: _save(run_dir, loop, state),
-        line=lambda row: _epoch_line(row, cfg, ema is not None), before_epoch=before_epoch,
+        line=lambda row: _epoch_line(row, cfg, ema is not None, loop.task), before_epoch=before_epoch,
     )  # fmt: skip
-    run_epochs(cfg, state, hooks, logger, dist.is_main)
+    run_epochs(cfg, state, hooks, logger, loop.task, dist.is_main)
 
 
-def _epoch_line(row: dict, cfg: Config, has_ema: bool) -> str:
-    ema = f" (ema {100 * row['ema_val_top1']:.2f} %)" if has_ema else ""
+def _epoch_line(row: dict, cfg: Config, has_ema: bool, task: Task) -> str:
+    m = task.history_metrics[1]  # the task's headline metric: top1, or map for multi-label
+    ema = f" (ema {100 * row[f'ema_val_{m}']:.2f} %)" if has_ema else ""
     star = " *" if row["best"] else ""
     return (
         f"epoch {row['epoch']}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
-        f"val top1 {100 * row['val_top1']:.2f} %{ema}  lr {row['lr']:.2e}  "
+        f"val {m} {100 * row[f'val_{m}']:.2f} %{ema}  lr {row['lr']:.2e}  "
         f"{row['img_per_s']:.0f} img/s  {row['epoch_seconds']:.0f}s{star}"
     )
 

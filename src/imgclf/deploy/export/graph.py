@@ -40,10 +40,12 @@ class ServingModel(nn.Module):
             raise ImgclfError(f"--pixels must be one of {', '.join(PIXELS)} (got {pixels!r})")
         self.model, self.pixels = model.eval(), pixels
         if temperature is None:
-            temperature = art.temperature
+            temperature = art.temperature  # one value, or one per class (multi-label)
         self.normalize = art.preprocessing.normalize()  # the eval transform's own arithmetic
-        self.register_buffer("inv_t", torch.tensor(1.0 / temperature))
+        self.register_buffer("inv_t", 1.0 / torch.tensor(temperature, dtype=torch.float32))
         self.task = task_from_json(art.task)
+        bias = art.calibration.get("bias") if self.task.multi_label else None  # per-class Platt offsets
+        self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32) if bias is not None else None)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,7 +54,10 @@ class ServingModel(nn.Module):
                 x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
             x = self.normalize(x)
         logits, feats = forward_both(self.model, x, logits=True, features=True)  # (N, K), (N, D)
-        return logits, self.task.probs(logits * self.inv_t), feats  # the task's activation, calibrated
+        z = logits * self.inv_t
+        if self.bias is not None:
+            z = z + self.bias
+        return logits, self.task.probs(z), feats  # the task's activation (softmax / sigmoid), calibrated
 
 
 def example_input(art: Artifact, pixels: str, batch: int = 2) -> torch.Tensor:
@@ -81,8 +86,17 @@ def metadata(art: Artifact, pixels: str, run_dir: Path) -> dict[str, str]:
         "imgclf.preprocessing": json.dumps(art.preprocessing.to_json()),
         "imgclf.pixels": pixels,
         "imgclf.temperature": json.dumps(art.temperature),
+        "imgclf.task": json.dumps(art.task or {"kind": "single_label"}),
         "imgclf.ood": json.dumps(
             {"ood_score": ood.get("ood_score"), "tpr": ood.get("tpr"), "thresholds": ood.get("thresholds", {})}
+        ),  # fmt: skip
+        **(
+            {
+                "imgclf.calibration_bias": json.dumps(art.calibration.get("bias")),
+                "imgclf.decision": json.dumps(art.decision),
+            }
+            if art.multi_label
+            else {}
         ),  # fmt: skip
         "imgclf.run": run_dir.name,
         "imgclf.version": package_versions().get("imgclf", ""),

@@ -11,7 +11,7 @@ from ...errors import ImgclfError
 from .graph import to_input
 from .onnx import _ort_logits, _quantize_onnx
 from .openvino import HELD_N, _ov_runner, _quantize_openvino
-from .verification import _calibration_batches, _Job
+from .verification import _calibration_batches, _Job, decider
 
 log = logging.getLogger("imgclf")
 
@@ -30,7 +30,7 @@ def _int8(job: _Job, fmt: str, calib_data: str | None, calib_n: int, tolerance: 
             log.warning("openvino-int8: no training images left beyond the %d for calibration; the accuracy-"
                         "controlled quantization checks on the calibration images", calib_n)  # fmt: skip
             held = calib
-        q = _quantize_openvino(job.onnx_path, job.path, job.meta, calib, held, tolerance)
+        q = _quantize_openvino(job.onnx_path, job.path, job.meta, calib, held, tolerance, decider(job.art))
         check = job.verify(_ov_runner(q, None))
     accepted = _int8_gate(fmt, q, check, tolerance, force)
     return {"path": str(q), "verify": check, "calibration_images": sum(len(x) for x in calib),

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ...errors import ImgclfError
 from .graph import export_failure
-from .verification import _Job
+from .verification import _Job, _rows_equal
 
 #: openvino-int8: training images (not the calibration ones) on which NNCF keeps top-1 agreement with fp32
 HELD_N = 1000
@@ -62,14 +63,16 @@ def _openvino(job: _Job) -> dict[str, Any]:
 
 def _quantize_openvino(
     fp32_onnx: Path, out_xml: Path, meta: dict[str, str], calib: list[np.ndarray], held: list[np.ndarray],
-    tolerance: float,
+    tolerance: float, decide=None,
 ) -> Path:  # fmt: skip
     """int8 OpenVINO IR by NNCF post-training quantization with accuracy control.
 
     Calibrated on ``calib``; NNCF then keeps reverting the layers that hurt most to floating point until
-    top-1 agreement with the fp32 model on ``held`` (other training images, no labels needed) is within
-    ``tolerance`` points. The verification images are not used, so their figures stay honest.
+    agreement of the run's decisions (``decide``: logits -> top-1 classes, or multi-label label sets;
+    ``verification.decider``) with the fp32 model on ``held`` (other training images, no labels needed) is
+    within ``tolerance`` points. The verification images are not used, so their figures stay honest.
     """
+    decide = decide or (lambda z: torch.as_tensor(z).argmax(1))
     try:
         import nncf
         import openvino as ov
@@ -77,11 +80,11 @@ def _quantize_openvino(
         raise ImgclfError("openvino-int8 needs nncf and openvino: pip install 'imgclf[deploy]'") from None
     model = ov.convert_model(str(fp32_onnx))
     ref_fn = _ov_runner(model)
-    held_ref = [(x, ref_fn(x).argmax(1)) for x in held]
+    held_ref = [(x, decide(ref_fn(x))) for x in held]
 
     def agreement(compiled, data) -> float:
         out = compiled.output("logits")
-        hits = sum(int((compiled(x)[out].argmax(1) == r).sum()) for x, r in data)
+        hits = sum(int(_rows_equal(decide(compiled(x)[out]), r).sum()) for x, r in data)
         return hits / max(sum(len(r) for _, r in data), 1)
 
     nncf_log = logging.getLogger("nncf")

@@ -76,11 +76,23 @@ def pixel_batches(samples, art: Artifact, n: int, batch: int = 32, seed: int = 0
         except Exception:  # noqa: BLE001 - an unreadable file is just not used
             continue
         xs.append(to_pixels(img))
-        ys.append(int(samples.labels[i]))
+        ys.append(torch.as_tensor(samples.labels[i]).long())  # a class index, or a (K,) 0/1 label set
     if not xs:
         raise ImgclfError(f"{samples.name}: no readable images for the export")
     for s in range(0, len(xs), batch):
-        yield torch.stack(xs[s : s + batch]), torch.tensor(ys[s : s + batch])
+        yield torch.stack(xs[s : s + batch]), torch.stack(ys[s : s + batch])
+
+
+def decider(art: Artifact):
+    """``logits (B, K) -> decisions``: (B,) argmax classes, or for a multi-label run (B, K) label sets by its
+    calibration and decision thresholds (what predict and serve answer)."""
+    from ...train.tasks import Decision, task_from_json
+
+    task = task_from_json(art.task)
+    if not task.multi_label:
+        return lambda z: torch.as_tensor(z).argmax(1)
+    decision, bias = Decision.from_json(art.decision), art.calibration.get("bias")
+    return lambda z: task.decide(task.probs(torch.as_tensor(z), art.temperature, bias), decision)
 
 
 #: an fp32 export agrees with PyTorch when its logits are this close relative to their scale ...
@@ -94,8 +106,11 @@ def verify(run_fn, serving: ServingModel, batches, art: Artifact, pixels: str) -
 
     ``max_rel_logit_diff`` is the largest ``max_k |exported - torch| / max_k |torch|`` over images: a
     relative error, so it neither cries wolf on models whose logits are ~1e10 (MobileOne with random weights)
-    nor misses differences on models whose logits are ~1e-3; ``max_abs_logit_diff`` is kept for reference."""
+    nor misses differences on models whose logits are ~1e-3; ``max_abs_logit_diff`` is kept for reference.
+    ``top1_*`` compare the run's decisions (``decision``): the top-1 class, or for multi-label runs the whole
+    label set under the run's thresholds (agreement = identical sets; accuracy = exact match)."""
     diffs, rels, agree, n, known_n, correct_ref, correct = [], [], 0, 0, 0, 0, 0
+    decide = decider(art)
     for px, y in batches:
         x = to_input(px, pixels, art)
         with torch.no_grad():
@@ -104,13 +119,15 @@ def verify(run_fn, serving: ServingModel, batches, art: Artifact, pixels: str) -
         err = (got - ref).abs().amax(1)  # (B,)
         diffs.append(float(err.max()))
         rels.append(float((err / ref.abs().amax(1).clamp_min(1e-12)).max()))
-        agree += int((got.argmax(1) == ref.argmax(1)).sum())
-        known = y >= 0
-        correct_ref += int((ref.argmax(1) == y)[known].sum())
-        correct += int((got.argmax(1) == y)[known].sum())
+        d_ref, d_got = decide(ref), decide(got)
+        agree += int(_rows_equal(d_got, d_ref).sum())
+        known = (y >= 0).reshape(len(y), -1).all(1)
+        correct_ref += int(_rows_equal(d_ref, y)[known].sum())
+        correct += int(_rows_equal(d_got, y)[known].sum())
         n, known_n = n + len(y), known_n + int(known.sum())
     k = max(known_n, 1)
     return {
+        "decision": "label set" if art.multi_label else "top-1",
         "images": n,
         "max_abs_logit_diff": max(diffs),
         "max_rel_logit_diff": max(rels),
@@ -120,6 +137,12 @@ def verify(run_fn, serving: ServingModel, batches, art: Artifact, pixels: str) -
         "top1_exported": correct / k,
         "top1_drop_points": round(100 * (correct_ref - correct) / k, 3),
     }
+
+
+def _rows_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B,) whether each row's decision (a class, or a (K,) label set) is the same in ``a`` and ``b``."""
+    a, b = a.long(), b.long()
+    return (a == b).reshape(len(a), -1).all(1)
 
 
 def parity_ok(v: dict[str, Any]) -> bool:
