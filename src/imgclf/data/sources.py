@@ -565,10 +565,15 @@ def _label_set(path: Path, n: int, cell: str | None, sep: str) -> list[str]:
         other = next((c for c in COMMON_SEPS if c != sep and c in t), None)
         if other is not None:
             raise ImgclfError(f"{path}: row {n}: label {t!r} contains {other!r}: the separator looks like {other!r}, "
-                              f"not {sep!r} (pass --data.label_sep {other!r})")  # fmt: skip
+                              f"not {sep!r} (pass --data.label_sep {_shell(other)})")  # fmt: skip
         if t in tokens[:i]:
             raise ImgclfError(f"{path}: row {n}: label '{t}' appears twice")
     return tokens
+
+
+def _shell(text: str) -> str:
+    """``text`` quoted for a shell command line (a tab as ``$'\\t'``)."""
+    return "$'\\t'" if text == "\t" else repr(text)
 
 
 def _multi_hot(path: Path, sets: list[list[str]], fmt: LabelFormat) -> tuple[np.ndarray, list[str]]:
@@ -594,7 +599,7 @@ def _wide_labels(path: Path, rows: list[dict], cols: list[str], fmt: LabelFormat
     ok = (cells == "0") | (cells == "1")
     if not ok.all():
         r, j = np.argwhere(~ok)[0]
-        raise ImgclfError(f"{path}: row {r + 2}, column '{cols[j]}': {cells[r, j]!r} is not 0 or 1 "
+        raise ImgclfError(f"{path}: row {r + 2}, column '{cols[j]}': {str(cells[r, j])!r} is not 0 or 1 "
                           "(class columns hold 0 or 1)")  # fmt: skip
     hot = (cells == "1").astype(np.uint8)
     if fmt.classes is None:
