@@ -462,8 +462,8 @@ def read_csv(
     if kind == "single":
         lab, classes = _single_labels(path, rows, fmt)
     elif kind == "set":
-        lab, classes = _multi_hot(path, [_label_set(path, n, row.get(cols[0]), fmt.sep) for n, row in _numbered(rows)],
-                                  fmt)  # fmt: skip
+        sets = [_label_set(path, n, row.get(cols[0]), fmt.sep) for n, row in _numbered(rows)]
+        lab, classes = _multi_hot(path, sets, fmt)
     else:
         lab, classes = _wide_labels(path, rows, cols, fmt)
     return Samples(_csv_paths(path, rows), lab, classes, str(path), decode=decode)
