@@ -36,7 +36,12 @@ def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads
 class DataConfig:
     """Where the images come from and how they are batched."""
 
-    path: str | None = opt(None, "training data: ImageFolder dir, CSV (path,label), .npz, or 'builtin:fashion-mnist'")
+    path: str | None = opt(
+        None,
+        "training data: ImageFolder dir, CSV (path,label; multi-label: path,labels with cells like dog|grass, or"
+        " path,<class1>,<class2>,... with 0/1 cells), a folder with labels.csv at its root (either CSV form),"
+        " .npz, or 'builtin:fashion-mnist'",
+    )
     val_path: str | None = opt(None, "validation data; default: a stratified split of the training data")
     test_path: str | None = opt(None, "test data evaluated once at the end with the best checkpoint")
     val_split: float = opt(0.1, "fraction of the training data held out for validation when val_path is unset")
@@ -56,8 +61,21 @@ class DataConfig:
     background: str = opt("white", "colour that transparent pixels are composited over (a name or #rrggbb)")
     max_pixels: int = opt(89_478_485, "refuse images with more pixels, read from the header (0: no limit)")
     max_aspect: float = opt(50.0, "refuse images whose longer side is more than this x the shorter (0: no limit)")
+    task: Literal["auto", "single_label", "multi_label"] = opt(
+        "auto",
+        "auto: multi-label when the data says so (a 'labels' column, 0/1 class columns, a 2-D label matrix) |"
+        " single_label | multi_label (a 'label' column is read as a label set; class folders become one-hot)",
+    )
+    classes: list[str] | None = opt(
+        None,
+        "the class vocabulary in order (default: inferred from the data, sorted); when given, a label in the data"
+        " that is not in it is an error naming the row",
+    )
+    label_sep: str = opt("|", "separator between the labels of a label-set cell (dog|grass); quote it in YAML")
 
     def __post_init__(self) -> None:
+        import unicodedata
+
         from PIL import ImageColor
 
         pr = self.pixel_range
@@ -69,6 +87,14 @@ class DataConfig:
             _check(False, "data.background", "must be a colour name or #rrggbb", self.background)
         _check(self.max_pixels >= 0, "data.max_pixels", "must be >= 0", self.max_pixels)
         _check(self.max_aspect == 0 or self.max_aspect >= 1, "data.max_aspect", "must be 0 or >= 1", self.max_aspect)
+        _check(self.task in ("auto", "single_label", "multi_label"), "data.task",
+               "must be auto, single_label or multi_label", self.task)  # fmt: skip
+        sep = self.label_sep
+        _check(bool(sep.strip()) and "\n" not in sep and "\r" not in sep, "data.label_sep",
+               "must be non-empty, not only spaces, on one line", sep)  # fmt: skip
+        names = [unicodedata.normalize("NFC", str(c).strip()) for c in self.classes or []]
+        ok = self.classes is None or bool(names and all(names) and len(set(names)) == len(names))
+        _check(ok, "data.classes", "must be distinct, non-empty class names (or unset)", self.classes)
         _check(0.0 <= self.val_split < 1.0, "data.val_split", "must be in [0, 1)", self.val_split)
         _check(self.input_size is None or self.input_size >= 8, "data.input_size", "must be >= 8", self.input_size)
         _check(self.crop_pct is None or 0 < self.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]", self.crop_pct)

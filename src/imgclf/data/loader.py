@@ -42,7 +42,9 @@ class Batch(NamedTuple):
 
 
 class ImageDataset(Dataset):
-    """``Samples`` + a transform; ``__getitem__`` returns ``(tensor, label, index)`` or a ``Skipped``."""
+    """``Samples`` + a transform; ``__getitem__`` returns ``(tensor, label, index)`` or a ``Skipped``.
+
+    ``label`` is an int (single-label) or the image's (K,) uint8 0/1 row (multi-label)."""
 
     def __init__(self, samples: Samples, transform: Callable):
         self.samples = samples
@@ -54,7 +56,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         try:
             img = self.samples.load(i)
-            return self.transform(img), int(self.samples.labels[i]), i
+            label = self.samples.labels[i]
+            return self.transform(img), (label if self.samples.multi_label else int(label)), i
         except BadImage as e:
             return Skipped(i, self.samples.describe(i), e.reason)
         except Exception as e:  # noqa: BLE001 - one odd file must never end an epoch
@@ -62,10 +65,15 @@ class ImageDataset(Dataset):
 
 
 def collate(batch: list) -> Batch:
+    """Stack the decodable items; labels are int64 (B,) class indices, or float32 (B, K) 0/1 targets when the
+    items carry multi-label rows (an all-skipped batch has empty int64 labels)."""
     good = [b for b in batch if not isinstance(b, Skipped)]
     skipped = [b for b in batch if isinstance(b, Skipped)]
     images = torch.stack([b[0] for b in good]) if good else None
-    labels = torch.tensor([b[1] for b in good], dtype=torch.long)
+    if good and isinstance(good[0][1], np.ndarray):
+        labels = torch.from_numpy(np.stack([b[1] for b in good]).astype(np.float32))
+    else:
+        labels = torch.tensor([b[1] for b in good], dtype=torch.long)
     indices = torch.tensor([b[2] for b in good], dtype=torch.long)
     return Batch(images, labels, indices, skipped)
 

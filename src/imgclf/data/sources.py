@@ -1,7 +1,9 @@
-"""Data sources: ImageFolder, CSV, in-memory arrays (.npz) and the embedded Fashion-MNIST subset.
+"""Data sources: ImageFolder, CSV, a folder with ``labels.csv``, in-memory arrays (.npz) and the embedded
+Fashion-MNIST subset.
 
-Every source becomes a ``Samples``: a list of items (file paths, or indices into an image array),
-integer labels and the ordered class names. Images are decoded lazily by ``Samples.load``.
+Every source becomes a ``Samples``: a list of items (file paths, or indices into an image array), labels and
+the ordered class names. Single-label data has (N,) int64 class indices (-1: unknown); multi-label data has an
+(N, K) uint8 0/1 matrix (a row of zeros is an image with no class). Images are decoded lazily by ``Samples.load``.
 
 Example:
     >>> s = open_source("builtin:fashion-mnist")
@@ -18,7 +20,9 @@ import re
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -30,6 +34,9 @@ BUILTIN_PREFIX = "builtin:"
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 BUILTIN = {"fashion-mnist": EMBEDDED_DIR / "fashion_mnist_subset.npz", "digits": None}  # digits: scikit-learn
 DEFAULT_DATA = "builtin:fashion-mnist"  # what `imgclf train` uses when no data is given
+LABELS_FILE = "labels.csv"  # a folder holding it is read through it (paths relative to the folder)
+TASKS = ("auto", "single_label", "multi_label")
+COMMON_SEPS = (",", ";", "|", "\t")  # one of these inside a label (other than the separator) is likely a typo
 
 
 def nfc(name: str) -> str:
@@ -37,9 +44,48 @@ def nfc(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
+@dataclass(frozen=True)
+class LabelFormat:
+    """How labels are read.
+
+    ``task``: ``auto`` (multi-label when the data says so: a ``labels`` column, 0/1 class columns, a 2-D label
+    matrix), ``single_label`` (multi-label data is an error) or ``multi_label`` (a ``label`` column is read as
+    a label set; single-label sources become one-hot rows). ``classes``: the vocabulary in order (None: the
+    labels seen, sorted); a label outside it is an error. ``sep``: the separator inside a label-set cell
+    (``dog|grass``). Names are Unicode NFC.
+    """
+
+    task: Literal["auto", "single_label", "multi_label"] = "auto"
+    classes: tuple[str, ...] | None = None
+    sep: str = "|"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ImgclfError(f"label task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if not self.sep.strip() or "\n" in self.sep or "\r" in self.sep:
+            raise ImgclfError(f"label separator must be non-empty, not only spaces, on one line; got {self.sep!r}")
+        if self.classes is not None:
+            names = tuple(nfc(str(c).strip()) for c in self.classes)
+            dup = next((c for i, c in enumerate(names) if c in names[:i]), None)
+            if not names or "" in names or dup is not None:
+                raise ImgclfError(f"given classes must be non-empty distinct names, got {list(self.classes)}")
+            object.__setattr__(self, "classes", names)
+
+
+def label_format_from_config(data) -> LabelFormat:
+    """The label format of a ``config.DataConfig`` (task, classes, label_sep)."""
+    classes = getattr(data, "classes", None)
+    return LabelFormat(getattr(data, "task", "auto"), tuple(classes) if classes is not None else None,
+                       getattr(data, "label_sep", "|"))  # fmt: skip
+
+
 @dataclass
 class Samples:
     """A labelled (or unlabelled, label -1) list of images with ordered class names.
+
+    ``labels`` is (N,) int64 class indices for single-label data, or an (N, K) uint8 0/1 matrix for multi-label
+    data (K = ``len(class_names)``; ``multi_label`` tells which). ``label_format`` is how it was read (companion
+    splits are read the same way).
 
     ``bad`` holds items known to be unreadable before decoding (a broken symlink, a symlink loop, a file
     whose header is not an image or is over the limits): they stay in the list so every consumer reports
@@ -48,7 +94,7 @@ class Samples:
     """
 
     items: list  # str paths, or int indices into ``arrays``
-    labels: np.ndarray  # int64, -1 when unknown
+    labels: np.ndarray  # (N,) int64, -1 when unknown; or (N, K) uint8 0/1 (multi-label)
     class_names: list[str]
     name: str  # what the user passed, for messages
     arrays: np.ndarray | None = field(default=None, repr=False)
@@ -57,6 +103,12 @@ class Samples:
     decode: DecodePolicy = field(default_factory=DecodePolicy)
     bad: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    label_format: LabelFormat = field(default_factory=LabelFormat)
+
+    @property
+    def multi_label(self) -> bool:
+        """True when ``labels`` is an (N, K) 0/1 matrix (multi-label), False for (N,) class indices."""
+        return self.labels.ndim == 2
 
     def __len__(self) -> int:
         return len(self.items)
@@ -82,18 +134,24 @@ class Samples:
 
     def companion(self, split: str) -> Samples | None:
         """Another split of the same multi-split source (e.g. ``test`` of an .npz), if it has one."""
-        return open_source(self.origin, split, self.decode) if split in self.other_splits else None
+        if split not in self.other_splits:
+            return None
+        return open_source(self.origin, split, self.decode, self.label_format)
 
     def class_counts(self, usable: bool = False) -> np.ndarray:
-        """Images per class (``usable``: without the items known to be unreadable)."""
-        keep = self.labels >= 0
+        """Images per class, shape (K,) int64 (multi-label: positive images per class); ``usable``: without the
+        items known to be unreadable."""
+        keep = np.ones(len(self), dtype=bool) if self.multi_label else self.labels >= 0
         if usable and self.bad:
             keep[list(self.bad)] = False
+        if self.multi_label:
+            return self.labels[keep].sum(0, dtype=np.int64)
         return np.bincount(self.labels[keep], minlength=len(self.class_names))
 
     def remap_to(self, class_names: list[str]) -> Samples:
         """Re-index labels to another class order (e.g. a trained run's), matching names in Unicode NFC;
-        unknown classes are an error."""
+        classes with images that are unknown to ``class_names`` are an error. Multi-label: columns are
+        reordered by name; target classes absent here become zero columns."""
         if class_names == self.class_names:
             return self
         index = {nfc(c): i for i, c in enumerate(class_names)}
@@ -103,8 +161,14 @@ class Samples:
                 f"{self.name}: classes not known to the model: {', '.join(extra[:5])}"
                 f" (model classes: {', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''})"
             )
-        lut = np.array([index.get(nfc(c), -1) for c in self.class_names], dtype=np.int64)
-        labels = np.where(self.labels >= 0, lut[np.maximum(self.labels, 0)], -1)
+        if self.multi_label:
+            labels = np.zeros((len(self), len(class_names)), dtype=np.uint8)
+            for j, c in enumerate(self.class_names):
+                if nfc(c) in index:
+                    labels[:, index[nfc(c)]] |= self.labels[:, j]
+        else:
+            lut = np.array([index.get(nfc(c), -1) for c in self.class_names], dtype=np.int64)
+            labels = np.where(self.labels >= 0, lut[np.maximum(self.labels, 0)], -1)
         return dataclasses.replace(self, labels=labels, class_names=list(class_names))
 
     def check_files(self, progress: bool = False, threads: int = 8) -> Samples:
@@ -136,12 +200,22 @@ class Samples:
         return self
 
 
-def open_source(spec: str | Path, split: str = "train", decode: DecodePolicy | None = None) -> Samples:
-    """Open labelled data from a folder, CSV, .npz or ``builtin:NAME``, decoded per ``decode``.
+def open_source(
+    spec: str | Path, split: str = "train", decode: DecodePolicy | None = None, labels: LabelFormat | None = None
+) -> Samples:
+    """Open labelled data from a folder (class sub-folders, or any layout with a ``labels.csv`` at its root), a
+    CSV, an .npz or ``builtin:NAME``, decoded per ``decode``, labels read per ``labels`` (default: auto task,
+    inferred classes, separator ``|``).
 
     ``split`` picks ``{split}_images``/``{split}_labels`` from a multi-split .npz (and the embedded data).
     """
-    spec, decode = str(spec), decode or DecodePolicy()
+    fmt = labels or LabelFormat()
+    s = _as_task(_in_vocabulary(_open(str(spec), split, decode or DecodePolicy(), fmt), fmt), fmt)
+    s.label_format = fmt
+    return s
+
+
+def _open(spec: str, split: str, decode: DecodePolicy, fmt: LabelFormat) -> Samples:
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX) :]
         name, _, sp = name.partition(":")
@@ -149,20 +223,48 @@ def open_source(spec: str | Path, split: str = "train", decode: DecodePolicy | N
             raise ImgclfError(f"unknown built-in data set '{name}' (known: {', '.join(BUILTIN)})")
         if name == "digits":
             return sklearn_digits(decode)
-        s = read_npz(BUILTIN[name], sp or split, decode)
+        s = read_npz(BUILTIN[name], sp or split, decode, fmt)
         s.name, s.origin = f"{BUILTIN_PREFIX}{name}:{sp or split}", f"{BUILTIN_PREFIX}{name}"
         return s
     p = Path(spec).expanduser()
     if not p.exists():
         raise ImgclfError(f"data path not found: {p}")
     if p.is_dir():
-        return read_image_folder(p, decode)
+        return read_labelled_folder(p, decode, fmt) if (p / LABELS_FILE).is_file() else read_image_folder(p, decode)
     suffix = p.suffix.lower()
     if suffix == ".csv":
-        return read_csv(p, decode=decode)
+        return read_csv(p, decode=decode, labels=fmt)
     if suffix == ".npz":
-        return read_npz(p, split, decode)
+        return read_npz(p, split, decode, fmt)
     raise ImgclfError(f"{p}: unsupported data file (expected a folder, a .csv or a .npz)")
+
+
+def _in_vocabulary(s: Samples, fmt: LabelFormat) -> Samples:
+    """``s`` in the given class order; a class with images that is not in it is an error (CSVs check per row)."""
+    if fmt.classes is None or s.class_names == list(fmt.classes):
+        return s
+    extra = [c for c, n in zip(s.class_names, s.class_counts()) if n and c not in fmt.classes]
+    if extra:
+        raise ImgclfError(f"{s.name}: class(es) {', '.join(extra[:5])} not in the given classes "
+                          f"(--data.classes: {_listing(fmt.classes)})")  # fmt: skip
+    return s.remap_to(list(fmt.classes))
+
+
+def _as_task(s: Samples, fmt: LabelFormat) -> Samples:
+    """Single-label data as one-hot rows when the task is multi-label; multi-label data refused for single-label."""
+    if fmt.task == "single_label" and s.multi_label:
+        raise ImgclfError(f"{s.name}: holds multi-label data but --data.task is single_label (use auto)")
+    if fmt.task != "multi_label" or s.multi_label:
+        return s
+    hot = np.zeros((len(s), len(s.class_names)), dtype=np.uint8)
+    known = np.flatnonzero(s.labels >= 0)
+    hot[known, s.labels[known]] = 1
+    return dataclasses.replace(s, labels=hot)
+
+
+def _listing(names, n: int = 10) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def sklearn_digits(decode: DecodePolicy | None = None) -> Samples:
@@ -330,29 +432,68 @@ def _existing(p: Path) -> Path:
     return q if q.exists() else p
 
 
-def read_csv(path: Path, need_label: bool = True, decode: DecodePolicy | None = None) -> Samples:
-    """A CSV with a header holding ``path`` and ``label`` columns; paths are relative to the CSV's folder.
-    Labels are compared in Unicode NFC."""
+def read_csv(
+    path: Path, need_label: bool = True, decode: DecodePolicy | None = None, labels: LabelFormat | None = None
+) -> Samples:
+    """A CSV with a header holding a ``path`` column (relative to the CSV's folder) and labels in one of three
+    forms: ``label`` (one class per row), ``labels`` (a label set per row, ``dog|grass`` with separator
+    ``labels.sep``; an empty cell is the empty set) or one 0/1 column per class (``path,dog,grass``).
+
+    ``labels.task`` ``auto`` reads a ``labels`` column or 0/1 columns as multi-label (an (N, K) uint8 0/1
+    matrix), a ``label`` column as single-label; ``multi_label`` also reads ``label`` as a label set. Names are
+    Unicode NFC. Errors name the row (the header is row 1) and the label or column.
+    """
+    fmt = labels or LabelFormat()
+    columns, rows = _csv_rows(path)
+    kind, cols = _label_columns(path, columns, rows, fmt) if need_label else ("none", [])
+    missing = [c for c, gone in (("path", "path" not in columns), ("label", kind == "missing")) if gone]
+    if missing:
+        expected = "'path,label'" if fmt.task == "single_label" or not need_label else EXPECTED_HEADERS
+        raise ImgclfError(
+            f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)}"
+            f" (found: {', '.join(columns) or 'no header'}; expected a header {expected})"
+        )
+    if not rows:
+        raise ImgclfError(f"{path}: no rows below the header")
+    decode = decode or DecodePolicy()
+    if kind == "none":
+        items = _csv_paths(path, rows)
+        return Samples(items, np.full(len(items), -1, dtype=np.int64), [], str(path), decode=decode)
+    if kind == "single":
+        lab, classes = _single_labels(path, rows, fmt)
+    elif kind == "set":
+        sets = [_label_set(path, n, row.get(cols[0]), fmt.sep) for n, row in _numbered(rows)]
+        lab, classes = _multi_hot(path, sets, fmt)
+    else:
+        lab, classes = _wide_labels(path, rows, cols, fmt)
+    return Samples(_csv_paths(path, rows), lab, classes, str(path), decode=decode)
+
+
+EXPECTED_HEADERS = (
+    "'path,label' (one class per row), 'path,labels' (a label set per row: dog|grass)"
+    " or 'path,<class1>,<class2>,...' (0/1 cells)"
+)
+
+
+def _csv_rows(path: Path) -> tuple[list[str], list[dict]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = [c.strip() for c in reader.fieldnames or []]
             reader.fieldnames = columns
-            rows = list(reader)
+            return columns, list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ImgclfError(f"{path}: cannot read CSV ({e})") from None
-    required = ["path", "label"] if need_label else ["path"]
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise ImgclfError(
-            f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)}"
-            f" (found: {', '.join(columns) or 'no header'}; expected a header 'path,label')"
-        )
-    if not rows:
-        raise ImgclfError(f"{path}: no rows below the header")
+
+
+def _numbered(rows: list[dict]):
+    return enumerate(rows, start=2)  # row numbers as a spreadsheet shows them: the header is row 1
+
+
+def _csv_paths(path: Path, rows: list[dict]) -> list[str]:
     base = path.parent
-    items, raw, absent = [], [], []
-    for n, row in enumerate(rows, start=2):
+    items, absent = [], []
+    for n, row in _numbered(rows):
         rel = (row.get("path") or "").strip()
         if not rel:
             raise ImgclfError(f"{path}: row {n} has an empty 'path'")
@@ -360,23 +501,151 @@ def read_csv(path: Path, need_label: bool = True, decode: DecodePolicy | None = 
         if not p.is_file():
             absent.append(f"row {n}: {rel}")
         items.append(str(p))
-        if need_label:
-            lab = nfc((row.get("label") or "").strip())
-            if not lab:
-                raise ImgclfError(f"{path}: row {n} has an empty 'label'")
-            raw.append(lab)
     if absent:
         raise ImgclfError(f"{path}: {len(absent)} listed file(s) do not exist, e.g. {'; '.join(absent[:3])}")
-    decode = decode or DecodePolicy()
-    if not need_label:
-        return Samples(items, np.full(len(items), -1, dtype=np.int64), [], str(path), decode=decode)
-    classes = _natural_sorted(set(raw))
+    return items
+
+
+def _label_columns(path: Path, columns: list[str], rows: list[dict], fmt: LabelFormat) -> tuple[str, list[str]]:
+    """Which labels the CSV holds: ("single", ["label"]), ("set", [column]), ("wide", class columns) or
+    ("missing", [])."""
+    one, many = "label" in columns, "labels" in columns
+    if fmt.task == "single_label":
+        if one:
+            return "single", ["label"]
+        if many:
+            raise ImgclfError(f"{path}: the 'labels' column holds label sets (multi-label) but --data.task is "
+                              "single_label; use a 'label' column (one class per row) or --data.task auto")  # fmt: skip
+    elif one and many:
+        raise ImgclfError(f"{path}: has both a 'label' and a 'labels' column; keep one ('label': one class per row, "
+                          "'labels': a label set per row)")  # fmt: skip
+    elif many or (one and fmt.task == "multi_label"):
+        return "set", ["labels" if many else "label"]
+    elif one:
+        return "single", ["label"]
+    wide = _wide_columns(columns, rows)
+    if wide and fmt.task == "single_label":
+        raise ImgclfError(f"{path}: 0/1 class columns ({_listing(wide, 5)}) are multi-label data but --data.task is "
+                          "single_label; use a 'label' column (one class per row) or --data.task auto")  # fmt: skip
+    return ("wide", wide) if wide else ("missing", [])
+
+
+def _wide_columns(columns: list[str], rows: list[dict]) -> list[str]:
+    """Every column but ``path`` when at least one of them holds only 0/1 (a wide multi-label CSV), else [];
+    unnamed columns with no values (a trailing comma in the header) are left out."""
+    others = [c for c in columns if c != "path" and (c or any((r.get(c) or "").strip() for r in rows))]
+    binary = [c for c in others if all((r.get(c) or "").strip() in ("0", "1") for r in rows)]
+    return others if binary else []
+
+
+def _single_labels(path: Path, rows: list[dict], fmt: LabelFormat) -> tuple[np.ndarray, list[str]]:
+    raw = []
+    for n, row in _numbered(rows):
+        lab = nfc((row.get("label") or "").strip())
+        if not lab:
+            raise ImgclfError(f"{path}: row {n} has an empty 'label'")
+        raw.append(lab)
+    classes = list(fmt.classes) if fmt.classes is not None else _natural_sorted(set(raw))
     index = {c: i for i, c in enumerate(classes)}
-    return Samples(items, np.asarray([index[x] for x in raw], dtype=np.int64), classes, str(path), decode=decode)
+    for n, lab in enumerate(raw, start=2):
+        if lab not in index:
+            raise _not_given(path, n, lab, classes)
+    return np.asarray([index[x] for x in raw], dtype=np.int64), classes
 
 
-def read_npz(path: Path, split: str = "train", decode: DecodePolicy | None = None) -> Samples:
-    """Arrays in a .npz: ``images`` (N,H,W[,C]) and ``labels`` (N), or ``{split}_images``/``{split}_labels``.
+def _label_set(path: Path, n: int, cell: str | None, sep: str) -> list[str]:
+    """The labels of one label-set cell (``dog|grass``; empty: none), each stripped and in Unicode NFC."""
+    text = (cell or "").strip()
+    if not text:
+        return []
+    tokens = [nfc(t.strip()) for t in text.split(sep)]
+    for i, t in enumerate(tokens):
+        if not t:
+            raise ImgclfError(f"{path}: row {n}: empty label in {text!r} (a doubled, leading or trailing {sep!r})")
+        other = next((c for c in COMMON_SEPS if c != sep and c in t), None)
+        if other is not None:
+            raise ImgclfError(f"{path}: row {n}: label {t!r} contains {other!r}: the separator looks like {other!r}, "
+                              f"not {sep!r} (pass --data.label_sep {_shell(other)})")  # fmt: skip
+        if t in tokens[:i]:
+            raise ImgclfError(f"{path}: row {n}: label '{t}' appears twice")
+    return tokens
+
+
+def _shell(text: str) -> str:
+    """``text`` quoted for a shell command line (a tab as ``$'\\t'``)."""
+    return "$'\\t'" if text == "\t" else repr(text)
+
+
+def _multi_hot(path: Path, sets: list[list[str]], fmt: LabelFormat) -> tuple[np.ndarray, list[str]]:
+    """An (N, K) uint8 0/1 matrix from label sets, K = the given classes or the sorted labels seen."""
+    classes = list(fmt.classes) if fmt.classes is not None else _natural_sorted({t for s in sets for t in s})
+    index = {c: i for i, c in enumerate(classes)}
+    hot = np.zeros((len(sets), len(classes)), dtype=np.uint8)
+    for r, labels in enumerate(sets):
+        for t in labels:
+            if t not in index:
+                raise _not_given(path, r + 2, t, classes)
+            hot[r, index[t]] = 1
+    return hot, classes
+
+
+def _wide_labels(path: Path, rows: list[dict], cols: list[str], fmt: LabelFormat) -> tuple[np.ndarray, list[str]]:
+    """The 0/1 class columns as an (N, K) uint8 matrix, in column order or the given classes' order."""
+    names = [nfc(c) for c in cols]
+    dup = next((c for i, c in enumerate(names) if c in names[:i]), None)
+    if dup is not None:
+        raise ImgclfError(f"{path}: class column '{dup}' appears twice in the header")
+    cells = np.array([[(row.get(c) or "").strip() for c in cols] for row in rows], dtype=str).reshape(len(rows), -1)
+    ok = (cells == "0") | (cells == "1")
+    if not ok.all():
+        r, j = np.argwhere(~ok)[0]
+        raise ImgclfError(f"{path}: row {r + 2}, column '{cols[j]}': {str(cells[r, j])!r} is not 0 or 1 "
+                          "(class columns hold 0 or 1)")  # fmt: skip
+    hot = (cells == "1").astype(np.uint8)
+    if fmt.classes is None:
+        return hot, names
+    index = {c: i for i, c in enumerate(fmt.classes)}
+    out = np.zeros((len(rows), len(index)), dtype=np.uint8)
+    for j, c in enumerate(names):
+        if c in index:
+            out[:, index[c]] = hot[:, j]
+        elif hot[:, j].any():
+            raise _not_given(path, int(np.argmax(hot[:, j])) + 2, c, list(fmt.classes))
+    return out, list(fmt.classes)
+
+
+def _not_given(path: Path, n: int, label: str, classes: list[str]) -> ImgclfError:
+    return ImgclfError(f"{path}: row {n}: label '{label}' is not one of the given classes "
+                       f"(--data.classes: {_listing(classes)})")  # fmt: skip
+
+
+def read_labelled_folder(root: Path, decode: DecodePolicy | None = None, labels: LabelFormat | None = None) -> Samples:
+    """A folder of images in any layout with ``labels.csv`` at its root: the CSV (any form ``read_csv`` takes,
+    paths relative to the folder) gives the images and labels. Image files it does not list are not used; a
+    note says how many."""
+    s = read_csv(root / LABELS_FILE, decode=decode, labels=labels)
+    found = walk_files(root)
+    listed = {os.path.abspath(p) for p in s.items}
+    unlisted = [f for f in found.files if f.suffix.lower() in _image_suffixes() and os.path.abspath(f) not in listed]
+    s.name, s.notes = str(root), s.notes + found.note(str(root))
+    if unlisted:
+        s.notes.append(f"{root}: {len(unlisted)} image file(s) not listed in {LABELS_FILE} are not used "
+                       f"(e.g. {unlisted[0].relative_to(root)})")  # fmt: skip
+    return s
+
+
+@lru_cache(maxsize=1)
+def _image_suffixes() -> frozenset[str]:
+    """File name endings of the image formats Pillow can open (``.png``, ``.jpg``, ...)."""
+    return frozenset(e for e, f in Image.registered_extensions().items() if f in Image.OPEN)
+
+
+def read_npz(
+    path: Path, split: str = "train", decode: DecodePolicy | None = None, labels_format: LabelFormat | None = None
+) -> Samples:
+    """Arrays in a .npz: ``images`` (N,H,W[,C]) and ``labels`` (N) or (N, K), or ``{split}_images``/
+    ``{split}_labels``. An (N, K) ``labels`` holding only 0/1 (integers or bools) is multi-label; its names come
+    from ``class_names`` (length K) or are "0".."K-1".
 
     Images may be uint8, 16-bit or 32-bit integers, bool or float; all but uint8 are windowed to 0-255 by
     ``decode.pixel_range`` (``auto``: integers by their type's range, floats by the range of the whole array:
@@ -398,7 +667,12 @@ def read_npz(path: Path, split: str = "train", decode: DecodePolicy | None = Non
     others = tuple(sorted(splits - {split})) if ik != "images" else ()
     if len(images) != len(labels):
         raise ImgclfError(f"{path}: '{ik}' has {len(images)} images but '{lk}' has {len(labels)} labels")
-    if labels.dtype.kind in "iu":
+    if labels.ndim == 2:
+        names = _matrix_names(path, lk, labels, data, labels_format or LabelFormat())
+        lab = labels.astype(np.uint8)
+    elif labels.ndim != 1:
+        raise ImgclfError(f"{path}: '{lk}' must be (N,) class labels or an (N, K) 0/1 matrix, got shape {labels.shape}")
+    elif labels.dtype.kind in "iu":
         n = int(labels.max()) + 1 if len(labels) else 0
         names = [nfc(str(x)) for x in data["class_names"]] if "class_names" in data else [str(i) for i in range(n)]
         if n > len(names) or (len(labels) and labels.min() < 0):
@@ -414,6 +688,25 @@ def read_npz(path: Path, split: str = "train", decode: DecodePolicy | None = Non
     else:
         raise ImgclfError(f"{path}: '{lk}' must hold integers or strings, not {labels.dtype}")
     return Samples(list(range(len(images))), lab, names, str(path), images, others, str(path), decode)
+
+
+def _matrix_names(path: Path, key: str, labels: np.ndarray, data: dict, fmt: LabelFormat) -> list[str]:
+    """The class names of an (N, K) multi-label matrix, after checking it holds only 0/1."""
+    if labels.dtype.kind not in "iub":
+        raise ImgclfError(f"{path}: '{key}' is a 2-D multi-label matrix and must hold 0/1 integers or booleans, "
+                          f"not {labels.dtype}")  # fmt: skip
+    if not np.isin(labels, (0, 1)).all():
+        bad = labels[~np.isin(labels, (0, 1))].flat[0]
+        raise ImgclfError(f"{path}: '{key}' is a 2-D multi-label matrix and must hold only 0 and 1 (found {bad})")
+    k = labels.shape[1]
+    names = [nfc(str(x)) for x in data["class_names"]] if "class_names" in data else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ImgclfError(f"{path}: 'class_names' has {len(names)} names but '{key}' has {k} columns")
+    if len(set(names)) < len(names):
+        raise ImgclfError(f"{path}: 'class_names' repeats a name (after Unicode NFC normalisation)")
+    if fmt.task == "single_label":
+        raise ImgclfError(f"{path}: '{key}' is a 2-D multi-label matrix but --data.task is single_label (use auto)")
+    return names
 
 
 def _nhwc_uint8(a: np.ndarray, path: Path, key: str, decode: DecodePolicy) -> np.ndarray:
@@ -463,7 +756,12 @@ def scan_inputs(inputs: list[str], decode: DecodePolicy | None = None) -> Sample
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, held_out) with ``fraction`` of every class held out (at least one per class of 2+)."""
+    """Indices (train, held_out) with ``fraction`` of every class held out (at least one per class of 2+).
+
+    (N,) class indices split class by class; an (N, K) multi-label matrix goes to ``iterative_split``.
+    """
+    if labels.ndim == 2:
+        return iterative_split(labels, fraction, seed)
     rng = np.random.default_rng(seed)
     train, held = [], []
     for c in np.unique(labels):
@@ -476,11 +774,63 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
 
 
+def iterative_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held_out) of an (N, K) 0/1 matrix with about ``fraction`` of every class's positives
+    held out, by iterative stratification; deterministic for a seed.
+
+    The empty label set counts as one more label, so images with no class are spread too. When ``fraction`` > 0,
+    every label with 2+ positives has at least one in each part (as ``stratified_split`` guarantees per class).
+    """
+    # Iterative stratification: Sechidis, Tsoumakas & Vlahavas (2011), "On the Stratification of Multi-Label
+    # Data", ECML PKDD, Algorithm 1, for two folds. Written here because scikit-multilearn, its usual
+    # implementation, is no longer maintained. Take the label with the fewest positives left; give each of its
+    # images to the part that still wants most of that label (ties: most images wanted, then at random).
+    y = np.asarray(labels).astype(bool)
+    y = np.concatenate([y, ~y.any(axis=1, keepdims=True)], axis=1)  # the empty set as a pseudo-label
+    n, total = len(y), y.sum(axis=0)
+    if fraction <= 0 or n == 0:
+        return np.arange(n), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    held = fraction * total
+    held = np.where(total >= 2, np.clip(held, 1, np.maximum(total - 1, 1)), held)  # one each side for 2+
+    want_label = np.stack([held, total - held])  # (2, K+1): part 0 held out, part 1 train
+    want = np.array([fraction * n, (1 - fraction) * n])
+    part, left = np.full(n, -1), total.copy()
+    while (left > 0).any():
+        fewest = np.flatnonzero(left == left[left > 0].min())
+        lab = fewest[rng.integers(len(fewest))]
+        for i in rng.permutation(np.flatnonzero((part < 0) & y[:, lab])):
+            best = np.flatnonzero(want_label[:, lab] == want_label[:, lab].max())
+            best = best[want[best] == want[best].max()]
+            j = best[rng.integers(len(best))]
+            part[i], want[j], left = j, want[j] - 1, left - y[i]
+            want_label[j] -= y[i]
+    for j in (0, 1):
+        _ensure_positive(y, part, j, total)
+    return np.flatnonzero(part == 1), np.flatnonzero(part == 0)
+
+
+def _ensure_positive(y: np.ndarray, part: np.ndarray, j: int, total: np.ndarray) -> None:
+    """Move one image into part ``j`` for each label of 2+ positives that has none there, preferring images
+    whose move leaves every one of their labels a positive in the other part, then images with fewer labels."""
+    for lab in np.argsort(total, kind="stable"):
+        if total[lab] < 2 or y[part == j, lab].any():
+            continue
+        cand = np.flatnonzero((part != j) & y[:, lab])
+        risky = (y[part != j].sum(axis=0) <= 1) & (total >= 2)  # labels the move could take out of the other part
+        cost = (y[cand] & risky).any(axis=1) * y.shape[1] + y[cand].sum(axis=1)
+        part[cand[np.argmin(cost)]] = j
+
+
 __all__ = [
     "Samples",
     "open_source",
+    "LabelFormat",
+    "iterative_split",
+    "label_format_from_config",
     "read_csv",
     "read_image_folder",
+    "read_labelled_folder",
     "read_npz",
     "scan_inputs",
     "stratified_split",

@@ -10,7 +10,7 @@ import numpy as np
 from ..config import Config
 from ..errors import ImgclfError
 from .images import policy_from_config
-from .sources import DEFAULT_DATA, Samples, open_source, stratified_split
+from .sources import DEFAULT_DATA, Samples, label_format_from_config, open_source, stratified_split
 
 log = logging.getLogger("imgclf")
 
@@ -29,21 +29,18 @@ def prepare_data(cfg: Config, check_files: bool = True) -> DataSplits:
 
     ``check_files`` reads every file's header first: unreadable files, non-images and images over the
     limits are reported as skipped and kept out of the stratified split, so no class loses its validation
-    images to junk; classes with too few usable images are named in a warning.
+    images to junk; classes with too few usable images are named in a warning. Labels are read per
+    ``data.task``/``classes``/``label_sep``; multi-label data is split by iterative stratification, and
+    validation/test data must be of the same kind (single- or multi-label) as the training data.
     """
-    policy = policy_from_config(cfg.data)
-    source = _checked(open_source(cfg.data.path or DEFAULT_DATA, "train", policy), cfg, check_files)
+    policy, fmt = policy_from_config(cfg.data), label_format_from_config(cfg.data)
+    source = _checked(open_source(cfg.data.path or DEFAULT_DATA, "train", policy, fmt), cfg, check_files)
     names = source.class_names
     usable = source.class_counts(usable=True)
-    present = [c for c, n in zip(names, usable) if n]
-    if len(present) < 2:
-        raise ImgclfError(f"{source.name}: only one class with readable images ({', '.join(present) or 'none'}); "
-                          "need at least two")  # fmt: skip
-    if cfg.train.metric == "top5" and len(names) <= 5:
-        raise ImgclfError(f"train.metric: top5 needs more than 5 classes ({source.name} has {len(names)})")
-    val = open_source(cfg.data.val_path, "val", policy) if cfg.data.val_path else source.companion("val")
+    _check_classes(source, usable, cfg.train.metric)
+    val = open_source(cfg.data.val_path, "val", policy, fmt) if cfg.data.val_path else source.companion("val")
     if val is not None:
-        train, val = source, _checked(val, cfg, check_files).remap_to(names)
+        train, val = source, _same_kind(_checked(val, cfg, check_files), source).remap_to(names)
     else:
         if cfg.data.val_split <= 0:
             raise ImgclfError("data.val_split must be > 0 when no data.val_path is given")
@@ -57,9 +54,36 @@ def prepare_data(cfg: Config, check_files: bool = True) -> DataSplits:
             f"{source.name}: the validation split is empty (every class has a single image); "
             "add images or pass --val-data"
         )
-    test = open_source(cfg.data.test_path, "test", policy) if cfg.data.test_path else source.companion("test")
-    test = _checked(test, cfg, check_files).remap_to(names) if test is not None else None
+    test = open_source(cfg.data.test_path, "test", policy, fmt) if cfg.data.test_path else source.companion("test")
+    test = _same_kind(_checked(test, cfg, check_files), source).remap_to(names) if test is not None else None
     return DataSplits(train, val, test, names)
+
+
+def _check_classes(source: Samples, usable: np.ndarray, metric: str) -> None:
+    """Single-label training needs two classes with readable images (and 6+ classes for top5); multi-label
+    training needs one class with a readable positive image."""
+    names = source.class_names
+    present = [c for c, n in zip(names, usable) if n]
+    if source.multi_label:
+        if not present:
+            raise ImgclfError(f"{source.name}: no class has a readable positive image (every label set is empty "
+                              "or its images are unreadable); need at least one")  # fmt: skip
+        return
+    if len(present) < 2:
+        raise ImgclfError(f"{source.name}: only one class with readable images ({', '.join(present) or 'none'}); "
+                          "need at least two")  # fmt: skip
+    if metric == "top5" and len(names) <= 5:
+        raise ImgclfError(f"train.metric: top5 needs more than 5 classes ({source.name} has {len(names)})")
+
+
+def _same_kind(s: Samples, train: Samples) -> Samples:
+    """``s`` when it is single-label like ``train`` or multi-label like it; else a one-line error naming both."""
+    if s.multi_label == train.multi_label:
+        return s
+    kind = {True: "multi-label", False: "single-label"}
+    hint = " (--data.task multi_label reads single-label data as one-hot label sets)" if train.multi_label else ""
+    raise ImgclfError(f"{s.name} is {kind[s.multi_label]} but the training data {train.name} is "
+                      f"{kind[train.multi_label]}; give data of one kind{hint}")  # fmt: skip
 
 
 def _checked(s: Samples, cfg: Config, check: bool) -> Samples:
