@@ -42,7 +42,9 @@ RUNS = {
 }
 
 
-def run_one(name: str, flags: str, data: Path, out: Path) -> dict:
+def train_run(name: str, flags: str, data: Path, out: Path) -> tuple[dict, float, float]:
+    """``imgclf train --data DATA <flags>`` as ``out/name`` (replaced) in a subprocess: (its imgclf.json, wall
+    seconds, CPU seconds of the subprocess and its workers)."""
     if (out / name).exists():
         shutil.rmtree(out / name)
     args = ["train", "--data", str(data), "--output", str(out), "--name", name, "--no-progress", *shlex.split(flags)]
@@ -52,7 +54,11 @@ def run_one(name: str, flags: str, data: Path, out: Path) -> dict:
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    doc = json.loads((out / name / "imgclf.json").read_text())
+    return json.loads((out / name / "imgclf.json").read_text()), wall, cpu
+
+
+def run_one(name: str, flags: str, data: Path, out: Path) -> dict:
+    doc, wall, cpu = train_run(name, flags, data, out)
     rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["img_per_s"] for r in rows if "img_per_s" in r]
     return {

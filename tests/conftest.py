@@ -48,6 +48,33 @@ def make_image(cls: int, rng: np.random.Generator, size: int = 24) -> Image.Imag
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+ML_CLASSES = ["red", "green", "blue"]
+
+
+def make_multilabel_image(labels: list[int], rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """A noisy grey image whose quadrant k holds a patch of colour k for every label k in ``labels``."""
+    arr = 110 + rng.normal(0, 20, (size, size, 3))
+    h = size // 2
+    for k in labels:
+        r, c = divmod(k, 2)
+        arr[r * h + 2 : r * h + h - 2, c * h + 2 : c * h + h - 2] = PALETTE[k]
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def make_multilabel_csv(root: Path, n: int = 60, seed: int = 0, sep: str = "|") -> Path:
+    """``root/labels.csv`` (``path,labels``: label sets of ``ML_CLASSES`` joined by ``sep``, empty sets included)
+    over PNGs in ``root/images``; every non-empty subset of the three labels and the empty set appear."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = ["path,labels"]
+    for i in range(n):
+        labels = [k for k in range(3) if (i % 8) >> k & 1]  # the 8 subsets in turn
+        make_multilabel_image(labels, rng).save(root / "images" / f"im_{i:03d}.png")
+        lines.append(f"images/im_{i:03d}.png,{sep.join(ML_CLASSES[k] for k in labels)}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
 def make_folder(root: Path, n_per_class: int = 12, classes: int = 3, seed: int = 0, nested: bool = False) -> Path:
     """An ImageFolder of PNGs: ``root/class_k/[sub/]img_i.png``."""
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .conftest import TINY, make_folder
+from .conftest import TINY, make_folder, make_multilabel_csv
 
 EPOCHS = 4
 
@@ -82,6 +82,12 @@ STRATEGIES = {
         },
         2,
     ),
+    # multi-label data (label sets, BCE/ASL): every strategy resumes the same way
+    "multilabel-finetune-mixup": ({"aug.mixup": 0.4, "train.loss": "asl"}, 2),
+    "multilabel-staged": ({"transfer.strategy": "staged", "transfer.head_epochs": 1}, 2),
+    "multilabel-scratch": ({"transfer.strategy": "scratch", "train.pos_weight": "balanced"}, 1),
+    "multilabel-probe-sgd-cached": ({"transfer.strategy": "probe", "probe.solver": "sgd"}, 2),
+    "multilabel-probe-lbfgs": ({"transfer.strategy": "probe"}, None),
 }
 
 
@@ -92,7 +98,8 @@ def test_resume_gives_the_same_run_for_every_strategy(case, tmp_path, monkeypatc
     from imgclf.api import make_config, resume_config, train
 
     extra, kill_after = STRATEGIES[case]
-    data = make_folder(tmp_path / "d", n_per_class=12, classes=3, seed=4)
+    multi = case.startswith("multilabel")
+    data = make_multilabel_csv(tmp_path / "d", 40, seed=4) if multi else make_folder(tmp_path / "d", 12, 3, seed=4)
     over = {"model.name": "test_efficientnet", "model.weights": "none", "data.input_size": 32,
             "data.batch_size": 8, "data.num_workers": 0, "run.progress": False, "train.epochs": 4,
             "optim.lr": 0.01, "run.output": str(tmp_path / "runs"), "probe.cache_dir": str(tmp_path / "cache"),
@@ -121,10 +128,12 @@ def test_resume_gives_the_same_run_for_every_strategy(case, tmp_path, monkeypatc
 
     assert [r["epoch"] for r in resumed.history] == [r["epoch"] for r in full.history]
     for a, b in zip(full.history, resumed.history):
-        for key in ("train_loss", "val_loss", "val_top1"):
+        for key in ("train_loss", "val_loss", "val_top1", "val_map"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
-    assert resumed.val_metrics["top1"] == pytest.approx(full.val_metrics["top1"], abs=1e-6)
+    headline = "map" if multi else "top1"
+    assert resumed.val_metrics[headline] == pytest.approx(full.val_metrics[headline], abs=1e-6)
+    assert resumed.val_metrics.get("multi_label", False) == multi
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

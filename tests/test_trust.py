@@ -325,7 +325,7 @@ def test_report_is_self_contained_with_every_section(tiny_run, tmp_path):
     for src in p.imgs:
         assert src.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
-    for text in ("AUROC", "temperature", "class_2", "top1"):
+    for text in ("AUROC", "temperature", "class_2", "top-1"):
         assert text in page
 
 

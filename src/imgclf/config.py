@@ -343,8 +343,10 @@ class TrustConfig:
     threshold_value: float = opt(0.5, "the threshold of every class for threshold fixed")
     threshold_top_k: int = opt(1, "labels per image for threshold top_k")
     ood: bool = opt(True, "fit OOD statistics (Mahalanobis, k-NN) on training features and thresholds on val")
-    ood_score: Literal["msp", "max_logit", "energy", "mahalanobis", "knn"] = opt(
-        "energy", "the score predict uses to answer 'unknown'"
+    ood_score: Literal["auto", "msp", "max_logit", "energy", "mahalanobis", "knn"] = opt(
+        "auto",
+        "the score predict uses to answer 'unknown'; auto: energy (single-label) or knn (multi-label: logit scores "
+        "read an image with no label as having little evidence, so they would reject empty label sets)",
     )
     ood_tpr: float = opt(0.95, "thresholds keep this fraction of in-distribution validation images")
     ood_max_train: int = opt(20000, "at most this many training images (stratified) for the OOD statistics")

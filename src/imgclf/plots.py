@@ -48,7 +48,7 @@ def png_bytes(fig) -> bytes:
 
 
 def training_curves(rows: list[dict[str, Any]]) -> bytes:
-    """Train/val loss and val top-1 (raw and EMA) per epoch."""
+    """Train/val loss and val top-1 (raw and EMA) per epoch; val mAP instead for multi-label runs (no top-1)."""
     fig = figure(9.0, 3.4)
     ep = [r["epoch"] for r in rows]
     ax = fig.add_subplot(1, 2, 1)
@@ -60,11 +60,14 @@ def training_curves(rows: list[dict[str, Any]]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax = fig.add_subplot(1, 2, 2)
-    for key, label in (("val_top1", "val top-1"), ("ema_val_top1", "val top-1 (EMA)")):
+    keys, title = (("val_top1", "val top-1"), ("ema_val_top1", "val top-1 (EMA)")), "validation accuracy (%)"
+    if not any("val_top1" in r for r in rows) and any("val_map" in r for r in rows):  # multi-label history rows
+        keys, title = (("val_map", "val mAP"), ("ema_val_map", "val mAP (EMA)")), "validation mAP (%)"
+    for key, label in keys:
         if any(key in r for r in rows):
             ax.plot(ep, [100 * r.get(key, float("nan")) for r in rows], marker="o", ms=3, label=label)
     ax.set_xlabel("epoch")
-    ax.set_title("validation accuracy (%)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -101,23 +104,36 @@ def confusion_heatmap(cm: list[list[int]], names: list[str]) -> bytes:
     return png_bytes(fig)
 
 
-def reliability_diagram(before: dict[str, list[float]], after: dict[str, list[float]], t: float) -> bytes:
-    """Accuracy against confidence per bin, before and after temperature scaling."""
+def reliability_diagram(
+    before: dict[str, list[float]],
+    after: dict[str, list[float]],
+    t: float = 1.0,
+    *,
+    after_title: str | None = None,
+    pooled: bool = False,
+) -> bytes:
+    """Accuracy against confidence per bin, before and after temperature scaling (``t``).
+
+    ``after_title`` replaces the right panel's title (multi-label runs: per-class scaling, no single ``t``);
+    ``pooled``: the bins hold pooled label probabilities of a multi-label run, so the axes read "label
+    probability" and "fraction positive" (``calibration.multilabel_reliability``)."""
+    xlabel, ylabel = ("label probability", "fraction positive") if pooled else ("confidence", "accuracy")
     fig = figure(8.0, 3.6)
-    for i, (rel, title) in enumerate(((before, "before"), (after, f"after temperature scaling (T = {t:.2f})"))):
+    after_title = after_title or f"after temperature scaling (T = {t:.2f})"
+    for i, (rel, title) in enumerate(((before, "before"), (after, after_title))):
         ax = fig.add_subplot(1, 2, i + 1)
         mids = [(lo + hi) / 2 for lo, hi in zip(rel["lower"], rel["upper"])]
         width = rel["upper"][0] - rel["lower"][0]
         acc = [a if c else 0 for a, c in zip(rel["accuracy"], rel["count"])]
-        ax.bar(mids, acc, width=width * 0.95, color="#1f77b4", alpha=0.8, label="accuracy")
+        ax.bar(mids, acc, width=width * 0.95, color="#1f77b4", alpha=0.8, label=ylabel)
         conf = [c if n else 0 for c, n in zip(rel["confidence"], rel["count"])]
         ax.bar(mids, [c - a for c, a in zip(conf, acc)], bottom=acc, width=width * 0.95, color="#d62728", alpha=0.35,
-               label="gap to confidence")  # fmt: skip
+               label=f"gap to {xlabel}")  # fmt: skip
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("accuracy")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
@@ -142,5 +158,74 @@ def ood_histograms(scores: dict[str, tuple[Any, Any]], thresholds: dict[str, flo
         ax.set_yticks([])
         if i == 0:
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def pr_curves(
+    curves: list[dict[str, Any]], micro: dict[str, Any] | None = None, point_label: str = "decision threshold"
+) -> bytes:
+    """Precision against recall, one curve per class, with each class's operating point as a dot.
+
+    ``curves``: dicts with ``name``, ``precision``, ``recall`` (as ``sklearn.metrics.precision_recall_curve``
+    returns them), ``ap`` and ``point`` (the (recall, precision) of the run's decision rule, or None); ``micro``:
+    the same for all label probabilities pooled (drawn dashed black)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20" if len(curves) > 10 else "tab10"]
+    fig = figure(8.4, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, c in enumerate(curves):
+        color = cmap(i % cmap.N)
+        ax.plot(c["recall"], c["precision"], color=color, lw=1.4, drawstyle="steps-post",
+                label=f"{c['name'][:18]} (AP {100 * c['ap']:.1f})")  # fmt: skip
+        if c.get("point") is not None:
+            ax.plot(*c["point"], "o", color=color, ms=6, mec="k", mew=0.6)
+    if micro is not None:
+        ax.plot(micro["recall"], micro["precision"], "k--", lw=2, drawstyle="steps-post",
+                label=f"micro-average (AP {100 * micro['ap']:.1f})")  # fmt: skip
+        if micro.get("point") is not None:
+            ax.plot(*micro["point"], "o", color="k", ms=7)
+    ax.plot([], [], "o", color="#999999", mec="k", mew=0.6, label=point_label)  # legend entry for the dots
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(0, 1.03)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.subplots_adjust(left=0.08, right=0.68, bottom=0.11, top=0.96)
+    return png_bytes(fig)
+
+
+def cooccurrence_heatmap(counts: Any, names: list[str]) -> bytes:
+    """Label co-occurrence of a multi-label data set: colour P(column | row) (the share of the row label's
+    images that also carry the column label), text the counts; the diagonal (grey) is each label's support."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    m = np.asarray(counts, dtype=float)
+    k = len(names)
+    support = np.diag(m).copy()
+    norm = m / np.maximum(support[:, None], 1)
+    cmap = colormaps["Blues"].with_extremes(bad="#e3e6ea")  # the masked diagonal
+    size = min(12.0, 2.5 + 0.45 * k)
+    fig = figure(size, size * 0.85)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(np.ma.masked_array(norm, mask=np.eye(k, dtype=bool)), cmap=cmap, vmin=0, vmax=1)
+    if k <= 60:
+        ax.set_xticks(range(k), [n[:14] for n in names], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), [n[:14] for n in names], fontsize=8)
+    else:  # too many to label: the most frequent pairs table names them
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_xlabel("also labelled")
+    ax.set_ylabel("label")
+    if k <= 25:
+        for i in range(k):
+            for j in range(k):
+                if m[i, j]:
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if i != j and norm[i, j] > 0.5 else "black")  # fmt: skip
+    fig.colorbar(im, fraction=0.046, pad=0.04, label="P(column label | row label)")
     fig.tight_layout()
     return png_bytes(fig)

@@ -63,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_predict(sub: argparse._SubParsersAction) -> None:
     from ..eval.ood import SCORES
 
-    p = sub.add_parser("predict", help="top-k labels for images, folders or a CSV of paths")
+    p = sub.add_parser("predict", help="top-k labels (multi-label runs: label sets) of images, folders, CSVs of paths")
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or CSV files with a 'path' column")
     p.add_argument("--top-k", type=positive_int, default=5)
@@ -96,7 +96,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def add_calibrate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="re-fit a run's temperature, OOD thresholds and drift reference")
+    p = sub.add_parser("calibrate", help="re-fit a run's calibration (multi-label: and decision thresholds), OOD "
+                       "thresholds and drift reference")  # fmt: skip
     p.add_argument("run", help="run directory")
     p.add_argument("--data", help="held-out labelled data, not your test set (default: the run's val split)")
     p.add_argument("--split", default="val", help="split of a multi-split .npz (default val)")

@@ -272,17 +272,20 @@ def _render_label_sets(preds: Any, fmt: str) -> str:
 
 
 def print_exports(results: list[tuple[str, dict[str, Any]]]) -> None:
-    """One row per exported format: path and its verification against PyTorch."""
-    rows = []
+    """One row per exported format: path and its verification against PyTorch (multi-label runs: agreement and
+    exact match of the label sets under the run's thresholds)."""
+    rows, sets = [], False
     for fmt, r in results:
         v = r["verify"]
+        sets = sets or v.get("decision") == "label set"
         labelled = v.get("labelled", v["images"]) > 0  # generated pictures have no labels: no top-1 to show
         rows.append([fmt, r["path"], f"{v.get('max_rel_logit_diff', float('nan')):.1e}",
                      f"{v['max_abs_logit_diff']:.2e}", f"{100 * v['top1_agreement']:.2f} %",
                      f"{100 * v['top1_exported']:.2f} %" if labelled else "-",
                      f"{v['top1_drop_points']:+.2f}" if labelled else "-", v["images"]])  # fmt: skip
-    print(format_table(rows, ["format", "path", "rel. logit diff", "max |logit diff|", "top-1 agreement", "top-1",
-                              "drop (points)", "images"]))  # fmt: skip
+    what = ("label-set agreement", "exact match") if sets else ("top-1 agreement", "top-1")
+    print(format_table(rows, ["format", "path", "rel. logit diff", "max |logit diff|", *what, "drop (points)",
+                              "images"]))  # fmt: skip
 
 
 def print_bench(res: dict[str, Any]) -> None:

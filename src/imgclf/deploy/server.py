@@ -332,14 +332,17 @@ class Server:
         names = m.art.class_names
         k = min(top_k, len(names))
         order = np.argsort(-out["probs"], axis=1)[:, :k]
+        sets = m.label_sets(out["probs"]) if m.trust.multi_label else None
         preds = []
         for i, row in enumerate(order):
             top = [{"label": names[c], "prob": round(float(out["probs"][i, c]), 6)} for c in row]
-            p: dict[str, Any] = {"label": top[0]["label"], "top": top}
+            p: dict[str, Any] = {"top": top} if sets is not None else {"label": top[0]["label"], "top": top}
+            if sets is not None:  # multi-label: the decided label set (possibly empty), most probable first
+                p["labels"] = [{"label": names[c], "prob": round(float(out["probs"][i, c]), 6)} for c in sets[i]]
             if "unknown" in out:
                 p.update(unknown=bool(out["unknown"][i]), ood_score=round(float(out["ood_score"][i]), 6))
                 if p["unknown"]:
-                    p["label"] = "unknown"
+                    p.update(labels=[]) if sets is not None else p.update(label="unknown")
             preds.append(p)
         return web.json_response({"model": m.name, "version": m.version, "predictions": preds})
 
@@ -485,8 +488,13 @@ class Server:
                 if not isinstance(cls, int) or cls < 1:
                     raise ApiError(400, f"output {name!r}: classification must be a positive integer")
                 k = min(cls, value.shape[1])
-                top = np.argsort(-value, axis=1)[:, :k]
-                strs = [f"{value[i, c]:f}:{c}:{m.art.class_names[c]}".encode() for i in range(n) for c in top[i]]
+                if m.trust.multi_label:  # each image's decided labels (most probable first, at most k), b"" padding
+                    rows = [sets[:k] for sets in m.label_sets(out["probs"])]
+                else:
+                    rows = [list(r) for r in np.argsort(-value, axis=1)[:, :k]]
+                names = m.art.class_names
+                strs = [f"{value[i, c]:f}:{c}:{names[c]}".encode() if j < len(rows[i]) else b""
+                        for i in range(n) for j, c in enumerate([*rows[i], *[0] * (k - len(rows[i]))])]  # fmt: skip
                 result.append((name, "BYTES", strs, [n, k], binary))
             else:
                 result.append((name, OUTPUT_TYPES[name], value, list(value.shape), binary))

@@ -114,6 +114,12 @@ class ServedModel:
         self.monitor.update(probs, feats, out.get("unknown"))
         return out
 
+    def label_sets(self, probs: np.ndarray) -> list[list[int]]:
+        """A multi-label run's decided label sets of calibrated ``probs`` (N, K): class indices per image, most
+        probable first (its decision thresholds, as predict applies them)."""
+        on = self.trust.decide(torch.from_numpy(probs)).numpy()
+        return [sorted(np.flatnonzero(row).tolist(), key=lambda c, i=i: -probs[i, c]) for i, row in enumerate(on)]
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -122,6 +128,8 @@ class ServedModel:
             "arch": self.art.arch,
             "runtime": self.predictor.name,
             "classes": self.art.class_names,
+            "task": self.trust.task.kind,
+            **({"decision": self.art.decision} if self.trust.multi_label else {}),
             "input": list(self.input_hwc),
             "ood_score": self.trust.ood_score if self.trust.thresholds else None,
             "drift_reference": self.monitor.enabled,

@@ -46,7 +46,11 @@ def brier(probs: torch.Tensor, targets: torch.Tensor) -> float:
 def reliability(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> dict[str, list[float]]:
     """Per equal-width bin: mean confidence, accuracy and count (for the reliability diagram)."""
     conf, pred = probs.max(1)
-    correct = (pred == targets).float()
+    return _binned(conf, (pred == targets).float(), n_bins)
+
+
+def _binned(conf: torch.Tensor, hit: torch.Tensor, n_bins: int) -> dict[str, list[float]]:
+    """Per equal-width bin of ``conf`` (M,): its edges, mean ``conf``, mean ``hit`` (M,) and count."""
     edges = torch.linspace(0, 1, n_bins + 1)
     idx = torch.bucketize(conf, edges[1:-1], right=True)
     out: dict[str, list[float]] = {"lower": edges[:-1].tolist(), "upper": edges[1:].tolist(), "confidence": [],
@@ -56,7 +60,7 @@ def reliability(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) ->
         n = int(m.sum())
         out["count"].append(n)
         out["confidence"].append(float(conf[m].mean()) if n else float("nan"))
-        out["accuracy"].append(float(correct[m].mean()) if n else float("nan"))
+        out["accuracy"].append(float(hit[m].mean()) if n else float("nan"))
     return out
 
 
@@ -97,15 +101,20 @@ def fit_per_class(logits: torch.Tensor, targets: torch.Tensor, method: str = "te
     against (N, K) 0/1 ``targets`` (L-BFGS; the K problems are independent, so one joint solve is K solves).
 
     ``temperature``: ``sigmoid(z / T_k)`` (temperature scaling per class, Guo et al. 2017); ``platt``:
-    ``sigmoid(z / T_k + b_k)`` (Platt 1999 scaling, parameterised by a temperature and a bias). Returns the K
-    temperatures (clamped to [0.05, 20]) and the K biases (None for ``temperature``; clamped to [-20, 20]). A
-    class whose validation images are all positive or all negative keeps T = 1, b = 0 (nothing to fit).
+    ``sigmoid(z / T_k + b_k)`` (Platt 1999 scaling, parameterised by a temperature and a bias). Both fit Platt's
+    regularised targets, ``(N+ + 1) / (N+ + 2)`` for positives and ``1 / (N- + 2)`` for negatives (Platt 1999,
+    section 2.2), so a class that validation separates perfectly does not get an infinitely sharp, saturated
+    sigmoid. Returns the K temperatures (clamped to [0.05, 20]) and the K biases (None for ``temperature``;
+    clamped to [-20, 20]). A class whose validation images are all positive or all negative keeps T = 1, b = 0
+    (nothing to fit).
     """
     if method not in ("temperature", "platt"):
         raise ValueError(f"calibration method must be temperature or platt (got {method!r})")
     z, y = logits.detach().float().clone(), targets.detach().float().clone()
     k = z.shape[1]
-    fit = (y.sum(0) > 0) & (y.sum(0) < len(y))  # (K,) classes with both outcomes
+    pos = y.sum(0)
+    fit = (pos > 0) & (pos < len(y))  # (K,) classes with both outcomes
+    y = torch.where(y > 0.5, (pos + 1) / (pos + 2), 1 / (len(y) - pos + 2))  # Platt's targets, per class
     log_t = torch.zeros(k, requires_grad=True)
     bias = torch.zeros(k, requires_grad=method == "platt")
     params = [log_t] + ([bias] if method == "platt" else [])
@@ -158,15 +167,4 @@ def multilabel_calibration_metrics(
 def multilabel_reliability(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> dict[str, list[float]]:
     """``reliability`` of the pooled label probabilities: per bin the mean probability, the share of positives
     (``accuracy``) and the count."""
-    p, y = probs.float().flatten(), targets.float().flatten()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    idx = torch.bucketize(p, edges[1:-1], right=True)
-    out: dict[str, list[float]] = {"lower": edges[:-1].tolist(), "upper": edges[1:].tolist(), "confidence": [],
-                                   "accuracy": [], "count": []}  # fmt: skip
-    for b in range(n_bins):
-        m = idx == b
-        n = int(m.sum())
-        out["count"].append(n)
-        out["confidence"].append(float(p[m].mean()) if n else float("nan"))
-        out["accuracy"].append(float(y[m].mean()) if n else float("nan"))
-    return out
+    return _binned(probs.float().flatten(), targets.float().flatten(), n_bins)

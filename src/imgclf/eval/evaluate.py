@@ -15,13 +15,13 @@ from ..errors import ImgclfError
 from ..train.metrics import compute_metrics
 from .calibration import calibration_metrics, fit_temperature
 from .drift import reference_stats
-from .inference import infer_run
+from .inference import infer_run, run_label_format
 from .ood import ood_report, threshold_for_tpr
 from .trust import Trust, calibration_report, fit_trust, task_metrics
 
 
 def _labelled(data: str, split: str):
-    return lambda art, decode: open_source(data, split, decode).remap_to(art.class_names)
+    return lambda art, decode: open_source(data, split, decode, run_label_format(art)).remap_to(art.class_names)
 
 
 def evaluate_run(
@@ -95,7 +95,7 @@ def evaluate_ensemble(run_dirs: list[str | Path], data: str, *, split: str = "te
     for run in run_dirs:
         if read_artifact(run).multi_label:
             raise ImgclfError(f"{run}: a multi-label run; ensembles of multi-label runs are not supported yet")
-        out, art, _, _ = infer_run(run, lambda a, d: open_source(data, split, d).remap_to(names),
+        out, art, _, _ = infer_run(run, lambda a, d: open_source(data, split, d, run_label_format(a)).remap_to(names),
                                    desc=f"eval {Path(run).name}", **opts)  # fmt: skip
         order = class_order(art.class_names, names, run, run_dirs[0])
         if labels is not None and not torch.equal(out.labels, labels):

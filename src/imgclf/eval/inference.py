@@ -10,7 +10,7 @@ from pathlib import Path
 from ..artifact import Artifact, load_artifact
 from ..data.images import MAX_ASPECT, PILLOW_MAX_PIXELS, DecodePolicy
 from ..data.loader import ImageDataset, SkipLog, make_loader
-from ..data.sources import Samples
+from ..data.sources import LabelFormat, Samples
 from ..dist import resolve_device
 from ..models.inference import Outputs, infer, reparameterized
 from .tta import tta_transform
@@ -22,6 +22,13 @@ def run_decode_policy(art: Artifact, max_pixels: int | None = PILLOW_MAX_PIXELS,
                       max_aspect: float | None = MAX_ASPECT) -> DecodePolicy:  # fmt: skip
     """How a run decodes its inputs (as in training: stored in the artifact) with this command's limits."""
     return art.preprocessing.decoder(max_pixels, max_aspect)
+
+
+def run_label_format(art: Artifact) -> LabelFormat:
+    """How labelled data is read for a run (eval, calibrate, export checks): as its kind (single- or multi-label;
+    a single-label source read for a multi-label run becomes one-hot label sets) with its label-set separator."""
+    data = art.config.get("data", {})
+    return LabelFormat("multi_label" if art.multi_label else "single_label", None, data.get("label_sep") or "|")
 
 
 def check_inputs(samples: Samples, progress: bool = False) -> None:

@@ -1,8 +1,15 @@
 """``runs/<name>/report.html``: one self-contained page (images embedded) that tells whether to trust a run.
 
-Sections: summary, training curves, per-class table, confusion matrix, most-confused pairs,
-calibration (reliability before/after temperature scaling), out-of-distribution detection (when OOD
-data is given), top losses with CAM overlays, configuration and versions.
+Single-label runs (``SECTIONS``): summary, training curves, per-class table, confusion matrix, most-confused
+pairs, calibration (reliability before/after temperature scaling), out-of-distribution detection (when OOD data
+is given), top losses with CAM overlays, configuration and versions.
+
+Multi-label runs (``MULTILABEL_SECTIONS``): summary (mAP, F1, exact match, calibration, decision rule), training
+curves (val mAP), per-class table (AP, precision, recall, F1, threshold; worst AP first), the decision rule
+against a fixed 0.5 threshold and top-k, precision-recall curves with each class's operating point, label
+co-occurrence, calibration (pooled reliability before/after per-class scaling, per-class ECE), OOD detection,
+the images with the highest binary cross-entropy (CAM of their most wrong label), configuration and versions.
+The curves, co-occurrence, reliability and top losses come from the saved validation predictions.
 """
 
 from __future__ import annotations
@@ -34,6 +41,18 @@ SECTIONS = (
     "per-class",
     "confusion",
     "confused-pairs",
+    "calibration",
+    "ood",
+    "top-losses",
+    "config",
+)
+MULTILABEL_SECTIONS = (
+    "summary",
+    "training",
+    "per-class",
+    "thresholds",
+    "pr-curves",
+    "co-occurrence",
     "calibration",
     "ood",
     "top-losses",
@@ -136,32 +155,40 @@ def _gallery(
         return '<p class="note">No saved validation predictions (retrain, or the file was removed).</p>'
     if not losses:
         return '<p class="note">No wrong predictions on the validation split.</p>'
-    from ..plots import figure, png_bytes
-    from .explain import cam_maps, overlay
-
     items = []
     for t in losses:
         cap = (
             f'<b class="bad">{html.escape(t["pred"])}</b> {100 * t["p_pred"]:.1f}%<br>true: {html.escape(t["true"])} '
             f'{100 * t["p_true"]:.1f}%<br><span class="note">{html.escape(Path(t["name"]).name[:40])}</span>'
         )
-        pic = ""
-        if samples is not None and model is not None and hasattr(model, "get_classifier"):
-            try:
-                img = samples.load(t["index"])
-                x = art.preprocessing.eval()(img)[None]
-                cam = cam_maps(model, x, [art.class_names.index(t["pred"])], method)[0]
-                fig = figure(2.0, 2.0)
-                ax = fig.add_axes([0, 0, 1, 1])
-                ax.imshow(overlay(img, art.preprocessing, cam))
-                ax.axis("off")
-                pic = _img(png_bytes(fig), t["name"], cls="")
-            except Exception as e:  # noqa: BLE001 - a missing or odd image must not lose the report
-                log.debug("top-loss image %s: %s", t["name"], e)
+        pic = _cam_picture(model, art, samples, t["index"], art.class_names.index(t["pred"]), t["name"], method)
         items.append(f"<figure>{pic}<figcaption>{cap}</figcaption></figure>")
     return f'<p class="note">Most confidently wrong validation images, with {method} for the predicted class.</p>' + (
         f'<div class="gallery">{"".join(items)}</div>'
     )
+
+
+def _cam_picture(
+    model: nn.Module | None, art: Artifact, samples: Samples | None, index: int, cls: int, name: str, method: str
+) -> str:
+    """Validation image ``index`` with the CAM of class ``cls`` as an embedded <img> ("" when unavailable)."""
+    if samples is None or model is None or not hasattr(model, "get_classifier"):
+        return ""
+    from ..plots import figure, png_bytes
+    from .explain import cam_maps, overlay
+
+    try:
+        img = samples.load(index)
+        x = art.preprocessing.eval()(img)[None]
+        cam = cam_maps(model, x, [cls], method)[0]
+        fig = figure(2.0, 2.0)
+        ax = fig.add_axes([0, 0, 1, 1])
+        ax.imshow(overlay(img, art.preprocessing, cam))
+        ax.axis("off")
+        return _img(png_bytes(fig), name, cls="")
+    except Exception as e:  # noqa: BLE001 - a missing or odd image must not lose the report
+        log.debug("top-loss image %s: %s", name, e)
+        return ""
 
 
 def write_report(
@@ -173,26 +200,61 @@ def write_report(
     reliability: dict | None = None,
     ood: dict[str, Any] | None = None,
 ) -> Path:
-    """Build and write ``report.html``; returns its path. ``ood``: ``{"report": metrics, "scores": {...}}``."""
-    from ..plots import confusion_heatmap, reliability_diagram, training_curves
+    """Build and write ``report.html``; returns its path. ``ood``: ``{"report": metrics, "scores": {...}}``.
+
+    ``reliability``: the validation reliability curves before and after calibration (recomputed from the saved
+    validation predictions when None); multi-label runs get their own sections (``MULTILABEL_SECTIONS``)."""
+    from ..plots import training_curves
 
     run_dir = Path(run_dir)
-    cal = art.calibration
-    trust = Trust(temperature=art.temperature)
     saved = load_predictions(run_dir / VAL_PREDICTIONS)
+    samples = val[1] if val is not None else None
+    rows = _history(run_dir)
+    training = _section(
+        "training",
+        "Training curves",
+        _img(training_curves(rows), "training curves") if rows else '<p class="note">No per-epoch log.</p>',
+    )
+    trust = Trust.load(run_dir, art) if art.multi_label else Trust(temperature=art.temperature)
+    if art.multi_label:
+        from .report_multilabel import _multilabel_gallery, _multilabel_parts, multilabel_top_losses
+
+    if art.multi_label:
+        parts, sections = _multilabel_parts(art, trust, saved, reliability, training), MULTILABEL_SECTIONS
+    else:
+        parts, sections = _single_label_parts(art, trust, saved, reliability, training), SECTIONS
+    parts.append(_section("ood", "Out-of-distribution detection", _ood_body(art, ood)))
+    n_losses = art.config.get("trust", {}).get("top_losses", 12)
+    if art.multi_label:
+        losses = multilabel_top_losses(saved, art.class_names, n_losses, trust) if saved else None
+        parts.append(_section("top-losses", "Top losses", _multilabel_gallery(losses, model, art, samples)))
+    else:
+        losses = top_losses(saved, art.class_names, n_losses, trust.temperature) if saved else None
+        parts.append(_section("top-losses", "Top losses", _gallery(losses, model, art, samples)))
+    cfg_text = yaml.safe_dump(art.config, sort_keys=False)
+    ver = json.dumps(art.versions, indent=1)
+    parts.append(
+        _section(
+            "config", "Configuration and versions", f"<pre>{html.escape(cfg_text)}</pre><pre>{html.escape(ver)}</pre>"
+        )
+    )
+    out = run_dir / REPORT_FILE
+    write_text(out, _page(run_dir.name, art, parts, sections))
+    return out
+
+
+def _single_label_parts(
+    art: Artifact, trust: Trust, saved: Saved | None, reliability: dict | None, training: str
+) -> list[str]:
+    """The single-label sections from the summary to the calibration."""
+    from ..plots import confusion_heatmap, reliability_diagram
+
+    cal = art.calibration
     if reliability is None and saved is not None:
         reliability = _reliability(saved, trust.temperature)
     split = "test" if "test" in art.metrics else "val"
     m = art.metrics[split]
-    parts = [_section("summary", "Summary", _summary(art, cal))]
-    rows = _history(run_dir)
-    parts.append(
-        _section(
-            "training",
-            "Training curves",
-            _img(training_curves(rows), "training curves") if rows else '<p class="note">No per-epoch log.</p>',
-        )
-    )
+    parts = [_section("summary", "Summary", _summary(art, cal)), training]
     parts.append(_section("per-class", f"Per-class metrics ({split})", _per_class(m)))
     parts.append(
         _section(
@@ -217,32 +279,16 @@ def write_report(
         else '<p class="note">No calibration data.</p>'
     )
     parts.append(_section("calibration", "Calibration (validation)", cal_body))
-    parts.append(_section("ood", "Out-of-distribution detection", _ood_body(art, ood)))
-    losses = (
-        top_losses(saved, art.class_names, art.config.get("trust", {}).get("top_losses", 12), trust.temperature)
-        if saved
-        else None
-    )
-    samples = val[1] if val is not None else None
-    parts.append(_section("top-losses", "Top losses", _gallery(losses, model, art, samples)))
-    cfg_text = yaml.safe_dump(art.config, sort_keys=False)
-    ver = json.dumps(art.versions, indent=1)
-    parts.append(
-        _section(
-            "config", "Configuration and versions", f"<pre>{html.escape(cfg_text)}</pre><pre>{html.escape(ver)}</pre>"
-        )
-    )
-    out = run_dir / REPORT_FILE
-    write_text(out, _page(run_dir.name, art, parts))
-    return out
+    return parts
 
 
-def _page(name: str, art: Artifact, parts: list[str]) -> str:
-    """The report's HTML page around its sections."""
-    nav = "".join(f'<a href="#{s}">{s.replace("-", " ")}</a>' for s in SECTIONS)
+def _page(name: str, art: Artifact, parts: list[str], sections: tuple[str, ...] = SECTIONS) -> str:
+    """The report's HTML page around its sections (``sections``: the ids in the navigation bar)."""
+    nav = "".join(f'<a href="#{s}">{s.replace("-", " ")}</a>' for s in sections)
     title = f"imgclf report: {name}"
+    kind = " (multi-label)" if art.multi_label else ""
     sub = (
-        f"{art.arch} · {art.weights_source} · {len(art.class_names)} classes · "
+        f"{art.arch} · {art.weights_source} · {len(art.class_names)} classes{kind} · "
         f"{art.config.get('transfer', {}).get('strategy', '')} · {art.created or time.strftime('%Y-%m-%d')}"
     )
     return (

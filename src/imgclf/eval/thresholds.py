@@ -7,6 +7,10 @@ predict the class when ``p >= threshold``) and the one kept
 - ``precision``: the lowest threshold whose precision reaches ``target`` (the most recall at that precision);
 - ``recall``: the highest threshold whose recall still reaches ``target`` (the most precision at that recall).
 
+The threshold kept is the midpoint between the chosen score and the next lower validation score: the same
+decisions on validation, with a margin on both sides for new images (the chosen score itself would put the
+weakest accepted positive of validation right on the boundary).
+
 A class with no positive validation image keeps ``fallback`` (0.5), and a ``precision``/``recall`` target no
 threshold reaches falls back to the F1 optimum; both are listed in the report (``notes``) so none passes silently.
 Thresholds apply to calibrated probabilities, so tune after fitting the calibration.
@@ -15,6 +19,8 @@ Example:
     >>> p = torch.tensor([[0.9], [0.8], [0.3], [0.2]]); y = torch.tensor([[1], [1], [0], [1]])
     >>> [round(t, 3) for t in tune_thresholds(p, y).thresholds]  # all three positives found, one false alarm
     [0.2]
+    >>> [round(t, 3) for t in tune_thresholds(p, y, "precision", 1.0).thresholds]  # between 0.3 and 0.8
+    [0.55]
 """
 
 from __future__ import annotations
@@ -78,8 +84,9 @@ def tune_thresholds(
             i = int(np.flatnonzero(f1 == f1.max())[-1])
             out.notes.append(f"{name}: no threshold reaches {objective} {target} on validation; the F1 optimum is "
                              f"used (precision {prec[i]:.3f}, recall {rec[i]:.3f})")  # fmt: skip
-        ths.append(float(cand[i]))
-        out.per_class.append({"threshold": float(cand[i]), "precision": float(prec[i]), "recall": float(rec[i]),
+        th = float(cand[i] + cand[i - 1]) / 2 if i > 0 else float(cand[0])
+        ths.append(th)
+        out.per_class.append({"threshold": th, "precision": float(prec[i]), "recall": float(rec[i]),
                               "f1": float(f1[i])})  # fmt: skip
     out.thresholds = tuple(ths)
     return out

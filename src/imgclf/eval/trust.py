@@ -168,7 +168,8 @@ def fit_trust(
                                  "after": reliability(trust.probs(val_logits), val_labels)}  # fmt: skip
     if cfg.ood and train_feats is not None and len(train_feats) >= 2:
         trust.stats = fit_feature_stats(train_feats, train_labels, num_classes, knn_k=cfg.knn_k)
-    trust.ood_score, trust.tpr = cfg.ood_score, cfg.ood_tpr
+    trust.ood_score = cfg.ood_score if cfg.ood_score != "auto" else ("knn" if task.multi_label else "energy")
+    trust.tpr = cfg.ood_tpr
     if cfg.ood:
         scores = trust.scores(val_logits, val_feats)
         trust.thresholds = {k: threshold_for_tpr(v, cfg.ood_tpr) for k, v in scores.items() if k in SCORES}

@@ -50,6 +50,9 @@ def open_labelled(data: str | Path, cfg: EmbedConfig, pre: Preprocess, infer: In
     """The labelled ``Samples`` of ``data`` (``cfg.split``) decoded per ``pre`` under ``infer``'s image limits,
     at most ``cfg.per_class`` per class (seeded by ``cfg.seed``)."""
     samples = open_source(data, cfg.split, pre.decoder(infer.max_pixels, infer.max_aspect))
+    if samples.multi_label:
+        raise ImgclfError(f"{samples.name}: label sets (multi-label data); k-NN indexes and few-shot episodes need "
+                          "one class per image")  # fmt: skip
     if cfg.per_class is None:
         return samples
     rng = np.random.default_rng(cfg.seed)

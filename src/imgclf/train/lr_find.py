@@ -62,7 +62,7 @@ def lr_find(
 
     model, _ = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size)
     tl = train_loader(splits.train, Preprocess.from_model(model, cfg.data), cfg, dist)
-    loop = build_loop(cfg, dist, model, len(tl), run.task, len(splits.class_names))
+    loop = build_loop(cfg, dist, model, len(tl), len(splits.class_names), run.task)
     set_train_mode(loop)
     lrs, losses, best = [], [], math.inf
     batches = iter(tl)

@@ -106,8 +106,8 @@ def multilabel_metrics(
         if kk < k:
             top = p.topk(kk, dim=1).indices
             hits = y.gather(1, top).sum(1).double()  # (N,) true labels among the top kk
-            out[f"precision@{kk}"] = float((hits / kk).mean())
             has = y.sum(1) > 0
+            out[f"precision@{kk}"] = float((hits[has] / kk).mean()) if has.any() else float("nan")
             out[f"recall@{kk}"] = float((hits[has] / y.sum(1)[has]).mean()) if has.any() else float("nan")
     db = d.long()
     kw = {"threshold": 0.5, "zero_division": 1.0}

@@ -95,6 +95,8 @@ _VIEW_AUG_FIELDS = ("scale", "ratio", "hflip", "vflip", "rotation", "translate",
 def data_identity(samples: Samples) -> str:
     """Content of in-memory arrays, or path + size + mtime of every file, plus the labels."""
     h = hashlib.sha256(np.ascontiguousarray(samples.labels).tobytes())
+    if samples.labels.ndim == 2:  # label sets: their shape is part of what the bytes mean
+        h.update(f"multi-label {samples.labels.shape}".encode())
     if samples.arrays is not None:
         h.update(np.ascontiguousarray(samples.arrays[np.asarray(samples.items)]).tobytes())
     else:

@@ -47,7 +47,7 @@ from .loop import (
 )  # fmt: skip
 from .optim import build_optimizer, build_scheduler
 from .strategy import Phase, apply_phase, phase_at, plan
-from .tasks import Task, TaskModule
+from .tasks import SingleLabelTask, Task, TaskModule
 
 log = logging.getLogger("imgclf")
 
@@ -100,8 +100,12 @@ def validate(loop: Loop, loader: DataLoader, names: list[str]) -> dict[str, dict
     return out
 
 
-def build_loop(cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int, task: Task, num_classes: int) -> Loop:
-    """EMA, scaler, MixUp and the first phase's task module, optimizer and schedule around ``model``."""
+def build_loop(
+    cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int, num_classes: int, task: Task | None = None
+) -> Loop:
+    """EMA, scaler, MixUp and the first phase's task module, optimizer and schedule around ``model``; ``task``
+    defaults to the single-label task of ``cfg.train``."""
+    task = task or SingleLabelTask.from_config(cfg.train)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(dist.device, memory_format=fmt)
     if fmt == torch.channels_last:
@@ -150,7 +154,7 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     model, wsrc = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size)
     pre = Preprocess.from_model(model, cfg.data)
     tl, vl = train_loader(splits.train, pre, cfg, dist), eval_loader(splits.val, pre, cfg, dist.device.type == "cuda")
-    loop = build_loop(cfg, dist, model, math.ceil(len(tl) / cfg.optim.accum_steps), run.task, len(splits.class_names))
+    loop = build_loop(cfg, dist, model, math.ceil(len(tl) / cfg.optim.accum_steps), len(splits.class_names), run.task)
     state = State()
     if resume:
         _restore(run_dir, loop, state)

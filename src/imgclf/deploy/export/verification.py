@@ -13,6 +13,7 @@ import torch
 from ...artifact import Artifact
 from ...data.splits import run_split
 from ...errors import ImgclfError
+from ...eval.inference import run_label_format
 from .graph import ServingModel, to_input
 
 
@@ -27,7 +28,7 @@ def verification_batches(art: Artifact, data: str | None, n: int, batch: int = 3
 
     if not data:
         return generated_batches(art, n, batch)
-    samples = open_source(data, split, art.preprocessing.decoder()).remap_to(art.class_names)
+    samples = open_source(data, split, art.preprocessing.decoder(), run_label_format(art)).remap_to(art.class_names)
     return pixel_batches(samples, art, n, batch, seed=0)
 
 
@@ -54,7 +55,7 @@ def _calibration_batches(run_dir: Path, art: Artifact, data: str | None, n: int,
     from ...data.sources import open_source
 
     if data:
-        samples = open_source(data, "train", art.preprocessing.decoder())
+        samples = open_source(data, "train", art.preprocessing.decoder(), run_label_format(art))
     else:
         samples = run_split(art, "train", "--calib-data")
     idx = np.random.default_rng(seed).permutation(len(samples))
@@ -121,9 +122,10 @@ def verify(run_fn, serving: ServingModel, batches, art: Artifact, pixels: str) -
         rels.append(float((err / ref.abs().amax(1).clamp_min(1e-12)).max()))
         d_ref, d_got = decide(ref), decide(got)
         agree += int(_rows_equal(d_got, d_ref).sum())
-        known = (y >= 0).reshape(len(y), -1).all(1)
-        correct_ref += int(_rows_equal(d_ref, y)[known].sum())
-        correct += int(_rows_equal(d_got, y)[known].sum())
+        known = (y >= 0).reshape(len(y), -1).all(1)  # generated pictures are unlabelled (-1)
+        if known.any():
+            correct_ref += int(_rows_equal(d_ref[known], y[known]).sum())
+            correct += int(_rows_equal(d_got[known], y[known]).sum())
         n, known_n = n + len(y), known_n + int(known.sum())
     k = max(known_n, 1)
     return {
