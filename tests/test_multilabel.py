@@ -175,6 +175,27 @@ def test_task_decisions_json_and_errors():
 
 
 @pytest.mark.unit
+def test_trust_settings_for_label_sets_are_refused_on_single_label_data_and_auto_runtime_skips_bf16(monkeypatch):
+    from imgclf.artifact import Artifact
+    from imgclf.config import TrustConfig
+    from imgclf.deploy import runtime
+    from imgclf.train.tasks import check_trust
+
+    with pytest.raises(ImgclfError, match="calibration_method platt applies to multi-label"):
+        check_trust(TrustConfig(calibration_method="platt"), SingleLabelTask())
+    with pytest.raises(ImgclfError, match="trust.threshold precision applies to multi-label"):
+        check_trust(TrustConfig(threshold="precision"), SingleLabelTask())
+    check_trust(TrustConfig(calibration_method="temperature", threshold="top_k"), MultiLabelTask())
+    monkeypatch.setattr(runtime, "available_runtimes", lambda: ["torch", "openvino-bf16", "openvino", "onnxruntime"])
+    pre = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+           "crop_pct": 1.0}  # fmt: skip
+    single = Artifact("test_efficientnet", ["a", "b"], pre)
+    multi = Artifact("test_efficientnet", ["a", "b"], pre, task=MultiLabelTask().to_json())
+    assert runtime.default_runtime(single) == "openvino-bf16"
+    assert runtime.default_runtime(multi) == "openvino"  # thresholds were tuned on fp32 probabilities
+
+
+@pytest.mark.unit
 def test_multilabel_ood_scores_and_drift_per_label():
     from imgclf.eval.drift import drift_scores, reference_stats
     from imgclf.eval.ood import logit_scores

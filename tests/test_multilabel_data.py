@@ -88,6 +88,14 @@ def test_single_label_sources_are_unchanged(tmp_path, imgs):
     assert not folder.multi_label and list(folder.labels) == [0, 0, 1, 1]
 
 
+def test_label_sets_in_a_label_column_are_an_error_not_compound_classes(tmp_path, imgs):
+    csv = _sets_csv(tmp_path / "l.csv", {"a.png": "dog", "b.png": "red|green"}, column="label")
+    with pytest.raises(ImgclfError, match=r"row 3: label 'red\|green' looks like a label set; name the column"):
+        open_source(csv)
+    s = open_source(csv, labels=LabelFormat(task="single_label"))  # said explicitly: one class named red|green
+    assert s.class_names == ["dog", "red|green"]
+
+
 def test_task_multi_label_reads_label_column_as_sets_and_folders_as_one_hot(tmp_path, imgs):
     fmt = LabelFormat(task="multi_label")
     s = open_source(_sets_csv(tmp_path / "l.csv", SETS, column="label"), labels=fmt)

@@ -239,8 +239,8 @@ def _render_label_sets(preds: Any, fmt: str) -> str:
     judged = any("unknown" in r for r in preds.rows)
 
     def answer(r: dict, table: bool) -> str:
-        if r.get("unknown"):
-            return "unknown"
+        if r.get("unknown") and table:
+            return "unknown"  # (CSV: an empty set, the ``unknown`` column says why)
         names = [t["label"] for t in r["labels"]]
         return "|".join(names) if names or not table else "(none)"
 

@@ -522,12 +522,23 @@ def _label_columns(path: Path, columns: list[str], rows: list[dict], fmt: LabelF
     elif many or (one and fmt.task == "multi_label"):
         return "set", ["labels" if many else "label"]
     elif one:
+        _refuse_sets_in_label(path, rows, fmt.sep)
         return "single", ["label"]
     wide = _wide_columns(columns, rows)
     if wide and fmt.task == "single_label":
         raise ImgclfError(f"{path}: 0/1 class columns ({_listing(wide, 5)}) are multi-label data but --data.task is "
                           "single_label; use a 'label' column (one class per row) or --data.task auto")  # fmt: skip
     return ("wide", wide) if wide else ("missing", [])
+
+
+def _refuse_sets_in_label(path: Path, rows: list[dict], sep: str) -> None:
+    """A ``label`` column (one class per row) whose cells look like label sets (``red|green``) is most likely a
+    multi-label CSV with the column misnamed: an error rather than classes named ``red|green``."""
+    for n, row in _numbered(rows):
+        cell = (row.get("label") or "").strip()
+        if sep in cell:
+            raise ImgclfError(f"{path}: row {n}: label {cell!r} looks like a label set; name the column 'labels' "
+                              "for multi-label data (or pass --data.task single_label if it is one class)")  # fmt: skip
 
 
 def _wide_columns(columns: list[str], rows: list[dict]) -> list[str]:

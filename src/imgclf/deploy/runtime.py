@@ -63,11 +63,13 @@ def cpu_has_bf16() -> bool:
 def default_runtime(run: str | Path | Artifact | None = None) -> str:
     """The fastest runtime installed (measured by ``imgclf bench``): OpenVINO int8 when the run already has an
     accepted int8 export (it needs calibration data and an accuracy check, so it is never made implicitly),
-    then OpenVINO bf16 / fp32, ONNX Runtime, torch."""
+    then OpenVINO bf16 / fp32, ONNX Runtime, torch. Multi-label runs skip bf16: their per-class thresholds were
+    tuned on fp32 probabilities, and bf16's ~5e-3 differences flip labels that sit near a threshold."""
     have = available_runtimes()
     if run is not None and "openvino-int8" in have and _current(run_path(run), "openvino-int8", accepted=True):
         return "openvino-int8"
-    for r in ("openvino-bf16", "openvino", "onnxruntime", "torch-cl"):
+    multi = run is not None and as_artifact(run).multi_label
+    for r in ("openvino-bf16", "openvino", "onnxruntime", "torch-cl")[int(multi) :]:
         if r in have:
             return r
     return "torch"

@@ -110,7 +110,7 @@ def fit_per_class(logits: torch.Tensor, targets: torch.Tensor, method: str = "te
     """
     if method not in ("temperature", "platt"):
         raise ValueError(f"calibration method must be temperature or platt (got {method!r})")
-    z, y = logits.detach().float().clone(), targets.detach().float().clone()
+    z, y = logits.detach().float().cpu().clone(), targets.detach().float().cpu().clone()
     k = z.shape[1]
     pos = y.sum(0)
     fit = (pos > 0) & (pos < len(y))  # (K,) classes with both outcomes
@@ -151,8 +151,9 @@ def multilabel_calibration_metrics(
     ``ece`` over all N x K label probabilities pooled, ``ece_classwise`` (the mean of the per-class ECEs,
     Kull et al. 2019), ``ece_per_class`` (K,), ``nll`` (binary cross-entropy per label) and ``brier`` (mean
     squared error per label)."""
+    logits, targets = logits.float().cpu(), targets.cpu()
     t = torch.as_tensor(temperature, dtype=torch.float32)
-    z = logits.float() / t + (torch.as_tensor(bias, dtype=torch.float32) if bias is not None else 0.0)
+    z = logits / t + (torch.as_tensor(bias, dtype=torch.float32) if bias is not None else 0.0)
     p, y = z.sigmoid(), targets.float()
     per = [binary_ece(p[:, k].contiguous(), y[:, k].contiguous(), n_bins) for k in range(p.shape[1])]
     return {

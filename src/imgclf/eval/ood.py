@@ -45,8 +45,8 @@ def logit_scores(
     """
     z = logits.float()
     if multi_label:
-        c = z / torch.as_tensor(temperature, dtype=torch.float32)
-        c = c + torch.as_tensor(bias, dtype=torch.float32) if bias is not None else c
+        c = z / torch.as_tensor(temperature, dtype=torch.float32, device=z.device)
+        c = c + torch.as_tensor(bias, dtype=torch.float32, device=z.device) if bias is not None else c
         return {"msp": c.sigmoid().max(1).values, "max_logit": z.max(1).values,
                 "energy": torch.nn.functional.softplus(c).sum(1)}  # fmt: skip
     return {

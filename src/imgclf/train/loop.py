@@ -37,7 +37,7 @@ from ..errors import ImgclfError
 from ..rundir import EARLY_FILES, LAST_CKPT, RunDir
 from .logger import RunLogger, run_is_live
 from .strategy import Phase
-from .tasks import Task, metric_of, task_for_config
+from .tasks import Task, check_trust, metric_of, task_for_config
 
 log = logging.getLogger("imgclf")
 MAX_NONFINITE = 5  # consecutive non-finite losses before giving up
@@ -221,7 +221,9 @@ def prepare_run(cfg: Config, resume: bool = False, *, needs_dir: bool = True) ->
     resume = needs_dir and resume and (run_dir / LAST_CKPT).is_file()  # never completed an epoch: afresh
     timm.utils.random_seed(cfg.train.seed, dist.rank)
     splits = prepare_data(cfg)
-    return Run(cfg, dist, run_dir, resume, splits, task_for_config(cfg.train, splits.train))
+    task = task_for_config(cfg.train, splits.train)
+    check_trust(cfg.trust, task)
+    return Run(cfg, dist, run_dir, resume, splits, task)
 
 
 def forward_loss(loop: Loop, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

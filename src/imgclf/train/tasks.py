@@ -346,6 +346,19 @@ def task_for_config(train: Any, samples: Any) -> Task:
     return task
 
 
+def check_trust(trust: Any, task: Task) -> None:
+    """ImgclfError before training when a ``config.TrustConfig`` setting does not apply to ``task`` (the
+    multi-label calibration method and decision rules on single-label data)."""
+    if task.multi_label:
+        return
+    if trust.calibration_method == "platt":
+        raise ImgclfError("trust.calibration_method platt applies to multi-label data (single-label runs fit one "
+                          "temperature)")  # fmt: skip
+    if trust.threshold != "f1":
+        raise ImgclfError(f"trust.threshold {trust.threshold} applies to multi-label data (single-label runs "
+                          "decide by the most probable class)")  # fmt: skip
+
+
 def metric_of(task: Task, metric: str) -> str:
     """``train.metric`` resolved for ``task`` (``auto``: the task's default); ImgclfError when the task does not
     compute it."""
