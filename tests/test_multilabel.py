@@ -168,7 +168,8 @@ def test_task_decisions_json_and_errors():
     assert task.pos_weight == (3.0, pytest.approx(1 / 3, rel=1e-5))  # negatives / positives
     with pytest.raises(ImgclfError, match="ce is for single-label"):
         task_for_config(TrainConfig(loss="ce"), samples)
-    single = type("S", (), {"multi_label": False, "class_names": ["a", "b"]})()
+    single = type("S", (), {"multi_label": False, "class_names": ["a", "b"],
+                            "class_counts": lambda self, usable=False: np.array([3, 1])})()  # fmt: skip
     with pytest.raises(ImgclfError, match="bce is for multi-label"):
         task_for_config(TrainConfig(loss="bce"), single)
     assert task_for_config(TrainConfig(), single) == SingleLabelTask("ce", 0.1)  # the defaults are unchanged

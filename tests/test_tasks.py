@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,7 @@ def test_training_with_focal_loss_records_the_task_and_reports_its_loss(tmp_path
     assert r.code == 0, r
     art = json.loads((tmp_path / "f" / "imgclf.json").read_text())
     assert art["task"] == {"kind": "single_label", "loss": "focal", "label_smoothing": 0.0, "focal_gamma": 2.0,
-                           "focal_alpha": None}  # fmt: skip
+                           "focal_alpha": None, "class_weight": None, "class_prior": None, "la_tau": 1.0}  # fmt: skip
     rows = [json.loads(x) for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(math.isfinite(x["train_loss"]) for x in rows)
     r = run_cli("train", "--data", tiny_folder, "--train.loss", "dice", *TINY)
@@ -110,3 +111,96 @@ def test_drift_statistics_ask_the_task_what_a_decision_and_its_confidence_are():
 
     assert reference_stats(probs, task=Lowest())["class_dist"] == [0.5, 0.0, 0.5]  # argmin ties: first index
     assert drift_scores(ref, probs, task=Lowest())["psi_class"] > drift_scores(ref, probs)["psi_class"] == 0.0
+
+
+@pytest.mark.unit
+def test_class_weights_match_their_definitions():
+    from imgclf.train.losses import class_weights
+
+    n = [100, 10, 1]
+    inv = [1 / 100, 1 / 10, 1.0]
+    assert class_weights(n, "inverse") == pytest.approx([3 * w / sum(inv) for w in inv])
+    sq = [1 / math.sqrt(v) for v in n]
+    assert class_weights(n, "sqrt_inverse") == pytest.approx([3 * w / sum(sq) for w in sq])
+    beta = 0.99  # Cui et al. 2019: (1 - beta) / (1 - beta^n)
+    eff = [(1 - beta) / (1 - beta**v) for v in n]
+    assert class_weights(n, "effective", beta) == pytest.approx([3 * w / sum(eff) for w in eff])
+    assert class_weights([5, 0, 5], "inverse") == pytest.approx([1.0, 1.0, 1.0])  # absent: the largest other
+    with pytest.raises(ValueError, match="unknown class weighting"):
+        class_weights(n, "median")
+
+
+@pytest.mark.unit
+def test_weighted_and_logit_adjusted_cross_entropy_match_hand_computed_values():
+    x, y = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]), torch.tensor([0, 2])
+    w = [0.5, 1.0, 2.0]
+    p = [_softmax(r) for r in x.tolist()]
+    by_hand = (0.5 * -math.log(p[0][0]) + 2.0 * -math.log(p[1][2])) / (0.5 + 2.0)  # PyTorch's weighted mean
+    assert float(CrossEntropyLoss(weight=w)(x, y)) == pytest.approx(by_hand, rel=1e-6)
+    assert float(CrossEntropyLoss(weight=w)(x, F.one_hot(y, 3).float())) == pytest.approx(by_hand, rel=1e-6)
+    prior, tau = [0.7, 0.2, 0.1], 1.5  # logit adjustment (Menon et al. 2021): softmax(z + tau log prior)
+    adj = [_softmax([v + tau * math.log(q) for v, q in zip(r, prior)]) for r in x.tolist()]
+    by_hand = -(math.log(adj[0][0]) + math.log(adj[1][2])) / 2
+    t = SingleLabelTask(loss="logit_adjusted", label_smoothing=0.0, class_prior=prior, la_tau=tau)
+    assert float(t.criterion()(x, y)) == pytest.approx(by_hand, rel=1e-6)
+    bs = SingleLabelTask(loss="balanced_softmax", class_prior=prior, la_tau=tau)  # tau is 1 for balanced softmax
+    one = [_softmax([v + math.log(q) for v, q in zip(r, prior)]) for r in x.tolist()]
+    assert float(bs.criterion()(x, y)) == pytest.approx(-(math.log(one[0][0]) + math.log(one[1][2])) / 2, rel=1e-6)
+    # focal with class weights: alpha_k = focal_alpha x class weight
+    f = SingleLabelTask(loss="focal", label_smoothing=0.0, focal_gamma=2.0, focal_alpha=0.5, class_weight=w)
+    ref = FocalLoss(2.0, [0.25, 0.5, 1.0])(x, y)
+    assert float(f.criterion()(x, y)) == pytest.approx(float(ref), rel=1e-6)
+
+
+@pytest.mark.unit
+def test_task_from_config_resolves_weights_and_priors_from_training_counts():
+    from imgclf.config import TrainConfig
+    from imgclf.train.tasks import task_for_config
+
+    counts = np.array([300, 30, 3])
+    samples = type("S", (), {"multi_label": False, "class_names": ["a", "b", "c"],
+                             "class_counts": lambda self, usable=False: counts})()  # fmt: skip
+    t = task_for_config(TrainConfig(loss="logit_adjusted", class_weights="inverse", la_tau=0.5), samples)
+    assert t.class_prior == pytest.approx([300 / 333, 30 / 333, 3 / 333], rel=1e-6)
+    assert t.class_weight == pytest.approx([3 * (1 / 300) / (1 / 300 + 1 / 30 + 1 / 3), 3 * (1 / 30) / (1 / 300 + 1 / 30
+                                            + 1 / 3), 3 * (1 / 3) / (1 / 300 + 1 / 30 + 1 / 3)], rel=1e-5)  # fmt: skip
+    assert t.la_tau == 0.5 and task_from_json(json.loads(json.dumps(t.to_json()))) == t
+    plain = task_for_config(TrainConfig(), samples)
+    assert plain == SingleLabelTask("ce", 0.1) and plain.class_weight is None and plain.class_prior is None
+    ml = type("S", (), {"multi_label": True, "class_names": ["a", "b"], "__len__": lambda self: 4,
+                        "class_counts": lambda self, usable=False: np.array([1, 3])})()  # fmt: skip
+    with pytest.raises(ImgclfError, match="label sets are weighted by --train.pos_weight"):
+        task_for_config(TrainConfig(class_weights="effective"), ml)
+
+
+@pytest.mark.cli
+def test_training_with_class_weights_and_logit_adjustment_records_them(tmp_path):
+    from .conftest import make_folder
+
+    data = make_folder(tmp_path / "lt", n_per_class=12, classes=3)
+    for i in range(8):  # a long tail: 12, 12, 4 images
+        (data / "class_2" / f"img_{i:03d}.png").unlink()
+    r = run_cli(
+        "train",
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        "--output",
+        tmp_path,
+        "--name",
+        "la",
+        *TINY,
+        "--train.loss",
+        "logit_adjusted",
+        "--train.class_weights",
+        "effective",
+        "--train.cb_beta",
+        "0.9",
+    )
+    assert r.code == 0, r
+    task = json.loads((tmp_path / "la" / "imgclf.json").read_text())["task"]
+    train_counts = [11, 11, 3]  # 10 % stratified validation: one image of each class
+    assert task["class_prior"] == pytest.approx([n / 25 for n in train_counts], rel=1e-6)
+    eff = [(1 - 0.9) / (1 - 0.9**n) for n in train_counts]
+    assert task["class_weight"] == pytest.approx([3 * w / sum(eff) for w in eff], rel=1e-5)

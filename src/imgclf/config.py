@@ -272,11 +272,19 @@ class TrainConfig:
     """The loop: epochs, loss, precision, EMA, model selection and stopping."""
 
     epochs: int = opt(10, "number of epochs")
-    loss: Literal["auto", "ce", "focal", "bce", "asl"] = opt(
+    loss: Literal["auto", "ce", "focal", "logit_adjusted", "balanced_softmax", "bce", "asl"] = opt(
         "auto",
         "auto: ce (single-label) or bce (multi-label) | ce: cross-entropy | focal: focal loss (Lin et al. 2017; "
-        "sigmoid focal for multi-label) | bce: binary cross-entropy | asl: asymmetric loss (Ridnik et al. 2021)",
+        "sigmoid focal for multi-label) | logit_adjusted: CE on logits + tau log(prior) (Menon et al. 2021) | "
+        "balanced_softmax (Ren et al. 2020) | bce: binary cross-entropy | asl: asymmetric loss (Ridnik et al. 2021)",
     )
+    class_weights: Literal["none", "inverse", "sqrt_inverse", "effective"] = opt(
+        "none",
+        "single-label class-weighted loss: inverse frequency, its square root, or the effective number of "
+        "samples (Cui et al. 2019, beta train.cb_beta); weights sum to the number of classes",
+    )
+    cb_beta: float = opt(0.9999, "beta of the effective number of samples (class_weights effective)")
+    la_tau: float = opt(1.0, "tau of the logit-adjusted loss")
     label_smoothing: float | None = opt(
         None, "label smoothing; default 0.1 for single-label, 0 for multi-label (each target moves towards 0.5)"
     )
@@ -311,6 +319,8 @@ class TrainConfig:
         _check(self.asl_gamma_neg >= 0 and self.asl_gamma_pos >= 0, "train.asl_gamma_neg/asl_gamma_pos",
                "must be >= 0", (self.asl_gamma_neg, self.asl_gamma_pos))  # fmt: skip
         _check(0 <= self.asl_clip < 1, "train.asl_clip", "must be in [0, 1)", self.asl_clip)
+        _check(0 <= self.cb_beta < 1, "train.cb_beta", "must be in [0, 1)", self.cb_beta)
+        _check(self.la_tau >= 0, "train.la_tau", "must be >= 0", self.la_tau)
         _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0", self.focal_gamma)
         alpha = (
             self.focal_alpha

@@ -30,17 +30,34 @@ def soft_targets(targets: torch.Tensor, k: int, smoothing: float = 0.0) -> torch
 
 class CrossEntropyLoss(nn.Module):
     """Cross-entropy with label smoothing (integer targets) or against soft targets (MixUp/CutMix, whose
-    smoothing is already inside the mixed targets: timm ``SoftTargetCrossEntropy``)."""
+    smoothing is already inside the mixed targets: timm ``SoftTargetCrossEntropy``).
 
-    def __init__(self, label_smoothing: float = 0.0):
+    ``weight`` (K,): class-weighted cross-entropy, PyTorch's weighted mean ``sum_i w_{y_i} l_i / sum_i w_{y_i}``
+    (soft targets: each target's weight is ``sum_k w_k y_k``). ``logit_offset`` (K,) is added to the logits
+    inside the loss only: ``tau * log(prior)`` gives the logit-adjusted loss (Menon et al. 2021, "Long-tail
+    learning via logit adjustment") and ``log(n_k)`` the balanced softmax (Ren et al. 2020); the model's
+    own logits then estimate the balanced (uniform-prior) posterior.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, weight: Sequence[float] | None = None,
+                 logit_offset: Sequence[float] | None = None):  # fmt: skip
         super().__init__()
         self.label_smoothing = label_smoothing
         self.soft = SoftTargetCrossEntropy()
+        for name, v in (("weight", weight), ("logit_offset", logit_offset)):
+            self.register_buffer(name, None if v is None else torch.as_tensor(v, dtype=torch.float32), persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = logits.float()
+        if self.logit_offset is not None:
+            z = z + self.logit_offset.to(z.device)
+        w = None if self.weight is None else self.weight.to(z.device)
         if targets.ndim == 2:  # (B, K) soft targets
-            return self.soft(logits.float(), targets)
-        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+            if w is None:
+                return self.soft(z, targets)
+            per = torch.sum(-targets * w * F.log_softmax(z, dim=-1), dim=-1)  # (B,)
+            return per.sum() / (targets * w).sum().clamp_min(1e-12)
+        return F.cross_entropy(z, targets, weight=w, label_smoothing=self.label_smoothing)
 
 
 class FocalLoss(nn.Module):
@@ -67,10 +84,52 @@ class FocalLoss(nn.Module):
         return torch.sum(-y * weight * logp, dim=-1).mean()
 
 
+def class_weights(counts: Sequence[int], scheme: str, beta: float = 0.9999) -> list[float]:
+    """Per-class loss weights (K,) from training counts, normalised to sum to K (Cui et al. 2019):
+
+    - ``inverse``: ``1 / n_k``; ``sqrt_inverse``: ``1 / sqrt(n_k)``;
+    - ``effective``: ``(1 - beta) / (1 - beta^n_k)``, the inverse effective number of samples (Cui et al.
+      2019, "Class-Balanced Loss Based on Effective Number of Samples"; beta -> 1 is ``inverse``, 0 uniform).
+
+    A class without training images gets the largest weight of the others (it only meets smoothed or mixed
+    targets). Raises ValueError for an unknown ``scheme``."""
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    if scheme == "inverse":
+        w = 1 / n
+    elif scheme == "sqrt_inverse":
+        w = 1 / n.sqrt()
+    elif scheme == "effective":
+        w = (1 - beta) / (1 - torch.pow(torch.tensor(beta, dtype=torch.float64), n))
+    else:
+        raise ValueError(f"unknown class weighting {scheme!r} (inverse, sqrt_inverse, effective)")
+    present = n > 0
+    w = torch.where(present, w, w[present].max() if present.any() else torch.ones(()))
+    return (w * len(w) / w.sum()).tolist()
+
+
+def _offset(t) -> list[float] | None:
+    """The logit offset of a task's loss: ``tau * log(prior)`` (logit_adjusted) or ``log(prior)`` (balanced
+    softmax, tau = 1; the offsets differ from ``log n_k`` by a constant, which softmax ignores)."""
+    if t.loss not in ("logit_adjusted", "balanced_softmax") or t.class_prior is None:
+        return None
+    tau = t.la_tau if t.loss == "logit_adjusted" else 1.0
+    return [tau * float(torch.log(torch.tensor(max(p, 1e-12)))) for p in t.class_prior]
+
+
+def _focal_alpha(t):
+    """Focal alpha composed with the class weights (their product per class)."""
+    if t.class_weight is None:
+        return t.focal_alpha
+    a = torch.as_tensor(1.0 if t.focal_alpha is None else t.focal_alpha, dtype=torch.float32)
+    return (a * torch.as_tensor(t.class_weight, dtype=torch.float32)).tolist()
+
+
 #: loss name (``train.loss``) -> factory taking the task's settings
 LOSSES = {
-    "ce": lambda t: CrossEntropyLoss(t.label_smoothing),
-    "focal": lambda t: FocalLoss(t.focal_gamma, t.focal_alpha, t.label_smoothing),
+    "ce": lambda t: CrossEntropyLoss(t.label_smoothing, t.class_weight),
+    "focal": lambda t: FocalLoss(t.focal_gamma, _focal_alpha(t), t.label_smoothing),
+    "logit_adjusted": lambda t: CrossEntropyLoss(t.label_smoothing, t.class_weight, _offset(t)),
+    "balanced_softmax": lambda t: CrossEntropyLoss(t.label_smoothing, t.class_weight, _offset(t)),
 }
 
 

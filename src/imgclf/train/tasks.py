@@ -83,9 +83,14 @@ class SingleLabelTask:
     run's OOD rejection), one temperature for calibration.
 
     Args:
-        loss: a name in ``losses.LOSSES`` (``ce``, ``focal``).
+        loss: a name in ``losses.LOSSES``: ``ce``, ``focal``, ``logit_adjusted`` (Menon et al. 2021) or
+            ``balanced_softmax`` (Ren et al. 2020).
         label_smoothing: for integer targets, in [0, 1).
         focal_gamma, focal_alpha: ``FocalLoss`` settings (used by ``loss="focal"``).
+        class_weight: (K,) per-class loss weights (``losses.class_weights``: inverse frequency, its square root
+            or the effective number of samples), None = 1.
+        class_prior: (K,) training class frequencies, the prior that logit-adjusted losses offset by.
+        la_tau: the logit adjustment's temperature tau (``logit_adjusted``).
     """
 
     kind: ClassVar[str] = "single_label"
@@ -99,27 +104,44 @@ class SingleLabelTask:
     label_smoothing: float = 0.0
     focal_gamma: float = 2.0
     focal_alpha: float | tuple[float, ...] | None = None
+    class_weight: tuple[float, ...] | None = None
+    class_prior: tuple[float, ...] | None = None
+    la_tau: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ImgclfError(f"train.loss: unknown loss {self.loss!r} for single-label data (known: "
                               f"{', '.join(LOSSES)})")  # fmt: skip
-        object.__setattr__(self, "focal_alpha", _tuple(self.focal_alpha))
+        for name in ("focal_alpha", "class_weight", "class_prior"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
 
     def check(self, num_classes: int) -> None:
-        """ImgclfError before training when the settings do not fit ``num_classes`` (per-class focal alpha)."""
-        a = self.focal_alpha
-        if isinstance(a, tuple) and len(a) != num_classes:
-            raise ImgclfError(f"train.focal_alpha has {len(a)} values for {num_classes} classes (one per class, "
-                              "in class-name order, or a single value)")  # fmt: skip
+        """ImgclfError before training when per-class settings do not have ``num_classes`` values."""
+        for name in ("focal_alpha", "class_weight", "class_prior"):
+            a = getattr(self, name)
+            if isinstance(a, tuple) and len(a) != num_classes:
+                raise ImgclfError(f"train.{name} has {len(a)} values for {num_classes} classes (one per class, "
+                                  "in class-name order, or a single value)")  # fmt: skip
 
     @classmethod
-    def from_config(cls, train: Any) -> SingleLabelTask:
-        """From a ``config.TrainConfig`` (loss, label_smoothing, focal_gamma, focal_alpha); ``auto`` settings
-        resolve to cross-entropy with label smoothing 0.1."""
+    def from_config(cls, train: Any, counts: np.ndarray | None = None) -> SingleLabelTask:
+        """From a ``config.TrainConfig``; ``auto`` settings resolve to cross-entropy with label smoothing 0.1.
+        ``train.class_weights`` and the logit-adjusted losses need the training ``counts`` per class (K,)."""
         loss = "ce" if train.loss == "auto" else train.loss
         s = 0.1 if train.label_smoothing is None else train.label_smoothing
-        return cls(loss, s, train.focal_gamma, train.focal_alpha)
+        weight = prior = None
+        scheme = getattr(train, "class_weights", "none")
+        needs = scheme != "none" or loss in ("logit_adjusted", "balanced_softmax")
+        if needs and counts is None:
+            raise ImgclfError(f"train.loss {loss} / train.class_weights {scheme} need the training class counts")
+        if scheme != "none":
+            from .losses import class_weights
+
+            weight = tuple(round(w, 6) for w in class_weights(counts, scheme, train.cb_beta))
+        if loss in ("logit_adjusted", "balanced_softmax"):
+            n = np.asarray(counts, dtype=np.float64)
+            prior = tuple(round(float(x), 8) for x in n / max(n.sum(), 1))
+        return cls(loss, s, train.focal_gamma, train.focal_alpha, weight, prior, getattr(train, "la_tau", 1.0))
 
     def criterion(self) -> nn.Module:
         """The training loss: ``(logits (B, K), int (B,) or soft (B, K) targets) -> scalar``."""
@@ -127,7 +149,7 @@ class SingleLabelTask:
 
     def eval_criterion(self) -> nn.Module:
         """The loss reported on validation/test data: the training loss without label smoothing."""
-        return LOSSES[self.loss](SingleLabelTask(self.loss, 0.0, self.focal_gamma, self.focal_alpha))
+        return LOSSES[self.loss](_replace(self, label_smoothing=0.0))
 
     def probs(self, logits: torch.Tensor, temperature: Calib = 1.0, bias: Any = None) -> torch.Tensor:
         """(N, K) logits -> (N, K) calibrated probabilities ``softmax(logits / T)`` (``bias`` is unused)."""
@@ -332,6 +354,9 @@ def task_for_config(train: Any, samples: Any) -> Task:
     classes, and ``train.metric`` checked against the task (ImgclfError naming the field)."""
     k = len(samples.class_names)
     if getattr(samples, "multi_label", False):
+        if train.loss in ("logit_adjusted", "balanced_softmax") or train.class_weights != "none":
+            raise ImgclfError("train.loss logit_adjusted / balanced_softmax and train.class_weights are for "
+                              "single-label data; label sets are weighted by --train.pos_weight")  # fmt: skip
         task: Task = MultiLabelTask.from_config(train, samples.class_counts(usable=True), len(samples))
     else:
         if train.pos_weight != "none":
@@ -339,8 +364,8 @@ def task_for_config(train: Any, samples: Any) -> Task:
                               "--train.loss focal with --train.focal_alpha)")  # fmt: skip
         if train.loss in MULTILABEL_LOSSES and train.loss not in LOSSES:
             raise ImgclfError(f"train.loss {train.loss} is for multi-label data; single-label data trains with "
-                              f"{' or '.join(LOSSES)}")  # fmt: skip
-        task = SingleLabelTask.from_config(train)
+                              f"{', '.join(LOSSES)}")  # fmt: skip
+        task = SingleLabelTask.from_config(train, samples.class_counts(usable=True))
     task.check(k)
     metric_of(task, train.metric)
     return task
