@@ -82,6 +82,7 @@ STRATEGIES = {
         },
         2,
     ),
+    "class-balanced-sampler-logit-adjusted": ({"data.sampler": "progressive", "train.loss": "logit_adjusted"}, 2),
     # multi-label data (label sets, BCE/ASL): every strategy resumes the same way
     "multilabel-finetune-mixup": ({"aug.mixup": 0.4, "train.loss": "asl"}, 2),
     "multilabel-staged": ({"transfer.strategy": "staged", "transfer.head_epochs": 1}, 2),

@@ -51,6 +51,11 @@ class DataConfig:
     batch_size: int = opt(64, "training batch size per device")
     eval_batch_size: int | None = opt(None, "evaluation batch size; default: 2 x batch_size")
     num_workers: int = opt(-1, "data loader worker processes; -1 picks from the CPU count")
+    sampler: Literal["instance", "sqrt", "balanced", "progressive"] = opt(
+        "instance",
+        "training sampler: instance (plain shuffling) | sqrt (class c drawn in proportion to sqrt(n_c)) | balanced "
+        "(every class equally often) | progressive (instance to balanced over the epochs; Kang et al. 2020)",
+    )
     strict_images: bool = opt(False, "stop on the first corrupt or non-image file instead of skipping it")
     pixel_range: tuple[float, float] | str = opt(
         "auto",

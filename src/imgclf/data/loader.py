@@ -117,15 +117,18 @@ def make_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     repeats: int = 1,
+    sampler: Any = None,
 ) -> DataLoader:
     """A loader for training (seeded per-epoch shuffling, drop_last) or evaluation (in order).
 
     ``repeats > 1`` uses timm's ``RepeatAugSampler``: each image appears that many times in a row,
-    differently augmented (repeated augmentation, DeiT); an epoch keeps its usual length.
+    differently augmented (repeated augmentation, DeiT); an epoch keeps its usual length. ``sampler`` (a
+    ``samplers.ClassBalancedSampler``) replaces the training sampler.
     """
     workers = auto_workers(num_workers)
-    sampler: Any = None
-    if train and repeats > 1:
+    if sampler is not None:
+        pass
+    elif train and repeats > 1:
         sampler = RepeatAugSampler(dataset, world_size, rank, shuffle=True, num_repeats=repeats, selected_round=0)
     elif train:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
@@ -152,5 +155,7 @@ def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
     elif isinstance(loader.sampler, RepeatAugSampler):
         loader.sampler.set_epoch(seed * 100_003 + epoch)  # it seeds its shuffle with the epoch alone
+    elif hasattr(loader.sampler, "set_epoch"):  # ClassBalancedSampler: seeded by (its seed, epoch)
+        loader.sampler.set_epoch(epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 1000 + epoch)

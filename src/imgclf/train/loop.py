@@ -223,7 +223,23 @@ def prepare_run(cfg: Config, resume: bool = False, *, needs_dir: bool = True) ->
     splits = prepare_data(cfg)
     task = task_for_config(cfg.train, splits.train)
     check_trust(cfg.trust, task)
+    _check_sampler(cfg, task)
     return Run(cfg, dist, run_dir, resume, splits, task)
+
+
+def _check_sampler(cfg: Config, task: Task) -> None:
+    """ImgclfError before training when ``data.sampler`` cannot apply: label sets, repeated augmentation (whose
+    sampler it would replace), or the cached probe (whose head trains on cached feature batches)."""
+    if cfg.data.sampler == "instance":
+        return
+    if task.multi_label:
+        raise ImgclfError("data.sampler balanced / sqrt / progressive needs one class per image (label sets: use "
+                          "--train.pos_weight)")  # fmt: skip
+    if cfg.aug.repeats > 1:
+        raise ImgclfError("data.sampler and aug.repeats > 1 both choose the training order; use one of them")
+    if cfg.transfer.strategy == "probe" and cfg.probe.cache:
+        raise ImgclfError("data.sampler does not apply to the cached probe (its head trains on cached features); "
+                          "pass --probe.cache false or a class-weighted loss (--train.class_weights)")  # fmt: skip
 
 
 def forward_loss(loop: Loop, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -80,10 +80,16 @@ def train_loader(samples: Samples, pre: Preprocess, cfg: Config, dist: Dist) -> 
     """The shuffled, augmented loader; shuffling is a function of (seed, epoch) via ``set_epoch``."""
     probe = cfg.transfer.strategy == "probe"  # a probe sees the eval view: features as a cached probe would
     ds = ImageDataset(samples, pre.eval() if probe else pre.train(cfg.aug))
+    sampler = None
+    if cfg.data.sampler != "instance":
+        from ..data.samplers import ClassBalancedSampler
+
+        sampler = ClassBalancedSampler(samples.labels, cfg.data.sampler, seed=cfg.train.seed, epochs=cfg.train.epochs,
+                                       num_replicas=dist.world_size, rank=dist.rank)  # fmt: skip
     return make_loader(
         ds, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         rank=dist.rank, world_size=dist.world_size, pin_memory=dist.device.type == "cuda",
-        repeats=1 if probe else cfg.aug.repeats,
+        repeats=1 if probe else cfg.aug.repeats, sampler=sampler,
     )  # fmt: skip
 
 
