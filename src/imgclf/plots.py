@@ -80,26 +80,34 @@ def confusion_heatmap(cm: list[list[int]], names: list[str]) -> bytes:
 
     m = np.asarray(cm, dtype=float)
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    return _count_heatmap(m, norm, norm, names, "Blues", ("predicted", "true"), "fraction of the true class", True)
+
+
+def _count_heatmap(counts: Any, norm: Any, shown: Any, names: list[str], cmap: Any, axes: tuple[str, str],
+                   bar: str, diagonal_white: bool) -> bytes:  # fmt: skip
+    """A K x K heatmap of ``shown`` (``norm``, possibly masked) with the ``counts`` written in the cells (up to 25
+    classes) and the class names as ticks (up to 60); ``axes`` = (x label, y label), ``bar`` the colour bar's."""
     k = len(names)
     size = min(12.0, 2.5 + 0.45 * k)
     fig = figure(size, size * 0.85)
     ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    im = ax.imshow(shown, cmap=cmap, vmin=0, vmax=1)
     if k <= 60:
         ax.set_xticks(range(k), [n[:14] for n in names], rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(k), [n[:14] for n in names], fontsize=8)
-    else:  # too many to label: the most-confused pairs table names them
+    else:  # too many to label: the tables next to the plot name them
         ax.set_xticks([])
         ax.set_yticks([])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     if k <= 25:
         for i in range(k):
             for j in range(k):
-                if m[i, j]:
-                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
-    fig.colorbar(im, fraction=0.046, pad=0.04, label="fraction of the true class")
+                if counts[i, j]:
+                    white = norm[i, j] > 0.5 and (diagonal_white or i != j)
+                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if white else "black")  # fmt: skip
+    fig.colorbar(im, fraction=0.046, pad=0.04, label=bar)
     fig.tight_layout()
     return png_bytes(fig)
 
@@ -204,28 +212,9 @@ def cooccurrence_heatmap(counts: Any, names: list[str]) -> bytes:
     from matplotlib import colormaps
 
     m = np.asarray(counts, dtype=float)
-    k = len(names)
     support = np.diag(m).copy()
     norm = m / np.maximum(support[:, None], 1)
     cmap = colormaps["Blues"].with_extremes(bad="#e3e6ea")  # the masked diagonal
-    size = min(12.0, 2.5 + 0.45 * k)
-    fig = figure(size, size * 0.85)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(np.ma.masked_array(norm, mask=np.eye(k, dtype=bool)), cmap=cmap, vmin=0, vmax=1)
-    if k <= 60:
-        ax.set_xticks(range(k), [n[:14] for n in names], rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(k), [n[:14] for n in names], fontsize=8)
-    else:  # too many to label: the most frequent pairs table names them
-        ax.set_xticks([])
-        ax.set_yticks([])
-    ax.set_xlabel("also labelled")
-    ax.set_ylabel("label")
-    if k <= 25:
-        for i in range(k):
-            for j in range(k):
-                if m[i, j]:
-                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if i != j and norm[i, j] > 0.5 else "black")  # fmt: skip
-    fig.colorbar(im, fraction=0.046, pad=0.04, label="P(column label | row label)")
-    fig.tight_layout()
-    return png_bytes(fig)
+    shown = np.ma.masked_array(norm, mask=np.eye(len(names), dtype=bool))
+    return _count_heatmap(m, norm, shown, names, cmap, ("also labelled", "label"), "P(column label | row label)",
+                          False)  # fmt: skip

@@ -58,14 +58,12 @@ def _bench_runtime(art, rt: str, batch_sizes, warmup: int, repeats: int, hwc, rn
 
 def _answers(art):
     """Calibrated probabilities (B, K) -> the run's answers: top-1 classes, or label sets under its thresholds."""
-    if not art.multi_label:
-        return lambda probs: probs.argmax(1)
     import torch
 
-    from ..train.tasks import Decision, task_from_json
+    from ..eval.trust import Trust
 
-    task, decision = task_from_json(art.task), Decision.from_json(art.decision)
-    return lambda probs: task.decide(torch.from_numpy(probs), decision).numpy()
+    trust = Trust.of(art)
+    return lambda probs: trust.decide(torch.from_numpy(probs)).numpy()
 
 
 def bench_run(

@@ -215,7 +215,7 @@ def write_report(
         "Training curves",
         _img(training_curves(rows), "training curves") if rows else '<p class="note">No per-epoch log.</p>',
     )
-    trust = Trust.load(run_dir, art) if art.multi_label else Trust(temperature=art.temperature)
+    trust = Trust.of(art)  # calibration and decision rule; the OOD statistics are not needed here
     if art.multi_label:
         from .report_multilabel import _multilabel_gallery, _multilabel_parts, multilabel_top_losses
 

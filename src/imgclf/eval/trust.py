@@ -116,8 +116,16 @@ class Trust:
             save_safetensors(run_dir / OOD_FILE, self.stats.state())
 
     @classmethod
+    def of(cls, art: Any) -> Trust:
+        """The run's task, calibration and decision rule from its ``imgclf.json`` alone (no OOD statistics):
+        what turns its logits into calibrated probabilities and answers."""
+        task = task_from_json(art.task)
+        decision = Decision.from_json(art.decision) if task.multi_label else None
+        return cls(art.temperature, task=task, bias=art.calibration.get("bias"), decision=decision)
+
+    @classmethod
     def load(cls, run_dir: str | Path, art: Any, device: str = "cpu") -> Trust:
-        """From ``imgclf.json`` (``calibration`` and ``ood``) and ``ood.safetensors``; identity if absent."""
+        """``of(art)`` plus the OOD settings (``ood``) and statistics (``ood.safetensors``); identity if absent."""
         ood = art.ood or {}
         stats = None
         if ood.get("feature_stats"):
@@ -127,11 +135,10 @@ class Trust:
             if not path.is_file():
                 raise ImgclfError(f"{run_dir}: OOD statistics {path.name} are missing (retrain or drop OOD)")
             stats = FeatureStats.from_state(load_file(str(path), device=device), ood.get("knn_k") or 10)
-        task = task_from_json(art.task)
-        decision = Decision.from_json(art.decision) if task.multi_label else None
-        return cls(art.temperature, ood.get("ood_score", "energy"), float(ood.get("tpr", 0.95)),
-                   {k: float(v) for k, v in (ood.get("thresholds") or {}).items()}, stats, task,
-                   art.calibration.get("bias"), decision)  # fmt: skip
+        trust = cls.of(art)
+        trust.ood_score, trust.tpr, trust.stats = ood.get("ood_score", "energy"), float(ood.get("tpr", 0.95)), stats
+        trust.thresholds = {k: float(v) for k, v in (ood.get("thresholds") or {}).items()}
+        return trust
 
 
 def fit_trust(
@@ -161,7 +168,7 @@ def fit_trust(
             raise ImgclfError("trust.calibration_method platt applies to multi-label runs (single-label runs fit "
                               "one temperature)")  # fmt: skip
         t = fit_temperature(val_logits, val_labels) if cfg.calibrate else 1.0
-        trust = Trust(t, cfg.ood_score, cfg.ood_tpr, {}, None, task)
+        trust = Trust(t, task=task)
         report.update(temperature=t, val={"before": calibration_metrics(val_logits, val_labels),
                                           "after": calibration_metrics(val_logits, val_labels, t)})  # fmt: skip
         report["reliability"] = {"before": reliability(val_logits.softmax(1), val_labels),
@@ -212,11 +219,9 @@ def task_metrics(trust: Trust, o: Any, names: list[str], top_k: int | None = Non
     (``trust``). Multi-label runs given ``top_k`` also get the decision metrics of the other rules
     (``alternatives``: a fixed 0.5 threshold and the ``top_k`` labels), to show what tuning the thresholds
     gained."""
-    task = trust.task
-    m = task.metrics(o.logits, o.labels, names, loss=task.eval_criterion(), probs=trust.probs(o.logits),
-                     decision=trust.decision)  # fmt: skip
+    task, p, k = trust.task, trust.probs(o.logits), top_k
+    m = task.metrics(o.logits, o.labels, names, loss=task.eval_criterion(), probs=p, decision=trust.decision)
     if task.multi_label and top_k and len(o.labels):
-        p, k = trust.probs(o.logits), top_k
         m["decision"] = trust.decision.to_json() if trust.decision is not None else Decision().to_json()
         m["alternatives"] = {}
         for name, d in (("fixed_0.5", Decision()), (f"top_{k}", Decision("top_k", top_k=k))):

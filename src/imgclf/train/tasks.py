@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -117,11 +118,7 @@ class SingleLabelTask:
 
     def check(self, num_classes: int) -> None:
         """ImgclfError before training when per-class settings do not have ``num_classes`` values."""
-        for name in ("focal_alpha", "class_weight", "class_prior"):
-            a = getattr(self, name)
-            if isinstance(a, tuple) and len(a) != num_classes:
-                raise ImgclfError(f"train.{name} has {len(a)} values for {num_classes} classes (one per class, "
-                                  "in class-name order, or a single value)")  # fmt: skip
+        _check_per_class(self, ("focal_alpha", "class_weight", "class_prior"), num_classes)
 
     @classmethod
     def from_config(cls, train: Any, counts: np.ndarray | None = None) -> SingleLabelTask:
@@ -130,7 +127,7 @@ class SingleLabelTask:
         loss = "ce" if train.loss == "auto" else train.loss
         s = 0.1 if train.label_smoothing is None else train.label_smoothing
         weight = prior = None
-        scheme = getattr(train, "class_weights", "none")
+        scheme = train.class_weights
         needs = scheme != "none" or loss in ("logit_adjusted", "balanced_softmax")
         if needs and counts is None:
             raise ImgclfError(f"train.loss {loss} / train.class_weights {scheme} need the training class counts")
@@ -141,7 +138,7 @@ class SingleLabelTask:
         if loss in ("logit_adjusted", "balanced_softmax"):
             n = np.asarray(counts, dtype=np.float64)
             prior = tuple(round(float(x), 8) for x in n / max(n.sum(), 1))
-        return cls(loss, s, train.focal_gamma, train.focal_alpha, weight, prior, getattr(train, "la_tau", 1.0))
+        return cls(loss, s, train.focal_gamma, train.focal_alpha, weight, prior, train.la_tau)
 
     def criterion(self) -> nn.Module:
         """The training loss: ``(logits (B, K), int (B,) or soft (B, K) targets) -> scalar``."""
@@ -149,7 +146,7 @@ class SingleLabelTask:
 
     def eval_criterion(self) -> nn.Module:
         """The loss reported on validation/test data: the training loss without label smoothing."""
-        return LOSSES[self.loss](_replace(self, label_smoothing=0.0))
+        return LOSSES[self.loss](dataclasses.replace(self, label_smoothing=0.0))
 
     def probs(self, logits: torch.Tensor, temperature: Calib = 1.0, bias: Any = None) -> torch.Tensor:
         """(N, K) logits -> (N, K) calibrated probabilities ``softmax(logits / T)`` (``bias`` is unused)."""
@@ -225,11 +222,7 @@ class MultiLabelTask:
 
     def check(self, num_classes: int) -> None:
         """ImgclfError before training when per-class settings do not have ``num_classes`` values."""
-        for name in ("pos_weight", "focal_alpha"):
-            v = getattr(self, name)
-            if isinstance(v, tuple) and len(v) != num_classes:
-                raise ImgclfError(f"train.{name} has {len(v)} values for {num_classes} classes (one per class, "
-                                  "in class-name order)")  # fmt: skip
+        _check_per_class(self, ("pos_weight", "focal_alpha"), num_classes)
         a = self.focal_alpha
         if a is not None and not all(0 < x < 1 for x in (a if isinstance(a, tuple) else (a,))):
             raise ImgclfError(f"train.focal_alpha must be in (0, 1) for the sigmoid focal loss (got {a})")
@@ -260,7 +253,7 @@ class MultiLabelTask:
 
     def eval_criterion(self) -> nn.Module:
         """The loss reported on validation/test data: the training loss without label smoothing."""
-        return MULTILABEL_LOSSES[self.loss](_replace(self, label_smoothing=0.0))
+        return MULTILABEL_LOSSES[self.loss](dataclasses.replace(self, label_smoothing=0.0))
 
     def probs(self, logits: torch.Tensor, temperature: Calib = 1.0, bias: Any = None) -> torch.Tensor:
         """(N, K) logits -> (N, K) calibrated probabilities ``sigmoid(logits / T + b)``; ``temperature`` and
@@ -304,10 +297,13 @@ class MultiLabelTask:
         return {"kind": self.kind, **_listed(asdict(self))}
 
 
-def _replace(task: Any, **changes: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(task, **changes)
+def _check_per_class(task: Any, names: tuple[str, ...], num_classes: int) -> None:
+    """ImgclfError naming the field when a per-class setting of ``task`` has not ``num_classes`` values."""
+    for name in names:
+        v = getattr(task, name)
+        if isinstance(v, tuple) and len(v) != num_classes:
+            raise ImgclfError(f"train.{name} has {len(v)} values for {num_classes} classes (one per class, in "
+                              "class-name order, or a single value)")  # fmt: skip
 
 
 def _vec(v: Any, like: torch.Tensor) -> torch.Tensor | float:

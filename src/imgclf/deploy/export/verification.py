@@ -87,13 +87,12 @@ def pixel_batches(samples, art: Artifact, n: int, batch: int = 32, seed: int = 0
 def decider(art: Artifact):
     """``logits (B, K) -> decisions``: (B,) argmax classes, or for a multi-label run (B, K) label sets by its
     calibration and decision thresholds (what predict and serve answer)."""
-    from ...train.tasks import Decision, task_from_json
+    from ...eval.trust import Trust
 
-    task = task_from_json(art.task)
-    if not task.multi_label:
+    trust = Trust.of(art)
+    if not trust.multi_label:
         return lambda z: torch.as_tensor(z).argmax(1)
-    decision, bias = Decision.from_json(art.decision), art.calibration.get("bias")
-    return lambda z: task.decide(task.probs(torch.as_tensor(z), art.temperature, bias), decision)
+    return lambda z: trust.decide(trust.probs(torch.as_tensor(z)))
 
 
 #: an fp32 export agrees with PyTorch when its logits are this close relative to their scale ...
