@@ -112,6 +112,14 @@ def train(cfg: Config | None = None, *, resume: bool = False) -> TrainResult:
     return run_training(cfg or make_config(), resume=resume)
 
 
+def rebalance(run_dir: str | Path, method: str = "crt", **kwargs: Any) -> TrainResult:
+    """cRT or tau-normalisation of a trained run's classifier, saved as a new run; see
+    ``imgclf.pipeline.rebalance_run``."""
+    from .pipeline import rebalance_run
+
+    return rebalance_run(run_dir, method, **kwargs)
+
+
 def evaluate(run_dir: str | Path, data: str, **kwargs: Any) -> dict[str, Any]:
     """Metrics of a saved run on labelled ``data``; see ``imgclf.eval.evaluate.evaluate_run``."""
     return evaluate_run(run_dir, data, **kwargs)

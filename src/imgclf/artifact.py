@@ -269,6 +269,7 @@ KINDS: dict[str, Kind] = {
         "report": "a k-NN index has no training report; evaluate it with `imgclf eval`",
         "explain": "CAMs need a trained classifier (a k-NN index has no class head)",
         "calibrate": "a k-NN index has no temperature to fit (its votes are its probabilities)",
+        "rebalance": "a k-NN index has no classifier head to rebalance (its votes weigh every support image)",
     }),
 }  # fmt: skip
 

@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .artifact import Artifact, save_artifact
 from .config import Config, config_to_dict
 from .data.sources import Samples, stratified_split
 from .eval.drift import reference_stats
 from .eval.predictions import save_predictions
+from .eval.priors import logit_prior
 from .eval.trust import alternative_k, calibration_report, fit_trust, task_metrics
 from .models.factory import architecture_of, size_kwargs
-from .models.inference import Outputs, infer
+from .models.inference import Features, Outputs, infer
 from .rundir import VAL_PREDICTIONS
 from .train.probe import fit_probe
 from .train.trainer import Fitted, eval_loader, fit
@@ -32,16 +35,29 @@ class TrainResult:
     history: list[dict[str, Any]]
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # metrics sections of a derived run (``rebalance``)
 
 
 def run_training(cfg: Config, resume: bool = False) -> TrainResult:
     """Train, evaluate the best weights, fit calibration and OOD statistics, save the artifact and report."""
     cached_probe = cfg.transfer.strategy == "probe" and cfg.probe.cache
     f = fit_probe(cfg, resume=resume) if cached_probe else fit(cfg, resume=resume)
+    return finish(f)
+
+
+def finish(f: Fitted, train_feats: Features | None = None, data: dict[str, Any] | None = None,
+           extra_metrics: dict[str, Any] | None = None) -> TrainResult:  # fmt: skip
+    """Everything after the weights are final: validation and test outputs, calibration, OOD statistics (from
+    ``train_feats`` when the caller has the training features, else computed), the artifact (``data`` and
+    ``extra_metrics`` merged into its sections), predictions and report."""
+    cfg = f.cfg
     need_feats = cfg.trust.ood
     val_o = _outputs(f, f.splits.val, "val", True)  # features: OOD thresholds and the drift reference
     test_o = _outputs(f, f.splits.test, "test", need_feats) if f.splits.test is not None else None
-    train_o = _outputs(f, _stats_subset(f.splits.train, cfg), "train features", True) if need_feats else None
+    train_o = None
+    if need_feats:
+        train_o = (_feature_outputs(train_feats, cfg) if train_feats is not None
+                   else _outputs(f, _stats_subset(f.splits.train, cfg), "train features", True))  # fmt: skip
     names, task = f.splits.class_names, f.task
     trust, cal = fit_trust(val_o.logits, val_o.labels, val_o.features, train_o and train_o.features,
                            train_o and train_o.labels, len(names), cfg.trust, task, names)  # fmt: skip
@@ -61,6 +77,13 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
         metrics["test"] = test_m
     if f.skips.items:
         metrics["skipped_files"] = f.skips.items
+    metrics.update(extra_metrics or {})
+    counts = f.splits.train.class_counts(usable=True)
+    run_data: dict[str, Any] = {"train": f.splits.train.name, "n_train": len(f.splits.train),
+                                "n_val": len(f.splits.val), "class_counts": counts.tolist()}  # fmt: skip
+    if not task.multi_label:  # the class prior its logits learned: what post-hoc --priors shift from
+        run_data["logit_prior"] = logit_prior(task, counts, cfg.data.sampler, f.state.best_epoch, cfg.train.epochs)
+    run_data.update(data or {})
     art = Artifact(
         arch=architecture_of(f.model, cfg.model.name),
         class_names=names,
@@ -69,7 +92,7 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
         metrics=metrics,
         weights_source=f.weights_source,
         task=task.to_json(),
-        data={"train": f.splits.train.name, "n_train": len(f.splits.train), "n_val": len(f.splits.val)},
+        data=run_data,
         calibration={k: v for k, v in cal.items() if k not in ("reliability", "thresholds")},
         decision=trust.decision.to_json() if trust.decision is not None else None,
         ood=trust.to_json() if cfg.trust.ood else None,
@@ -84,7 +107,8 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
             from .eval.report import write_report
 
             write_report(f.run_dir, model=f.model, art=art, val=(val_o, f.splits.val), reliability=cal["reliability"])
-    return TrainResult(f.run_dir, f.state.best_epoch, val_m, test_m, f.state.history, dict(f.skips.items), f.seconds)
+    return TrainResult(f.run_dir, f.state.best_epoch, val_m, test_m, f.state.history, dict(f.skips.items), f.seconds,
+                       dict(extra_metrics or {}))  # fmt: skip
 
 
 def _drift_reference(trust, val_o: Outputs, name: str) -> dict[str, Any] | None:
@@ -104,9 +128,114 @@ def _stats_subset(train: Samples, cfg: Config) -> Samples:
     return train.subset(keep)
 
 
+def _feature_outputs(feats: Features, cfg: Config) -> Outputs:
+    """``Outputs`` (features and labels only) of at most ``trust.ood_max_train`` of the already computed training
+    ``feats`` (stratified, as ``_stats_subset``)."""
+    n, keep = len(feats.labels), torch.arange(len(feats.labels))
+    if n > cfg.trust.ood_max_train:
+        keep = torch.as_tensor(stratified_split(feats.labels.numpy(), cfg.trust.ood_max_train / n, cfg.train.seed)[1])
+    return Outputs(torch.empty(len(keep), 0), feats.labels[keep], feats.indices[keep], feats.features[keep])
+
+
 def _outputs(f: Fitted, samples: Samples, desc: str, features: bool) -> Outputs:
     loader = eval_loader(samples, f.preprocessing, f.cfg, f.dist.device.type == "cuda")
     return infer(
         f.model, loader, f.dist.device, skips=f.skips, amp_dtype=None, channels_last=f.cfg.model.channels_last,
         features=features, progress=f.cfg.run.progress and f.dist.is_main, desc=desc,
     )  # fmt: skip
+
+
+def rebalance_run(run: str | Path, method: str, *, name: str | None = None, output: str | None = None,
+                  device: str = "auto", progress: bool = True) -> TrainResult:  # fmt: skip
+    """Decoupled rebalancing of a trained single-label run's classifier (``train.rebalance``: ``crt`` or
+    ``tau_norm``, Kang et al. 2020) on its frozen features, saved as a new run ``output/name`` (default: next to
+    ``run``, named ``<run>-crt`` / ``<run>-tau-norm``) with its calibration, OOD statistics, metrics and report
+    fitted again as after training; the source run is not changed.
+
+    Raises:
+        ImgclfError: an unknown method, a multi-label run or a k-NN index, a classifier that is not ``nn.Linear``,
+            an existing destination, unavailable training data.
+    """
+    import shutil
+    import time
+
+    from .artifact import load_artifact, read_artifact, require
+    from .config import build_config
+    from .data.loader import SkipLog
+    from .data.splits import prepare_data
+    from .dist import Dist, resolve_device
+    from .errors import ImgclfError
+    from .rundir import CONFIG_FILE, METRICS_CSV, METRICS_JSONL
+    from .train.loop import State
+    from .train.rebalance import METHODS
+    from .train.tasks import task_from_json
+
+    if method not in METHODS:
+        raise ImgclfError(f"rebalance: --method must be one of {', '.join(METHODS)} (got {method!r})")
+    t0, src = time.perf_counter(), Path(run)
+    art = read_artifact(src)
+    require(art, "rebalance")
+    if art.multi_label:
+        raise ImgclfError(f"{src}: cRT and tau-normalisation rebalance single-label classifiers; a multi-label run "
+                          "is rebalanced by --train.pos_weight and its tuned thresholds")  # fmt: skip
+    cfg = build_config([art.config], ["the run's config"])
+    cfg.run.output, cfg.run.progress = output or str(src.parent), progress
+    cfg.run.name = name or f"{src.name}-{method.replace('_', '-')}"
+    dest = Path(cfg.run.output) / cfg.run.name
+    if dest.exists():
+        raise ImgclfError(f"rebalance: {dest} exists; pass another --name (nothing is overwritten)")
+    dist = Dist(resolve_device(device))
+    model, art = load_artifact(src, dist.device)
+    head = model.get_classifier()
+    if not isinstance(head, torch.nn.Linear):
+        raise ImgclfError(f"{src}: rebalancing needs a Linear classifier; {art.arch} has {type(head).__name__}")
+    try:
+        splits = prepare_data(cfg)
+    except ImgclfError as e:
+        raise ImgclfError(f"{src}: its training images are unavailable ({e})") from None
+    if len(splits.train) != art.data.get("n_train", len(splits.train)):
+        raise ImgclfError(f"{src}: its training data changed ({len(splits.train)} images where training had "
+                          f"{art.data['n_train']}); rebalancing on other data would mix two data sets")  # fmt: skip
+    skips, pre, k = SkipLog(strict=cfg.data.strict_images), art.preprocessing, art.num_classes
+    tr, info = _rebalance_head(model, art, src, cfg, splits, dist, skips, method)
+    dest.mkdir(parents=True)
+    for fname in (CONFIG_FILE, METRICS_JSONL, METRICS_CSV):  # the representation's training history
+        if (src / fname).is_file():
+            shutil.copy2(src / fname, dest / fname)
+    m = art.metrics
+    state = State(epoch=m.get("epochs_run", 0), best_epoch=m.get("best_epoch", -1),
+                  best_which=m.get("best_weights", "model"))  # fmt: skip
+    task = task_from_json(art.task)
+    f = Fitted(cfg, dest, model, state, splits, task, pre, art.weights_source, dist, skips, time.perf_counter() - t0)
+    before = {key: art.metrics["val"].get(key) for key in ("top1", "balanced_accuracy", "macro_f1")}
+    record = {"method": method, "from": str(src), "val_before": before, **{key: v for key, v in info.items()}}
+    uniform = [round(1.0 / k, 8)] * k
+    data = {"rebalance": method, "logit_prior": uniform if method == "crt" else None}
+    return finish(f, tr, data=data, extra_metrics={"rebalance": record})
+
+
+def _rebalance_head(model: Any, art: Artifact, src: Path, cfg: Config, splits: Any, dist: Any, skips: Any,
+                    method: str) -> tuple[Features, dict[str, Any]]:  # fmt: skip
+    """Refit (``crt``) or rescale (``tau_norm``) ``model``'s classifier in place from its frozen features of the
+    training and validation splits (cached under the run's weights' content hash); returns the training
+    features (reused for the OOD statistics) and the method's record."""
+    from .artifact import package_versions
+    from .rundir import WEIGHTS_FILE
+    from .train.probe import _file_sha, cached_features
+    from .train.rebalance import crt_head, tau_norm_head
+
+    head, pre = model.get_classifier(), art.preprocessing
+    versions = {k: v for k, v in package_versions().items() if k in ("torch", "timm", "imgclf")}
+    base = {"arch": art.arch, "weights": "sha256:" + _file_sha(src / WEIGHTS_FILE), "preprocessing": pre.to_json(),
+            "versions": versions}  # fmt: skip
+    tr = cached_features(model, splits.train, pre.eval(), {"name": "train"}, base, cfg, dist, skips)
+    va = cached_features(model, splits.val, pre.eval(), {"name": "val"}, base, cfg, dist, skips)
+    if method == "crt":
+        w, b, info = crt_head(tr.features, tr.labels, va.features, va.labels, art.num_classes, cfg.probe.wd_grid,
+                              cfg.probe.max_iter)  # fmt: skip
+    else:
+        w, b, info = tau_norm_head(head.weight.detach().float().cpu(), None, va.features, va.labels)
+    with torch.no_grad():
+        head.weight.copy_(w.to(head.weight))
+        head.bias.copy_(b.to(head.bias))
+    return tr, info

@@ -74,6 +74,29 @@ def training_curves(rows: list[dict[str, Any]]) -> bytes:
     return png_bytes(fig)
 
 
+def recall_vs_frequency(counts: list[int], recall: list[float], names: list[str]) -> bytes:
+    """Per-class recall (%) against the number of training images of the class (log scale), each point named:
+    on long-tailed data the rare classes sit at the bottom left when the classifier favours frequent ones."""
+    import numpy as np
+
+    n, r = np.maximum(np.asarray(counts, dtype=float), 1), 100 * np.asarray(recall, dtype=float)
+    fig = figure(6.4, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(n, r, color="#1f77b4", zorder=3)
+    if len(names) <= 40:  # beyond that the names cover each other
+        for x, y, name in zip(n, r, names):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ratio = n.max() / n.min()
+    ax.set_xscale("log")
+    ax.set_ylim(min(-2, r.min() - 5), 102)
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.set_ylabel("recall %")
+    ax.set_title(f"recall against class frequency (imbalance ratio {ratio:.0f}:1)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
 def confusion_heatmap(cm: list[list[int]], names: list[str]) -> bytes:
     """Row-normalised confusion matrix with counts."""
     import numpy as np

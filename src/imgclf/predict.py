@@ -16,7 +16,7 @@ from .errors import ImgclfError
 from .eval.evaluate import class_order
 from .eval.inference import check_inputs, infer_run, run_decode_policy
 from .eval.ood import FEATURE_SCORES
-from .eval.trust import Trust
+from .eval.trust import Trust, with_priors
 
 
 @dataclass
@@ -39,6 +39,7 @@ def predict_run(
     ood_score: str | None = None,
     reject: bool = True,
     runtime: str = "torch",
+    priors: str | None = None,
     **run_opts: Any,
 ) -> Predictions:
     """Batched top-k labels with calibrated probabilities, and an ``unknown`` flag, for every readable input.
@@ -53,6 +54,7 @@ def predict_run(
     first; the empty set is a valid answer), empty when the input is ``unknown``; they cannot be ensembled yet.
     ``run_opts``: batch_size, num_workers, device, strict_images, progress, max_pixels, max_aspect (see
     ``infer_run``). Members of an ensemble may list the same classes in another order (aligned by name).
+    ``priors``: deployment class priors for this call instead of each run's own (``eval.priors``).
     """
     if top_k < 1:
         raise ImgclfError(f"--top-k must be >= 1 (got {top_k})")
@@ -63,7 +65,7 @@ def predict_run(
         art = read_artifact(run)  # the one read of the run's imgclf.json; everything below is handed ``art``
         if art.multi_label and len(runs) > 1:
             raise ImgclfError(f"{run}: a multi-label run; ensembles of multi-label runs are not supported yet")
-        trust = Trust.load(run, art)
+        trust = with_priors(Trust.load(run, art), art, priors)
         trusts.append(trust)
         score = ood_score or trust.ood_score
         feats = score in FEATURE_SCORES and trust.stats is not None

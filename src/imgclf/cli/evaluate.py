@@ -15,6 +15,10 @@ from .flags import config_flags, config_from_args, positive_int, runtime_flag
 #: InferConfig fields that only matter for batched passes over data
 _BATCH_FIELDS = ("batch_size", "workers", "device", "strict_images", "progress")
 _TTA_FIELDS = ("tta", "tta_merge")
+_PRIORS_HELP = (
+    "deployment class priors (single-label runs): uniform, train, one number per class (0.5,0.3,...), "
+    "name=value pairs, or a .json/.csv file; none: no shift"
+)
 
 
 def _infer(args: argparse.Namespace) -> dict[str, Any]:
@@ -31,6 +35,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ood-split", default="test", help="split of a multi-split OOD .npz")
     p.add_argument("--format", choices=["table", "json"], default="table", help="stdout format")
     p.add_argument("--json", dest="json_out", help="also write the metrics JSON to this file")
+    p.add_argument("--priors", help=_PRIORS_HELP + " (default: the run's own, see imgclf calibrate --priors)")
     config_flags(p, InferConfig, {"batch_size": 128})
 
 
@@ -40,15 +45,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..io import write_json
 
     if len(args.runs) > 1:
-        if args.ood_data:
-            raise ImgclfError("--ood-data works with one run at a time")
+        if args.ood_data or args.priors:
+            raise ImgclfError("--ood-data and --priors work with one run at a time")
         rep = api.evaluate_ensemble(args.runs, args.data, split=args.split, **_infer(args))
         if args.json_out:
             write_json(args.json_out, rep)
         output.print_json(rep) if args.format == "json" else output.print_ensemble(rep)
         return 0
     m = api.evaluate(args.runs[0], args.data, split=args.split, ood_data=args.ood_data, ood_split=args.ood_split,
-                     **_infer(args))  # fmt: skip
+                     priors=args.priors, **_infer(args))  # fmt: skip
     if "ood" in m:
         m["ood"].pop("_scores", None)
     if args.json_out:
@@ -72,6 +77,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ensemble", nargs="+", metavar="RUN", default=[], help="more runs to average with (same classes)")
     p.add_argument("--ood-score", choices=SCORES, help="score for 'unknown' (default: the run's trust.ood_score)")
     p.add_argument("--no-reject", action="store_true", help="report OOD scores but never answer 'unknown'")
+    p.add_argument("--priors", help=_PRIORS_HELP + " (default: the run's own, see imgclf calibrate --priors)")
     runtime_flag(p, "auto: the fastest installed (PyTorch for --tta, k-NN indexes and GPUs)")
     config_flags(p, InferConfig)
 
@@ -81,7 +87,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..io import write_text
 
     preds = api.predict(args.run, args.inputs, top_k=args.top_k, ensemble=args.ensemble, ood_score=args.ood_score,
-                        reject=not args.no_reject, runtime=args.runtime, **_infer(args))  # fmt: skip
+                        reject=not args.no_reject, runtime=args.runtime, priors=args.priors,
+                        **_infer(args))  # fmt: skip
     if not preds.rows:
         output.print_skipped(preds.skipped)
         raise ImgclfError(f"no readable image among the {len(preds.skipped)} input(s); see the skipped files above")
@@ -101,13 +108,16 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--data", help="held-out labelled data, not your test set (default: the run's val split)")
     p.add_argument("--split", default="val", help="split of a multi-split .npz (default val)")
+    p.add_argument("--priors", help=_PRIORS_HELP + "; stored in the run, applied by eval, predict, export and "
+                   "serve (default: keep the run's)")  # fmt: skip
     config_flags(p, InferConfig, {"batch_size": 128}, exclude=_TTA_FIELDS)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .. import api
 
-    output.print_calibrate(args.run, api.calibrate(args.run, args.data, split=args.split, **_infer(args)))
+    rep = api.calibrate(args.run, args.data, split=args.split, priors=args.priors, **_infer(args))
+    output.print_calibrate(args.run, rep)
     return 0
 
 

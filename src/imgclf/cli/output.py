@@ -138,6 +138,19 @@ def print_train(result: Any) -> None:
     print(f"\nrun: {result.run_dir}  ({result.seconds / 60:.1f} min)")
 
 
+def print_rebalance(result: Any) -> None:
+    """``api.rebalance``'s ``TrainResult``: what was chosen, validation before/after, the new run's tables."""
+    r = result.val_metrics
+    info = result.extra.get("rebalance", {})
+    print_train(result)
+    if info:
+        chosen = f"tau {info['tau']}" if "tau" in info else f"L2 {info['wd']:g}"
+        b = info["val_before"]
+        print(f"{info['method']} ({chosen}, picked by validation balanced accuracy): validation balanced accuracy "
+              f"{pct(b.get('balanced_accuracy'))} -> {pct(r.get('balanced_accuracy'))}, top-1 {pct(b.get('top1'))} "
+              f"-> {pct(r.get('top1'))}")  # fmt: skip
+
+
 def print_lr_find(res: dict[str, Any], js: Path, png: Path) -> None:
     print(
         f"suggested lr {res['suggested_lr']:.3g} (steepest fall of the loss); minimum loss at {res['min_loss_lr']:.3g}"
@@ -147,7 +160,8 @@ def print_lr_find(res: dict[str, Any], js: Path, png: Path) -> None:
 
 def print_eval(m: dict[str, Any], run: str, class_names: list[str], tta: str | None) -> None:
     """One run's metrics (``api.evaluate``): tables, calibration, OOD detection, confusion matrix, skipped."""
-    print(metrics_table(m, f"{run} on {m['data']}" + (f" (TTA {tta})" if tta else "")))
+    pri = f" (priors {m['priors']['spec']})" if m.get("priors") else ""
+    print(metrics_table(m, f"{run} on {m['data']}" + (f" (TTA {tta})" if tta else "") + pri))
     if "calibration" in m:  # the metrics dict's calibration entry (ECE/NLL before and after), not the artifact's
         c = m["calibration"]
         t = c["temperature"]
@@ -195,6 +209,12 @@ def print_calibrate(run: str, r: dict[str, Any]) -> None:
     print(f"{run}: temperature {r['previous_temperature']:.3f} -> {r['temperature']:.3f} on {r['data']} "
           f"({r['n']} images); ECE {pct(r['before']['ece'])} -> {pct(r['after']['ece'])}, "
           f"NLL {r['before']['nll']:.4f} -> {r['after']['nll']:.4f}")  # fmt: skip
+    if r.get("priors"):
+        d = r["decisions"]
+        print(f"priors {r['priors']['spec']} stored (export and serve apply them): on {r['data']}, top-1 "
+              f"{pct(d['without_priors']['top1'])} -> {pct(d['with_priors']['top1'])}, balanced accuracy "
+              f"{pct(d['without_priors']['balanced_accuracy'])} -> {pct(d['with_priors']['balanced_accuracy'])} "
+              "(the data's own class mix, not the deployment's)")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- predictions

@@ -63,4 +63,31 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS = {"train": (add_train, cmd_train), "lr-find": (add_lr_find, cmd_lr_find)}
+def add_rebalance(sub: argparse._SubParsersAction) -> None:
+    from ..train.rebalance import METHODS
+
+    p = sub.add_parser(
+        "rebalance", help="long-tailed data: retrain (cRT) or tau-normalise a run's classifier on frozen features",
+        description="Decoupled rebalancing (Kang et al. 2020) of a trained single-label run, saved as a new run: "
+        "crt refits the head with the class-balanced objective on the frozen features, tau_norm rescales each "
+        "class's weights by its norm. Calibration, OOD statistics, metrics and report are fitted again.",
+    )  # fmt: skip
+    p.add_argument("run", help="run directory (runs/<name>) trained on the long-tailed data")
+    p.add_argument("--method", choices=METHODS, default="crt")
+    p.add_argument("--name", help="name of the new run (default <run>-crt / <run>-tau-norm)")
+    p.add_argument("--output", help="directory of the new run (default: next to RUN)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    from .. import api
+
+    res = api.rebalance(args.run, args.method, name=args.name, output=args.output, device=args.device,
+                        progress=not args.no_progress)  # fmt: skip
+    output.print_rebalance(res)
+    return 0
+
+
+VERBS = {"train": (add_train, cmd_train), "lr-find": (add_lr_find, cmd_lr_find),
+         "rebalance": (add_rebalance, cmd_rebalance)}  # fmt: skip

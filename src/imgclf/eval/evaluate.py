@@ -17,7 +17,7 @@ from .calibration import calibration_metrics, fit_temperature
 from .drift import reference_stats
 from .inference import infer_run, run_label_format
 from .ood import ood_report, threshold_for_tpr
-from .trust import Trust, calibration_report, fit_trust, task_metrics
+from .trust import Trust, calibration_report, fit_trust, task_metrics, with_priors
 
 
 def _labelled(data: str, split: str):
@@ -33,21 +33,25 @@ def evaluate_run(
     tta_merge: str = "mean_logits",
     ood_data: str | None = None,
     ood_split: str = "test",
+    priors: str | None = None,
     **run_opts: Any,
 ) -> dict[str, Any]:
     """Load ``run_dir``, run it on ``data`` (folder, CSV, .npz, builtin) and return metrics.
 
     Class names are matched by name (test data may hold a subset of classes). Adds calibration metrics
     (before/after the run's temperature) and, with ``ood_data``, AUROC/AUPR/FPR@95%TPR of every OOD
-    score (``data`` in-distribution, ``ood_data`` out). ``run_opts``: batch_size, num_workers, device,
-    strict_images, progress (see ``imgclf.eval.inference.infer_run``).
+    score (``data`` in-distribution, ``ood_data`` out). ``priors``: deployment class priors for this call
+    instead of the run's (``eval.priors.parse_priors``; ``none``: no shift). ``run_opts``: batch_size,
+    num_workers, device, strict_images, progress (see ``imgclf.eval.inference.infer_run``).
     """
     feats = ood_data is not None
     out, art, samples, skips = infer_run(run_dir, _labelled(data, split), desc="eval", features=feats, tta=tta,
                                          tta_merge=tta_merge, **run_opts)  # fmt: skip
-    trust = Trust.load(run_dir, art)
+    trust = with_priors(Trust.load(run_dir, art), art, priors)
     metrics = task_metrics(trust, out, art.class_names, _run_k(art))
     metrics["data"] = samples.name
+    if trust.priors is not None:
+        metrics["priors"] = trust.priors
     if tta:
         metrics["tta"] = {"mode": tta, "merge": tta_merge}
     if len(out.labels):
@@ -132,14 +136,18 @@ def _prob_metrics(probs: torch.Tensor, labels: torch.Tensor, names: list[str]) -
     return m
 
 
-def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", **run_opts: Any) -> dict[str, Any]:
+def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", priors: str | None = None,
+                  **run_opts: Any) -> dict[str, Any]:  # fmt: skip
     """Re-fit the temperature, the OOD thresholds and the drift reference of a run on held-out labelled data
-    (``data``; None: the run's own validation split again); save them."""
+    (``data``; None: the run's own validation split again); save them. ``priors``: store the prior shift to
+    these deployment class priors (``eval.priors``; ``none`` removes it; None keeps the run's)."""
     from ..data.splits import run_split
+    from .priors import prior_shift
 
     opener = _labelled(data, split) if data else lambda a, d: run_split(a, "val", "--data")
     art = read_artifact(run_dir)
     require(art, "calibrate")
+    prior_shift(art, priors)  # a bad --priors fails before the pass over the data
     out, art, samples, _ = infer_run(art, opener, desc="calibrate", features=True, **run_opts)
     if len(out.labels) < 10:
         raise ImgclfError(f"{samples.name}: {len(out.labels)} readable images; calibration needs at least 10")
@@ -147,7 +155,7 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
     if before.multi_label:
         return _recalibrate_multilabel(art, before, out, samples, data)
     t = fit_temperature(out.logits, out.labels)
-    after = dataclasses.replace(before, temperature=t, thresholds={})  # the run's task and OOD statistics
+    after = with_priors(dataclasses.replace(before, temperature=t, thresholds={}), art, priors)  # task, OOD stats
     report = {
         "temperature": t,
         "previous_temperature": before.temperature,
@@ -156,7 +164,17 @@ def calibrate_run(run_dir: str | Path, data: str | None, *, split: str = "val", 
         "before": calibration_metrics(out.logits, out.labels, before.temperature),
         "after": calibration_metrics(out.logits, out.labels, t),
     }
-    art.calibration = {**art.calibration, "temperature": t, "refit": report}
+    cal = {k: v for k, v in art.calibration.items() if k not in ("bias", "priors")}
+    if after.bias is not None:
+        cal.update(bias=after.bias, priors=after.priors)
+        report["priors"] = after.priors
+        report["decisions"] = {
+            name: {k: m[k] for k in ("top1", "balanced_accuracy", "macro_f1")}
+            for name, m in (("without_priors", compute_metrics(out.logits, out.labels, art.class_names)),
+                            ("with_priors", compute_metrics(out.logits, out.labels, art.class_names,
+                                                            scores=after.probs(out.logits))))
+        }  # fmt: skip
+    art.calibration = {**cal, "temperature": t, "refit": report}
     _refit_ood_and_drift(art, after, out, samples, data)
     update_artifact(art)
     return report

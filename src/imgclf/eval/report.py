@@ -134,12 +134,27 @@ def _summary(art: Artifact, cal: dict) -> str:
     return f'<div class="cards">{html_cards}</div>' + table + note
 
 
-def _per_class(metrics: dict) -> str:
+def _per_class(metrics: dict, counts: list[int] | None = None) -> str:
+    """Per-class table; with the training ``counts`` (K,) also the imbalance ratio and recall against frequency."""
+    names = list(metrics["per_class"])
     rows = [
-        [n, _pct(d["precision"]), _pct(d["recall"]), _pct(d["f1"]), d["support"]]
-        for n, d in metrics["per_class"].items()
+        [n, _pct(d["precision"]), _pct(d["recall"]), _pct(d["f1"]), d["support"]] + ([counts[i]] if counts else [])
+        for i, (n, d) in enumerate(metrics["per_class"].items())
     ]
-    return _table(["class", "precision", "recall", "F1", "support"], rows)
+    table = _table(["class", "precision", "recall", "F1", "support"] + (["train images"] if counts else []), rows)
+    if not counts or len(counts) != len(names) or min(counts) < 1:
+        return table
+    from ..plots import recall_vs_frequency
+
+    ratio = max(counts) / min(counts)
+    note = (f'<p class="note">Imbalance ratio {ratio:.1f}:1 ({max(counts)} images of the most frequent class, '
+            f"{min(counts)} of the rarest).{_LONG_TAIL_HINT if ratio >= 10 else ''}</p>")  # fmt: skip
+    recalls = [metrics["per_class"][n]["recall"] for n in names]
+    return note + table + _img(recall_vs_frequency(counts, recalls, names), "recall against class frequency")
+
+
+_LONG_TAIL_HINT = (" Long-tailed: compare <code>imgclf rebalance RUN</code> (cRT), <code>--priors uniform</code>"
+                   " and <code>--train.loss logit_adjusted</code> on balanced accuracy.")  # fmt: skip
 
 
 def confused_pairs(cm: list[list[int]], names: list[str], n: int = 10) -> list[tuple[str, str, int]]:
@@ -255,7 +270,7 @@ def _single_label_parts(
     split = "test" if "test" in art.metrics else "val"
     m = art.metrics[split]
     parts = [_section("summary", "Summary", _summary(art, cal)), training]
-    parts.append(_section("per-class", f"Per-class metrics ({split})", _per_class(m)))
+    parts.append(_section("per-class", f"Per-class metrics ({split})", _per_class(m, art.data.get("class_counts"))))
     parts.append(
         _section(
             "confusion",

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,9 @@ class Trust:
     """Calibration, decision rule, OOD thresholds (one per score) and the feature statistics of one run.
 
     ``temperature`` is one value (single-label) or one per class (multi-label), ``bias`` the per-class Platt
-    offsets of a multi-label run (None: temperature scaling only), ``decision`` the multi-label decision rule
-    (None: argmax for single-label, threshold 0.5 for multi-label).
+    offsets of a multi-label run or the prior shift of a single-label run (``eval.priors``; None: temperature
+    scaling only), ``decision`` the multi-label decision rule (None: argmax for single-label, threshold 0.5 for
+    multi-label).
     """
 
     temperature: float | list[float] = 1.0
@@ -52,6 +53,7 @@ class Trust:
     task: Task = field(default_factory=SingleLabelTask)  # the head's activation and decision
     bias: list[float] | None = None
     decision: Decision | None = None
+    priors: dict[str, Any] | None = None  # single-label: the deployment priors behind ``bias`` (``eval.priors``)
 
     @property
     def needs_features(self) -> bool:
@@ -121,7 +123,8 @@ class Trust:
         what turns its logits into calibrated probabilities and answers."""
         task = task_from_json(art.task)
         decision = Decision.from_json(art.decision) if task.multi_label else None
-        return cls(art.temperature, task=task, bias=art.calibration.get("bias"), decision=decision)
+        return cls(art.temperature, task=task, bias=art.calibration.get("bias"), decision=decision,
+                   priors=None if task.multi_label else art.calibration.get("priors"))  # fmt: skip
 
     @classmethod
     def load(cls, run_dir: str | Path, art: Any, device: str = "cpu") -> Trust:
@@ -139,6 +142,17 @@ class Trust:
         trust.ood_score, trust.tpr, trust.stats = ood.get("ood_score", "energy"), float(ood.get("tpr", 0.95)), stats
         trust.thresholds = {k: float(v) for k, v in (ood.get("thresholds") or {}).items()}
         return trust
+
+
+def with_priors(trust: Trust, art: Any, spec: str | None) -> Trust:
+    """``trust`` with the prior shift for deployment priors ``spec`` (``eval.priors.prior_shift``) instead of the
+    run's own; ``spec`` None keeps the run's, ``none`` removes it."""
+    if spec is None:
+        return trust
+    from .priors import prior_shift
+
+    bias, record = prior_shift(art, spec)
+    return replace(trust, bias=bias, priors=record)
 
 
 def fit_trust(

@@ -25,24 +25,28 @@ from torchmetrics.classification import (
 
 
 def compute_metrics(
-    logits: torch.Tensor, targets: torch.Tensor, class_names: list[str], loss: Any = None
-) -> dict[str, Any]:
+    logits: torch.Tensor, targets: torch.Tensor, class_names: list[str], loss: Any = None,
+    scores: torch.Tensor | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Metrics of ``logits`` (N, K) against integer ``targets`` (N) as a JSON-ready dict; ``loss`` is the task's
-    evaluation criterion (``(logits, targets) -> scalar``; default cross-entropy)."""
+    evaluation criterion (``(logits, targets) -> scalar``; default cross-entropy). The decisions (accuracy, F1,
+    recall, confusion) are the argmax of ``scores`` (N, K) when given (calibrated probabilities with a prior
+    shift), else of the logits; the loss is always of the logits."""
     k = len(class_names)
     logits, targets = logits.float().cpu(), targets.long().cpu()
+    decided_by = logits if scores is None else scores.float().cpu()
     n = int(targets.numel())
     out: dict[str, Any] = {"n": n, "num_classes": k}
     if n == 0:
         return out
     out["loss"] = float(loss(logits, targets) if loss is not None else F.cross_entropy(logits, targets))
-    out["top1"] = float(MulticlassAccuracy(k, top_k=1, average="micro")(logits, targets))
+    out["top1"] = float(MulticlassAccuracy(k, top_k=1, average="micro")(decided_by, targets))
     if k > 5:
-        out["top5"] = float(MulticlassAccuracy(k, top_k=5, average="micro")(logits, targets))
-    out["macro_f1"] = float(MulticlassF1Score(k, average="macro")(logits, targets))
-    prec = MulticlassPrecision(k, average=None)(logits, targets)
-    rec = MulticlassRecall(k, average=None)(logits, targets)
-    f1 = MulticlassF1Score(k, average=None)(logits, targets)
+        out["top5"] = float(MulticlassAccuracy(k, top_k=5, average="micro")(decided_by, targets))
+    out["macro_f1"] = float(MulticlassF1Score(k, average="macro")(decided_by, targets))
+    prec = MulticlassPrecision(k, average=None)(decided_by, targets)
+    rec = MulticlassRecall(k, average=None)(decided_by, targets)
+    f1 = MulticlassF1Score(k, average=None)(decided_by, targets)
     support = torch.bincount(targets, minlength=k)
     # balanced accuracy = mean recall over the classes present in the targets (as scikit-learn defines it)
     out["balanced_accuracy"] = float(rec[support > 0].mean())
@@ -50,7 +54,7 @@ def compute_metrics(
         name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for name, p, r, f, s in zip(class_names, prec, rec, f1, support)
     }
-    out["confusion_matrix"] = MulticlassConfusionMatrix(k)(logits, targets).tolist()
+    out["confusion_matrix"] = MulticlassConfusionMatrix(k)(decided_by, targets).tolist()
     return out
 
 

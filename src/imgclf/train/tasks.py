@@ -149,8 +149,11 @@ class SingleLabelTask:
         return LOSSES[self.loss](dataclasses.replace(self, label_smoothing=0.0))
 
     def probs(self, logits: torch.Tensor, temperature: Calib = 1.0, bias: Any = None) -> torch.Tensor:
-        """(N, K) logits -> (N, K) calibrated probabilities ``softmax(logits / T)`` (``bias`` is unused)."""
-        return (logits.float() / temperature).softmax(-1)
+        """(N, K) logits -> (N, K) calibrated probabilities ``softmax(logits / T + b)``: ``b`` (K,) is the
+        post-hoc prior shift ``log(deployment prior / the model's training prior)`` (``eval.priors``; None: no
+        shift)."""
+        z = logits.float() / temperature
+        return (z if bias is None else z + _vec(bias, logits)).softmax(-1)
 
     def decide(self, probs: torch.Tensor, decision: Decision | None = None) -> torch.Tensor:
         """(N, K) probabilities -> (N,) predicted class indices (argmax)."""
@@ -168,11 +171,12 @@ class SingleLabelTask:
 
     def metrics(self, logits: torch.Tensor, targets: torch.Tensor, names: list[str], *, loss: Any = None,
                 probs: torch.Tensor | None = None, decision: Decision | None = None) -> dict[str, Any]:  # fmt: skip
-        """``train.metrics.compute_metrics`` of (N, K) logits against (N,) class indices (argmax decisions do
-        not depend on the calibration, so ``probs``/``decision`` are unused)."""
+        """``train.metrics.compute_metrics`` of (N, K) logits against (N,) class indices, decided by the argmax of
+        ``probs`` when given (a prior shift moves decisions; a temperature does not), else of the logits;
+        ``decision`` is unused."""
         from .metrics import compute_metrics
 
-        return compute_metrics(logits, targets, names, loss=loss)
+        return compute_metrics(logits, targets, names, loss=loss, scores=probs)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, **_listed(asdict(self))}

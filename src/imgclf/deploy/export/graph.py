@@ -44,7 +44,7 @@ class ServingModel(nn.Module):
         self.normalize = art.preprocessing.normalize()  # the eval transform's own arithmetic
         self.register_buffer("inv_t", 1.0 / torch.tensor(temperature, dtype=torch.float32))
         self.task = task_from_json(art.task)
-        bias = art.calibration.get("bias") if self.task.multi_label else None  # per-class Platt offsets
+        bias = art.calibration.get("bias")  # per-class Platt offsets (multi-label) or prior shift (single-label)
         self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32) if bias is not None else None)
         self.eval()
 
@@ -90,14 +90,9 @@ def metadata(art: Artifact, pixels: str, run_dir: Path) -> dict[str, str]:
         "imgclf.ood": json.dumps(
             {"ood_score": ood.get("ood_score"), "tpr": ood.get("tpr"), "thresholds": ood.get("thresholds", {})}
         ),  # fmt: skip
-        **(
-            {
-                "imgclf.calibration_bias": json.dumps(art.calibration.get("bias")),
-                "imgclf.decision": json.dumps(art.decision),
-            }
-            if art.multi_label
-            else {}
-        ),  # fmt: skip
+        "imgclf.calibration_bias": json.dumps(art.calibration.get("bias")),
+        "imgclf.priors": json.dumps(art.calibration.get("priors")),
+        **({"imgclf.decision": json.dumps(art.decision)} if art.multi_label else {}),
         "imgclf.run": run_dir.name,
         "imgclf.version": package_versions().get("imgclf", ""),
     }
