@@ -48,8 +48,10 @@ BASE = "--recipe finetune --epochs 4 --input-size 48 --data.crop_pct 1.0 --train
 TRAINED = {
     "ce": ("cross-entropy (plain)", ""),
     "weighted_ce": ("class-weighted CE (inverse frequency)", "--train.class_weights inverse"),
-    "class_balanced": ("class-balanced CE (effective number, beta 0.9999)",
-                       "--train.class_weights effective --train.cb_beta 0.9999"),  # fmt: skip
+    "class_balanced": (
+        "class-balanced CE (effective number, beta 0.9999)",
+        "--train.class_weights effective --train.cb_beta 0.9999",
+    ),  # fmt: skip
     "focal": ("focal loss (gamma 2)", "--train.loss focal"),
     "logit_adjusted": ("logit-adjusted loss (tau 1)", "--train.loss logit_adjusted"),
     "balanced_softmax": ("balanced softmax", "--train.loss balanced_softmax"),
@@ -59,8 +61,10 @@ TRAINED = {
 DERIVED = {
     "crt": ("cRT: head retrained class-balanced on frozen features", "rebalance {ce} --method crt --name {name}"),
     "tau_norm": ("tau-normalised head", "rebalance {ce} --method tau_norm --name {name}"),
-    "posthoc_la": ("post-hoc logit adjustment (uniform priors)", "eval {ce} --data {data} --split test --priors "
-                   "uniform --format json"),  # fmt: skip
+    "posthoc_la": (
+        "post-hoc logit adjustment (uniform priors)",
+        "eval {ce} --data {data} --split test --priors uniform --format json",
+    ),  # fmt: skip
 }
 ORDER = [*TRAINED, *DERIVED]
 
