@@ -4,6 +4,7 @@ the artifact. The trainer knows nothing of artifacts; this module composes the s
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,13 @@ from .eval.drift import reference_stats
 from .eval.predictions import save_predictions
 from .eval.trust import alternative_k, calibration_report, fit_trust, task_metrics
 from .models.factory import architecture_of, size_kwargs
-from .models.inference import Outputs, infer
+from .models.heads import FEATURE_STATS_MAX_DIM, head_spec
+from .models.inference import Outputs, embedding_dim, infer
 from .rundir import VAL_PREDICTIONS
 from .train.probe import fit_probe
 from .train.trainer import Fitted, eval_loader, fit
+
+log = logging.getLogger("imgclf")
 
 
 @dataclass
@@ -38,7 +42,11 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
     """Train, evaluate the best weights, fit calibration and OOD statistics, save the artifact and report."""
     cached_probe = cfg.transfer.strategy == "probe" and cfg.probe.cache
     f = fit_probe(cfg, resume=resume) if cached_probe else fit(cfg, resume=resume)
-    need_feats = cfg.trust.ood
+    narrow = embedding_dim(f.model) <= FEATURE_STATS_MAX_DIM  # wider (bilinear) features: logit OOD scores only
+    if cfg.trust.ood and not narrow:
+        log.info("features of %d values: OOD feature statistics and the drift embedding reference skipped (fitted "
+                 "up to %d values); logit OOD scores only", embedding_dim(f.model), FEATURE_STATS_MAX_DIM)  # fmt: skip
+    need_feats = cfg.trust.ood and narrow
     val_o = _outputs(f, f.splits.val, "val", True)  # features: OOD thresholds and the drift reference
     test_o = _outputs(f, f.splits.test, "test", need_feats) if f.splits.test is not None else None
     train_o = _outputs(f, _stats_subset(f.splits.train, cfg), "train features", True) if need_feats else None
@@ -73,8 +81,9 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
         calibration={k: v for k, v in cal.items() if k not in ("reliability", "thresholds")},
         decision=trust.decision.to_json() if trust.decision is not None else None,
         ood=trust.to_json() if cfg.trust.ood else None,
-        drift=_drift_reference(trust, val_o, f.splits.val.name),
+        drift=_drift_reference(trust, val_o, f.splits.val.name, features=narrow),
         model_kwargs=size_kwargs(cfg.model.name, cfg.data.input_size),  # what create_model built it with
+        head=head_spec(cfg.model),
     )
     if f.dist.is_main:
         save_artifact(f.run_dir, f.model, art)
@@ -87,12 +96,13 @@ def run_training(cfg: Config, resume: bool = False) -> TrainResult:
     return TrainResult(f.run_dir, f.state.best_epoch, val_m, test_m, f.state.history, dict(f.skips.items), f.seconds)
 
 
-def _drift_reference(trust, val_o: Outputs, name: str) -> dict[str, Any] | None:
-    """Reference statistics of the validation outputs for drift monitoring (None with under 2 images)."""
+def _drift_reference(trust, val_o: Outputs, name: str, features: bool = True) -> dict[str, Any] | None:
+    """Reference statistics of the validation outputs (and their features) for drift monitoring (None with under
+    2 images)."""
     if len(val_o.logits) < 2:
         return None
-    return {"data": f"{name} (validation split)",
-            **reference_stats(trust.probs(val_o.logits).numpy(), val_o.features.numpy(), trust)}  # fmt: skip
+    feats = val_o.features.numpy() if features else None
+    return {"data": f"{name} (validation split)", **reference_stats(trust.probs(val_o.logits).numpy(), feats, trust)}
 
 
 def _stats_subset(train: Samples, cfg: Config) -> Samples:
