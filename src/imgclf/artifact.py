@@ -8,6 +8,9 @@ The weights also load in plain timm::
 
     timm.create_model(arch, pretrained=True, num_classes=K,
                       pretrained_cfg_overlay=dict(file="runs/x/model.safetensors", num_classes=K))
+
+(runs trained with ``model.head`` gem / bilinear first need ``imgclf.models.heads.set_head(model, head, arch)``
+with the JSON's ``head``, then ``load_state_dict``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class Artifact:
     The sections later stages add have their own fields, read nowhere by string key: ``kind`` (a key of
     ``KINDS``), ``task`` (``train.tasks.task_from_json``; ``None`` in runs from before tasks: single-label
     cross-entropy), ``calibration`` (``temperature`` and its fit), ``ood`` (score, TPR, thresholds), ``drift``
-    (reference statistics) and ``data`` (training data name and split sizes). Keys this imgclf does not know
+    (reference statistics), ``data`` (training data name and split sizes) and ``head`` (a pooling head that
+    ``models.factory.build_model`` rebuilds before the weights load). Keys this imgclf does not know
     (a kind's own section such as ``knn``, or a newer imgclf's) stay in ``extra`` and are written back.
     """
 
@@ -62,6 +66,7 @@ class Artifact:
     drift: dict[str, Any] | None = None
     data: dict[str, Any] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm build arguments (img_size of fixed-size models)
+    head: dict[str, Any] | None = None  # pooling head (``models.heads.head_spec``); None: the architecture's own
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     run_dir: Path | None = field(default=None, repr=False, compare=False)  # where it was read from; not stored
@@ -89,7 +94,7 @@ class Artifact:
         d.pop("run_dir")
         extra = d.pop("extra")
         d["preprocessing"] = self.preprocessing.to_json()
-        for section in ("task", "calibration", "decision", "ood", "drift", "data", "model_kwargs"):
+        for section in ("task", "calibration", "decision", "ood", "drift", "data", "model_kwargs", "head"):
             if not d[section]:
                 d.pop(section)  # absent rather than empty: files of runs without the section stay as they were
         return {**d, **extra}
@@ -200,7 +205,7 @@ def read_artifact(run_dir: str | Path) -> Artifact:
     doc["class_names"] = [unicodedata.normalize("NFC", c) for c in doc["class_names"]]  # as every source reads them
     known = {k: doc.pop(k) for k in list(doc) if k in Artifact.__dataclass_fields__ and k not in ("extra", "run_dir")}
     for section, typ in (("kind", str), ("task", dict), ("calibration", dict), ("decision", dict), ("ood", dict),
-                         ("drift", dict), ("data", dict), ("model_kwargs", dict)):  # fmt: skip
+                         ("drift", dict), ("data", dict), ("model_kwargs", dict), ("head", dict)):  # fmt: skip
         if known.get(section) is not None and not isinstance(known[section], typ):
             raise ImgclfError(f"{meta_path}: field {section} should be a {typ.__name__}, "
                               f"got {type(known[section]).__name__}")  # fmt: skip
@@ -231,7 +236,7 @@ def _load_classifier(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
     wpath = run_dir / WEIGHTS_FILE
     if not wpath.is_file():
         raise ImgclfError(f"{run_dir}: weights file {WEIGHTS_FILE} is missing")
-    model = build_model(art.arch, art.num_classes, art.model_kwargs)
+    model = build_model(art.arch, art.num_classes, art.model_kwargs, art.head)
     try:
         state = load_file(str(wpath), device=str(device))
         model.load_state_dict(state, strict=True)

@@ -174,6 +174,21 @@ class ModelConfig:
     drop_rate: float | None = opt(None, "dropout before the classifier; default: the architecture's")
     drop_path_rate: float | None = opt(None, "stochastic depth rate; default: the architecture's")
     channels_last: bool = opt(True, "use channels_last memory format (faster convolutions on CPU and GPU)")
+    head: Literal["linear", "gem", "bilinear", "compact_bilinear"] = opt(
+        "linear",
+        "pooling before the classifier of a CNN backbone: linear (the architecture's own) | gem (generalized mean,"
+        " learnable p; Radenovic et al. 2018) | bilinear (1x1 conv to bilinear_dim channels, outer product, signed"
+        " sqrt, L2: bilinear_dim^2 features; Lin et al. 2015) | compact_bilinear (its Tensor Sketch to compact_dim"
+        " features; Gao et al. 2016)",
+    )
+    gem_p: float = opt(3.0, "gem: initial pooling exponent p, learned with the head (1 = average, large = max)")
+    bilinear_dim: int = opt(256, "bilinear, compact_bilinear: channels after the 1x1 reduction conv")
+    compact_dim: int = opt(8192, "compact_bilinear: Tensor Sketch output size (the feature width)")
+
+    def __post_init__(self) -> None:
+        _check(self.gem_p > 0, "model.gem_p", "must be > 0", self.gem_p)
+        _check(1 <= self.bilinear_dim <= 1024, "model.bilinear_dim", "must be in [1, 1024]", self.bilinear_dim)
+        _check(self.compact_dim >= 2, "model.compact_dim", "must be >= 2", self.compact_dim)
 
 
 @dataclass

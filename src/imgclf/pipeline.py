@@ -4,6 +4,7 @@ the artifact. The trainer knows nothing of artifacts; this module composes the s
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,13 @@ from .eval.predictions import save_predictions
 from .eval.priors import logit_prior
 from .eval.trust import alternative_k, calibration_report, fit_trust, task_metrics
 from .models.factory import architecture_of, size_kwargs
-from .models.inference import Features, Outputs, infer
+from .models.heads import FEATURE_STATS_MAX_DIM, head_spec
+from .models.inference import Features, Outputs, embedding_dim, infer
 from .rundir import VAL_PREDICTIONS
 from .train.probe import fit_probe
 from .train.trainer import Fitted, eval_loader, fit
+
+log = logging.getLogger("imgclf")
 
 
 @dataclass
@@ -51,7 +55,11 @@ def finish(f: Fitted, train_feats: Features | None = None, data: dict[str, Any] 
     ``train_feats`` when the caller has the training features, else computed), the artifact (``data`` and
     ``extra_metrics`` merged into its sections), predictions and report."""
     cfg = f.cfg
-    need_feats = cfg.trust.ood
+    narrow = embedding_dim(f.model) <= FEATURE_STATS_MAX_DIM  # wider (bilinear) features: logit OOD scores only
+    if cfg.trust.ood and not narrow:
+        log.info("features of %d values: OOD feature statistics and the drift embedding reference skipped (fitted "
+                 "up to %d values); logit OOD scores only", embedding_dim(f.model), FEATURE_STATS_MAX_DIM)  # fmt: skip
+    need_feats = cfg.trust.ood and narrow
     val_o = _outputs(f, f.splits.val, "val", True)  # features: OOD thresholds and the drift reference
     test_o = _outputs(f, f.splits.test, "test", need_feats) if f.splits.test is not None else None
     train_o = None
@@ -96,8 +104,9 @@ def finish(f: Fitted, train_feats: Features | None = None, data: dict[str, Any] 
         calibration={k: v for k, v in cal.items() if k not in ("reliability", "thresholds")},
         decision=trust.decision.to_json() if trust.decision is not None else None,
         ood=trust.to_json() if cfg.trust.ood else None,
-        drift=_drift_reference(trust, val_o, f.splits.val.name),
+        drift=_drift_reference(trust, val_o, f.splits.val.name, features=narrow),
         model_kwargs=size_kwargs(cfg.model.name, cfg.data.input_size),  # what create_model built it with
+        head=head_spec(cfg.model),
     )
     if f.dist.is_main:
         save_artifact(f.run_dir, f.model, art)
@@ -111,12 +120,13 @@ def finish(f: Fitted, train_feats: Features | None = None, data: dict[str, Any] 
                        dict(extra_metrics or {}))  # fmt: skip
 
 
-def _drift_reference(trust, val_o: Outputs, name: str) -> dict[str, Any] | None:
-    """Reference statistics of the validation outputs for drift monitoring (None with under 2 images)."""
+def _drift_reference(trust, val_o: Outputs, name: str, features: bool = True) -> dict[str, Any] | None:
+    """Reference statistics of the validation outputs (and their features) for drift monitoring (None with under
+    2 images)."""
     if len(val_o.logits) < 2:
         return None
-    return {"data": f"{name} (validation split)",
-            **reference_stats(trust.probs(val_o.logits).numpy(), val_o.features.numpy(), trust)}  # fmt: skip
+    feats = val_o.features.numpy() if features else None
+    return {"data": f"{name} (validation split)", **reference_stats(trust.probs(val_o.logits).numpy(), feats, trust)}
 
 
 def _stats_subset(train: Samples, cfg: Config) -> Samples:

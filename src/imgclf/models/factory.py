@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..errors import ImgclfError, first_line
 from . import smallcnn  # noqa: F401 - registers the simplecnn_* architectures with timm
+from .heads import head_spec, set_head
 from .weights import PACKAGED, PACKAGED_PIP, load_into, packaged_weights_file, read_state_dict
 
 _FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -99,6 +100,7 @@ def create_model(cfg: ModelConfig, num_classes: int, input_size: int | None = No
     pretrained features with large random logits (timm's default head init gives an initial loss of
     5.5 instead of ln 10 = 2.3 on EfficientNet-Lite0). ``input_size`` (square, pixels) builds fixed-size
     models (ViTs, Swin, ...) for that size (``size_kwargs``); ImgclfError when the model cannot take it.
+    ``cfg.head`` other than linear replaces the global pooling (``models.heads.set_head``) before the weights load.
     """
     model, source, new_head = _create(cfg, num_classes, size_kwargs(cfg.name, input_size))
     if new_head and source != "random init":
@@ -120,15 +122,17 @@ def _create(cfg: ModelConfig, num_classes: int, sized: dict[str, Any]) -> tuple[
     """(model, source description, whether the head is new); ``sized``: ``size_kwargs``."""
     check_model_name(cfg.name)
     source = resolve_weights(cfg)
-    kw = {**_model_kwargs(cfg), **sized}
+    kw, spec = {**_model_kwargs(cfg), **sized}, head_spec(cfg)
     if source == "hub":
         model = _from_hub(cfg.name, num_classes, kw)
+        new_width = set_head(model, spec, cfg.name)
         if sized:
             _check_input_size(model, cfg.name, sized["img_size"])
-        return model, f"hub:{cfg.name}", model.pretrained_cfg.get("num_classes") != num_classes
+        return model, f"hub:{cfg.name}", new_width or model.pretrained_cfg.get("num_classes") != num_classes
     if cfg.name.startswith(HUB_PREFIX):
         raise ImgclfError(f"model '{cfg.name}' comes from the hub: use --weights hub (or auto)")
     model = _build(cfg.name, num_classes, kw)
+    set_head(model, spec, cfg.name)  # before loading: the weights' pooling and classifier keys are optional
     if sized:
         _check_input_size(model, cfg.name, sized["img_size"])
     if source == "none":
@@ -189,13 +193,18 @@ def architecture_of(model: nn.Module, name: str) -> str:
     return arch if isinstance(arch, str) and timm.is_model(arch) else name
 
 
-def build_model(arch: str, num_classes: int, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+def build_model(
+    arch: str, num_classes: int, model_kwargs: dict[str, Any] | None = None, head: dict[str, Any] | None = None
+) -> nn.Module:
     """The bare architecture for loading a saved artifact (no pretrained download), with the timm build
     arguments the run was made with (``Artifact.model_kwargs``: ``size_kwargs`` at training time; runs saved
-    before imgclf recorded them have none and build as they were trained)."""
+    before imgclf recorded them have none and build as they were trained) and its pooling head
+    (``Artifact.head``: ``models.heads.head_spec``; None: timm's own)."""
     check_model_name(arch)
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in (model_kwargs or {}).items()}  # JSON lists
-    return _build(arch, num_classes, kw)
+    model = _build(arch, num_classes, kw)
+    set_head(model, head, arch)
+    return model
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:

@@ -18,13 +18,17 @@ from collections import defaultdict
 import torch.nn as nn
 from timm.models import group_parameters
 
+from .heads import pooling_of
+
 
 def head_names(model: nn.Module) -> set[str]:
-    """Parameter names of the final classifier layer (``model.get_classifier()``; none for plain modules)."""
+    """Parameter names of the final classifier layer (``model.get_classifier()``; none for plain modules) and of
+    an imgclf pooling head (``models.heads``: GeM's p, the bilinear reduction conv), which train with it."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Module):
         return set()
-    ids = {id(p) for p in head.parameters()}
+    pool = pooling_of(model)
+    ids = {id(p) for m in (head, pool) if m is not None for p in m.parameters()}
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ImgclfError
+from .heads import pooling_names
 
 #: timm architecture -> (python module, class with ``get_model_file_path()``)
 PACKAGED = {
@@ -107,16 +108,17 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
                 f"weights {source} do not fit '{type(model).__name__}' (unrecognised EfficientNet key {e})"
             ) from None
     own = model.state_dict()
-    head = _head_keys(model)
+    head, pooling = _head_keys(model), pooling_names(model)  # an imgclf pooling head is new to backbone weights
     keep, dropped_head, bad = {}, [], []
     for k, v in state.items():
         if k in own and own[k].shape == v.shape:
             keep[k] = v
-        elif k in head:
+        elif k in head or k in pooling:
             dropped_head.append(k)
         elif k in own:
             bad.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
-    missing = [k for k in own if k not in keep and k not in head and not k.endswith("num_batches_tracked")]
+    optional = head | pooling
+    missing = [k for k in own if k not in keep and k not in optional and not k.endswith("num_batches_tracked")]
     if bad or missing or not keep:
         detail = bad[:2] or missing[:3] or ["no matching keys"]
         raise ImgclfError(

@@ -34,6 +34,7 @@ from ..data.loader import Batch, SkipLog
 from ..data.splits import DataSplits, prepare_data
 from ..dist import Dist, any_rank, autocast, broadcast, setup
 from ..errors import ImgclfError
+from ..models.heads import FEATURE_STATS_MAX_DIM, head_spec, head_width
 from ..rundir import EARLY_FILES, LAST_CKPT, RunDir
 from .logger import RunLogger, run_is_live
 from .strategy import Phase
@@ -224,7 +225,19 @@ def prepare_run(cfg: Config, resume: bool = False, *, needs_dir: bool = True) ->
     task = task_for_config(cfg.train, splits.train)
     check_trust(cfg.trust, task)
     _check_sampler(cfg, task)
+    _check_head(cfg, task)
     return Run(cfg, dist, run_dir, resume, splits, task)
+
+
+def _check_head(cfg: Config, task: Task) -> None:
+    """ImgclfError before training when the OOD score needs feature statistics (Mahalanobis, k-NN; the multi-label
+    default is k-NN) and the pooling head's features are wider than they are fitted for."""
+    width = head_width(head_spec(cfg.model)) or 0
+    score = cfg.trust.ood_score if cfg.trust.ood_score != "auto" else ("knn" if task.multi_label else "energy")
+    if cfg.trust.ood and score in ("mahalanobis", "knn") and width > FEATURE_STATS_MAX_DIM:
+        raise ImgclfError(f"trust.ood_score {score} needs feature statistics, fitted for features of up to "
+                          f"{FEATURE_STATS_MAX_DIM} values; model.head {cfg.model.head} gives {width}: lower "
+                          "model.bilinear_dim / compact_dim, or a logit score (--trust.ood-score energy)")  # fmt: skip
 
 
 def _check_sampler(cfg: Config, task: Task) -> None:

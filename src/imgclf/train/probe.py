@@ -2,15 +2,18 @@
 
 Features (timm ``forward_head(pre_logits=True)``, eval preprocessing, plus ``probe.aug_passes``
 augmented passes over the training data) are cached on disk under a key made of the architecture,
-the weights' content, the preprocessing, the data and the view, so a second run with another head
-setting skips the backbone entirely. The head is then fitted either
+the weights' content, the pooling head (``model.head``: its kind and tensors), the preprocessing, the data
+and the view, so a second run with other probe settings skips the backbone entirely. A pooling head's own
+parameters (GeM's p, the bilinear reduction conv) stay at their initial values: only the Linear is fitted.
+The head is then fitted either
 
 - ``lbfgs``: multinomial logistic regression on standardised features, full-batch L-BFGS for each L2
   strength in ``probe.wd_grid`` (warm-started), the best on the validation split kept; or
 - ``sgd``: mini-batch training of the head with ``optim.*``/``sched.*`` for ``train.epochs``, the
   same optimisation the uncached probe (``probe.cache false``) runs through the full network.
 
-The fitted head is folded back into the model's classifier, so the artifact is a plain timm model.
+The fitted head is folded back into the model's classifier, so the artifact is a plain timm model (plus the
+pooling module of a ``model.head`` other than linear).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..dist import Dist
 from ..errors import ImgclfError
 from ..io import save_safetensors
 from ..models.factory import create_model
+from ..models.heads import head_identity
 from ..models.inference import Features, extract_features
 from ..models.weights import packaged_weights_file
 from ..rundir import BEST_WEIGHTS, LAST_CKPT
@@ -283,6 +287,9 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
     versions = {k: v for k, v in package_versions().items() if k in ("torch", "timm", "imgclf")}
     base = {"arch": cfg.model.name, "weights": weights_identity(wsrc, cfg, model), "preprocessing": pre.to_json(),
             "versions": versions}  # fmt: skip
+    pooling = head_identity(model)  # a pooling head's features depend on its kind, p, conv and hashes too
+    if pooling is not None:  # (runs without one keep their cache keys)
+        base["head"] = pooling
     ev = pre.eval()
     feats = [cached_features(model, splits.train, ev, {"name": "train"}, base, cfg, dist, skips)]
     for i in range(cfg.probe.aug_passes):
