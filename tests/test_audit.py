@@ -67,7 +67,7 @@ def test_audit_finds_the_planted_problems_exactly_and_fixes_without_touching_fil
     train, test = planted
     before = digest(train.parent)
     out = tmp_path / "out"
-    flags = ["--cosine", "1.1", "--fix-labels", "keep", "--cache-dir", tmp_path / "c", *FAST]
+    flags = ["--cosine", "1.1", "--joint-cosine", "1.1", "--fix-labels", "keep", "--cache-dir", tmp_path / "c", *FAST]
     r = run_cli("audit", train, "--test-data", test, "--json", out / "a.json", "--html", out / "a.html", "--fix",
                 out / "fixed.csv", *flags)  # fmt: skip
     assert r.code == 0, r
@@ -106,7 +106,8 @@ def test_near_duplicates_by_perceptual_hash(tmp_path):
     train = make_folder(tmp_path / "d", n_per_class=6, classes=2)
     img = Image.open(train / "class_1" / "img_002.png")
     img.resize((32, 32), Image.BICUBIC).convert("RGB").save(train / "class_1" / "zz_resized.jpg", quality=95)
-    r = run_cli("audit", train, "--no-embeddings", "--json", tmp_path / "a.json", "--cache-dir", tmp_path / "c", *FAST)
+    flags = ["--no-embeddings", "--phash-distance", "6", "--cache-dir", tmp_path / "c", *FAST]
+    r = run_cli("audit", train, "--json", tmp_path / "a.json", *flags)
     assert r.code == 0, r
     doc = json.loads((tmp_path / "a.json").read_text())
     assert _pairs(doc, "duplicates", "near") == {("img_002.png", "zz_resized.jpg")}

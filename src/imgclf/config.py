@@ -553,8 +553,10 @@ class AuditConfig:
         True, "embed the images with the backbone: near-duplicates by cosine, label issues and outliers"
     )
     companions: bool = opt(True, "also audit the val/test splits stored with DATA (multi-split .npz, builtin)")
-    phash_distance: int = opt(6, "near-duplicates: perceptual hashes (64 bits) at most this many bits apart")
+    phash_distance: int = opt(2, "near-duplicates: perceptual hashes (64 bits) at most this many bits apart")
     cosine: float = opt(0.97, "near-duplicates: embedding cosine similarity at least this (1.1: off)")
+    joint_phash: int = opt(10, "near-duplicates: or both hashes at most this many bits apart ...")
+    joint_cosine: float = opt(0.90, "... and embeddings at least this cosine-similar (1.1: off)")
     neighbours: int = opt(10, "k of the k-NN search (near-duplicate partners per image, outlier distance)")
     outlier_z: float = opt(5.0, "outliers: k-th neighbour distance over median + z x 1.4826 x MAD")
     folds: int = opt(5, "label issues: folds of the cross-validated probe (out-of-fold probabilities)")
@@ -574,7 +576,9 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         _check(0 <= self.phash_distance <= 64, "phash_distance", "must be in [0, 64]", self.phash_distance)
-        _check(-1 <= self.cosine <= 1.1, "cosine", "must be in [-1, 1.1]", self.cosine)
+        _check(0 <= self.joint_phash <= 64, "joint_phash", "must be in [0, 64]", self.joint_phash)
+        for key in ("cosine", "joint_cosine"):
+            _check(-1 <= getattr(self, key) <= 1.1, key, "must be in [-1, 1.1]", getattr(self, key))
         for key in ("neighbours", "min_side", "min_count", "probe_iter", "max_listed"):
             _check(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
         _check(self.folds >= 2, "folds", "must be >= 2", self.folds)

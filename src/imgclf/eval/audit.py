@@ -4,12 +4,16 @@ Findings, each listed with the images concerned:
 
 - **files** (``data.audit.file_findings``): unreadable, tiny, extreme aspect, colour-mode mix, EXIF-rotated,
   extension against content;
-- **duplicates**: exact (equal hash of the decoded pixels) and near (perceptual hashes at most
-  ``phash_distance`` bits apart, ImageHash's pHash; or backbone embeddings with cosine similarity at least
-  ``cosine``). A pair inside one split with one label is a *duplicate*, with two labels a *label conflict*; a
-  pair across train / val / test is a *leak*. Each exact copy is paired with the first copy of its group;
-  near partners are the ``neighbours`` closest per image (a bounded search: chunked Hamming distances and a
-  chunked matrix product top-k over L2-normalised embeddings, never an N x N matrix);
+- **duplicates**: exact (equal hash of the decoded pixels) and near: perceptual hashes (ImageHash's pHash) at
+  most ``phash_distance`` bits apart, or backbone embeddings at least ``cosine``-similar, or both signals
+  moderately close (at most ``joint_phash`` bits and at least ``joint_cosine``). Either signal alone is noisy
+  on small, similar pictures (28 px garments: many distinct items share a pHash within 6 bits), so the
+  single-signal thresholds are strict and the joint rule catches re-encoded, resized and cropped copies
+  (calibrated with ``bench/audit_injected.py``). A pair inside one split with one label is a *duplicate*,
+  with two labels a *label conflict*; a pair across train / val / test is a *leak*. Each exact copy is paired
+  with the first copy of its group; near partners are the ``neighbours`` closest per image (a bounded search:
+  chunked Hamming distances and a chunked matrix product top-k over L2-normalised embeddings, never an N x N
+  matrix);
 - **label issues** (training split): Confident Learning (Northcutt, Jiang & Chuang 2021, JAIR, "Confident
   Learning: Estimating Uncertainty in Dataset Labels"; cleanlab's ``find_label_issues``, ``prune_by_noise_rate``,
   ranked by self-confidence) on out-of-fold probabilities of a stratified ``folds``-fold logistic-regression
@@ -217,9 +221,11 @@ def find_pairs(pool: Pool, cfg: AuditConfig) -> tuple[list[tuple[int, int, str]]
     if pool.feats is not None and len(pool.feats) > 1:
         sims, idx = cosine_topk(pool.feats, cfg.neighbours)
         kth = (1 - sims[:, -1]).numpy()
-        for r, c in zip(*np.nonzero((sims >= cfg.cosine).numpy())):
+        for r, c in zip(*np.nonzero((sims >= min(cfg.cosine, cfg.joint_cosine)).numpy())):
             a, b = int(pool.feat_rows[r]), int(pool.feat_rows[idx[r, c]])
-            pairs.setdefault((min(a, b), max(a, b)), "near")
+            cos, bits = float(sims[r, c]), int(np.bitwise_count(pool.phash[a] ^ pool.phash[b]))
+            if cos >= cfg.cosine or (cos >= cfg.joint_cosine and bits <= cfg.joint_phash):
+                pairs.setdefault((min(a, b), max(a, b)), "near")
     return [(a, b, m) for (a, b), m in sorted(pairs.items())], kth
 
 
