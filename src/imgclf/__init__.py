@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 __all__ = [
     "Config",
     "ImgclfError",
+    "audit",
     "calibrate",
     "evaluate",
     "evaluate_ensemble",
@@ -29,7 +30,7 @@ __all__ = [
 _API = frozenset(__all__) - {"Config", "ImgclfError"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import calibrate, evaluate, evaluate_ensemble, explain, load, make_config, predict, report, train
+    from .api import audit, calibrate, evaluate, evaluate_ensemble, explain, load, make_config, predict, report, train
     from .config import Config
     from .errors import ImgclfError
 

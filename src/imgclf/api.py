@@ -16,9 +16,10 @@ from typing import Any
 import torch.nn as nn
 
 from .artifact import Artifact, load_artifact
-from .config import Config, build_config, config_to_dict, load_yaml, recipe_path
+from .config import AuditConfig, Config, EmbedConfig, InferConfig, build_config, config_to_dict, load_yaml, recipe_path
 from .errors import ImgclfError
 from .eval.evaluate import evaluate_run
+from .io import write_json
 from .pipeline import TrainResult, run_training
 from .predict import Predictions, predict_run
 from .rundir import LAST_CKPT, RunDir
@@ -157,6 +158,51 @@ def report(run_dir: str | Path, **kwargs: Any) -> Path:
     from .eval.report import report_run
 
     return report_run(run_dir, **kwargs)
+
+
+def audit(
+    data: str | Path,
+    *,
+    val_data: str | None = None,
+    test_data: str | None = None,
+    json_path: str | Path | None = None,
+    html_path: str | Path | None = None,
+    fix: str | Path | None = None,
+    cfg: AuditConfig | None = None,
+    embed: EmbedConfig | None = None,
+    infer: InferConfig | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Audit labelled data (files, duplicates, label conflicts, leaks, label errors, outliers, balance); see
+    ``imgclf.eval.audit``. Optionally write the report JSON, an HTML page and a cleaned training list (``fix``:
+    ``imgclf.eval.audit_fix``). ``fields``: any field of the three configs by name (``audit(d, cosine=0.99,
+    workers=0)``). Returns the report (with ``fix``: what was written, under ``"fix"``).
+
+    Raises:
+        ImgclfError: unreadable data, a missing optional dependency (``pip install 'imgclf[audit]'``), or a
+        ``fix`` path that is an audited file.
+
+    Example:
+        >>> doc = audit("my_images/", test_data="my_test/", html_path="audit.html")  # doctest: +SKIP
+        >>> doc["summary"]["leaks_exact"]  # doctest: +SKIP
+        0
+    """
+    from .config import split_fields
+    from .eval.audit import run_audit
+
+    cfg, embed, infer = split_fields(fields, cfg or AuditConfig(), embed or EmbedConfig(), infer or InferConfig())
+    result = run_audit(str(data), val_data, test_data, cfg, embed, infer)
+    if fix is not None:
+        from .eval.audit_fix import write_fix
+
+        result.doc["fix"] = write_fix(result, fix)
+    if html_path is not None:
+        from .eval.audit_report import write_audit_html
+
+        write_audit_html(result, html_path)
+    if json_path is not None:
+        write_json(json_path, result.doc)
+    return result.doc
 
 
 def load(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Artifact]:

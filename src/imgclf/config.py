@@ -559,6 +559,51 @@ class BenchConfig:
         _check(self.repeats >= 1, "repeats", "must be >= 1", self.repeats)
 
 
+@dataclass(frozen=True)
+class AuditConfig:
+    """What ``imgclf audit`` checks and how ``--fix`` cleans (``eval.audit.run_audit``; the verb's flags). The
+    backbone and preprocessing come from an ``EmbedConfig``, the loader and image limits from an ``InferConfig``."""
+
+    embeddings: bool = opt(
+        True, "embed the images with the backbone: near-duplicates by cosine, label issues and outliers"
+    )
+    companions: bool = opt(True, "also audit the val/test splits stored with DATA (multi-split .npz, builtin)")
+    phash_distance: int = opt(2, "near-duplicates: perceptual hashes (64 bits) at most this many bits apart")
+    cosine: float = opt(0.97, "near-duplicates: embedding cosine similarity at least this (1.1: off)")
+    joint_phash: int = opt(10, "near-duplicates: or both hashes at most this many bits apart ...")
+    joint_cosine: float = opt(0.90, "... and embeddings at least this cosine-similar (1.1: off)")
+    neighbours: int = opt(10, "k of the k-NN search (near-duplicate partners per image, outlier distance)")
+    outlier_z: float = opt(5.0, "outliers: k-th neighbour distance over median + z x 1.4826 x MAD")
+    folds: int = opt(5, "label issues: folds of the cross-validated probe (out-of-fold probabilities)")
+    probe_wd: float = opt(1e-3, "label issues: L2 strength of the logistic-regression probe")
+    probe_iter: int = opt(100, "label issues: L-BFGS iterations per fold")
+    min_side: int = opt(16, "files: images whose shorter side is under this many pixels are tiny")
+    max_ratio: float = opt(5.0, "files: images longer than this x their shorter side have an extreme aspect")
+    min_count: int = opt(10, "balance: classes with fewer images are reported")
+    fix_duplicates: Literal["drop", "keep"] = opt("drop", "--fix: keep one image of each duplicate pair; drop "
+                                                          "both images of a label conflict")  # fmt: skip
+    fix_leaks: Literal["drop", "keep"] = opt("drop", "--fix: drop training images that also appear in val/test")
+    fix_labels: Literal["relabel", "drop", "keep"] = opt("drop", "--fix: what to do with suspected label errors")
+    fix_max_labels: int | None = opt(None, "--fix: act on the top N label issues only (default all)")
+    seed: int = opt(0, "seed of the folds")
+    cache_dir: str | None = opt(None, "hash and feature cache; default $XDG_CACHE_HOME/imgclf/features")
+    max_listed: int = opt(200, "HTML page: rows shown per section (the JSON lists everything)")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.phash_distance <= 64, "phash_distance", "must be in [0, 64]", self.phash_distance)
+        _check(0 <= self.joint_phash <= 64, "joint_phash", "must be in [0, 64]", self.joint_phash)
+        for key in ("cosine", "joint_cosine"):
+            _check(-1 <= getattr(self, key) <= 1.1, key, "must be in [-1, 1.1]", getattr(self, key))
+        for key in ("neighbours", "min_side", "min_count", "probe_iter", "max_listed"):
+            _check(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
+        _check(self.folds >= 2, "folds", "must be >= 2", self.folds)
+        _check(self.probe_wd >= 0, "probe_wd", "must be >= 0", self.probe_wd)
+        _check(self.max_ratio >= 1, "max_ratio", "must be >= 1", self.max_ratio)
+        _check(self.outlier_z > 0, "outlier_z", "must be > 0", self.outlier_z)
+        n = self.fix_max_labels
+        _check(n is None or n >= 0, "fix_max_labels", "must be >= 0", n)
+
+
 def split_fields(fields: dict[str, Any], *configs: Any) -> list[Any]:
     """``configs`` with ``fields`` applied, each name to the config that has it (``dataclasses.replace``);
     TypeError for a name none of them has. Lets the Python API take ``embed(data, per_class=5, workers=0)``

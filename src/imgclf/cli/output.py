@@ -357,3 +357,54 @@ def print_models(names: list[str], limit: int, hub: set[str], packaged: dict[str
     print("  FILE      a local .safetensors or .pth state dict (loaded with weights_only=True)")
     print("  hub       timm / Hugging Face pretrained download (needs internet)")
     print("  none      random initialisation")
+
+
+# --------------------------------------------------------------------------- data audit
+
+
+def print_audit(doc: dict[str, Any], brief: bool = False) -> None:
+    """``api.audit``'s report: the findings (first rows of each kind) unless ``brief``, then the summary table."""
+    if not brief:
+        _audit_details(doc)
+    s = doc["summary"]
+    rows = [[k.replace("_", " "), s[k]] for k in ("unreadable", "tiny", "aspect", "mode", "exif_rotated",
+                                                  "extension")]  # fmt: skip
+    for kind in ("duplicates", "conflicts", "leaks"):
+        rows.append([f"{kind} (pairs)", f"{s[f'{kind}_exact']} exact, {s[f'{kind}_near']} near"])
+    rows += [["label issues", s["label_issues"]], ["outliers", s["outliers"]],
+             ["classes below min count", s["classes_below_min"]]]  # fmt: skip
+    sizes = ", ".join(f"{n} {d['n']}" for n, d in doc["splits"].items())
+    print(f"\naudit of {doc['data']['train']} ({sizes} images, {doc['seconds']:.0f} s)")
+    print(format_table(rows, ["finding", "count"]))
+    b = doc["balance"]["train"]
+    ratio = "-" if b["imbalance_ratio"] is None else f"{b['imbalance_ratio']:.2f}"
+    print(f"class balance (train): imbalance ratio {ratio}" + (f"; under the minimum: {', '.join(b['below_min'])}"
+                                                              if b["below_min"] else ""))  # fmt: skip
+    if doc.get("probe") and "oof_accuracy" in doc["probe"]:
+        print(f"label issues: {doc['probe']['folds']}-fold probe, out-of-fold accuracy "
+              f"{pct(doc['probe']['oof_accuracy'])}")  # fmt: skip
+    for note in doc["notes"]:
+        print(f"note: {note}")
+    if "fix" in doc:
+        f = doc["fix"]
+        dropped = ", ".join(f"{k} {v}" for k, v in f["dropped"].items() if v) or "none"
+        print(f"fix: {f['path']}: kept {f['kept']} of {f['of']} (dropped: {dropped}; relabelled {f['relabelled']})")
+
+
+def _audit_details(doc: dict[str, Any], n: int = 10) -> None:
+    if doc["files"]:
+        rows = [[f["path"], f["kind"], f["detail"]] for f in doc["files"][:n]]
+        print(format_table(rows, ["file", "finding", "detail"]))
+        print()
+    for kind in ("duplicates", "conflicts", "leaks"):
+        pairs = doc[kind]
+        if pairs:
+            rows = [[p["a"]["path"], p["b"]["path"], p["match"], p["phash_distance"],
+                     "-" if p["cosine"] is None else f"{p['cosine']:.3f}"] for p in pairs[:n]]  # fmt: skip
+            print(f"{kind} ({len(pairs)} pairs{', first ' + str(n) if len(pairs) > n else ''})")
+            print(format_table(rows, ["image", "same as", "match", "hamming", "cosine"]))
+            print()
+    if doc["label_issues"]:
+        rows = [[r["path"], r["label"], r["suggested"], f"{r['quality']:.3f}"] for r in doc["label_issues"][:n]]
+        print(f"suspected label errors ({len(doc['label_issues'])}, most likely first)")
+        print(format_table(rows, ["image", "label", "suggested", "quality"]))

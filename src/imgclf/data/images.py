@@ -186,6 +186,23 @@ def check_header(path: str | Path, policy: DecodePolicy | None = None) -> str | 
         return _animation_note(img)
 
 
+def file_facts(path: str | Path) -> dict[str, Any]:
+    """What a file's header says, without decoding pixels (for ``imgclf audit``): ``format`` (Pillow's name),
+    ``mode``, ``size`` (width, height as stored, before EXIF rotation), ``orientation`` (EXIF tag 274, 1 when
+    absent), ``bits16`` (a 16-bit colour file) and ``transparency`` (a palette or colour-key transparency).
+    Raises ``BadImage`` like ``open_image`` for a file that is not an image."""
+    src = str(path)
+    with _errors(src), _own_limit(), open(path, "rb") as f, Image.open(f) as img:
+        rawmodes = " ".join(str(t.args) for t in getattr(img, "tile", []) or [])
+        try:
+            orientation = int(img.getexif().get(0x0112, 1) or 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
+            orientation = 1
+        return {"format": img.format, "mode": img.mode, "size": img.size, "orientation": orientation,
+                "bits16": img.mode in ("RGB", "RGBA") and ";16" in rawmodes,
+                "transparency": img.info.get("transparency") is not None}  # fmt: skip
+
+
 def _animation_note(img: Image.Image) -> str | None:
     if getattr(img, "is_animated", False):
         n = getattr(img, "n_frames", 0)
