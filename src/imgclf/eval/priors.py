@@ -163,8 +163,8 @@ def prior_shift(art: Any, spec: str | None) -> tuple[list[float] | None, dict[st
     source = art.data.get("logit_prior")
     if source is None:
         why = ("its head was tau-normalised, which leaves no known training prior" if art.data.get("rebalance")
-               == "tau_norm" else "it does not record its training class prior (runs saved before imgclf 0.1 "
-               "recorded it: retrain)")  # fmt: skip
+               == "tau_norm" else "it does not record the class prior its logits learned (saved by an older "
+               "imgclf: retrain it, or imgclf rebalance it with --method crt)")  # fmt: skip
         raise ImgclfError(f"--priors: cannot shift {art.run_dir or 'this run'}: {why}")
     counts = np.asarray(art.data.get("class_counts") or source, dtype=np.float64)
     target = parse_priors(spec, art.class_names, [float(x) for x in counts / counts.sum()])
