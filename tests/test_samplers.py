@@ -73,3 +73,28 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     r = run_cli("train", "--data", data, *TINY, "--output", tmp_path, "--data.sampler", "balanced",
                 "--aug.repeats", "2")  # fmt: skip
     assert r.code == 2 and "aug.repeats > 1 both choose the training order" in r.err and "Traceback" not in r.err
+    r = run_cli("train", "--data", data, *TINY, "--output", tmp_path, "--aug.oversampled", "trivialaugment")
+    assert r.code == 2 and "aug.oversampled augments the classes a class-aware sampler repeats" in r.err
+    r = run_cli("train", "--data", data, *TINY, "--output", tmp_path, "--aug.oversampled", "strong")
+    assert r.code == 2 and "aug.oversampled" in r.err and "Traceback" not in r.err
+
+
+@pytest.mark.parametrize("mode, expected", [("balanced", {1, 2}), ("sqrt", {1, 2}), ("progressive", {1, 2}),
+                                            ("instance", set())])  # fmt: skip
+def test_oversampled_classes_are_those_drawn_above_their_share(mode, expected):
+    from imgclf.data.samplers import oversampled_classes
+
+    assert oversampled_classes(LABELS, mode) == expected
+    # sqrt on 900 / 90 / 10: shares 0.9 / 0.09 / 0.01, sqrt draws 0.69 / 0.22 / 0.07 -> classes 1 and 2
+    assert oversampled_classes([0] * 900 + [1] * 90 + [2] * 10, "sqrt") == {1, 2}
+
+
+def test_oversampled_classes_get_the_strong_transform(tmp_path):
+    from imgclf.data.loader import ImageDataset
+    from imgclf.data.sources import open_source
+
+    data = make_folder(tmp_path / "d", n_per_class=3, classes=3)
+    s = open_source(str(data), "train")
+    ds = ImageDataset(s, lambda img: "plain", strong=lambda img: "strong", strong_classes=frozenset({2}))
+    got = {int(s.labels[i]): ds[i][0] for i in range(len(s))}
+    assert got == {0: "plain", 1: "plain", 2: "strong"}

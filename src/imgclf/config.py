@@ -130,6 +130,11 @@ class AugmentConfig:
         None,
         "rand-m9-mstd0.5 (RandAugment N,M), augmix-m5-w4-d2 (AugMix), original (AutoAugment) or trivialaugment",
     )
+    oversampled: str | None = opt(
+        None,
+        "with data.sampler sqrt/balanced/progressive: an auto_augment policy (same forms) for the images of the "
+        "classes the sampler repeats (drawn more often than their share), so their repeats differ more",
+    )
     re_prob: float = opt(0.0, "RandomErasing probability")
     mixup: float = opt(0.0, "MixUp alpha; 0 disables")
     cutmix: float = opt(0.0, "CutMix alpha; 0 disables")
@@ -149,14 +154,11 @@ class AugmentConfig:
         _check(0 <= self.translate < 1, "aug.translate", "must be in [0, 1)", self.translate)
         _check(0 <= self.perspective <= 1, "aug.perspective", "must be in [0, 1]", self.perspective)
         _check(self.repeats >= 1, "aug.repeats", "must be >= 1", self.repeats)
-        aa = self.auto_augment
-        ok = aa is None or aa == "trivialaugment" or aa.split("-")[0] in AUTO_AUGMENT_FAMILIES
-        _check(
-            ok,
-            "aug.auto_augment",
-            "must start with rand, augmix, original, originalr, v0, v0r or be trivialaugment",
-            aa,
-        )
+        for name in ("auto_augment", "oversampled"):
+            aa = getattr(self, name)
+            ok = aa is None or aa == "trivialaugment" or aa.split("-")[0] in AUTO_AUGMENT_FAMILIES
+            _check(ok, f"aug.{name}", "must start with rand, augmix, original, originalr, v0, v0r or be trivialaugment",
+                   aa)  # fmt: skip
 
     @property
     def mixing(self) -> bool:

@@ -44,11 +44,15 @@ class Batch(NamedTuple):
 class ImageDataset(Dataset):
     """``Samples`` + a transform; ``__getitem__`` returns ``(tensor, label, index)`` or a ``Skipped``.
 
-    ``label`` is an int (single-label) or the image's (K,) uint8 0/1 row (multi-label)."""
+    ``label`` is an int (single-label) or the image's (K,) uint8 0/1 row (multi-label). Images of the classes in
+    ``strong_classes`` go through ``strong`` instead of ``transform`` (``aug.oversampled``: the classes a
+    class-aware sampler repeats get a stronger augmentation)."""
 
-    def __init__(self, samples: Samples, transform: Callable):
+    def __init__(self, samples: Samples, transform: Callable, strong: Callable | None = None,
+                 strong_classes: frozenset[int] = frozenset()):  # fmt: skip
         self.samples = samples
         self.transform = transform
+        self.strong, self.strong_classes = strong, strong_classes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -57,7 +61,10 @@ class ImageDataset(Dataset):
         try:
             img = self.samples.load(i)
             label = self.samples.labels[i]
-            return self.transform(img), (label if self.samples.multi_label else int(label)), i
+            if self.samples.multi_label:
+                return self.transform(img), label, i
+            tf = self.strong if self.strong is not None and int(label) in self.strong_classes else self.transform
+            return tf(img), int(label), i
         except BadImage as e:
             return Skipped(i, self.samples.describe(i), e.reason)
         except Exception as e:  # noqa: BLE001 - one odd file must never end an epoch

@@ -35,6 +35,14 @@ from ..errors import ImgclfError
 MODES = ("instance", "sqrt", "balanced", "progressive")
 
 
+def oversampled_classes(labels: Sequence[int] | np.ndarray, mode: str) -> frozenset[int]:
+    """The classes ``mode`` draws more often than their share of the images (``p_c > n_c / N``; ``progressive``:
+    at its class-balanced end), which ``aug.oversampled`` augments more strongly."""
+    s = ClassBalancedSampler(labels, "balanced" if mode == "progressive" else mode)
+    share = s.counts / s.counts.sum()
+    return frozenset(int(c) for c in np.flatnonzero(s.class_probs() > share * (1 + 1e-9)))
+
+
 class ClassBalancedSampler(Sampler[int]):
     """Indices of one epoch drawn by ``mode`` (see the module docstring) from integer ``labels`` (N,).
 

@@ -244,6 +244,9 @@ def _check_sampler(cfg: Config, task: Task) -> None:
     """ImgclfError before training when ``data.sampler`` cannot apply: label sets, repeated augmentation (whose
     sampler it would replace), or the cached probe (whose head trains on cached feature batches)."""
     if cfg.data.sampler == "instance":
+        if cfg.aug.oversampled:
+            raise ImgclfError("aug.oversampled augments the classes a class-aware sampler repeats; set --data.sampler "
+                              "sqrt, balanced or progressive (or drop aug.oversampled)")  # fmt: skip
         return
     if task.multi_label:
         raise ImgclfError("data.sampler balanced / sqrt / progressive needs one class per image (label sets: use "

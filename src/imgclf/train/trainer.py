@@ -82,10 +82,13 @@ def train_loader(samples: Samples, pre: Preprocess, cfg: Config, dist: Dist) -> 
     ds = ImageDataset(samples, pre.eval() if probe else pre.train(cfg.aug))
     sampler = None
     if cfg.data.sampler != "instance":
-        from ..data.samplers import ClassBalancedSampler
+        from ..data.samplers import ClassBalancedSampler, oversampled_classes
 
         sampler = ClassBalancedSampler(samples.labels, cfg.data.sampler, seed=cfg.train.seed, epochs=cfg.train.epochs,
                                        num_replicas=dist.world_size, rank=dist.rank)  # fmt: skip
+        if cfg.aug.oversampled and not probe:
+            ds.strong = pre.train(dataclasses.replace(cfg.aug, auto_augment=cfg.aug.oversampled))
+            ds.strong_classes = oversampled_classes(samples.labels, cfg.data.sampler)
     return make_loader(
         ds, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         rank=dist.rank, world_size=dist.world_size, pin_memory=dist.device.type == "cuda",
