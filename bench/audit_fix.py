@@ -66,24 +66,28 @@ def fixed(noisy: Path, how: str, flipped: np.ndarray, clean: np.ndarray) -> tupl
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="600 images, one seed (a check that the script runs)")
+    ap.add_argument("--recipe", default=RECIPE, help="training flags (default: the cached-feature probe)")
+    ap.add_argument("--fixes", nargs="+", default=["drop", "relabel"], choices=["drop", "relabel"])
+    ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
     seeds = [0] if a.quick else [0, 1, 2]
     noisy, flipped, clean = noisy_copy(600 if a.quick else None)
     variants, fixes = {"noisy": noisy}, {}
-    for how in ("drop", "relabel"):
+    for how in a.fixes:
         variants[f"fix ({how})"], fixes[how] = fixed(noisy, how, flipped, clean)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in variants.items():
             tops = []
             for seed in seeds:
-                doc, wall, _ = train_run(f"{name.replace(' ', '_')}_{seed}", f"{RECIPE} --seed {seed}", data, Path(tmp))
+                run = f"{name.replace(' ', '_')}_{seed}"
+                doc, wall, _ = train_run(run, f"{a.recipe} --seed {seed}", data, Path(tmp))
                 tops.append(doc["metrics"]["test"]["top1"])
             results[name] = {"test_top1": tops, "mean": statistics.mean(tops),
                              "std": statistics.stdev(tops) if len(tops) > 1 else 0.0}  # fmt: skip
             print(f"{name}: test top-1 {100 * results[name]['mean']:.2f} ± {100 * results[name]['std']:.2f} %")
-    write_json(RESULTS if not a.quick else RESULTS.with_name("audit_fix_quick.json"), {
-        "command": f"imgclf train --data <noisy or fixed .npz> {RECIPE} --seed S", "quick": a.quick, "seeds": seeds,
+    write_json(a.out if not a.quick else a.out.with_name(a.out.stem + "_quick.json"), {
+        "command": f"imgclf train --data <noisy or fixed .npz> {a.recipe} --seed S", "quick": a.quick, "seeds": seeds,
         "results": results, "fixes": fixes, "machine": machine(), "versions": package_versions(),
         "date": time.strftime("%Y-%m-%d")})  # fmt: skip
     return 0
