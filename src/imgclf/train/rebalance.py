@@ -15,10 +15,10 @@ is folded back into the network's own ``nn.Linear`` classifier.
 
 Example:
     >>> import torch
-    >>> w, b, info = tau_norm_head(torch.eye(2) * torch.tensor([[2.0], [1.0]]), torch.zeros(2),
-    ...                            torch.eye(2), torch.tensor([0, 1]), taus=(0.0, 1.0))
-    >>> w.norm(dim=1).tolist(), info["tau"]
-    ([1.0, 1.0], 0.0)
+    >>> w, b, info = tau_norm_head(torch.tensor([[2.0, 1.2], [0.0, 1.0]]), None,  # class 0's larger norm
+    ...                            torch.eye(2), torch.tensor([0, 1]), taus=(0.0, 1.0))  # steals class 1
+    >>> [round(x, 4) for x in w.norm(dim=1).tolist()], info["tau"]
+    ([1.0, 1.0], 1.0)
 """
 
 from __future__ import annotations
