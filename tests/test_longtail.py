@@ -145,14 +145,14 @@ def test_tau_norm_by_hand():
     w = torch.tensor([[3.0, 4.0], [0.6, 0.8]])  # norms 5 and 1
     x = torch.tensor([[0.6, 0.8], [0.6, 0.8]])
     y = torch.tensor([0, 1])
-    w2, b2, info = tau_norm_head(w, torch.tensor([1.0, -1.0]), x, y, taus=(0.0, 0.5, 1.0))
+    w2, b2, info = tau_norm_head(w, x, y, taus=(0.0, 0.5, 1.0))
     # tau 0: class 0 wins both (balanced accuracy 0.5); tau 1: equal norms, a tie -> class 0 (argmax) -> 0.5;
     # the smallest tau among the best wins
     assert info["tau"] == 0.0 and [r["tau"] for r in info["grid"]] == [0.0, 0.5, 1.0]
     assert torch.equal(b2, torch.zeros(2))
-    w3, _, _ = tau_norm_head(w, None, x, y, taus=(1.0,))
+    w3, _, _ = tau_norm_head(w, x, y, taus=(1.0,))
     assert w3.norm(dim=1).tolist() == pytest.approx([1.0, 1.0])
-    w4, _, _ = tau_norm_head(w, None, x, y, taus=(0.5,))
+    w4, _, _ = tau_norm_head(w, x, y, taus=(0.5,))
     assert w4.norm(dim=1).tolist() == pytest.approx([math.sqrt(5), 1.0])
 
 

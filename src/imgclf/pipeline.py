@@ -129,21 +129,25 @@ def _drift_reference(trust, val_o: Outputs, name: str, features: bool = True) ->
     return {"data": f"{name} (validation split)", **reference_stats(trust.probs(val_o.logits).numpy(), feats, trust)}
 
 
+def _stats_keep(labels, cfg: Config):
+    """Positions of a stratified subset of at most ``trust.ood_max_train`` of the training ``labels`` for the OOD
+    statistics (None: all of them)."""
+    n = len(labels)
+    return None if n <= cfg.trust.ood_max_train else stratified_split(labels, cfg.trust.ood_max_train / n,
+                                                                     cfg.train.seed)[1]  # fmt: skip
+
+
 def _stats_subset(train: Samples, cfg: Config) -> Samples:
-    """A stratified subset of at most ``trust.ood_max_train`` training images for the OOD statistics."""
-    n = len(train)
-    if n <= cfg.trust.ood_max_train:
-        return train
-    _, keep = stratified_split(train.labels, cfg.trust.ood_max_train / n, cfg.train.seed)
-    return train.subset(keep)
+    """The training images of the OOD statistics (``_stats_keep``)."""
+    keep = _stats_keep(train.labels, cfg)
+    return train if keep is None else train.subset(keep)
 
 
 def _feature_outputs(feats: Features, cfg: Config) -> Outputs:
     """``Outputs`` (features and labels only) of at most ``trust.ood_max_train`` of the already computed training
     ``feats`` (stratified, as ``_stats_subset``)."""
-    n, keep = len(feats.labels), torch.arange(len(feats.labels))
-    if n > cfg.trust.ood_max_train:
-        keep = torch.as_tensor(stratified_split(feats.labels.numpy(), cfg.trust.ood_max_train / n, cfg.train.seed)[1])
+    keep = _stats_keep(feats.labels.numpy(), cfg)
+    keep = torch.arange(len(feats.labels)) if keep is None else torch.as_tensor(keep)
     return Outputs(torch.empty(len(keep), 0), feats.labels[keep], feats.indices[keep], feats.features[keep])
 
 
@@ -244,7 +248,7 @@ def _rebalance_head(model: Any, art: Artifact, src: Path, cfg: Config, splits: A
         w, b, info = crt_head(tr.features, tr.labels, va.features, va.labels, art.num_classes, cfg.probe.wd_grid,
                               cfg.probe.max_iter)  # fmt: skip
     else:
-        w, b, info = tau_norm_head(head.weight.detach().float().cpu(), None, va.features, va.labels)
+        w, b, info = tau_norm_head(head.weight.detach().float().cpu(), va.features, va.labels)
     with torch.no_grad():
         head.weight.copy_(w.to(head.weight))
         head.bias.copy_(b.to(head.bias))

@@ -35,12 +35,28 @@ from ..errors import ImgclfError
 MODES = ("instance", "sqrt", "balanced", "progressive")
 
 
+def class_probs(counts: Sequence[int] | np.ndarray, mode: str, epoch: int = 1, epochs: int = 1) -> np.ndarray:
+    """(K,) probability that ``mode`` draws each class, for ``counts`` (K,) images per class, in ``epoch`` of
+    ``epochs`` (epochs count from 1; only ``progressive`` depends on them)."""
+    n = np.asarray(counts, dtype=np.float64)
+    inst, bal = n / n.sum(), (n > 0) / max((n > 0).sum(), 1)
+    if mode == "instance":
+        return inst
+    if mode == "balanced":
+        return bal
+    if mode == "sqrt":
+        return np.sqrt(n) / np.sqrt(n).sum()
+    t = min(max(epoch - 1, 0) / max(epochs - 1, 1), 1.0)  # 0 at the first epoch, 1 at the last
+    return (1 - t) * inst + t * bal
+
+
 def oversampled_classes(labels: Sequence[int] | np.ndarray, mode: str) -> frozenset[int]:
     """The classes ``mode`` draws more often than their share of the images (``p_c > n_c / N``; ``progressive``:
     at its class-balanced end), which ``aug.oversampled`` augments more strongly."""
-    s = ClassBalancedSampler(labels, "balanced" if mode == "progressive" else mode)
-    share = s.counts / s.counts.sum()
-    return frozenset(int(c) for c in np.flatnonzero(s.class_probs() > share * (1 + 1e-9)))
+    y = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(y[y >= 0])
+    p = class_probs(counts, "balanced" if mode == "progressive" else mode)
+    return frozenset(int(c) for c in np.flatnonzero(p > counts / counts.sum() * (1 + 1e-9)))
 
 
 class ClassBalancedSampler(Sampler[int]):
@@ -70,17 +86,8 @@ class ClassBalancedSampler(Sampler[int]):
         self.epoch = epoch
 
     def class_probs(self) -> np.ndarray:
-        """(K,) probability of drawing each class in the current epoch."""
-        n = self.counts.astype(np.float64)
-        inst, bal = n / n.sum(), (n > 0) / max((n > 0).sum(), 1)
-        if self.mode == "instance":
-            return inst
-        if self.mode == "balanced":
-            return bal
-        if self.mode == "sqrt":
-            return np.sqrt(n) / np.sqrt(n).sum()
-        t = min(max(self.epoch - 1, 0) / max(self.epochs - 1, 1), 1.0)  # 0 at the first epoch, 1 at the last
-        return (1 - t) * inst + t * bal
+        """(K,) probability of drawing each class in the current epoch (``class_probs``)."""
+        return class_probs(self.counts, self.mode, self.epoch, self.epochs)
 
     def __iter__(self) -> Iterator[int]:
         p = self.class_probs()

@@ -44,17 +44,10 @@ def logit_prior(task: Any, counts: Any, sampler: str = "instance", epoch: int = 
     """(K,) the class prior a single-label ``task`` (``train.tasks.SingleLabelTask``) trained on ``counts``
     (K,) images per class with ``sampler`` (``data.sampler``; ``progressive`` at ``epoch`` of ``epochs``) leaves in
     its logits; see the module docstring. Sums to 1."""
-    from ..data.samplers import ClassBalancedSampler
+    from ..data.samplers import class_probs
 
     n = np.asarray(counts, dtype=np.float64)
-    if sampler == "instance":
-        q = n / max(n.sum(), 1)
-    else:
-        s = ClassBalancedSampler(np.repeat(np.arange(len(n)), n.astype(np.int64)), sampler, epochs=epochs)
-        s.set_epoch(epoch)
-        q = np.zeros(len(n))
-        probs = s.class_probs()
-        q[: len(probs)] = probs
+    q = class_probs(n, sampler, epoch, epochs)
     if task.class_weight is not None:
         q = q * np.asarray(task.class_weight)
     if task.loss in ("logit_adjusted", "balanced_softmax"):

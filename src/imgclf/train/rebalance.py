@@ -15,7 +15,7 @@ is folded back into the network's own ``nn.Linear`` classifier.
 
 Example:
     >>> import torch
-    >>> w, b, info = tau_norm_head(torch.tensor([[2.0, 1.2], [0.0, 1.0]]), None,  # class 0's larger norm
+    >>> w, b, info = tau_norm_head(torch.tensor([[2.0, 1.2], [0.0, 1.0]]),  # class 0's larger norm
     ...                            torch.eye(2), torch.tensor([0, 1]), taus=(0.0, 1.0))  # steals class 1
     >>> [round(x, 4) for x in w.norm(dim=1).tolist()], info["tau"]
     ([1.0, 1.0], 1.0)
@@ -39,9 +39,9 @@ METRIC = "balanced_accuracy"
 
 
 def _balanced_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    pred = logits.argmax(1)
-    rec = [float((pred[labels == c] == c).float().mean()) for c in range(k) if (labels == c).any()]
-    return float(np.mean(rec)) if rec else 0.0
+    from .metrics import compute_metrics
+
+    return compute_metrics(logits, labels, [str(c) for c in range(k)])["balanced_accuracy"]
 
 
 def crt_head(
@@ -69,13 +69,11 @@ def crt_head(
 
 
 def tau_norm_head(
-    weight: torch.Tensor, bias: torch.Tensor | None, xva: torch.Tensor, yva: torch.Tensor,
-    taus: tuple[float, ...] = TAUS,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:  # fmt: skip
+    weight: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor, taus: tuple[float, ...] = TAUS
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """tau-normalisation of a head (weight (K, D)): ``w_c / ||w_c||^tau``, zero bias, ``tau`` by balanced accuracy
-    on validation features ``xva`` (N, D) / labels ``yva`` (N,) (ties: the smallest tau). ``bias`` is only
-    replaced. Returns the head and ``{"tau": chosen, "grid": [{"tau", "val_balanced_accuracy"}]}``."""
-    del bias  # dropped: see the module docstring
+    on validation features ``xva`` (N, D) / labels ``yva`` (N,) (ties: the smallest tau); the old bias is dropped
+    (see the module docstring). Returns the head and ``{"tau": chosen, "grid": [{"tau", "val_balanced_accuracy"}]}``."""
     k = weight.shape[0]
     norms = weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
     rows, best = [], None
