@@ -27,10 +27,12 @@ from .rundir import LAST_CKPT, RunDir
 #: The recipe applied when no training data is given: the embedded Fashion-MNIST job.
 DEFAULT_RECIPE = "default"
 
-#: Settings that may differ when resuming; anything else would break the exact continuation.
+#: Settings that may differ when resuming; anything else would break the exact continuation. ``data.batch_size`` is
+#: the per-process batch: resuming on another number of processes keeps the global batch by changing it (the
+#: schedule is re-positioned when the updates per epoch differ).
 RESUME_MAY_CHANGE = frozenset(
     {"run.output", "run.name", "run.progress", "train.device", "data.num_workers", "data.eval_batch_size",
-     "data.strict_images"}
+     "data.strict_images", "data.batch_size", "train.dist_timeout", "train.sync_bn"}
 )  # fmt: skip
 
 

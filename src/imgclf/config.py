@@ -333,9 +333,21 @@ class TrainConfig:
     patience: int | None = opt(None, "stop after this many epochs without improvement; None disables")
     seed: int = opt(0, "random seed for split, init, shuffling and augmentation")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
+    sync_bn: bool = opt(False, "torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)")
+    fsdp: bool = opt(
+        False,
+        "torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2 "
+        "fully_shard per block) instead of replicating them (DDP); for backbones too large for one device",
+    )
+    dist_timeout: float = opt(
+        600.0,
+        "torchrun: seconds a rank waits for the others in a collective before the job "
+        "stops with an error (a rank that died or hangs)",
+    )
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _check(self.dist_timeout > 0, "train.dist_timeout", "must be > 0 seconds", self.dist_timeout)
         s = self.label_smoothing
         _check(s is None or 0 <= s < 1, "train.label_smoothing", "must be in [0, 1)", s)
         _check(self.asl_gamma_neg >= 0 and self.asl_gamma_pos >= 0, "train.asl_gamma_neg/asl_gamma_pos",

@@ -11,12 +11,26 @@ from pathlib import Path
 from typing import Any
 
 
+class _Writes:
+    discard = False  # torchrun ranks other than 0 of the commands that run on every rank: rank 0 alone writes
+
+
+def discard_writes(on: bool = True) -> None:
+    """Make every ``atomic_path`` write of this process go to a scratch file that is then deleted (set by the CLI on
+    torchrun ranks other than 0, which run the same command as rank 0 but must not write its files)."""
+    _Writes.discard = on
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step.
 
     A crash (or SIGKILL) while writing leaves the previous file intact and at most a stray ``.tmp`` file.
     """
+    if _Writes.discard:
+        with tempfile.TemporaryDirectory(prefix="imgclf-rank-") as d:
+            yield Path(d) / Path(path).name
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -14,6 +14,7 @@ import torch
 from .artifact import Artifact, save_artifact
 from .config import Config, config_to_dict
 from .data.sources import Samples, stratified_split
+from .dist import rank_zero_only
 from .eval.drift import reference_stats
 from .eval.predictions import save_predictions
 from .eval.priors import logit_prior
@@ -109,15 +110,21 @@ def finish(f: Fitted, train_feats: Features | None = None, data: dict[str, Any] 
         head=head_spec(cfg.model),
     )
     if f.dist.is_main:
-        save_artifact(f.run_dir, f.model, art)
-        trust.save_stats(f.run_dir)
-        save_predictions(f.run_dir / VAL_PREDICTIONS, val_o, f.splits.val)
-        if cfg.trust.report:
-            from .eval.report import write_report
-
-            write_report(f.run_dir, model=f.model, art=art, val=(val_o, f.splits.val), reliability=cal["reliability"])
+        with rank_zero_only():
+            _write_run(f, art, trust, val_o, cal)
     return TrainResult(f.run_dir, f.state.best_epoch, val_m, test_m, f.state.history, dict(f.skips.items), f.seconds,
                        dict(extra_metrics or {}))  # fmt: skip
+
+
+def _write_run(f: Fitted, art: Artifact, trust, val_o: Outputs, cal: dict[str, Any]) -> None:
+    """Rank 0: the artifact, OOD statistics, validation predictions and report of a finished run."""
+    save_artifact(f.run_dir, f.model, art)
+    trust.save_stats(f.run_dir)
+    save_predictions(f.run_dir / VAL_PREDICTIONS, val_o, f.splits.val)
+    if f.cfg.trust.report:
+        from .eval.report import write_report
+
+        write_report(f.run_dir, model=f.model, art=art, val=(val_o, f.splits.val), reliability=cal["reliability"])
 
 
 def _drift_reference(trust, val_o: Outputs, name: str, features: bool = True) -> dict[str, Any] | None:

@@ -13,10 +13,14 @@ Errors a user can fix print one line and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import sys
 import typing
 
 from ..config import section_fields
+from ..dist import world_size_env
 from ..errors import ImgclfError
 from . import audit, deploy, evaluate, knn, models, output, train
 from .flags import Parser, config_flags, config_from_args, positive_int
@@ -52,13 +56,64 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         output.setup_logging(getattr(args, "quiet", False))
+        if world_size_env() > 1:
+            _join_torchrun(args)
         return VERBS[args.command][1](args)
     except ImgclfError as e:
-        print(f"imgclf: error: {e}", file=sys.stderr)
+        print(f"imgclf: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
+    except torch_dist_errors() as e:
+        first = " ".join(str(e).split())[:300]
+        if not isinstance(e, _dist_error()) and not any(w in first for w in ("gloo", "nccl", "c10d", "onnection")):
+            raise
+        print(f"imgclf: error: {_rank_prefix()}lost contact with another rank ({type(e).__name__}: {first}); the job "
+              "stops on every rank (torchrun's summary names the rank that failed); continue a training run with "
+              "--resume", file=sys.stderr)  # fmt: skip
+        return 1
     except KeyboardInterrupt:
         print("imgclf: interrupted", file=sys.stderr)
         return 130
+
+
+def torch_dist_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of a failed collective (a rank died or timed out); none outside torchrun."""
+    if world_size_env() <= 1:
+        return ()
+    return (_dist_error(), RuntimeError)  # RuntimeError: gloo's transport errors, when they name the backend
+
+
+def _dist_error() -> type[BaseException]:
+    import torch.distributed
+
+    return torch.distributed.DistError
+
+
+def _rank_prefix() -> str:
+    return f"rank {os.environ.get('RANK', '?')}: " if world_size_env() > 1 else ""
+
+
+def _join_torchrun(args: argparse.Namespace) -> None:
+    """Under torchrun: refuse the commands that do not run on several ranks, join the process group (train joins
+    it with its config's device and timeout), and keep ranks other than 0 silent and writing nothing."""
+    from .. import dist
+    from ..io import discard_writes
+
+    if args.command not in dist.DISTRIBUTED_COMMANDS:
+        raise ImgclfError(f"imgclf {args.command} does not run under torchrun (commands that do: "
+                          f"{', '.join(dist.DISTRIBUTED_COMMANDS)}); start it as one process")  # fmt: skip
+    if args.command != "train":
+        dist.setup(getattr(args, "device", None) or "auto")
+    signal.signal(signal.SIGTERM, _stopped_by_torchrun)
+    if int(os.environ.get("RANK", "0")) != 0:
+        discard_writes()
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        logging.getLogger("imgclf").setLevel(logging.WARNING)
+
+
+def _stopped_by_torchrun(signum, frame) -> typing.NoReturn:
+    print(f"imgclf: {_rank_prefix()}stopped by torchrun (another rank failed or the job was cancelled); continue a "
+          "training run with --resume", file=sys.stderr, flush=True)  # fmt: skip
+    os._exit(128 + signum)
 
 
 def _unknown(command: str | None, extra: list[str]) -> typing.NoReturn:

@@ -19,6 +19,7 @@ import torch
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..dist import shard
 from ..errors import ImgclfError
 from .images import BadImage
 from .sources import Samples
@@ -113,6 +114,21 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Rank ``rank``'s share of ``n`` evaluation inputs in order: positions ``rank, rank + world, ...``. No padding
+    (``DistributedSampler`` repeats inputs to even the shares, which would count them twice in metrics); the
+    shares differ by at most one and ``models.inference.infer`` gathers them back in input order."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
 def make_loader(
     dataset: ImageDataset,
     batch_size: int,
@@ -128,9 +144,11 @@ def make_loader(
 ) -> DataLoader:
     """A loader for training (seeded per-epoch shuffling, drop_last) or evaluation (in order).
 
-    ``repeats > 1`` uses timm's ``RepeatAugSampler``: each image appears that many times in a row,
-    differently augmented (repeated augmentation, DeiT); an epoch keeps its usual length. ``sampler`` (a
-    ``samplers.ClassBalancedSampler``) replaces the training sampler.
+    Training shards over ``rank``/``world_size`` (``DistributedSampler``: global batch ``i`` holds the same
+    images whatever the world size). Evaluation shards over the torchrun ranks of ``dist.shard()`` with a
+    ``ShardSampler`` (``infer`` gathers the shares back). ``repeats > 1`` uses timm's ``RepeatAugSampler``: each
+    image appears that many times in a row, differently augmented (repeated augmentation, DeiT); an epoch keeps
+    its usual length. ``sampler`` (a ``samplers.ClassBalancedSampler``) replaces the training sampler.
     """
     workers = auto_workers(num_workers)
     if sampler is not None:
@@ -139,8 +157,8 @@ def make_loader(
         sampler = RepeatAugSampler(dataset, world_size, rank, shuffle=True, num_repeats=repeats, selected_round=0)
     elif train:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    elif world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    elif shard()[1] > 1:
+        sampler = ShardSampler(len(dataset), *shard())
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -164,5 +182,5 @@ def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
         loader.sampler.set_epoch(seed * 100_003 + epoch)  # it seeds its shuffle with the epoch alone
     elif hasattr(loader.sampler, "set_epoch"):  # ClassBalancedSampler: seeded by (its seed, epoch)
         loader.sampler.set_epoch(epoch)
-    if loader.generator is not None:
-        loader.generator.manual_seed(seed * 1000 + epoch)
+    if loader.generator is not None:  # worker seeds: rank 0 as in a single process, other ranks their own stream
+        loader.generator.manual_seed(seed * 1000 + epoch + 1_000_003 * getattr(loader.sampler, "rank", 0))

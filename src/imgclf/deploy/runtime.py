@@ -312,8 +312,8 @@ def runtime_outputs(
     decoding with the same loader (and skip log) as the PyTorch path. Returns (outputs, artifact, skips)."""
     from tqdm.auto import tqdm
 
-    from ..data.loader import ImageDataset, SkipLog, make_loader
-    from ..models.inference import Outputs
+    from ..data.loader import ImageDataset, ShardSampler, SkipLog, make_loader
+    from ..models.inference import Outputs, gather_shards
 
     pred = auto_predictor(run, runtime)
     loader = make_loader(ImageDataset(samples, pred.art.preprocessing.chw_pixels()), batch_size, train=False,
@@ -331,6 +331,13 @@ def runtime_outputs(
         indices.append(batch.indices)
     k = pred.art.num_classes
     cat = lambda xs, empty: torch.cat(xs) if xs else empty  # noqa: E731
-    out = Outputs(cat(logits, torch.empty(0, k)), cat(labels, torch.empty(0, dtype=torch.long)),
-                  cat(indices, torch.empty(0, dtype=torch.long)), cat(feats, torch.empty(0, 0)))  # fmt: skip
+    parts = {
+        "logits": cat(logits, torch.empty(0, k)),
+        "labels": cat(labels, torch.empty(0, dtype=torch.long)),
+        "indices": cat(indices, torch.empty(0, dtype=torch.long)),
+        "features": cat(feats, torch.empty(0, 0)),
+    }
+    if isinstance(loader.sampler, ShardSampler):  # torchrun: every rank's share, in input order
+        parts = gather_shards(parts, skips)
+    out = Outputs(parts["logits"], parts["labels"], parts["indices"], parts["features"])
     return out, pred.art, skips

@@ -18,8 +18,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.loader import SkipLog
-from ..dist import autocast
+from ..data.loader import ShardSampler, SkipLog
+from ..dist import autocast, current, gather_cat, gather_objects
 from ..errors import ImgclfError
 
 log = logging.getLogger("imgclf")
@@ -104,8 +104,38 @@ def infer(
              "labels": torch.empty(0, dtype=torch.long), "indices": torch.empty(0, dtype=torch.long),
              "score": torch.empty(0, k)}  # fmt: skip
     cat = {key: torch.cat(v) if v else empty[key] for key, v in outs.items()}
+    if isinstance(loader.sampler, ShardSampler):
+        cat = gather_shards(cat, skips)
     return Outputs(cat["logits"], cat["labels"], cat["indices"], cat["features"] if features else None,
                    cat["score"] if outs["score"] else None)  # fmt: skip
+
+
+def gather_shards(cat: dict[str, torch.Tensor], skips: SkipLog | None) -> dict[str, torch.Tensor]:
+    """Every rank's outputs of a sharded loader (``dist.shard``), in input order, on every rank; the ranks'
+    unreadable files are merged into ``skips``. Requested outputs are never empty on a rank whose share had inputs,
+    so an output is gathered when any rank has rows of it (collectives run in the same order on every rank)."""
+    d = current()
+    spec = {k: (tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) if v.numel() else None for k, v in cat.items()}
+    specs = gather_objects((spec, dict(skips.items) if skips is not None else {}), d)
+    out = {}
+    for k, v in cat.items():
+        seen = next((s[0][k] for s in specs if s[0][k] is not None), None)
+        if seen is None:  # no rank has values: (0, K) / (N, 0) placeholders stay as they are
+            out[k] = v
+            continue
+        if not v.numel():  # this rank's share was unreadable: an empty block of the others' shape and type
+            v = torch.empty((0, *seen[0]), dtype=getattr(torch, seen[1]))
+        out[k] = gather_cat(v, d)
+    for _, items in specs if skips is not None else ():
+        for src, why in items.items():
+            skips.items.setdefault(src, why)
+    order = torch.argsort(out["indices"])
+    for k, v in out.items():
+        if len(v) == len(order):
+            out[k] = v[order]
+        elif v.ndim == 2 and v.shape[1] == 0:  # logits not requested: (N, 0)
+            out[k] = v.new_empty((len(order), 0))
+    return out
 
 
 def merge_views(

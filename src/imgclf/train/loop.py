@@ -5,7 +5,7 @@ training (``trainer``), the cached-feature probe's SGD head (``probe``) and the 
 - ``forward_loss`` / ``update``: the task's loss under autocast; one optimizer update (unscale, clip, step,
   schedule per update, EMA), as torchvision's ``train_one_epoch(model, criterion, ...)`` and timm's task
   modules split it.
-- ``train_one_epoch``: accumulation, DDP ``no_sync``, MixUp/CutMix, non-finite-loss guard, progress bar; it
+- ``train_one_epoch``: accumulation, DDP ``no_sync``, MixUp/CutMix, non-finite-gradient guard, progress bar; it
   takes any iterable of ``Batch`` (image loaders, or ``FeatureBatches`` of cached features for the probe).
 - ``run_epochs``: train, validate, keep the best, patience, history rows, logging and checkpointing; each
   caller plugs in what differs (``EpochHooks``).
@@ -14,7 +14,6 @@ training (``trainer``), the cached-feature probe's SGD head (``probe``) and the 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data.loader import Batch, SkipLog
 from ..data.splits import DataSplits, prepare_data
-from ..dist import Dist, any_rank, autocast, broadcast, setup
+from ..dist import Dist, autocast, broadcast, setup
 from ..errors import ImgclfError
 from ..models.heads import FEATURE_STATS_MAX_DIM, head_spec, head_width
 from ..rundir import EARLY_FILES, LAST_CKPT, RunDir
@@ -79,6 +78,8 @@ class Loop:
     updates_per_epoch: int
     frozen: list[nn.Module]  # norm layers kept in eval mode in this phase
     mixup: Mixup | None
+    bad_updates: torch.Tensor | None = None  # consecutive updates skipped for non-finite gradients (on the device)
+    replica: nn.Module | None = None  # train.fsdp: the full model that validates and is saved (``train.fsdp``)
 
 
 def run_dir_for(cfg: Config, resume: bool, dist: Dist) -> Path:
@@ -127,67 +128,112 @@ def set_train_mode(loop: Loop) -> None:
 
 
 def train_one_epoch(loop: Loop, loader: Any, state: State, desc: str) -> dict[str, float]:
-    """One pass over ``loader`` (any sized iterable of ``Batch``); returns mean loss, images/s, the last LR."""
+    """One pass over ``loader`` (any sized iterable of ``Batch``); returns mean loss, images/s, the last LR.
+
+    No collective beyond DDP's gradient all-reduce and one all-reduce of the loss sum at the end, and no host sync
+    per step: the loss is summed on the device and read every ``REFRESH`` batches for the progress bar (and the
+    divergence check, ``update``). Under torchrun a rank whose batch is unusable (every image unreadable, or one
+    image left for BatchNorm) repeats its last good batch with zero weight, so the ranks stay in step."""
     cfg, dist = loop.cfg, loop.dist
     set_train_mode(loop)
-    accum, pending, nonfinite = cfg.optim.accum_steps, 0, 0
-    total_loss, seen, t0 = 0.0, 0, time.perf_counter()
+    accum, pending, last = cfg.optim.accum_steps, 0, None
+    total = torch.zeros(2, device=dist.device)  # sum of finite losses x images, images
+    seen, t0 = 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not (cfg.run.progress and dist.is_main), leave=False, unit="batch")
     loop.opt.zero_grad(set_to_none=True)
     for i, batch in enumerate(bar):
         loop.skips.add(batch.skipped)
-        # every item unreadable, or BatchNorm would see a single sample: skip (on every rank together)
-        if any_rank(batch.images is None or len(batch.labels) < 2, dist):
-            continue
-        x = batch.images.to(dist.device, non_blocking=True).contiguous(memory_format=loop.fmt)
-        y = batch.labels.to(dist.device, non_blocking=True)
-        if loop.mixup is not None and loop.mixup.mixup_enabled:  # off for the last aug.mix_off_epochs
-            if len(y) % 2:  # timm's batch mixing pairs images
-                x, y = x[:-1], y[:-1]
-            x, y = loop.mixup(x, y)  # y: (B, K) soft targets
+        if batch.images is None or len(batch.labels) < 2:
+            if dist.world_size == 1:
+                continue
+            if last is None:
+                raise ImgclfError(f"rank {dist.rank}: no readable image in the first batch of epoch {state.epoch + 1}; "
+                                  "see the skipped files (or drop them from the data)")  # fmt: skip
+            x, y, weight = *last, 0.0
+        else:
+            x = batch.images.to(dist.device, non_blocking=True).contiguous(memory_format=loop.fmt)
+            y = batch.labels.to(dist.device, non_blocking=True)
+            if loop.mixup is not None and loop.mixup.mixup_enabled:  # off for the last aug.mix_off_epochs
+                if len(y) % 2:  # timm's batch mixing pairs images
+                    x, y = x[:-1], y[:-1]
+                x, y = loop.mixup(x, y)  # y: (B, K) soft targets
+            last, weight = (x, y), 1.0
         step_now = pending + 1 == accum or i + 1 == len(loader)
         sync = nullcontext() if step_now or not hasattr(loop.wrapped, "no_sync") else loop.wrapped.no_sync()
         with sync:
             loss = forward_loss(loop, x, y)
-            value = loss.item()
-            if any_rank(not math.isfinite(value), dist):
-                nonfinite += 1
-                if nonfinite >= MAX_NONFINITE:
-                    raise ImgclfError(f"training diverged (loss {value}) in epoch {state.epoch + 1}; lower optim.lr")
-                loop.opt.zero_grad(set_to_none=True)
-                pending = 0
-                continue
-            nonfinite = 0
-            loop.scaler.scale(loss / accum).backward()
+            loop.scaler.scale(loss * (weight / accum)).backward()
+        if weight:
+            finite = torch.isfinite(loss.detach())
+            total += torch.stack([torch.where(finite, loss.detach(), 0.0) * len(y), finite * float(len(y))])
+            seen += len(y)
         pending += 1
         if step_now:
             update(loop, state)
             pending = 0
-        total_loss += value * len(y)
-        seen += len(y)
-        rate = seen * dist.world_size / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(
-            loss=f"{total_loss / seen:.4f}", lr=f"{loop.opt.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}"
-        )
+        if (i + 1) % REFRESH == 0 or i + 1 == len(loader):
+            _refresh(loop, bar, total, seen * dist.world_size / max(time.perf_counter() - t0, 1e-9), state)
     if pending:
         update(loop, state)  # the last group when trailing batches were skipped
     bar.close()
+    _check_diverged(loop, state)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(total)  # the epoch's loss over every rank's images
     secs = time.perf_counter() - t0
+    loss_sum, n = total.tolist()
     return {
-        "train_loss": total_loss / max(seen, 1),
+        "train_loss": loss_sum / max(n, 1) if n else float("nan"),
         "lr": loop.opt.param_groups[0]["lr"],
         "img_per_s": seen * dist.world_size / max(secs, 1e-9),
         "epoch_seconds": secs,
     }
 
 
+REFRESH = 20  # batches between reads of the device loss sum (progress bar, divergence check)
+
+
+def _refresh(loop: Loop, bar, total: torch.Tensor, rate: float, state: State) -> None:
+    """Progress-bar numbers and the divergence check: the one host sync every ``REFRESH`` batches."""
+    _check_diverged(loop, state)
+    if not bar.disable:
+        loss_sum, n = total.tolist()
+        bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", lr=f"{loop.opt.param_groups[0]['lr']:.2e}",
+                        img_s=f"{rate:.0f}")  # fmt: skip
+
+
+def _check_diverged(loop: Loop, state: State) -> None:
+    if loop.bad_updates is not None and int(loop.bad_updates) >= MAX_NONFINITE:
+        raise ImgclfError(f"training diverged: {MAX_NONFINITE} updates in a row with non-finite gradients in epoch "
+                          f"{state.epoch + 1}; lower optim.lr (or add --optim.clip_grad 1.0)")  # fmt: skip
+
+
 def update(loop: Loop, state: State) -> None:
-    """Optimizer step (with unscale + clip), schedule and EMA update."""
+    """Optimizer step (with unscale + clip), schedule and EMA update.
+
+    A step whose gradients are not finite (a non-finite loss on any rank: DDP's all-reduce spreads it, so every
+    rank decides alike without a collective) is skipped: on the device by the fused CUDA optimizers (``found_inf``,
+    as ``GradScaler`` does), else after reading one flag (free on the CPU). ``loop.bad_updates`` counts such steps
+    in a row on the device; ``MAX_NONFINITE`` of them end training. fp16 runs leave this to ``GradScaler``."""
+    params = [p for p in loop.model.parameters() if p.grad is not None]
     if loop.cfg.optim.clip_grad is not None:
         loop.scaler.unscale_(loop.opt)
-        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.cfg.optim.clip_grad)
-    loop.scaler.step(loop.opt)
-    loop.scaler.update()
+        norm = torch.nn.utils.clip_grad_norm_(params, loop.cfg.optim.clip_grad)
+    elif not loop.scaler.is_enabled():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm := locals().get("norm"), "full_tensor"):  # FSDP: the norm over every rank's shards
+        norm = norm.full_tensor()
+    if loop.scaler.is_enabled():
+        loop.scaler.step(loop.opt)
+        loop.scaler.update()
+    else:
+        bad = ~torch.isfinite(norm)
+        loop.bad_updates = (0 if loop.bad_updates is None else loop.bad_updates + 1) * bad
+        if loop.opt.defaults.get("fused"):
+            loop.opt.found_inf = bad.float()
+            loop.opt.step()
+            del loop.opt.found_inf
+        elif not bad.item():
+            loop.opt.step()
     loop.opt.zero_grad(set_to_none=True)
     state.updates += 1
     state.phase_updates += 1
@@ -217,7 +263,7 @@ def prepare_run(cfg: Config, resume: bool = False, *, needs_dir: bool = True) ->
     """Set up devices / the process group, choose the run directory (``needs_dir``; lr-find has none), seed
     torch, numpy and python per rank (timm's crops use ``random``), open the data splits and pick the task
     (multi-label when the training data hold label sets)."""
-    dist = setup(cfg.train.device)
+    dist = setup(cfg.train.device, cfg.train.dist_timeout)
     run_dir = run_dir_for(cfg, resume, dist) if needs_dir else Path(cfg.run.output)
     resume = needs_dir and resume and (run_dir / LAST_CKPT).is_file()  # never completed an epoch: afresh
     timm.utils.random_seed(cfg.train.seed, dist.rank)
@@ -294,8 +340,8 @@ class EpochHooks:
 
     train: Callable[[int], dict[str, float]]  # epoch -> train stats (train_loss, lr, img_per_s, epoch_seconds)
     validate: Callable[[], dict[str, dict[str, Any]]]  # -> {"model": metrics, ["ema": metrics]}
-    keep_best: Callable[[str], None]  # save the best weights ("model" or "ema")
-    checkpoint: Callable[[], None]  # write the resume checkpoint (rank 0 only)
+    keep_best: Callable[[str], None]  # save the best weights ("model" or "ema"); called on every rank, rank 0 writes
+    checkpoint: Callable[[], None]  # the resume checkpoint; called on every rank (FSDP gathers), rank 0 writes
     line: Callable[[dict[str, Any]], str]  # the log line of an epoch row
     before_epoch: Callable[[int], None] = lambda epoch: None  # phase changes, MixUp switch-off, loader seeding
 
@@ -304,9 +350,7 @@ def stopped(cfg: Config, state: State) -> bool:
     return cfg.train.patience is not None and state.stale >= cfg.train.patience
 
 
-def run_epochs(
-    cfg: Config, state: State, hooks: EpochHooks, logger: RunLogger, task: Task, is_main: bool = True
-) -> None:
+def run_epochs(cfg: Config, state: State, hooks: EpochHooks, logger: RunLogger, task: Task) -> None:
     """Epochs ``state.epoch + 1 .. cfg.train.epochs``: train, validate (raw and EMA weights), keep the best by
     ``cfg.train.metric`` (resolved for ``task``), append a history row (``task.history_metrics``), log it,
     checkpoint, stop after ``cfg.train.patience`` epochs without improvement."""
@@ -321,8 +365,7 @@ def run_epochs(
         improved = state.best is None or score > state.best
         if improved:
             state.best, state.best_epoch, state.best_which, state.stale = score, e, which, 0
-            if is_main:
-                hooks.keep_best(which)
+            hooks.keep_best(which)
         else:
             state.stale += 1
         row = {"epoch": e, **stats, **{f"val_{k}": val["model"][k] for k in keys}}
@@ -332,8 +375,7 @@ def run_epochs(
         state.history.append(row)
         state.epoch = e
         logger.log_epoch(row)
-        if is_main:
-            hooks.checkpoint()
+        hooks.checkpoint()
         log.info(hooks.line(row))
         if stopped(cfg, state):
             log.info("early stop: no better %s for %d epochs", metric, state.stale)

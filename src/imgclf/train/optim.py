@@ -21,11 +21,15 @@ from ..models.transfer import param_groups
 def build_optimizer(model: nn.Module, cfg: OptimConfig, groups: list[dict] | None = None) -> torch.optim.Optimizer:
     """AdamW or SGD over ``groups`` (default: every trainable parameter, no weight decay on norms and biases)."""
     groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
+    # CUDA: the fused kernels, which also skip a step with non-finite gradients on the device (``found_inf``)
+    # without a host sync (``loop.update``); elsewhere the default implementation
+    fused = {"fused": True} if all(p.is_cuda for g in groups for p in g["params"]) else {}
     if cfg.name == "adamw":
-        return create_optimizer_v2(groups, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+        return create_optimizer_v2(groups, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                                   **fused)  # fmt: skip
     # timm: "sgd" is Nesterov momentum, "momentum" is plain momentum
     name = "sgd" if cfg.nesterov else "momentum"
-    return create_optimizer_v2(groups, name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    return create_optimizer_v2(groups, name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **fused)
 
 
 class OneCycle:

@@ -9,6 +9,7 @@ exact resume. What happens after training (test evaluation, the artifact) lives 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import timm.utils
 import torch
 import torch.nn as nn
 from timm.data import Mixup
@@ -28,13 +30,14 @@ from ..data.loader import ImageDataset, SkipLog, make_loader, set_epoch
 from ..data.preprocess import Preprocess
 from ..data.sources import Samples
 from ..data.splits import DataSplits
-from ..dist import Dist, amp_dtype, barrier
+from ..dist import Dist, amp_dtype, barrier, broadcast_module
 from ..errors import ImgclfError
 from ..io import save_safetensors
 from ..models.factory import create_model
 from ..models.guards import guard_channels_last
 from ..models.inference import infer
 from ..rundir import BEST_WEIGHTS, LAST_CKPT
+from . import fsdp
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .logger import RunLogger
 from .loop import (
@@ -96,9 +99,12 @@ def train_loader(samples: Samples, pre: Preprocess, cfg: Config, dist: Dist) -> 
     )  # fmt: skip
 
 
-def validate(loop: Loop, loader: DataLoader, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Validation metrics of the raw model and (if enabled) its EMA."""
-    nets = {"model": loop.model} | ({"ema": loop.ema.module} if loop.ema is not None else {})
+def validate(loop: Loop, loader: DataLoader, names: list[str], model: nn.Module | None = None) -> dict[str, Any]:
+    """Validation metrics of the raw model (``model``: the network to run instead, the FSDP replica) and (if
+    enabled) its EMA."""
+    nets = {"model": model if model is not None else loop.model}
+    if loop.ema is not None:
+        nets["ema"] = loop.ema.module
     out = {}
     for which, net in nets.items():
         o = infer(net, loader, loop.dist.device, skips=loop.skips, amp_dtype=loop.dtype,
@@ -116,9 +122,19 @@ def build_loop(
     defaults to the single-label task of ``cfg.train``."""
     task = task or SingleLabelTask.from_config(cfg.train)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    if fmt == torch.channels_last and fsdp.check(cfg, dist):
+        fmt = torch.contiguous_format  # FSDP2 shards contiguous parameters only
+        log.info("train.fsdp: channels_last off (FSDP2 shards contiguous parameters only)")
+    if cfg.train.sync_bn and dist.world_size > 1:
+        if dist.device.type != "cuda":
+            raise ImgclfError("train.sync_bn: torch's SyncBatchNorm runs on CUDA only; drop --train.sync_bn on CPU")
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)  # timm's: also its fused BatchNormAct layers
     model = model.to(dist.device, memory_format=fmt)
     if fmt == torch.channels_last:
         guard_channels_last(model, dist.device)
+    replica = _fsdp_shard(cfg, dist, model)
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema else None
     dtype = amp_dtype(cfg.train.amp, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
@@ -133,9 +149,42 @@ def build_loop(
     phases = plan(cfg)
     skips = SkipLog(strict=cfg.data.strict_images)
     loop = Loop(cfg, dist, model, task, model, None, None, ema, scaler, skips, dtype, fmt, phases, phases[0],
-                updates_per_epoch, [], mixup)  # fmt: skip
+                updates_per_epoch, [], mixup, replica=replica)  # fmt: skip
     enter_phase(loop, phases[0])
     return loop
+
+
+def _fsdp_shard(cfg: Config, dist: Dist, model: nn.Module) -> nn.Module | None:
+    """``train.fsdp``: shard ``model`` in place (``train.fsdp``) and return a full replica of it for validation,
+    checkpoints and everything after training; None without FSDP."""
+    if not fsdp.check(cfg, dist):
+        if cfg.train.fsdp:
+            log.info("train.fsdp: one process, nothing to shard (launch with torchrun)")
+        return None
+    if len(plan(cfg)) > 1:
+        raise ImgclfError("train.fsdp trains every parameter in one phase: set --transfer.head_epochs 0")
+    replica = copy.deepcopy(model)  # before sharding: plain tensors
+    units = fsdp.shard(model)
+    log.info("FSDP2: %d units sharded over %d ranks", units, dist.world_size)
+    return replica
+
+
+def _net(loop: Loop) -> nn.Module:
+    """The full network: ``loop.model``, or the FSDP replica."""
+    return loop.replica if loop.replica is not None else loop.model
+
+
+def _sync_replica(loop: Loop) -> nn.Module:
+    """The network that validates and is saved: ``loop.model`` (rank 0's parameters and buffers under DDP), or under
+    FSDP the full replica loaded with the gathered weights (a collective)."""
+    if loop.replica is None:
+        broadcast_module(loop.model, loop.dist)  # BatchNorm statistics and the EMA drift apart per rank: rank 0's
+        if loop.ema is not None:
+            broadcast_module(loop.ema.module, loop.dist)
+        return loop.model
+    loop.replica.load_state_dict(fsdp.full_state(loop.model))
+    broadcast_module(loop.replica, loop.dist)  # buffers (BatchNorm statistics) are per rank under FSDP too
+    return loop.replica
 
 
 def enter_phase(loop: Loop, phase: Phase) -> None:
@@ -146,7 +195,7 @@ def enter_phase(loop: Loop, phase: Phase) -> None:
         raise ImgclfError(f"phase '{phase.name}' has nothing to train (check transfer.freeze_stages)")
     loop.wrapped = None  # drop the previous phase's DDP wrapper (and its gradient hooks) before wrapping again
     wrapped: nn.Module = TaskModule(loop.model, loop.task.criterion().to(dist.device))  # loss buffers: pos_weight
-    if dist.world_size > 1:  # re-wrapped per phase: DDP only syncs parameters that trained at wrap time
+    if dist.world_size > 1 and loop.replica is None:  # re-wrapped per phase: DDP syncs what trained at wrap time
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
     loop.wrapped, loop.phase = wrapped, phase
@@ -179,8 +228,9 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     barrier(dist)
     from safetensors.torch import load_file
 
-    loop.model.load_state_dict(load_file(str(run_dir / BEST_WEIGHTS), device=str(dist.device)))
-    return Fitted(cfg, run_dir, loop.model, state, splits, run.task, pre, wsrc, dist, loop.skips,
+    net = _net(loop)  # FSDP: the full replica carries the best weights on
+    net.load_state_dict(load_file(str(run_dir / BEST_WEIGHTS), device=str(dist.device)))
+    return Fitted(cfg, run_dir, net, state, splits, run.task, pre, wsrc, dist, loop.skips,
                   time.perf_counter() - t_start)  # fmt: skip
 
 
@@ -209,14 +259,19 @@ def _epochs(loop: Loop, state: State, run_dir: Path, tl: DataLoader, vl: DataLoa
         set_epoch(tl, cfg.train.seed, e)
 
     def keep_best(which: str) -> None:
-        save_safetensors(run_dir / BEST_WEIGHTS, (loop.model if which == "model" else ema.module).state_dict())
+        if dist.is_main:
+            net = _net(loop)  # the FSDP replica holds the weights validated this epoch
+            save_safetensors(run_dir / BEST_WEIGHTS, (net if which == "model" else ema.module).state_dict())
+
+    def validate_replicas() -> dict[str, dict[str, Any]]:
+        return validate(loop, vl, names, _sync_replica(loop))
 
     hooks = EpochHooks(
         train=lambda e: train_one_epoch(loop, tl, state, f"epoch {e}/{cfg.train.epochs} {loop.phase.name}"),
-        validate=lambda: validate(loop, vl, names), keep_best=keep_best, checkpoint=lambda: _save(run_dir, loop, state),
+        validate=validate_replicas, keep_best=keep_best, checkpoint=lambda: _save(run_dir, loop, state),
         line=lambda row: _epoch_line(row, cfg, ema is not None, loop.task), before_epoch=before_epoch,
     )  # fmt: skip
-    run_epochs(cfg, state, hooks, logger, loop.task, dist.is_main)
+    run_epochs(cfg, state, hooks, logger, loop.task)
 
 
 def _epoch_line(row: dict, cfg: Config, has_ema: bool, task: Task) -> str:
@@ -231,15 +286,21 @@ def _epoch_line(row: dict, cfg: Config, has_ema: bool, task: Task) -> str:
 
 
 def _save(run_dir: Path, loop: Loop, state: State) -> None:
+    """The resume checkpoint (every rank calls it: FSDP gathers the optimizer state; rank 0 writes)."""
+    opt = loop.opt.state_dict() if loop.replica is None else fsdp.full_optimizer_state(loop.model, loop.opt)
+    if not loop.dist.is_main:
+        return
     save_checkpoint(
         run_dir / LAST_CKPT,
         {
-            "model": loop.model.state_dict(),
-            "optimizer": loop.opt.state_dict(),
+            "model": _net(loop).state_dict(),
+            "optimizer": opt,
             "scheduler": loop.sched.state_dict(),
             "ema": loop.ema.module.state_dict() if loop.ema is not None else {},
             "scaler": loop.scaler.state_dict(),
             "phase": loop.phase.name,
+            "world_size": loop.dist.world_size,
+            "updates_per_epoch": loop.updates_per_epoch,
             "state": {k: v for k, v in vars(state).items() if k != "history"},
             "history": state.history,
             "rng": rng_state(),
@@ -250,15 +311,24 @@ def _save(run_dir: Path, loop: Loop, state: State) -> None:
 def _restore(run_dir: Path, loop: Loop, state: State) -> None:
     ck = load_checkpoint(run_dir / LAST_CKPT)
     try:
-        loop.model.load_state_dict(ck["model"])
+        if loop.replica is None:
+            loop.model.load_state_dict(ck["model"])
         for k, v in ck["state"].items():
             setattr(state, k, v)
         phase = phase_at(loop.phases, min(state.epoch, loop.cfg.train.epochs - 1))
         if phase != loop.phase:
             enter_phase(loop, phase)
-        if ck.get("phase") == phase.name:  # else the checkpoint closed the previous phase: start this one fresh
+        same_steps = ck.get("updates_per_epoch", loop.updates_per_epoch) == loop.updates_per_epoch
+        if loop.replica is not None:  # FSDP: one phase; the full weights and optimizer state into the shards
+            fsdp.load_full(loop.model, loop.opt, ck["model"], ck["optimizer"])
+            loop.replica.load_state_dict(ck["model"])
+        elif ck.get("phase") == phase.name:  # else the checkpoint closed the previous phase: start this one fresh
             loop.opt.load_state_dict(ck["optimizer"])
-            loop.sched.load_state_dict(ck["scheduler"])
+            if same_steps:
+                loop.sched.load_state_dict(ck["scheduler"])
+            else:  # another world size or batch size: this schedule's position after the completed epochs
+                state.phase_updates = (state.epoch - phase.start) * loop.updates_per_epoch
+                loop.sched.step_update(state.phase_updates)
         else:
             state.phase_updates = 0
         if loop.ema is not None and ck["ema"]:
@@ -266,8 +336,14 @@ def _restore(run_dir: Path, loop: Loop, state: State) -> None:
         if ck["scaler"]:
             loop.scaler.load_state_dict(ck["scaler"])
         state.history = list(ck["history"])
-        set_rng_state(ck["rng"])
+        if ck.get("world_size", 1) == loop.dist.world_size and loop.dist.rank == 0:
+            set_rng_state(ck["rng"])  # exact resume; other ranks (and another world size) keep their own seeds
+        else:
+            timm.utils.random_seed(loop.cfg.train.seed + 7919 * state.epoch, loop.dist.rank)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0][:160]
         raise ImgclfError(f"{run_dir / LAST_CKPT} does not match this run's config ({first})") from None
-    log.info("resumed %s after epoch %d", run_dir, state.epoch)
+    ws = ck.get("world_size", 1)
+    log.info("resumed %s after epoch %d%s", run_dir, state.epoch,
+             f" (saved by {ws} process{'es' if ws > 1 else ''}, now {loop.dist.world_size})"
+             if ws != loop.dist.world_size else "")  # fmt: skip
