@@ -171,9 +171,22 @@ def open_image(path: str | Path, policy: DecodePolicy | None = None) -> Image.Im
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "MPO")
 
 
-def decode_image(data: bytes, source: str = "upload", policy: DecodePolicy | None = None) -> Image.Image:
-    """Decode encoded image bytes (an upload) as RGB, or raise ``BadImage`` naming ``source`` and the cause."""
-    return _decode(io.BytesIO(data), source, policy or DecodePolicy(), UPLOAD_FORMATS)
+def decode_image(data: bytes, source: str = "upload", policy: DecodePolicy | None = None,
+                 formats: tuple[str, ...] | None = UPLOAD_FORMATS) -> Image.Image:  # fmt: skip
+    """Decode encoded image bytes as RGB, or raise ``BadImage`` naming ``source`` and the cause.
+
+    ``formats``: the Pillow formats accepted (uploads: ``UPLOAD_FORMATS``); ``None`` accepts every format a file
+    on disk may have, for the bytes of data-set members (tar shards, HF datasets), so they decode exactly as the
+    same image saved as a file."""
+    return _decode(io.BytesIO(data), source, policy or DecodePolicy(), formats)
+
+
+def check_header_bytes(data: bytes, source: str, policy: DecodePolicy | None = None) -> str | None:
+    """``check_header`` for encoded bytes (a data-set member): ``BadImage`` or an animation note, no pixels."""
+    policy = policy or DecodePolicy()
+    with _errors(source), _own_limit(), Image.open(io.BytesIO(data)) as img:
+        _check_size(img, source, policy)
+        return _animation_note(img)
 
 
 def check_header(path: str | Path, policy: DecodePolicy | None = None) -> str | None:
