@@ -644,7 +644,7 @@ class ConvertConfig:
     split: str = opt("train", "split of a multi-split source (.npz, builtin, Hugging Face DatasetDict)")
     shard_size: int = opt(10_000, "samples per shard (the last shard holds the rest)")
     shard_bytes: int = opt(1_000_000_000, "bytes per shard at most (a new shard starts past it)")
-    shuffle: bool = opt(True, "write the samples in a seeded random order, so every shard mixes the classes")
+    shuffle: bool = opt(True, "seeded random order (so every shard mixes the classes): keep the source order")
     seed: int = opt(0, "seed of the order")
     overwrite: bool = opt(False, "replace an existing output folder (after the new one is complete)")
     progress: bool = opt(True, "progress bar")

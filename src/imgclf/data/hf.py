@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImgclfError, first_line
-from .images import DecodePolicy, check_header_bytes, decode_image, open_image
+from .images import DecodePolicy, check_header, decode_image, open_image
 from .sources import LabelFormat, Samples, nfc
 
 PREFIX = "hf:"
@@ -215,10 +215,8 @@ class DatasetStore:
     def header(self, row: int, decode: DecodePolicy, source: str) -> str | None:
         data, path = self.read(row)
         if data is None and path:
-            from .images import check_header
-
             return check_header(path, decode)
-        return check_header_bytes(data or b"", source, decode)
+        return check_header(source, decode, data or b"")
 
     def describe(self, row: int) -> str:
         return f"{self.name}[{row}]"

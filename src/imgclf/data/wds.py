@@ -64,7 +64,7 @@ from torch.utils.data import IterableDataset
 
 from ..errors import ImgclfError, first_line
 from ..io import write_json
-from .images import DecodePolicy, check_header_bytes, decode_image
+from .images import DecodePolicy, check_header, decode_image
 from .sources import LabelFormat, Samples, _image_suffixes, _natural_sorted, nfc
 
 PREFIX = "wds:"
@@ -464,7 +464,7 @@ class TarStore(_Shards):
         return decode_image(self.read(pos), source, decode, formats=None)
 
     def header(self, pos: int, decode: DecodePolicy, source: str) -> str | None:
-        return check_header_bytes(self.read(pos), source, decode)
+        return check_header(source, decode, self.read(pos))
 
     def identity(self) -> str:
         stats = [f"{s}|{os.stat(s).st_size}|{os.stat(s).st_mtime_ns}" for s in self.shards]
@@ -543,18 +543,19 @@ class ShardStream(IterableDataset):
         batches = self.n_rank // batch_size if self.n_rank > batch_size else 1
         self.per_worker = [batches // self.workers + (w < batches % self.workers) for w in range(self.workers)]
         self.drop = self.n_rank > batch_size
-        if not train:
+        if not train:  # each worker's last batch may be partial: count the batches worker by worker
             own = _rank_shards(len(self.store.shards), False, seed, 0, rank, world_size)
-            in_own = np.isin(items, np.concatenate([np.arange(self.store.starts[s], self.store.starts[s + 1])
-                                                    for s in own] or [np.zeros(0, np.int64)]))  # fmt: skip
-            self.n_eval = int(in_own.sum())
+            starts = self.store.starts
+            per = [np.isin(items, np.arange(starts[s], starts[s + 1])).sum() for s in own]
+            self.eval_batches = sum(math.ceil(sum(per[w :: self.workers]) / batch_size) for w in range(self.workers))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        """Set so that ``len(loader)`` (``ceil(len / batch_size)``) is the number of batches the loader yields."""
         if not self.train:
-            return self.n_eval
+            return max(self.eval_batches - 1, 0) * self.bs + (self.eval_batches > 0)
         return sum(self.per_worker) * self.bs if self.drop else self.n_rank
 
     def __iter__(self):
