@@ -374,6 +374,11 @@ def test_train_and_eval_on_converted_local_shards(tmp_path):
     assert "test" in art["metrics"]
     r = run_cli("eval", tmp_path / "runs" / "w", "--data", tmp_path / "test-wds", "--no-progress", "--workers", "0")
     assert r.code == 0 and "test-wds" in r.out, r
+    r = run_cli("audit", tmp_path / "wds", "--test-data", tmp_path / "test-wds", "--no-embeddings", "--workers", "0",
+                "--json", tmp_path / "audit.json")  # fmt: skip
+    assert r.code == 0, r
+    doc = json.loads((tmp_path / "audit.json").read_text())
+    assert doc["summary"]["unreadable"] == 0 and doc["summary"]["leaks_exact"] == 0
 
 
 @pytest.mark.slow
@@ -413,3 +418,20 @@ def test_train_and_eval_on_a_hf_dataset(tmp_path):
     r = run_cli("eval", tmp_path / "runs" / "h", "--data", f"hf:{tmp_path / 'hfds'}", "--split", "test",
                 "--no-progress")  # fmt: skip
     assert r.code == 0, r
+
+
+def test_predict_reads_shards_and_datasets_without_labels(tmp_path, tiny_run):
+    import datasets
+
+    members = [(f"{i}.png", _png(i % 3, seed=i)) for i in range(5)]  # no label members: inputs to predict
+    shard = _tar(tmp_path / "in.tar", members)
+    r = run_cli("predict", tiny_run, shard, "--format", "json", "--no-progress", "--workers", "0")
+    assert r.code == 0, r
+    rows = json.loads(r.out)
+    rows = rows.get("predictions", rows) if isinstance(rows, dict) else rows
+    assert len(rows) == 5 and str(rows[0]).count("in.tar: 0.png") == 1
+    feats = datasets.Features({"image": datasets.Image()})
+    cells = [{"bytes": data, "path": None} for _, data in members]
+    datasets.Dataset.from_dict({"image": cells}, features=feats).save_to_disk(str(tmp_path / "unl"))
+    r = run_cli("predict", tiny_run, f"hf:{tmp_path / 'unl'}", "--format", "json", "--no-progress", "--workers", "0")
+    assert r.code == 0 and len(json.loads(r.out).get("predictions", json.loads(r.out))) == 5, r

@@ -33,7 +33,7 @@ from ..errors import ImgclfError
 from ..io import write_json, write_text
 from .images import DecodePolicy
 from .sources import LabelFormat, Samples, _image_suffixes, open_source
-from .wds import CLASSES_FILE, DATASET_FILE, DATASET_FORMAT
+from .wds import CLASSES_FILE, DATASET_FILE, DATASET_FORMAT, require
 
 SHARD_PATTERN = "shard-%06d.tar"
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif", "BMP": "bmp", "GIF": "gif", "MPO": "jpg"}
@@ -49,6 +49,7 @@ def convert_to_wds(data: str, output: str | Path, cfg: ConvertConfig | None = No
         WebDataset (no random access: download its shards first), or nothing could be written.
     """
     cfg = cfg or ConvertConfig()
+    require("webdataset", "imgclf convert --to wds")
     t0, out = time.perf_counter(), Path(output).expanduser()
     if out.exists() and not cfg.overwrite:
         raise ImgclfError(f"{out}: already exists; choose another --output or pass --overwrite")

@@ -37,6 +37,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import ImgclfError, first_line
 from .images import DecodePolicy, check_header, decode_image, open_image
 from .sources import LabelFormat, Samples, nfc
@@ -60,13 +62,17 @@ def _saved(p: Path) -> bool:
     return (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file())
 
 
-def open_hf(spec: str, split: str, decode: DecodePolicy, fmt: LabelFormat) -> Samples:
+def open_hf(spec: str, split: str, decode: DecodePolicy, fmt: LabelFormat, need_label: bool = True) -> Samples:
     """The ``split`` of the dataset ``spec`` names as ``Samples`` (see the module docstring); ``ImgclfError`` for a
-    dataset that cannot be loaded or has no image column, a label column that cannot be found, a bad label."""
+    dataset that cannot be loaded or has no image column, a label column that cannot be found, a bad label.
+    ``need_label`` False (prediction inputs): no label column is read; labels are all -1."""
     body = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
+    from .wds import require
+
+    require("datasets", f"{body}: reading a Hugging Face dataset")
     obj = _load(body)
     ds, others = _pick_split(obj, split, body)
-    s = samples_from_dataset(ds, body, decode, fmt)
+    s = samples_from_dataset(ds, body, decode, fmt, need_label)
     s.other_splits, s.origin = others, f"{PREFIX}{body}"
     return s
 
@@ -101,8 +107,8 @@ def _pick_split(obj, split: str, body: str) -> tuple[Any, tuple[str, ...]]:
     if not isinstance(obj, (datasets.DatasetDict, dict)):
         return obj, ()
     have = {ours: next((n for n in names if n in obj), None) for ours, names in SPLIT_NAMES.items()}
-    if split == "train" and have["train"] is None and len(obj) == 1:
-        have["train"] = next(iter(obj))
+    if have.get(split) is None and len(obj) == 1:  # one split: it is what was asked for
+        have = {split: next(iter(obj))}
     if have.get(split) is None:
         raise ImgclfError(f"{body}: no '{split}' split (splits: {', '.join(obj)}; train, validation/val and test "
                           "are read)")  # fmt: skip
@@ -110,12 +116,17 @@ def _pick_split(obj, split: str, body: str) -> tuple[Any, tuple[str, ...]]:
     return obj[have[split]], others
 
 
-def samples_from_dataset(ds, name: str, decode: DecodePolicy | None = None, fmt: LabelFormat | None = None) -> Samples:
+def samples_from_dataset(ds, name: str, decode: DecodePolicy | None = None, fmt: LabelFormat | None = None,
+                         need_label: bool = True) -> Samples:  # fmt: skip
     """A ``datasets.Dataset`` as ``Samples``: items are row numbers, images decoded through ``DatasetStore``."""
     import datasets
 
     fmt = fmt or LabelFormat()
     image = _image_column(ds, fmt.image_column, name)
+    store = DatasetStore(ds.select_columns([image]).cast_column(image, datasets.Image(decode=False)), image, name)
+    if not need_label:
+        return Samples(list(range(len(ds))), np.full(len(ds), -1, dtype=np.int64), [], name,
+                       decode=decode or DecodePolicy(), store=store)  # fmt: skip
     label = _label_column(ds, fmt.label_column, image, name)
     feature = ds.features[label]
     inner = _inner(feature)
@@ -128,7 +139,6 @@ def samples_from_dataset(ds, name: str, decode: DecodePolicy | None = None, fmt:
     from .wds import resolve_labels
 
     labels, classes = resolve_labels(raw, names, where, name)
-    store = DatasetStore(ds.select_columns([image]).cast_column(image, datasets.Image(decode=False)), image, name)
     return Samples(list(range(len(ds))), labels, classes, name, decode=decode or DecodePolicy(), store=store)
 
 

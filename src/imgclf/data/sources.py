@@ -765,8 +765,20 @@ def scan_inputs(inputs: list[str], decode: DecodePolicy | None = None) -> Sample
     ``path`` column.
 
     Every file inside a folder is taken, so non-images are reported as skipped rather than silently ignored;
-    so are broken links, link loops and folders that cannot be listed.
+    so are broken links, link loops and folders that cannot be listed. WebDataset shards and Hugging Face datasets
+    (``imgclf.data.wds`` / ``hf`` specs) are read as one input on their own, their labels ignored.
     """
+    from . import hf, wds
+
+    stores = [s for s in inputs if wds.is_wds_spec(str(s)) or hf.is_hf_spec(str(s))]
+    if stores:
+        if len(inputs) > 1:
+            raise ImgclfError(f"{stores[0]}: WebDataset shards or a Hugging Face dataset are predicted on their own; "
+                              "give them as the only input")  # fmt: skip
+        spec, fmt = str(stores[0]), LabelFormat()
+        if wds.is_wds_spec(spec):
+            return wds.open_wds(spec, decode or DecodePolicy(), fmt, need_label=False)
+        return hf.open_hf(spec, "test", decode or DecodePolicy(), fmt, need_label=False)
     items: list[str] = []
     bad: dict[int, str] = {}
     notes: list[str] = []

@@ -77,6 +77,17 @@ LABEL_EXTS = ("cls", "cls.txt", "json")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^pipe:")
 
 
+INSTALL = "pip install 'imgclf[stream]'"
+
+
+def require(package: str, what: str) -> None:
+    """``ImgclfError`` naming the extra to install when the optional ``package`` (webdataset, datasets) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise ImgclfError(f"{what} needs the '{package}' package: {INSTALL}")
+
+
 def is_wds_spec(spec: str) -> bool:
     """True when ``spec`` names WebDataset shards (see the module docstring)."""
     if spec.startswith(PREFIX):
@@ -95,16 +106,18 @@ def is_wds_spec(spec: str) -> bool:
 
 
 def _is_shard_name(name: str) -> bool:
-    return bool(re.search(r"\.(tar|tar\.gz|tgz)(\}|$)", name)) or bool(re.search(r"\.tar\b.*\}$", name))
+    return bool(re.search(r"\.(tar|tar\.gz|tgz)$", name))
 
 
-def open_wds(spec: str, decode: DecodePolicy, fmt: LabelFormat) -> Samples:
+def open_wds(spec: str, decode: DecodePolicy, fmt: LabelFormat, need_label: bool = True) -> Samples:
     """WebDataset shards as ``Samples``: local shards random-access, URLs streamed (``store.streaming``).
 
     Labels are (N,) int64 class indices, or an (N, K) uint8 0/1 matrix for label sets; ``items`` are positions
     0..N-1 in shard order. Raises ``ImgclfError`` naming the shard and member for anything outside the contract.
+    ``need_label`` False (prediction inputs): labels are ignored, all -1, no class names.
     """
     body = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
+    require("webdataset", f"{body}: reading WebDataset shards")
     shards = expand_shards(body)
     streaming = bool(_URL.match(shards[0]))
     if streaming:
@@ -114,7 +127,10 @@ def open_wds(spec: str, decode: DecodePolicy, fmt: LabelFormat) -> Samples:
     raw = [s[4] for idx in store.index for s in idx]
     if not raw:
         raise ImgclfError(f"{body}: the shards hold no samples")
-    labels, names = resolve_labels(raw, class_list(shards[0], fmt), store.member_at, body)
+    if not need_label:
+        labels, names = np.full(len(raw), -1, dtype=np.int64), []
+    else:
+        labels, names = resolve_labels(raw, class_list(shards[0], fmt), store.member_at, body)
     return Samples(list(range(len(raw))), labels, names, body, decode=decode, origin=spec, store=store)
 
 
@@ -250,7 +266,7 @@ def _finish(cur: dict | None, shard: str, out: list, seen: set) -> None:
     out.append([key, ext, offset, size, _label(cur["labels"], f"{shard}: {key}")])
 
 
-def _label(members: dict[str, bytes], where: str) -> int | str | list:
+def _label(members: dict[str, bytes], where: str) -> int | str | list | None:
     """A sample's label from its ``cls`` / ``cls.txt`` / ``json`` member (see the labels contract)."""
     found: list[tuple[str, Any]] = []
     for ext in ("cls", "cls.txt"):
@@ -268,8 +284,7 @@ def _label(members: dict[str, bytes], where: str) -> int | str | list:
         elif isinstance(doc, dict) and "label" in doc:
             found.append(("json", _scalar(doc["label"], f"{where}.json")))
     if not found:
-        raise ImgclfError(f"{where}: no label (expected a cls / cls.txt member, or a json member with 'label' or "
-                          "'labels')")  # fmt: skip
+        return None  # an error when labels are needed (``resolve_labels``); unlabelled inputs for prediction
     if any(v != found[0][1] for _, v in found[1:]):
         raise ImgclfError(f"{where}: its label members disagree ({', '.join(f'{e}: {v!r}' for e, v in found)})")
     return found[0][1]
@@ -378,6 +393,9 @@ def _dataset_json(folder: Path) -> dict:
 def resolve_labels(raw: list, names: list[str] | None, where, spec: str) -> tuple[np.ndarray, list[str]]:
     """Labels (N,) int64, or (N, K) uint8 for label sets, and the class names, from each sample's raw label
     (int index, str name, or a list of them); ``where(n)`` names sample ``n``'s member in errors."""
+    if None in raw:
+        raise ImgclfError(f"{where(raw.index(None))}: no label (expected a cls / cls.txt member, or a json member "
+                          "with 'label' or 'labels')")  # fmt: skip
     multi = [isinstance(r, list) for r in raw]
     if any(multi) and not all(multi):
         n = multi.index(False) if multi[0] else multi.index(True)
