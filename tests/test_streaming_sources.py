@@ -132,7 +132,7 @@ def _jpeg() -> bytes:
     "members, beside, message",
     [
         ([("k1.cls", b"0")], None, "s.tar: sample 'k1' has no image member (found k1.cls)"),
-        ([("k1.png", b"x")], None, "s.tar: k1: no label (expected a cls / cls.txt member"),
+        ([("k1.png", b"x")], None, "s.tar: k1.png: no label (expected a cls / cls.txt member"),
         ([("k1.png", b"x"), ("k1.jpg", b"x"), ("k1.cls", b"0")], None, "sample 'k1' has two images (png and jpg)"),
         ([("k1.png", b"x"), ("k1.cls", b"5")], "a\nb\n", "s.tar: k1.png: label 5 is outside the 2 classes"),
         ([("k1.png", b"x"), ("k1.cls", b"c")], "a\nb\n", "s.tar: k1.png: label 'c' is not one of the classes (a, b)"),
@@ -425,7 +425,8 @@ def test_predict_reads_shards_and_datasets_without_labels(tmp_path, tiny_run):
 
     members = [(f"{i}.png", _png(i % 3, seed=i)) for i in range(5)]  # no label members: inputs to predict
     shard = _tar(tmp_path / "in.tar", members)
-    r = run_cli("predict", tiny_run, shard, "--format", "json", "--no-progress", "--workers", "0")
+    fast = ("--format", "json", "--no-progress", "--workers", "0", "--runtime", "torch")
+    r = run_cli("predict", tiny_run, shard, *fast)
     assert r.code == 0, r
     rows = json.loads(r.out)
     rows = rows.get("predictions", rows) if isinstance(rows, dict) else rows
@@ -433,5 +434,5 @@ def test_predict_reads_shards_and_datasets_without_labels(tmp_path, tiny_run):
     feats = datasets.Features({"image": datasets.Image()})
     cells = [{"bytes": data, "path": None} for _, data in members]
     datasets.Dataset.from_dict({"image": cells}, features=feats).save_to_disk(str(tmp_path / "unl"))
-    r = run_cli("predict", tiny_run, f"hf:{tmp_path / 'unl'}", "--format", "json", "--no-progress", "--workers", "0")
+    r = run_cli("predict", tiny_run, f"hf:{tmp_path / 'unl'}", *fast)
     assert r.code == 0 and len(json.loads(r.out).get("predictions", json.loads(r.out))) == 5, r
