@@ -227,6 +227,18 @@ def test_stream_evaluation_ranks_are_disjoint_and_complete(tmp_path, world, work
         assert b.labels.tolist() == stream.labels[b.indices.numpy()].tolist()
 
 
+def test_a_stream_subset_yields_exactly_its_images(tmp_path):
+    """What the OOD statistics read from a streamed training set: a stratified subset, filtered from the stream."""
+    stream = open_source(_url(_shards(tmp_path)))
+    sub = stream.subset([3, 7, 8, 20, 29])
+    seen = _seen(sub, train=False, world=2)
+    assert sorted(i for s, _, _ in seen for i in s) == [0, 1, 2, 3, 4]  # positions within the subset
+    dl = make_loader(ImageDataset(sub, _identity), 8, train=False, num_workers=0)
+    batch = next(iter(dl))
+    assert batch.labels.tolist() == stream.labels[[3, 7, 8, 20, 29]][batch.indices.numpy()].tolist()
+    assert sub.describe(4).endswith("shard-000004.tar: 00000029.png")
+
+
 @pytest.mark.parametrize("world, workers", [(1, 0), (2, 0), (2, 2), (4, 0)])
 def test_stream_training_gives_every_rank_the_same_steps(tmp_path, world, workers):
     stream = open_source(_url(_shards(tmp_path)))  # 30 samples in 5 shards of 6

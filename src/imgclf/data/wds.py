@@ -556,7 +556,8 @@ class ShardStream(IterableDataset):
         self.store: StreamStore = dataset.samples.store
         self.epoch = 0
         items = np.asarray(dataset.samples.items, dtype=np.int64)
-        self.local = {int(p): i for i, p in enumerate(items)}
+        whole = np.array_equal(items, np.arange(len(self.store.shard_of)))  # the usual case: no lookup table
+        self.local = None if whole else {int(p): i for i, p in enumerate(items)}
         self.n_rank = math.ceil(len(items) / world_size)
         batches = self.n_rank // batch_size if self.n_rank > batch_size else 1
         self.per_worker = [batches // self.workers + (w < batches % self.workers) for w in range(self.workers)]
@@ -611,7 +612,7 @@ class ShardStream(IterableDataset):
                         want = f"'{ix[j][0]}'" if j < len(ix) else "its end"
                         raise ImgclfError(f"{url}: changed since it was indexed (sample {j} is '{sample['__key__']}', "
                                           f"expected {want}); delete its cache entry or re-run")  # fmt: skip
-                    if start + j in self.local:
+                    if self.local is None or start + j in self.local:
                         yield start + j, sample.get(ix[j][1], b"")
             except ImgclfError:
                 raise
@@ -624,7 +625,7 @@ class ShardStream(IterableDataset):
         for pos, payload in data:
             self.store.current = (pos, payload)
             try:
-                yield self.ds[self.local[pos]]
+                yield self.ds[pos if self.local is None else self.local[pos]]
             finally:
                 self.store.current = None
 
