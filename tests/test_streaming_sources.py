@@ -448,3 +448,14 @@ def test_predict_reads_shards_and_datasets_without_labels(tmp_path, tiny_run):
     datasets.Dataset.from_dict({"image": cells}, features=feats).save_to_disk(str(tmp_path / "unl"))
     r = run_cli("predict", tiny_run, f"hf:{tmp_path / 'unl'}", *fast)
     assert r.code == 0 and len(json.loads(r.out).get("predictions", json.loads(r.out))) == 5, r
+
+
+def test_hf_imagefolder_and_hub_names(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    folder = make_folder(tmp_path / "folder", n_per_class=3)
+    s, f = open_source(f"hf:{folder}"), open_source(folder)  # datasets' imagefolder builder vs imgclf's reader
+    assert s.class_names == f.class_names and _content(s) == _content(f)
+    with pytest.raises(ImgclfError, match=r"^someone/nothing: cannot load the Hugging Face dataset \("):
+        open_source("hf:someone/nothing")  # the Hub loader (offline in the tests)

@@ -2,8 +2,8 @@
 streamed by rank and worker.
 
 **Which spec is a WebDataset.** ``wds:SPEC`` always; otherwise a ``.tar`` file, a brace pattern
-(``shards/train-{000..009}.tar``), several specs joined by ``::``, a folder holding ``.tar`` files and no
-sub-folders (or an imgclf ``dataset.json``), or a URL (``https://.../train-{000..009}.tar``, ``file://...``,
+(``shards/train-{000..009}.tar``), several specs joined by ``::``, a folder holding ``.tar`` files and neither
+sub-folders nor images (or an imgclf ``dataset.json``), or a URL (``https://.../train-{000..009}.tar``, ``file://...``,
 ``pipe:CMD``, anything webdataset's ``gopen`` opens) naming ``.tar`` shards.
 
 **Labels contract.** A sample is the run of adjacent tar members sharing a key (webdataset's grouping:
@@ -101,8 +101,10 @@ def is_wds_spec(spec: str) -> bool:
         return False
     if _dataset_json(p).get("format") == DATASET_FORMAT:
         return True
-    entries = list(p.iterdir())
-    return any(_is_shard_name(e.name) for e in entries) and not any(e.is_dir() for e in entries)
+    entries = [e for e in p.iterdir() if not e.name.startswith(".")]
+    images = _image_suffixes()
+    return (any(_is_shard_name(e.name) for e in entries)
+            and not any(e.is_dir() or e.suffix.lower() in images for e in entries))  # fmt: skip
 
 
 def _is_shard_name(name: str) -> bool:
@@ -120,8 +122,11 @@ def open_wds(spec: str, decode: DecodePolicy, fmt: LabelFormat, need_label: bool
     require("webdataset", f"{body}: reading WebDataset shards")
     shards = expand_shards(body)
     streaming = bool(_URL.match(shards[0]))
-    if streaming:
-        store: Any = StreamStore(shards, [index_stream(u) for u in shards])
+    if streaming:  # reading is network-bound: several shards at a time
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            store: Any = StreamStore(shards, list(pool.map(index_stream, shards)))
     else:
         store = TarStore(shards, [index_tar(Path(s)) for s in shards])
     raw = [s[4] for idx in store.index for s in idx]
@@ -187,11 +192,7 @@ def index_stream(url: str) -> list[list]:
     the URL (plus size and mtime for ``file://``)."""
     from webdataset.gopen import gopen
 
-    ident = url
-    if url.startswith("file:"):
-        p = Path(re.sub(r"^file://?", "/", url))
-        st = p.stat() if p.is_file() else None
-        ident = f"{url}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}"
+    ident = _stream_ident(url)
     cached = _cache_read(ident)
     if cached is not None:
         return cached
@@ -207,6 +208,15 @@ def index_stream(url: str) -> list[list]:
         s[2] = -1
     _cache_write(ident, samples)
     return samples
+
+
+def _stream_ident(url: str) -> str:
+    """What a streamed shard's index is cached under: the URL, plus size and mtime for ``file://``."""
+    if not url.startswith("file:"):
+        return url
+    p = Path(re.sub(r"^file://?", "/", url))
+    st = p.stat() if p.is_file() else None
+    return f"{url}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}"
 
 
 def _close(stream, url: str) -> None:
@@ -541,6 +551,12 @@ def stream_loader(dataset, batch_size: int, *, train: bool, num_workers: int, se
                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
 
 
+def _changed(url: str, what: str) -> None:
+    """A shard no longer matches its index: forget the cached index (the next run reads the shard again) and stop."""
+    _cache_path(_stream_ident(url)).unlink(missing_ok=True)
+    raise ImgclfError(f"{url}: changed since it was indexed ({what}); its index is dropped, run again to re-index")
+
+
 class ShardStream(IterableDataset):
     """The samples of a streamed ``Samples`` (``StreamStore``) for one rank, as ``ImageDataset`` items.
 
@@ -609,9 +625,8 @@ class ShardStream(IterableDataset):
             try:
                 for j, sample in enumerate(tarfile_samples([{"url": url}])):
                     if j >= len(ix) or sample["__key__"] != ix[j][0]:
-                        want = f"'{ix[j][0]}'" if j < len(ix) else "its end"
-                        raise ImgclfError(f"{url}: changed since it was indexed (sample {j} is '{sample['__key__']}', "
-                                          f"expected {want}); delete its cache entry or re-run")  # fmt: skip
+                        _changed(url, f"sample {j} is '{sample['__key__']}', expected "
+                                      f"{repr(ix[j][0]) if j < len(ix) else 'its end'}")  # fmt: skip
                     if self.local is None or start + j in self.local:
                         yield start + j, sample.get(ix[j][1], b"")
             except ImgclfError:
@@ -619,7 +634,7 @@ class ShardStream(IterableDataset):
             except Exception as e:  # noqa: BLE001 - tar, pipe and network errors
                 raise ImgclfError(f"{url}: reading the shard failed at sample {j + 1} ({first_line(e)})") from None
             if j + 1 != len(ix):
-                raise ImgclfError(f"{url}: changed since it was indexed ({j + 1} samples, {len(ix)} indexed)")
+                _changed(url, f"{j + 1} samples, {len(ix)} indexed")
 
     def _items(self, data):
         for pos, payload in data:
