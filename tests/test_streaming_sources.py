@@ -84,6 +84,22 @@ def test_convert_round_trip_gives_the_folder_back(tmp_path):
     assert {hashlib.sha256(s.store.read(i)).hexdigest() for i in range(len(s))} == files
 
 
+def test_convert_label_sets_and_arrays(tmp_path):
+    from .conftest import make_multilabel_csv
+
+    csv = make_multilabel_csv(tmp_path / "ml", n=16)
+    convert_to_wds(str(csv), tmp_path / "ml-wds", ConvertConfig(shard_size=5, progress=False))
+    s, src = open_source(tmp_path / "ml-wds"), open_source(csv)
+    assert s.multi_label and s.class_names == src.class_names and _content(s) == _content(src)
+    rng = np.random.default_rng(0)
+    images = (rng.random((9, 6, 5)) * 65535).astype(np.uint16)  # 16-bit arrays: windowed to 8 bit, then PNG
+    np.savez(tmp_path / "a.npz", images=images, labels=np.arange(9) % 2, class_names=np.array(["no", "yes"]))
+    res = convert_to_wds(str(tmp_path / "a.npz"), tmp_path / "a-wds", ConvertConfig(progress=False, shuffle=False))
+    s, src = open_source(tmp_path / "a-wds"), open_source(tmp_path / "a.npz")
+    assert res["samples"] == 9 and s.class_names == ["no", "yes"] and s.labels.tolist() == src.labels.tolist()
+    assert all(np.array_equal(np.asarray(s.load(i)), np.asarray(src.load(i))) for i in range(9))
+
+
 def test_shard_index_is_cached_and_refreshed_when_a_shard_changes(tmp_path):
     shard = _tar(tmp_path / "a.tar", [("x.png", _png(0)), ("x.cls", b"0"), ("y.png", _png(1)), ("y.cls", b"1")])
     assert open_source(shard).labels.tolist() == [0, 1]

@@ -24,9 +24,11 @@ name labels with no class list (is ``3`` the fourth class or a class named "3"?)
 member: a sample without an image or a label, two images, a label outside the classes, an unreadable tar.
 
 **Local shards become a random-access ``Samples``.** Each shard's members are indexed once (name, data offset,
-size; the label members' contents), cached as JSON in ``$XDG_CACHE_HOME/imgclf/wds-index`` keyed by the shard's
-absolute path, size and modification time, so a changed shard is indexed again. An image is then one ``seek`` +
-``read`` in its shard, decoded by ``images.decode_image`` exactly as the same file on disk would be. Everything
+size; the label members' contents) by the standard library's ``tarfile`` (webdataset 1.x reads tars only as
+streams; its indexed reader ``wids`` is not part of it), cached as JSON in ``$XDG_CACHE_HOME/imgclf/wds-index``
+keyed by the shard's absolute path, size and modification time, so a changed shard is indexed again. An image
+is then one ``seek`` + ``read`` in its shard, decoded by ``images.decode_image`` exactly as the same file on disk
+would be. Everything
 built on ``Samples`` works unchanged: the stratified split, ``DistributedSampler`` sharding, class-balanced
 samplers, exact resume, ``audit``, the feature cache. Compressed shards (``.tar.gz``) have no offsets to seek to:
 stream them (``file://`` URL) or decompress them.
