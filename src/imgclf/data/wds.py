@@ -28,10 +28,9 @@ size; the label members' contents) by the standard library's ``tarfile`` (webdat
 streams; its indexed reader ``wids`` is not part of it), cached as JSON in ``$XDG_CACHE_HOME/imgclf/wds-index``
 keyed by the shard's absolute path, size and modification time, so a changed shard is indexed again. An image
 is then one ``seek`` + ``read`` in its shard, decoded by ``images.decode_image`` exactly as the same file on disk
-would be. Everything
-built on ``Samples`` works unchanged: the stratified split, ``DistributedSampler`` sharding, class-balanced
-samplers, exact resume, ``audit``, the feature cache. Compressed shards (``.tar.gz``) have no offsets to seek to:
-stream them (``file://`` URL) or decompress them.
+would be. Everything built on ``Samples`` works unchanged: the stratified split, ``DistributedSampler`` sharding,
+class-balanced samplers, exact resume, ``audit``, ``predict``, the feature cache. Compressed shards (``.tar.gz``)
+have no offsets to seek to: stream them (``file://`` URL) or decompress them.
 
 **URLs are streamed** (``StreamStore``, ``ShardStream``): the first open reads each shard once through
 webdataset's ``gopen`` and keeps only the keys and labels (cached as above, keyed by the URL, plus size and mtime
