@@ -387,8 +387,10 @@ def test_hf_images_decode_exactly_as_files(tmp_path):
 @pytest.mark.slow
 def test_train_and_eval_on_converted_local_shards(tmp_path):
     folder = make_folder(tmp_path / "folder", n_per_class=10)
+    (folder / "class_1" / "notes.txt").write_text("not an image")
     r = run_cli("convert", folder, "--to", "wds", "--output", tmp_path / "wds", "--shard-size", "8", "--no-progress")
     assert r.code == 0 and "wrote 30 samples (single-label, 3 classes) in 4 shard(s)" in r.out, r
+    assert "left out 1 unreadable or non-image file(s), listed in dataset.json (e.g. " in r.out and "notes.txt" in r.out
     r = run_cli("convert", folder, "--output", tmp_path / "wds")
     assert r.code == 2 and "already exists; choose another --output or pass --overwrite" in r.err
     test = make_folder(tmp_path / "test", n_per_class=4, seed=3)
