@@ -18,6 +18,7 @@ __all__ = [
     "ImgclfError",
     "audit",
     "calibrate",
+    "convert",
     "evaluate",
     "evaluate_ensemble",
     "explain",
@@ -30,7 +31,19 @@ __all__ = [
 _API = frozenset(__all__) - {"Config", "ImgclfError"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import audit, calibrate, evaluate, evaluate_ensemble, explain, load, make_config, predict, report, train
+    from .api import (
+        audit,
+        calibrate,
+        convert,
+        evaluate,
+        evaluate_ensemble,
+        explain,
+        load,
+        make_config,
+        predict,
+        report,
+        train,
+    )
     from .config import Config
     from .errors import ImgclfError
 

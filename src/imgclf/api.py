@@ -16,7 +16,17 @@ from typing import Any
 import torch.nn as nn
 
 from .artifact import Artifact, load_artifact
-from .config import AuditConfig, Config, EmbedConfig, InferConfig, build_config, config_to_dict, load_yaml, recipe_path
+from .config import (
+    AuditConfig,
+    Config,
+    ConvertConfig,
+    EmbedConfig,
+    InferConfig,
+    build_config,
+    config_to_dict,
+    load_yaml,
+    recipe_path,
+)
 from .errors import ImgclfError
 from .eval.evaluate import evaluate_run
 from .io import write_json
@@ -205,6 +215,25 @@ def audit(
     if json_path is not None:
         write_json(json_path, result.doc)
     return result.doc
+
+
+def convert(data: str | Path, output: str | Path, cfg: ConvertConfig | None = None, **fields: Any) -> dict[str, Any]:
+    """Write ``data`` (any source imgclf reads) as WebDataset shards with ``classes.txt`` and ``dataset.json`` in the
+    new folder ``output`` (``imgclf.data.convert``). ``fields``: fields of ``ConvertConfig`` by name. Returns the
+    summary (``output``, ``shards``, ``samples``, ``classes``, ``bytes``, ``skipped``, ``seconds``).
+
+    Raises:
+        ImgclfError: ``output`` exists (pass ``overwrite=True``), or the data cannot be read.
+
+    Example:
+        >>> convert("photos/", "photos-wds/", shard_size=5000)["shards"]  # doctest: +SKIP
+        3
+    """
+    import dataclasses
+
+    from .data.convert import convert_to_wds
+
+    return convert_to_wds(str(data), output, dataclasses.replace(cfg or ConvertConfig(), **fields))
 
 
 def load(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Artifact]:

@@ -40,7 +40,8 @@ class DataConfig:
         None,
         "training data: ImageFolder dir, CSV (path,label; multi-label: path,labels with cells like dog|grass, or"
         " path,<class1>,<class2>,... with 0/1 cells), a folder with labels.csv at its root (either CSV form),"
-        " .npz, or 'builtin:fashion-mnist'",
+        " .npz, 'builtin:fashion-mnist', WebDataset shards (shards/, train-{000..009}.tar, https://.../x-{0..9}.tar,"
+        " pipe:CMD) or a Hugging Face dataset (hf:PATH or hf:user/name, a save_to_disk folder, .parquet, .arrow)",
     )
     val_path: str | None = opt(None, "validation data; default: a stratified split of the training data")
     test_path: str | None = opt(None, "test data evaluated once at the end with the best checkpoint")
@@ -77,6 +78,10 @@ class DataConfig:
         " that is not in it is an error naming the row",
     )
     label_sep: str = opt("|", "separator between the labels of a label-set cell (dog|grass); quote it in YAML")
+    image_column: str | None = opt(None, "Hugging Face datasets: the image column (default: the one Image feature)")
+    label_column: str | None = opt(
+        None, "Hugging Face datasets: the label column (default: 'label' / 'labels', or the one ClassLabel column)"
+    )
 
     def __post_init__(self) -> None:
         import unicodedata
@@ -640,6 +645,31 @@ class ConfigFieldError(ImgclfError):
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key = key
+
+
+@dataclass
+class ConvertConfig:
+    """How ``imgclf convert DATA --to wds`` writes WebDataset shards (``data.convert.convert_to_wds``; the verb's
+    flags). The source is read as ``imgclf train --data`` reads it (task, classes, label separator, columns)."""
+
+    to: Literal["wds"] = opt("wds", "output format: wds (WebDataset tar shards + dataset.json + classes.txt)")
+    split: str = opt("train", "split of a multi-split source (.npz, builtin, Hugging Face DatasetDict)")
+    shard_size: int = opt(10_000, "samples per shard (the last shard holds the rest)")
+    shard_bytes: int = opt(1_000_000_000, "bytes per shard at most (a new shard starts past it)")
+    shuffle: bool = opt(True, "seeded random order (so every shard mixes the classes): keep the source order")
+    seed: int = opt(0, "seed of the order")
+    overwrite: bool = opt(False, "replace an existing output folder (after the new one is complete)")
+    progress: bool = opt(True, "progress bar")
+    task: Literal["auto", "single_label", "multi_label"] = opt("auto", "as data.task")
+    classes: list[str] | None = opt(None, "as data.classes")
+    label_sep: str = opt("|", "as data.label_sep")
+    image_column: str | None = opt(None, "as data.image_column (Hugging Face datasets)")
+    label_column: str | None = opt(None, "as data.label_column (Hugging Face datasets)")
+
+    def __post_init__(self) -> None:
+        _check(self.to == "wds", "to", "must be wds", self.to)
+        _check(self.shard_size >= 1, "shard_size", "must be >= 1", self.shard_size)
+        _check(self.shard_bytes >= 1, "shard_bytes", "must be >= 1", self.shard_bytes)
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:

@@ -359,6 +359,21 @@ def print_models(names: list[str], limit: int, hub: set[str], packaged: dict[str
     print("  none      random initialisation")
 
 
+# --------------------------------------------------------------------------- data conversion
+
+
+def print_convert(res: dict[str, Any]) -> None:
+    """The summary of ``imgclf convert``: shards written, samples, classes, size, images left out."""
+    print(f"wrote {res['samples']} samples ({res['task'].replace('_', '-')}, {res['classes']} classes) in "
+          f"{res['shards']} shard(s), {res['bytes'] / 1e6:.1f} MB of images, to {res['output']} "
+          f"({res['seconds']:.1f} s)")  # fmt: skip
+    skipped = res["skipped"]
+    if skipped:
+        first = next(iter(skipped))
+        print(f"left out {len(skipped)} unreadable or non-image file(s), listed in dataset.json (e.g. {first}: "
+              f"{skipped[first]})")  # fmt: skip
+
+
 # --------------------------------------------------------------------------- data audit
 
 

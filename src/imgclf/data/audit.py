@@ -111,11 +111,11 @@ def _scan_one(samples: Samples, i: int) -> tuple[dict[str, Any], bytes, int, tup
         if samples.arrays is not None:
             facts["kind"] = _array_kind(samples.arrays[samples.items[i]])
         elif i not in samples.bad:
-            path = samples.items[i]
-            facts["bytes"] = os.path.getsize(path) if os.path.exists(path) else None
+            data, path = samples.store.raw(samples.items[i]) if samples.store is not None else (None, samples.items[i])
+            facts["bytes"] = len(data) if data is not None else os.path.getsize(path) if os.path.exists(path) else None
             if facts["bytes"] == 0:
                 raise BadImage(path, "zero-byte file")
-            head = file_facts(path)
+            head = file_facts(path, data)
             facts.update(kind=_mode_kind(head), mode=head["mode"], format=_SAME_FORMAT.get(head["format"],
                          head["format"]), exif_rotated=head["orientation"] not in (0, 1),
                          suffix_format=_suffix_format(path))  # fmt: skip
@@ -184,7 +184,7 @@ def file_findings(samples: Samples, scan: Scan, min_side: int = 16, max_ratio: f
         if f["exif_rotated"]:
             out.append({"kind": "exif_rotated", "index": i, "detail": "EXIF orientation: decoded rotated"})
         if f["suffix_format"] and f["format"] and f["suffix_format"] != f["format"]:
-            suffix = Path(str(samples.items[i])).suffix
+            suffix = Path(samples.describe(i)).suffix
             out.append({"kind": "extension", "index": i, "detail": f"named {suffix} but holds {f['format']}"})
     return out
 

@@ -171,28 +171,39 @@ def open_image(path: str | Path, policy: DecodePolicy | None = None) -> Image.Im
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "MPO")
 
 
-def decode_image(data: bytes, source: str = "upload", policy: DecodePolicy | None = None) -> Image.Image:
-    """Decode encoded image bytes (an upload) as RGB, or raise ``BadImage`` naming ``source`` and the cause."""
-    return _decode(io.BytesIO(data), source, policy or DecodePolicy(), UPLOAD_FORMATS)
+def decode_image(data: bytes, source: str = "upload", policy: DecodePolicy | None = None,
+                 formats: tuple[str, ...] | None = UPLOAD_FORMATS) -> Image.Image:  # fmt: skip
+    """Decode encoded image bytes as RGB, or raise ``BadImage`` naming ``source`` and the cause.
+
+    ``formats``: the Pillow formats accepted (uploads: ``UPLOAD_FORMATS``); ``None`` accepts every format a file
+    on disk may have, for the bytes of data-set members (tar shards, HF datasets), so they decode exactly as the
+    same image saved as a file."""
+    return _decode(io.BytesIO(data), source, policy or DecodePolicy(), formats)
 
 
-def check_header(path: str | Path, policy: DecodePolicy | None = None) -> str | None:
+def check_header(path: str | Path, policy: DecodePolicy | None = None, data: bytes | None = None) -> str | None:
     """Read only the header: raise ``BadImage`` for a non-image or an image over the limits; return a note
-    (``"animated: N frames, the first is used"``) or None. Cheap: no pixel data is decoded."""
+    (``"animated: N frames, the first is used"``) or None. Cheap: no pixel data is decoded. ``data``: the encoded
+    bytes (a data-set member), read instead of the file; ``path`` then only names it."""
     policy = policy or DecodePolicy()
     src = str(path)
-    with _errors(src), _own_limit(), open(path, "rb") as f, Image.open(f) as img:
+    with _errors(src), _own_limit(), _source(path, data) as f, Image.open(f) as img:
         _check_size(img, src, policy)
         return _animation_note(img)
 
 
-def file_facts(path: str | Path) -> dict[str, Any]:
+def _source(path: str | Path, data: bytes | None):
+    """The file, or ``data`` as a file object when given."""
+    return open(path, "rb") if data is None else io.BytesIO(data)
+
+
+def file_facts(path: str | Path, data: bytes | None = None) -> dict[str, Any]:
     """What a file's header says, without decoding pixels (for ``imgclf audit``): ``format`` (Pillow's name),
     ``mode``, ``size`` (width, height as stored, before EXIF rotation), ``orientation`` (EXIF tag 274, 1 when
     absent), ``bits16`` (a 16-bit colour file) and ``transparency`` (a palette or colour-key transparency).
-    Raises ``BadImage`` like ``open_image`` for a file that is not an image."""
+    Raises ``BadImage`` like ``open_image`` for a file that is not an image. ``data``: as in ``check_header``."""
     src = str(path)
-    with _errors(src), _own_limit(), open(path, "rb") as f, Image.open(f) as img:
+    with _errors(src), _own_limit(), _source(path, data) as f, Image.open(f) as img:
         rawmodes = " ".join(str(t.args) for t in getattr(img, "tile", []) or [])
         try:
             orientation = int(img.getexif().get(0x0112, 1) or 1)

@@ -151,6 +151,11 @@ def make_loader(
     its usual length. ``sampler`` (a ``samplers.ClassBalancedSampler``) replaces the training sampler.
     """
     workers = auto_workers(num_workers)
+    if getattr(dataset.samples.store, "streaming", False):  # a streamed WebDataset: no indices to sample
+        from .wds import stream_loader
+
+        kw = {"seed": seed, "rank": rank, "world_size": world_size, "pin_memory": pin_memory, "repeats": repeats}
+        return stream_loader(dataset, batch_size, train=train, num_workers=workers, sampler=sampler, **kw)
     if sampler is not None:
         pass
     elif train and repeats > 1:
@@ -182,5 +187,7 @@ def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
         loader.sampler.set_epoch(seed * 100_003 + epoch)  # it seeds its shuffle with the epoch alone
     elif hasattr(loader.sampler, "set_epoch"):  # ClassBalancedSampler: seeded by (its seed, epoch)
         loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):  # a streamed WebDataset (wds.ShardStream): shard order and buffer
+        loader.dataset.set_epoch(epoch)
     if loader.generator is not None:  # worker seeds: rank 0 as in a single process, other ranks their own stream
         loader.generator.manual_seed(seed * 1000 + epoch + 1_000_003 * getattr(loader.sampler, "rank", 0))

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -52,12 +52,15 @@ class LabelFormat:
     matrix), ``single_label`` (multi-label data is an error) or ``multi_label`` (a ``label`` column is read as
     a label set; single-label sources become one-hot rows). ``classes``: the vocabulary in order (None: the
     labels seen, sorted); a label outside it is an error. ``sep``: the separator inside a label-set cell
-    (``dog|grass``). Names are Unicode NFC.
+    (``dog|grass``). Names are Unicode NFC. ``image_column`` / ``label_column``: the columns of a table source
+    (Hugging Face datasets) holding the image and the label (None: detected, see ``imgclf.data.hf``).
     """
 
     task: Literal["auto", "single_label", "multi_label"] = "auto"
     classes: tuple[str, ...] | None = None
     sep: str = "|"
+    image_column: str | None = None
+    label_column: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -73,10 +76,11 @@ class LabelFormat:
 
 
 def label_format_from_config(data) -> LabelFormat:
-    """The label format of a ``config.DataConfig`` (task, classes, label_sep)."""
+    """The label format of a ``config.DataConfig`` (task, classes, label_sep, image_column, label_column)."""
     classes = getattr(data, "classes", None)
     return LabelFormat(getattr(data, "task", "auto"), tuple(classes) if classes is not None else None,
-                       getattr(data, "label_sep", "|"))  # fmt: skip
+                       getattr(data, "label_sep", "|"), getattr(data, "image_column", None),
+                       getattr(data, "label_column", None))  # fmt: skip
 
 
 @dataclass
@@ -91,6 +95,11 @@ class Samples:
     whose header is not an image or is over the limits): they stay in the list so every consumer reports
     them as skipped through the usual path (``load`` raises ``BadImage``), but splits leave them out.
     ``notes`` are one-line remarks for the user (hidden files ignored, animations read as one frame).
+
+    ``store``: where the items' bytes live when they are not files or ``arrays`` (members of WebDataset tar shards,
+    rows of a Hugging Face dataset): an object with ``load(item, decode, source)``, ``header(item, decode,
+    source)``, ``describe(item)``, ``identity()`` and ``streaming`` (True: no random access, items are positions
+    in a stream that only a streaming loader reads; see ``imgclf.data.wds``).
     """
 
     items: list  # str paths, or int indices into ``arrays``
@@ -104,6 +113,7 @@ class Samples:
     bad: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     label_format: LabelFormat = field(default_factory=LabelFormat)
+    store: Any = field(default=None, repr=False)
 
     @property
     def multi_label(self) -> bool:
@@ -116,6 +126,8 @@ class Samples:
     def describe(self, i: int) -> str:
         """A name for item ``i`` in messages and prediction tables."""
         item = self.items[i]
+        if self.store is not None:
+            return self.store.describe(item)
         return f"{self.name}[{item}]" if self.arrays is not None else str(item)
 
     def load(self, i: int) -> Image.Image:
@@ -124,6 +136,8 @@ class Samples:
             raise BadImage(self.describe(i), self.bad[i])
         if self.arrays is not None:
             return array_to_image(self.arrays[self.items[i]], self.decode, self.describe(i))
+        if self.store is not None:
+            return self.store.load(self.items[i], self.decode, self.describe(i))
         return open_image(self.items[i], self.decode)
 
     def subset(self, idx: np.ndarray | list[int]) -> Samples:
@@ -173,13 +187,17 @@ class Samples:
 
     def check_files(self, progress: bool = False, threads: int = 8) -> Samples:
         """Read every file's header (no pixels): non-images, zero-byte files and images over the decode
-        limits join ``bad``; animations get a note. Arrays need no check. Returns ``self``."""
-        if self.arrays is not None:
+        limits join ``bad``; animations get a note. Arrays and streams need no (streams: allow no) check; store
+        members (tar shards, dataset rows) are checked from their bytes. Returns ``self``."""
+        if self.arrays is not None or getattr(self.store, "streaming", False):
             return self
         todo = [i for i in range(len(self.items)) if i not in self.bad]
+        store = self.store
 
         def one(i: int) -> tuple[int, str | None, str | None]:
             try:
+                if store is not None:
+                    return i, None, store.header(self.items[i], self.decode, self.describe(i))
                 return i, None, check_header(self.items[i], self.decode)
             except BadImage as e:
                 return i, e.reason, None
@@ -216,6 +234,12 @@ def open_source(
 
 
 def _open(spec: str, split: str, decode: DecodePolicy, fmt: LabelFormat) -> Samples:
+    from . import hf, wds
+
+    if wds.is_wds_spec(spec):
+        return wds.open_wds(spec, decode, fmt)
+    if hf.is_hf_spec(spec):
+        return hf.open_hf(spec, split, decode, fmt)
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX) :]
         name, _, sp = name.partition(":")
@@ -236,7 +260,8 @@ def _open(spec: str, split: str, decode: DecodePolicy, fmt: LabelFormat) -> Samp
         return read_csv(p, decode=decode, labels=fmt)
     if suffix == ".npz":
         return read_npz(p, split, decode, fmt)
-    raise ImgclfError(f"{p}: unsupported data file (expected a folder, a .csv or a .npz)")
+    raise ImgclfError(f"{p}: unsupported data file (expected a folder, a .csv, a .npz, WebDataset .tar shards or a "
+                      "Hugging Face dataset: .parquet, .arrow or hf:PATH)")  # fmt: skip
 
 
 def _in_vocabulary(s: Samples, fmt: LabelFormat) -> Samples:
@@ -740,8 +765,20 @@ def scan_inputs(inputs: list[str], decode: DecodePolicy | None = None) -> Sample
     ``path`` column.
 
     Every file inside a folder is taken, so non-images are reported as skipped rather than silently ignored;
-    so are broken links, link loops and folders that cannot be listed.
+    so are broken links, link loops and folders that cannot be listed. WebDataset shards and Hugging Face datasets
+    (``imgclf.data.wds`` / ``hf`` specs) are read as one input on their own, their labels ignored.
     """
+    from . import hf, wds
+
+    stores = [s for s in inputs if wds.is_wds_spec(str(s)) or hf.is_hf_spec(str(s))]
+    if stores:
+        if len(inputs) > 1:
+            raise ImgclfError(f"{stores[0]}: WebDataset shards or a Hugging Face dataset are predicted on their own; "
+                              "give them as the only input")  # fmt: skip
+        spec, fmt = str(stores[0]), LabelFormat()
+        if wds.is_wds_spec(spec):
+            return wds.open_wds(spec, decode or DecodePolicy(), fmt, need_label=False)
+        return hf.open_hf(spec, "test", decode or DecodePolicy(), fmt, need_label=False)
     items: list[str] = []
     bad: dict[int, str] = {}
     notes: list[str] = []

@@ -44,6 +44,9 @@ def prepare_data(cfg: Config, check_files: bool = True) -> DataSplits:
     else:
         if cfg.data.val_split <= 0:
             raise ImgclfError("data.val_split must be > 0 when no data.val_path is given")
+        if getattr(source.store, "streaming", False):  # its val images would be streamed past every epoch
+            raise ImgclfError(f"{source.name}: a validation split cannot be drawn from a streamed WebDataset; pass "
+                              "--val-data (other shards), or local shard paths, which are read by index")  # fmt: skip
         good = np.setdiff1d(np.arange(len(source)), np.fromiter(source.bad, dtype=np.int64, count=len(source.bad)))
         tr, va = stratified_split(source.labels[good], cfg.data.val_split, cfg.train.seed)
         bad = np.asarray(sorted(source.bad), dtype=np.int64)  # unreadable: in train, where they are reported

@@ -97,6 +97,9 @@ def open_splits(data: str, val: str | None, test: str | None, emb: EmbedConfig, 
     val/test labels in the training class order. Notes say which companions were added."""
     decode = policy_from_config(emb.data_config(infer))
     train = open_source(data, emb.split, decode)
+    if getattr(train.store, "streaming", False):
+        raise ImgclfError(f"{data}: the audit reads images by index, which a streamed WebDataset cannot do; pass the "
+                          "shards' local paths")  # fmt: skip
     out, notes = {"train": train}, []
     for name, spec in (("val", val), ("test", test)):
         if spec is not None:

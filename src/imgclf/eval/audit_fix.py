@@ -98,6 +98,9 @@ def write_fix(audit: Audit, out: str | Path) -> dict[str, Any]:
     s = audit.splits["train"].samples
     if os.path.realpath(out) in _inputs(audit):
         raise ImgclfError(f"--fix {out}: that is one of the audited files; write the cleaned list elsewhere")
+    if s.store is not None:
+        raise ImgclfError(f"--fix {out}: {s.name} is not a list of files or arrays (WebDataset shards, a Hugging Face "
+                          "dataset); drop --fix and act on the report")  # fmt: skip
     want = ".npz" if s.arrays is not None else ".csv"
     if out.suffix.lower() != want:
         what = "in-memory arrays (.npz / builtin) have no file paths" if want == ".npz" else "the data are image files"

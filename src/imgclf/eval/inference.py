@@ -28,7 +28,8 @@ def run_label_format(art: Artifact) -> LabelFormat:
     """How labelled data is read for a run (eval, calibrate, export checks): as its kind (single- or multi-label;
     a single-label source read for a multi-label run becomes one-hot label sets) with its label-set separator."""
     data = art.config.get("data", {})
-    return LabelFormat("multi_label" if art.multi_label else "single_label", None, data.get("label_sep") or "|")
+    return LabelFormat("multi_label" if art.multi_label else "single_label", None, data.get("label_sep") or "|",
+                       data.get("image_column"), data.get("label_column"))  # fmt: skip
 
 
 def check_inputs(samples: Samples, progress: bool = False) -> None:

@@ -103,6 +103,8 @@ def data_identity(samples: Samples) -> str:
         h.update(f"multi-label {samples.labels.shape}".encode())
     if samples.arrays is not None:
         h.update(np.ascontiguousarray(samples.arrays[np.asarray(samples.items)]).tobytes())
+    elif samples.store is not None:  # tar shards, dataset rows: the store's content identity and the positions
+        h.update(f"{samples.store.identity()}|{samples.items}".encode())
     else:
         for p in samples.items:
             st = os.stat(p) if os.path.exists(p) else None
