@@ -145,13 +145,13 @@ def test_commands_that_do_not_run_distributed_refuse(tiny_run):
     assert "does not run under torchrun" in r.stderr + r.stdout
 
 
-def test_distributed_knn_index_matches_one_process(tmp_path):
+def test_distributed_knn_index_matches_one_process(tiny_run, tmp_path):
     """A k-NN index embedded by 2 ranks holds the embeddings and labels of one process's, in the same order."""
     from safetensors.torch import load_file
 
     support = make_folder(tmp_path / "support", n_per_class=9, seed=7)
-    args = ["--model", "test_efficientnet", "--weights", "none", "--input-size", "32", "--output", tmp_path,
-            "--no-progress", "--workers", "0"]  # fmt: skip
+    args = ["--model", "test_efficientnet", "--weights", tiny_run / "model.safetensors", "--input-size", "32",
+            "--output", tmp_path, "--no-progress", "--workers", "0"]  # fmt: skip
     r1 = single("knn", "build", support, "--name", "one", *args)
     assert r1.returncode == 0, r1.stderr[-2000:]
     r2 = torchrun(2, "knn", "build", support, "--name", "two", *args)

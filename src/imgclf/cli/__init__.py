@@ -104,6 +104,9 @@ def _join_torchrun(args: argparse.Namespace) -> None:
                           f"{', '.join(dist.DISTRIBUTED_COMMANDS)}); start it as one process")  # fmt: skip
     if args.command != "train":
         dist.setup(getattr(args, "device", None) or "auto")
+        import torch
+
+        torch.manual_seed(0)  # one seed on every rank: a randomly initialised model (--weights none) is the same
     signal.signal(signal.SIGTERM, _stopped_by_torchrun)
     if int(os.environ.get("RANK", "0")) != 0:
         discard_writes()

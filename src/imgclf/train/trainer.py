@@ -163,6 +163,7 @@ def _fsdp_shard(cfg: Config, dist: Dist, model: nn.Module) -> nn.Module | None:
         return None
     if len(plan(cfg)) > 1:
         raise ImgclfError("train.fsdp trains every parameter in one phase: set --transfer.head_epochs 0")
+    broadcast_module(model, dist)  # every rank initialised with its own seed: rank 0's weights (DDP does this itself)
     replica = copy.deepcopy(model)  # before sharding: plain tensors
     units = fsdp.shard(model)
     log.info("FSDP2: %d units sharded over %d ranks", units, dist.world_size)
