@@ -85,3 +85,21 @@ def test_resume_without_checkpoint(tmp_path):
 
 def test_unknown_subcommand_argument():
     _assert_one_line_error(run_cli("predict"), "the following arguments are required")
+
+
+def test_error_raised_in_a_loader_worker_prints_as_one_line():
+    """torch re-raises a worker's ImgclfError with the worker's traceback in front; the CLI prints its message."""
+    from torch._utils import ExceptionWrapper
+
+    from imgclf.cli import _one_line
+    from imgclf.errors import ImgclfError
+
+    try:
+        raise ImgclfError("shards/a.tar: member 7.png changed since it was indexed")
+    except ImgclfError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(ImgclfError) as e:
+        wrapped.reraise()
+    assert "Original Traceback" in str(e.value)
+    assert _one_line(str(e.value)) == "shards/a.tar: member 7.png changed since it was indexed"
+    assert _one_line("plain message") == "plain message"

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             _join_torchrun(args)
         return VERBS[args.command][1](args)
     except ImgclfError as e:
-        print(f"imgclf: error: {_rank_prefix()}{e}", file=sys.stderr)
+        print(f"imgclf: error: {_rank_prefix()}{_one_line(str(e))}", file=sys.stderr)
         return 2
     except torch_dist_errors() as e:
         first = " ".join(str(e).split())[:300]
@@ -74,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imgclf: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(msg: str) -> str:
+    """The message of an ``ImgclfError``; one raised in a DataLoader worker arrives re-raised by torch with the
+    worker's traceback in front ("Caught ImgclfError in DataLoader worker process 0. Original Traceback ..."):
+    its last line holds the message."""
+    if msg.startswith("Caught ") and "Original Traceback" in msg:
+        last = msg.rstrip().splitlines()[-1]
+        return last.split("ImgclfError: ", 1)[-1]
+    return msg
 
 
 def torch_dist_errors() -> tuple[type[BaseException], ...]:
