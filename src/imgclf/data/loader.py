@@ -113,6 +113,24 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def train_sampler(n: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, repeats: int = 1,
+                  sampler: Any = None) -> Any:  # fmt: skip
+    """The training order over ``n`` items: ``sampler`` (a ``samplers.ClassBalancedSampler``) when given, else
+    timm's ``RepeatAugSampler`` for ``repeats > 1`` (each image that many times in a row, differently augmented;
+    DeiT), else PyTorch's seeded ``DistributedSampler`` (one replica when not distributed). Shared by the loader
+    and the fast path (``data.fastpath``), so both see the same order for a (seed, epoch)."""
+    if sampler is not None:
+        return sampler
+    if repeats > 1:
+        return RepeatAugSampler(range(n), world_size, rank, shuffle=True, num_repeats=repeats, selected_round=0)
+    return DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+
+
+def drops_last(n: int, batch_size: int, world_size: int = 1) -> bool:
+    """Training drops the last partial batch unless a rank's share would not fill one batch."""
+    return n // world_size > batch_size
+
+
 def make_loader(
     dataset: ImageDataset,
     batch_size: int,
@@ -130,16 +148,13 @@ def make_loader(
 
     ``repeats > 1`` uses timm's ``RepeatAugSampler``: each image appears that many times in a row,
     differently augmented (repeated augmentation, DeiT); an epoch keeps its usual length. ``sampler`` (a
-    ``samplers.ClassBalancedSampler``) replaces the training sampler.
+    ``samplers.ClassBalancedSampler``) replaces the training sampler (``train_sampler``).
     """
     workers = auto_workers(num_workers)
-    if sampler is not None:
-        pass
-    elif train and repeats > 1:
-        sampler = RepeatAugSampler(dataset, world_size, rank, shuffle=True, num_repeats=repeats, selected_round=0)
-    elif train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    elif world_size > 1:
+    if train:
+        sampler = train_sampler(len(dataset), seed=seed, rank=rank, world_size=world_size, repeats=repeats,
+                                sampler=sampler)  # fmt: skip
+    elif sampler is None and world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
     return DataLoader(
         dataset,
@@ -149,20 +164,29 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        drop_last=train and len(dataset) // world_size > batch_size,
+        drop_last=train and drops_last(len(dataset), batch_size, world_size),
         persistent_workers=workers > 0 and not train,  # train workers are re-seeded each epoch (exact resume)
         worker_init_fn=_seed_worker if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
 
 
-def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Make shuffling and augmentation of ``epoch`` depend only on (seed, epoch)."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    elif isinstance(loader.sampler, RepeatAugSampler):
-        loader.sampler.set_epoch(seed * 100_003 + epoch)  # it seeds its shuffle with the epoch alone
-    elif hasattr(loader.sampler, "set_epoch"):  # ClassBalancedSampler: seeded by (its seed, epoch)
-        loader.sampler.set_epoch(epoch)
+def seed_sampler(sampler: Any, seed: int, epoch: int) -> None:
+    """Make a training sampler's order of ``epoch`` depend only on (seed, epoch)."""
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    elif isinstance(sampler, RepeatAugSampler):
+        sampler.set_epoch(seed * 100_003 + epoch)  # it seeds its shuffle with the epoch alone
+    elif hasattr(sampler, "set_epoch"):  # ClassBalancedSampler: seeded by (its seed, epoch)
+        sampler.set_epoch(epoch)
+
+
+def set_epoch(loader: Any, seed: int, epoch: int) -> None:
+    """Make shuffling and augmentation of ``epoch`` depend only on (seed, epoch); ``loader`` is a ``DataLoader``
+    of ``make_loader`` or an in-memory batch iterable with its own ``set_epoch(epoch)`` (``data.fastpath``)."""
+    if not isinstance(loader, DataLoader):
+        loader.set_epoch(epoch)
+        return
+    seed_sampler(loader.sampler, seed, epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 1000 + epoch)
