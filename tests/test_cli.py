@@ -179,7 +179,8 @@ def test_models_lists_architectures_and_offline_weights():
 
 
 def test_default_model_trains_unchanged_on_a_new_png_folder(tmp_path):
-    """`imgclf train --data <PNG folder> --epochs N` with nothing else: packaged Lite0 at its own 224 px."""
+    """`imgclf train --data <PNG folder> --epochs N` with nothing else: packaged Lite0; the 24 px images train at
+    32 px (data.input_size auto), not at the model's 224, and the log says so."""
     folder = make_folder(tmp_path / "pngs", n_per_class=6, classes=2, seed=9)
     r = run_cli(
         "train", "--data", folder, "--epochs", "1", "--output", tmp_path / "runs", "--name", "d", "--no-progress"
@@ -187,7 +188,8 @@ def test_default_model_trains_unchanged_on_a_new_png_folder(tmp_path):
     assert r.code == 0, r
     doc = json.loads((tmp_path / "runs" / "d" / "imgclf.json").read_text())
     assert doc["arch"] == "tf_efficientnet_lite0" and doc["weights_source"].startswith("packaged:")
-    assert doc["preprocessing"]["input_size"] == [3, 224, 224] and doc["preprocessing"]["crop_pct"] == 0.875
+    assert doc["preprocessing"]["input_size"] == [3, 32, 32] and doc["preprocessing"]["crop_pct"] == 1.0
+    assert "input size 32, crop_pct 1.0 (data 24 px; model default 224): ~49x less compute per image" in r.err
     assert "test" not in doc["metrics"] and doc["metrics"]["val"]["n"] == 2
 
 

@@ -40,7 +40,7 @@ def test_no_data_means_embedded_default_recipe():
 
 def test_user_data_does_not_get_the_default_recipe():
     cfg = make_config("imgs/")
-    assert cfg.data.input_size is None and cfg.train.epochs == Config().train.epochs
+    assert cfg.data.input_size == "auto" and cfg.train.epochs == Config().train.epochs
 
 
 @pytest.mark.parametrize(

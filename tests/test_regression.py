@@ -48,7 +48,16 @@ CASES = {
             "model.name": "test_convnext", "model.weights": "none", "data.input_size": 32, "data.batch_size": 16,
             "data.num_workers": 0, "optim.lr": 1e-3, "sched.warmup_epochs": 0, "train.epochs": 3,
             "train.ema": False, "train.amp": "none", "train.metric": "loss", "train.seed": 0, "trust.report": False,
-            "run.progress": False,
+            "run.progress": False, "data.fast_path": "off",
+        },
+    ),
+    "test_convnext-colours-fastpath": (  # the same run through the fast data path (batched augmentation)
+        {"train": (16, 0), "val": (8, 2), "test": (8, 1)},
+        {
+            "model.name": "test_convnext", "model.weights": "none", "data.input_size": 32, "data.batch_size": 16,
+            "data.num_workers": 0, "optim.lr": 1e-3, "sched.warmup_epochs": 0, "train.epochs": 3,
+            "train.ema": False, "train.amp": "none", "train.metric": "loss", "train.seed": 0, "trust.report": False,
+            "run.progress": False, "data.fast_path": "on",
         },
     ),
 }  # fmt: skip

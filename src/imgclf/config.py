@@ -46,12 +46,23 @@ class DataConfig:
     val_path: str | None = opt(None, "validation data; default: a stratified split of the training data")
     test_path: str | None = opt(None, "test data evaluated once at the end with the best checkpoint")
     val_split: float = opt(0.1, "fraction of the training data held out for validation when val_path is unset")
-    input_size: int | None = opt(None, "square input size; default: the model's pretrained config")
+    input_size: int | Literal["auto"] | None = opt(
+        "auto",
+        "square input size; auto: near the images' native size when they are at most half the model's default"
+        " (28 px data -> 32, with crop_pct 1.0), else the model's default; none: the model's default",
+    )
     crop_pct: float | None = opt(None, "eval centre-crop fraction; default: the model's pretrained config")
     interpolation: str | None = opt(None, "resize interpolation (bilinear, bicubic, ...); default: the model's")
     batch_size: int = opt(64, "training batch size per device")
     eval_batch_size: int | None = opt(None, "evaluation batch size; default: 2 x batch_size")
     num_workers: int = opt(-1, "data loader worker processes; -1 picks from the CPU count")
+    fast_path: Literal["auto", "on", "off"] = opt(
+        "auto",
+        "training data held decoded in memory as one uint8 tensor and augmented in batches on the device (no"
+        " per-image PIL work, no workers); auto: when the augmentation allows it, the images are at most 2x the"
+        " input size and they fit data.fast_path_budget; on: insist; off: the PIL loader",
+    )
+    fast_path_budget: float = opt(2.0, "GiB the fast path may use for the decoded training images (per process)")
     sampler: Literal["instance", "sqrt", "balanced", "progressive"] = opt(
         "instance",
         "training sampler: instance (plain shuffling) | sqrt (class c drawn in proportion to sqrt(n_c)) | balanced "
@@ -106,7 +117,9 @@ class DataConfig:
         ok = self.classes is None or bool(names and all(names) and len(set(names)) == len(names))
         _check(ok, "data.classes", "must be distinct, non-empty class names (or unset)", self.classes)
         _check(0.0 <= self.val_split < 1.0, "data.val_split", "must be in [0, 1)", self.val_split)
-        _check(self.input_size is None or self.input_size >= 8, "data.input_size", "must be >= 8", self.input_size)
+        size = self.input_size
+        _check(size in (None, "auto") or size >= 8, "data.input_size", "must be auto, none or >= 8", size)
+        _check(self.fast_path_budget > 0, "data.fast_path_budget", "must be > 0 (GiB)", self.fast_path_budget)
         _check(self.crop_pct is None or 0 < self.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]", self.crop_pct)
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1", self.batch_size)
         ebs = self.eval_batch_size

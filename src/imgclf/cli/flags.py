@@ -27,7 +27,7 @@ SHORTCUTS = {
     "--epochs": ("train.epochs", "number of epochs"),
     "--batch-size": ("data.batch_size", "batch size"),
     "--lr": ("optim.lr", "peak learning rate"),
-    "--input-size": ("data.input_size", "square input size (default: the model's)"),
+    "--input-size": ("data.input_size", "square input size, auto or none (default auto: see data.input_size)"),
     "--seed": ("train.seed", "random seed"),
     "--device": ("train.device", "auto | cpu | cuda | cuda:N | mps"),
     "--name": ("run.name", "run directory name under --output"),

@@ -129,6 +129,24 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         return len(range(self.rank, self.n, self.world_size))
 
 
+def train_sampler(n: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, repeats: int = 1,
+                  sampler: Any = None) -> Any:  # fmt: skip
+    """The training order over ``n`` items: ``sampler`` (a ``samplers.ClassBalancedSampler``) when given, else
+    timm's ``RepeatAugSampler`` for ``repeats > 1`` (each image that many times in a row, differently augmented;
+    DeiT), else PyTorch's seeded ``DistributedSampler`` (one replica when not distributed). Shared by the loader
+    and the fast path (``data.fastpath``), so both see the same order for a (seed, epoch)."""
+    if sampler is not None:
+        return sampler
+    if repeats > 1:
+        return RepeatAugSampler(range(n), world_size, rank, shuffle=True, num_repeats=repeats, selected_round=0)
+    return DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+
+
+def drops_last(n: int, batch_size: int, world_size: int = 1) -> bool:
+    """Training drops the last partial batch unless a rank's share would not fill one batch."""
+    return n // world_size > batch_size
+
+
 def make_loader(
     dataset: ImageDataset,
     batch_size: int,
@@ -144,10 +162,10 @@ def make_loader(
 ) -> DataLoader:
     """A loader for training (seeded per-epoch shuffling, drop_last) or evaluation (in order).
 
-    Training shards over ``rank``/``world_size`` (``DistributedSampler``: global batch ``i`` holds the same
-    images whatever the world size). Evaluation shards over the torchrun ranks of ``dist.shard()`` with a
-    ``ShardSampler`` (``infer`` gathers the shares back). ``repeats > 1`` uses timm's ``RepeatAugSampler``: each
-    image appears that many times in a row, differently augmented (repeated augmentation, DeiT); an epoch keeps
+    Training shards over ``rank``/``world_size`` (``train_sampler``; ``DistributedSampler``: global batch ``i``
+    holds the same images whatever the world size). Evaluation shards over the torchrun ranks of ``dist.shard()``
+    with a ``ShardSampler`` (``infer`` gathers the shares back). ``repeats > 1`` uses timm's ``RepeatAugSampler``:
+    each image appears that many times in a row, differently augmented (repeated augmentation, DeiT); an epoch keeps
     its usual length. ``sampler`` (a ``samplers.ClassBalancedSampler``) replaces the training sampler.
     """
     workers = auto_workers(num_workers)
@@ -156,13 +174,10 @@ def make_loader(
 
         kw = {"seed": seed, "rank": rank, "world_size": world_size, "pin_memory": pin_memory, "repeats": repeats}
         return stream_loader(dataset, batch_size, train=train, num_workers=workers, sampler=sampler, **kw)
-    if sampler is not None:
-        pass
-    elif train and repeats > 1:
-        sampler = RepeatAugSampler(dataset, world_size, rank, shuffle=True, num_repeats=repeats, selected_round=0)
-    elif train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    elif shard()[1] > 1:
+    if train:
+        sampler = train_sampler(len(dataset), seed=seed, rank=rank, world_size=world_size, repeats=repeats,
+                                sampler=sampler)  # fmt: skip
+    elif sampler is None and shard()[1] > 1:
         sampler = ShardSampler(len(dataset), *shard())
     return DataLoader(
         dataset,
@@ -172,21 +187,30 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        drop_last=train and len(dataset) // world_size > batch_size,
+        drop_last=train and drops_last(len(dataset), batch_size, world_size),
         persistent_workers=workers > 0 and not train,  # train workers are re-seeded each epoch (exact resume)
         worker_init_fn=_seed_worker if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
 
 
-def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Make shuffling and augmentation of ``epoch`` depend only on (seed, epoch)."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    elif isinstance(loader.sampler, RepeatAugSampler):
-        loader.sampler.set_epoch(seed * 100_003 + epoch)  # it seeds its shuffle with the epoch alone
-    elif hasattr(loader.sampler, "set_epoch"):  # ClassBalancedSampler: seeded by (its seed, epoch)
-        loader.sampler.set_epoch(epoch)
+def seed_sampler(sampler: Any, seed: int, epoch: int) -> None:
+    """Make a training sampler's order of ``epoch`` depend only on (seed, epoch)."""
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    elif isinstance(sampler, RepeatAugSampler):
+        sampler.set_epoch(seed * 100_003 + epoch)  # it seeds its shuffle with the epoch alone
+    elif hasattr(sampler, "set_epoch"):  # ClassBalancedSampler: seeded by (its seed, epoch)
+        sampler.set_epoch(epoch)
+
+
+def set_epoch(loader: Any, seed: int, epoch: int) -> None:
+    """Make shuffling and augmentation of ``epoch`` depend only on (seed, epoch); ``loader`` is a ``DataLoader``
+    of ``make_loader`` or an in-memory batch iterable with its own ``set_epoch(epoch)`` (``data.fastpath``)."""
+    if not isinstance(loader, DataLoader):
+        loader.set_epoch(epoch)
+        return
+    seed_sampler(loader.sampler, seed, epoch)
     if hasattr(loader.dataset, "set_epoch"):  # a streamed WebDataset (wds.ShardStream): shard order and buffer
         loader.dataset.set_epoch(epoch)
     if loader.generator is not None:  # worker seeds: rank 0 as in a single process, other ranks their own stream

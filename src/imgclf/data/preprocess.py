@@ -97,7 +97,8 @@ class Preprocess:
     @classmethod
     def from_model(cls, model: nn.Module, data: Any = None) -> Preprocess:
         """timm's pretrained data config of ``model`` with a ``config.DataConfig``'s overrides (input_size,
-        crop_pct, interpolation) and decode policy applied."""
+        crop_pct, interpolation) and decode policy applied. An input_size of ``auto`` reads as the model's own:
+        training resolves it from the data before (``data.sizing``)."""
         import timm.data
 
         cfg = timm.data.resolve_model_data_config(model)
@@ -108,7 +109,7 @@ class Preprocess:
             return pre
         return dataclasses.replace(
             pre,
-            input_size=(c, data.input_size, data.input_size) if data.input_size is not None else pre.input_size,
+            input_size=(c, size, size) if isinstance(size := data.input_size, int) else pre.input_size,
             crop_pct=data.crop_pct if data.crop_pct is not None else pre.crop_pct,
             interpolation=data.interpolation or pre.interpolation,
             decode=policy_from_config(data),

@@ -65,16 +65,32 @@ def size_kwargs(name: str, input_size: int | tuple[int, int] | None) -> dict[str
     """``{"img_size": input_size}`` when ``name`` has a fixed input size (timm's ``fixed_input_size``: ViT,
     DeiT, Swin, MaxViT, ...) and ``input_size`` differs from it, else ``{}``. timm then builds the model for
     that size (patch grid, windows) and resamples pretrained position embeddings when it loads them."""
-    if input_size is None or name.startswith(HUB_PREFIX):
-        return {}
-    try:
-        cfg = timm.models.get_pretrained_cfg(name.split(".", 1)[0])
-    except Exception:  # noqa: BLE001 - no default config: nothing known to be fixed
+    cfg = _pretrained_cfg(name) if input_size is not None else None
+    if cfg is None:
         return {}
     hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     if cfg is None or not cfg.fixed_input_size or tuple(cfg.input_size[1:]) == hw:
         return {}
     return {"img_size": hw[0] if hw[0] == hw[1] else hw}
+
+
+def _pretrained_cfg(name: str) -> Any:
+    """timm's default pretrained config of architecture ``name`` (None for hub names and unknown ones)."""
+    if name.startswith(HUB_PREFIX):
+        return None
+    try:
+        return timm.models.get_pretrained_cfg(name.split(".", 1)[0])
+    except Exception:  # noqa: BLE001 - no default config: nothing known
+        return None
+
+
+def default_input_size(name: str) -> tuple[int | None, bool]:
+    """(the longer side of ``name``'s default input size, whether the architecture is fixed-size: ViT, Swin, ...);
+    (None, False) when timm has no config for it (hub names: known only once downloaded)."""
+    cfg = _pretrained_cfg(name)
+    if cfg is None or not getattr(cfg, "input_size", None):
+        return None, False
+    return int(max(cfg.input_size[1:])), bool(cfg.fixed_input_size)
 
 
 def _check_input_size(model: nn.Module, name: str, input_size: int | tuple[int, int]) -> None:

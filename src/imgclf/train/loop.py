@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,12 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.loader import Batch, SkipLog
+from ..data.sizing import auto_input_size, median_side
+from ..data.sources import Samples
 from ..data.splits import DataSplits, prepare_data
 from ..dist import Dist, autocast, broadcast, setup
 from ..errors import ImgclfError
+from ..models.factory import default_input_size
 from ..models.heads import FEATURE_STATS_MAX_DIM, head_spec, head_width
 from ..rundir import EARLY_FILES, LAST_CKPT, RunDir
 from .logger import RunLogger, run_is_live
@@ -268,11 +271,25 @@ def prepare_run(cfg: Config, resume: bool = False, *, needs_dir: bool = True) ->
     resume = needs_dir and resume and (run_dir / LAST_CKPT).is_file()  # never completed an epoch: afresh
     timm.utils.random_seed(cfg.train.seed, dist.rank)
     splits = prepare_data(cfg)
+    cfg = with_input_size(cfg, splits.train)
     task = task_for_config(cfg.train, splits.train)
     check_trust(cfg.trust, task)
     _check_sampler(cfg, task)
     _check_head(cfg, task)
     return Run(cfg, dist, run_dir, resume, splits, task)
+
+
+def with_input_size(cfg: Config, train: Samples) -> Config:
+    """``cfg`` with ``data.input_size auto`` resolved from the training images (``data.sizing``): a size near
+    their native resolution (crop_pct 1.0 unless set) when they are much smaller than the model's default, else
+    None (the model's default), logged. The run saves the resolved config, so resume, eval and export agree."""
+    if cfg.data.input_size != "auto":
+        return cfg
+    default, fixed = default_input_size(cfg.model.name)
+    auto = auto_input_size(median_side(train) if default else None, default, fixed, cfg.data.crop_pct)
+    if auto.message:
+        log.info(auto.message)
+    return replace(cfg, data=replace(cfg.data, input_size=auto.size, crop_pct=auto.crop_pct))
 
 
 def _check_head(cfg: Config, task: Task) -> None:

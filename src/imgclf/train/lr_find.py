@@ -57,7 +57,7 @@ def lr_find(
     if not 0 < start_lr < end_lr:
         raise ImgclfError(f"lr-find: need 0 < --start-lr < --end-lr (got {start_lr}, {end_lr})")
     run = prepare_run(cfg, needs_dir=False)  # the set-up of every training run, without a run directory
-    dist, splits = run.dist, run.splits
+    cfg, dist, splits = run.cfg, run.dist, run.splits  # cfg: data.input_size auto resolved
     from ..models.factory import create_model
 
     model, _ = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size)

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import timm.utils
 import torch
 import torch.nn as nn
@@ -35,6 +34,7 @@ from safetensors.torch import load_file
 
 from ..artifact import package_versions
 from ..config import Config
+from ..data.cache import data_identity
 from ..data.loader import ImageDataset, SkipLog, Skipped, make_loader
 from ..data.preprocess import Preprocess
 from ..data.sources import Samples
@@ -94,22 +94,6 @@ def weights_identity(weights_source: str, cfg: Config, model: nn.Module) -> str:
 #: augmentation fields that change what a training image looks like (MixUp & co. act on batches, not here)
 _VIEW_AUG_FIELDS = ("scale", "ratio", "hflip", "vflip", "rotation", "translate", "shear", "perspective",
                     "color_jitter", "grayscale", "auto_augment", "re_prob")  # fmt: skip
-
-
-def data_identity(samples: Samples) -> str:
-    """Content of in-memory arrays, or path + size + mtime of every file, plus the labels."""
-    h = hashlib.sha256(np.ascontiguousarray(samples.labels).tobytes())
-    if samples.labels.ndim == 2:  # label sets: their shape is part of what the bytes mean
-        h.update(f"multi-label {samples.labels.shape}".encode())
-    if samples.arrays is not None:
-        h.update(np.ascontiguousarray(samples.arrays[np.asarray(samples.items)]).tobytes())
-    elif samples.store is not None:  # tar shards, dataset rows: the store's content identity and the positions
-        h.update(f"{samples.store.identity()}|{samples.items}".encode())
-    else:
-        for p in samples.items:
-            st = os.stat(p) if os.path.exists(p) else None
-            h.update(f"{p}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
-    return h.hexdigest()
 
 
 def cached_features(
@@ -276,7 +260,7 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
     """Frozen backbone, cached features, a fitted linear head; see the module docstring."""
     t_start = time.perf_counter()
     run = prepare_run(cfg, resume)
-    dist, run_dir, resume, splits = run.dist, run.run_dir, run.resume, run.splits
+    cfg, dist, run_dir, resume, splits = run.cfg, run.dist, run.run_dir, run.resume, run.splits  # cfg: sizes resolved
     k = len(splits.class_names)
     model, wsrc = create_model(cfg.model, k, cfg.data.input_size)
     head = model.get_classifier()

@@ -26,6 +26,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from ..config import Config
+from ..data import fastpath
 from ..data.loader import ImageDataset, SkipLog, make_loader, set_epoch
 from ..data.preprocess import Preprocess
 from ..data.sources import Samples
@@ -79,24 +80,48 @@ def eval_loader(samples: Samples, pre: Preprocess, cfg: Config, pin: bool = Fals
     return make_loader(ds, bs, train=False, num_workers=cfg.data.num_workers, pin_memory=pin)
 
 
-def train_loader(samples: Samples, pre: Preprocess, cfg: Config, dist: Dist) -> DataLoader:
-    """The shuffled, augmented loader; shuffling is a function of (seed, epoch) via ``set_epoch``."""
+def train_loader(samples: Samples, pre: Preprocess, cfg: Config, dist: Dist) -> DataLoader | fastpath.DeviceBatches:
+    """The shuffled, augmented training batches: the fast path's when it applies (``data.fastpath.plan``, logged),
+    else the PIL loader; order and augmentation are a function of (seed, epoch) via ``set_epoch``."""
     probe = cfg.transfer.strategy == "probe"  # a probe sees the eval view: features as a cached probe would
-    ds = ImageDataset(samples, pre.eval() if probe else pre.train(cfg.aug))
     sampler = None
     if cfg.data.sampler != "instance":
-        from ..data.samplers import ClassBalancedSampler, oversampled_classes
+        from ..data.samplers import ClassBalancedSampler
 
         sampler = ClassBalancedSampler(samples.labels, cfg.data.sampler, seed=cfg.train.seed, epochs=cfg.train.epochs,
                                        num_replicas=dist.world_size, rank=dist.rank)  # fmt: skip
-        if cfg.aug.oversampled and not probe:
-            ds.strong = pre.train(dataclasses.replace(cfg.aug, auto_augment=cfg.aug.oversampled))
-            ds.strong_classes = oversampled_classes(samples.labels, cfg.data.sampler)
+    if not probe:
+        fast = fast_batches(samples, pre, cfg, dist, sampler)
+        if fast is not None:
+            return fast
+    ds = ImageDataset(samples, pre.eval() if probe else pre.train(cfg.aug))
+    if sampler is not None and cfg.aug.oversampled and not probe:
+        from ..data.samplers import oversampled_classes
+
+        ds.strong = pre.train(dataclasses.replace(cfg.aug, auto_augment=cfg.aug.oversampled))
+        ds.strong_classes = oversampled_classes(samples.labels, cfg.data.sampler)
     return make_loader(
         ds, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         rank=dist.rank, world_size=dist.world_size, pin_memory=dist.device.type == "cuda",
         repeats=1 if probe else cfg.aug.repeats, sampler=sampler,
     )  # fmt: skip
+
+
+def fast_batches(
+    samples: Samples, pre: Preprocess, cfg: Config, dist: Dist, sampler: Any
+) -> fastpath.DeviceBatches | None:
+    """The fast data path's batches (decoded split on the device, batched augmentation) when ``data.fast_path``
+    and the data allow it, else None; one log line says which path and why (``data.fastpath``)."""
+    from .probe import cache_dir
+
+    choice = fastpath.plan(samples, pre, cfg.aug, cfg.data.fast_path, cfg.data.fast_path_budget)
+    if dist.is_main:
+        log.info(choice.reason)
+    if not choice.use:
+        return None
+    return fastpath.device_batches(samples, pre, cfg.aug, choice, batch_size=cfg.data.batch_size, device=dist.device,
+                                   seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size,
+                                   repeats=cfg.aug.repeats, sampler=sampler, cache=cache_dir(cfg))  # fmt: skip
 
 
 def validate(loop: Loop, loader: DataLoader, names: list[str], model: nn.Module | None = None) -> dict[str, Any]:
@@ -209,7 +234,7 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     """Train per ``cfg`` (or continue the run named by ``cfg.run.name``); see the module docstring."""
     t_start = time.perf_counter()
     run = prepare_run(cfg, resume)
-    dist, run_dir, resume, splits = run.dist, run.run_dir, run.resume, run.splits
+    cfg, dist, run_dir, resume, splits = run.cfg, run.dist, run.run_dir, run.resume, run.splits  # cfg: sizes resolved
     model, wsrc = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size)
     pre = Preprocess.from_model(model, cfg.data)
     tl, vl = train_loader(splits.train, pre, cfg, dist), eval_loader(splits.val, pre, cfg, dist.device.type == "cuda")
