@@ -617,3 +617,25 @@ def test_a_full_queue_refuses_before_the_body_is_read_and_paces_retries(run, ima
         assert re.search(r'imgclf_requests_total\{code="503",endpoint="/predict",model="tiny:1"\} 4\.0', text)
     finally:
         assert s.stop() == 0
+
+
+def test_batcher_stops_counting_a_request_whose_client_left():
+    import asyncio
+
+    from imgclf.deploy.batcher import Batcher
+
+    async def main():
+        b = Batcher(lambda px: {"x": px[:, 0, 0, 0]}, max_batch=8, max_delay_ms=300, max_queue=8)
+        b.start()
+        gone = asyncio.ensure_future(b.submit(np.zeros((6, 1, 1, 3), np.uint8)))
+        await asyncio.sleep(0.02)
+        before = b.queued_images
+        gone.cancel()  # a client that disconnected (or timed out) while its request waited
+        await asyncio.sleep(0.02)
+        after = b.queued_images
+        out = await b.submit(np.full((8, 1, 1, 3), 5, np.uint8))  # the whole queue is free again at once
+        await b.drain()
+        return before, after, out, b.queued_images
+
+    before, after, out, end = _run_async(main())
+    assert (before, after, end) == (6, 0, 0) and out["x"].tolist() == [5] * 8

@@ -52,6 +52,7 @@ class _Job:
     enqueued: float = field(default_factory=time.perf_counter)
     pixels: np.ndarray | None = None
     error: BaseException | None = None
+    counted: bool = True  # its images are in ``Batcher.queued_images``
 
 
 class Batcher:
@@ -111,7 +112,17 @@ class Batcher:
         self.queued_images += n
         if len(self.queue) == 1 or self.queued_images >= self.max_batch:  # the worker only waits for these
             self._wake.set()
-        return await job.future
+        try:
+            return await job.future
+        except asyncio.CancelledError:  # the client went away or timed out: its images no longer wait
+            self._uncount([job])
+            raise
+
+    def _uncount(self, jobs: list[_Job]) -> None:
+        for j in jobs:
+            if j.counted:
+                j.counted = False
+                self.queued_images -= j.n
 
     async def _run(self) -> None:
         running: asyncio.Task | None = None  # the runtime call in flight
@@ -125,7 +136,7 @@ class Batcher:
                 await self._wake.wait()
             await self._wait_for_batch(running)
             jobs = self._take()
-            taken = sum(j.n for j in jobs)  # still counted as queued until the runtime takes them
+            taken = list(jobs)  # still counted as queued until the runtime takes them
             try:
                 px = await self._prepare(jobs) if jobs else None
                 if running is not None:
@@ -143,7 +154,7 @@ class Batcher:
                 log.exception("batch of %d requests failed outside the runtime call", len(jobs))
                 _fail(jobs, e)
             finally:
-                self.queued_images -= taken
+                self._uncount(taken)
 
     async def _wait_for_batch(self, running: asyncio.Task | None) -> None:
         """Until ``max_batch`` images wait, or the oldest request has waited ``max_delay`` and the runtime is
@@ -167,7 +178,7 @@ class Batcher:
         while self.queue and (not jobs or n + self.queue[0].n <= self.max_batch):
             job = self.queue.popleft()
             if job.future.done():  # the client timed out or went away while queued
-                self.queued_images -= job.n
+                self._uncount([job])
                 continue
             jobs.append(job)
             n += job.n
@@ -240,7 +251,7 @@ class Batcher:
         except TimeoutError:
             self._task.cancel()
             _fail(list(self.queue), Draining())  # answer what never ran, rather than leave it waiting
-            self.queued_images -= sum(j.n for j in self.queue)  # (a batch being decoded counts itself out)
+            self._uncount(list(self.queue))  # (a batch being decoded counts itself out)
             self.queue.clear()
             return False
         finally:
