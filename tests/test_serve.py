@@ -468,9 +468,10 @@ def test_batcher_survives_a_failure_outside_the_runtime_call():
     assert out["x"].tolist() == [7, 7] and healthy
 
 
-def test_batcher_decodes_uploads_per_batch_and_fails_only_the_bad_request():
-    """Encoded uploads are decoded with their batch (a couple of pool tasks per batch, not one per request);
-    a request whose image does not decode gets its own error and the others of the batch their rows."""
+def test_batcher_decodes_uploads_in_rounds_and_fails_only_the_bad_request():
+    """Encoded uploads are decoded in rounds (every request that arrived while the last round ran, in a couple of
+    pool tasks: not one per request); a request whose image does not decode gets its own error and the others
+    of the batch their rows, in request order."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
@@ -484,6 +485,7 @@ def test_batcher_decodes_uploads_per_batch_and_fails_only_the_bad_request():
             return super().submit(*args, **kwargs)
 
     def prepare(items):  # "decode": one uint8 image per item, of the value written in it
+        time.sleep(0.05 if items == [b"1"] else 0)  # the first round runs while the others arrive
         if b"bad" in items:
             raise ValueError("not an image")
         return np.stack([np.full((2, 2, 3), int(x), np.uint8) for x in items])
@@ -494,19 +496,22 @@ def test_batcher_decodes_uploads_per_batch_and_fails_only_the_bad_request():
 
     async def main():
         pool = Pool(2)
-        b = Batcher(fn, max_batch=16, max_delay_ms=100, max_queue=64, prepare=prepare, pool=pool, prepare_threads=2)
+        b = Batcher(fn, max_batch=32, max_delay_ms=200, max_queue=64, prepare=prepare, pool=pool, prepare_threads=2)
         b.start()
         reqs = [[b"1"], [b"2", b"3"], [b"bad"], [b"4", b"5", b"6"], np.full((2, 2, 2, 3), 9, np.uint8)]
+        reqs += [[str(k).encode()] for k in range(10, 18)]
         outs = await asyncio.gather(*(b.submit(r, len(r)) for r in reqs), return_exceptions=True)
         await b.drain()
         pool.shutdown()
         return outs
 
     outs = _run_async(main())
-    assert [o["v"].tolist() for i, o in enumerate(outs) if i != 2] == [[1], [2, 3], [4, 5, 6], [9, 9]]
+    assert [o["v"].tolist() for i, o in enumerate(outs) if i != 2] == [[1], [2, 3], [4, 5, 6], [9, 9]] + [
+        [k] for k in range(10, 18)
+    ]
     assert isinstance(outs[2], ValueError) and str(outs[2]) == "not an image"
-    assert sizes == [8]  # one runtime call: the 8 images that decoded, in request order
-    assert len(submits) == 2  # 4 requests to decode: 2 pool tasks for the batch (--decode-threads), not 4
+    assert sizes == [16]  # one runtime call: the 16 images that decoded
+    assert len(submits) == 3  # 12 requests to decode: a round of the first, then one of the rest in 2 tasks
 
 
 def test_batcher_decodes_the_next_full_batch_while_the_runtime_works_and_counts_it_queued():

@@ -3,11 +3,12 @@
 Requests (each one or more images) wait in a bounded queue counted in images. A worker task takes
 the oldest request, waits at most ``max_delay_ms`` for others to arrive (no wait once
 ``max_batch`` images are there, or when batching is off with ``max_batch=1``), and takes whole
-requests up to ``max_batch`` images. A request may bring encoded images rather than pixels: the
-worker then decodes the whole batch in the ``prepare`` pool (a few thread hops per batch instead of
-one per request; a request whose images fail to decode gets its own error, the others go on). The
-predictor runs in its own thread (the event loop stays free for HTTP), one call at a time, and the
-next full batch is decoded while the previous one runs. A full queue raises ``QueueFull`` at once
+requests up to ``max_batch`` images. A request may bring encoded images rather than pixels: they are
+decoded in the ``prepare`` pool in rounds, each taking every request that arrived since the last one
+began (a few thread hops per round instead of one per request), while requests wait for their batch
+and the runtime works; a request whose images fail to decode gets its own error, the others go on.
+The predictor runs in its own thread (the event loop stays free for HTTP), one call at a time; the
+next full batch is taken while the previous one runs. A full queue raises ``QueueFull`` at once
 (the server answers 503 with Retry-After); ``drain`` stops intake and finishes what is queued.
 
 Example:
@@ -83,6 +84,8 @@ class Batcher:
         self.on_batch, self.prepare, self.pool, self.prepare_threads = on_batch, prepare, pool, prepare_threads
         self.queue: deque[_Job] = deque()
         self.queued_images = 0
+        self._undecoded: deque[_Job] = deque()  # queued requests whose images no decode round has taken yet
+        self._decoding: asyncio.Future | None = None  # the decode round in the pool
         self.closed = False
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -110,6 +113,9 @@ class Batcher:
         job = _Job(items, n, asyncio.get_running_loop().create_future())
         self.queue.append(job)
         self.queued_images += n
+        if not isinstance(items, np.ndarray):
+            self._undecoded.append(job)
+            self._decode_ahead()
         if len(self.queue) == 1 or self.queued_images >= self.max_batch:  # the worker only waits for these
             self._wake.set()
         try:
@@ -184,15 +190,41 @@ class Batcher:
             n += job.n
         return jobs
 
+    def _decode_ahead(self) -> None:
+        """Start a decode round in the pool for the requests waiting undecoded (up to a batch of images, split
+        over ``prepare_threads`` tasks), unless one is running: its end starts the next. Requests are decoded
+        while they wait for their batch and while the runtime works, so a batch is ready when its turn comes."""
+        if self._decoding is not None:
+            return
+        jobs, n = [], 0
+        while self._undecoded and n < self.max_batch:
+            j = self._undecoded.popleft()
+            if not j.future.done():
+                jobs.append(j)
+                n += j.n
+        if not jobs:
+            return
+        loop = asyncio.get_running_loop()
+        parts = min(self.prepare_threads, len(jobs))
+        self._decoding = asyncio.gather(*(loop.run_in_executor(self.pool, self._prepare_all, jobs[i::parts])
+                                          for i in range(parts)))  # fmt: skip
+        self._decoding.add_done_callback(lambda f: self._decoded(f, jobs))
+
+    def _decoded(self, round_: asyncio.Future, jobs: list[_Job]) -> None:
+        self._decoding = None
+        if round_.cancelled() or round_.exception() is not None:  # the pool is gone (shutting down)
+            for j in jobs:
+                if j.pixels is None and j.error is None:
+                    j.error = Draining() if round_.cancelled() else round_.exception()
+        self._wake.set()
+        self._decode_ahead()
+
     async def _prepare(self, jobs: list[_Job]) -> np.ndarray | None:
-        """The batch's pixels, decoding what needs it in the pool; failed requests are answered and dropped
-        from ``jobs``. None when none is left."""
-        todo = [j for j in jobs if not isinstance(j.items, np.ndarray)]
-        if todo:
-            loop = asyncio.get_running_loop()
-            parts = min(self.prepare_threads, len(todo))
-            chunks = [todo[i::parts] for i in range(parts)]
-            await asyncio.gather(*(loop.run_in_executor(self.pool, self._prepare_all, c) for c in chunks))
+        """The batch's pixels, once the decode rounds have reached all its requests; failed requests are answered
+        and dropped from ``jobs``. None when none is left."""
+        while any(j.pixels is None and j.error is None and not isinstance(j.items, np.ndarray) for j in jobs):
+            self._decode_ahead()
+            await asyncio.shield(self._decoding)
         for j in jobs:
             if j.error is not None and not j.future.done():
                 j.future.set_exception(j.error)

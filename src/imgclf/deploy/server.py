@@ -304,7 +304,7 @@ class Server:
             except MemoryError:
                 raise ApiError(413, f"{source}: too large to preprocess") from None
             del img
-        return np.stack(rows)
+        return rows[0][None] if len(rows) == 1 else np.stack(rows)  # (one image: a view, the batch copies it)
 
     def _reject(self, m: ServedModel, reason: str) -> ApiError:
         """Count a refusal and make its answer: 503 + Retry-After (draining, queue_full) or 504 (timeout)."""
@@ -364,22 +364,33 @@ class Server:
             out = await self._run(m, self._count(await self._uploads(request)))
         finally:
             self.inflight -= 1
-        names = m.art.class_names
+        return web.json_response(
+            {"model": m.name, "version": m.version, "predictions": self._predictions(m, out, top_k)}
+        )
+
+    @staticmethod
+    def _predictions(m: ServedModel, out: dict[str, np.ndarray], top_k: int) -> list[dict[str, Any]]:
+        """/predict's answer per image: top-k labels with calibrated probabilities (6 decimals), the decided label
+        (or a multi-label run's label set), and ``unknown`` with the OOD score when the run has an OOD rule."""
+        names, probs = m.art.class_names, out["probs"]
         k = min(top_k, len(names))
-        order = np.argsort(-out["probs"], axis=1)[:, :k]
-        sets = m.label_sets(out["probs"]) if m.trust.multi_label else None
+        order = np.argsort(-probs, axis=1)[:, :k]
+        sets = m.label_sets(probs) if m.trust.multi_label else None
+        rows = probs.tolist()  # Python floats at once: indexing numpy scalars one by one costs more than this
+        unknown = out["unknown"].tolist() if "unknown" in out else None
+        scores = out["ood_score"].tolist() if "unknown" in out else None
         preds = []
-        for i, row in enumerate(order):
-            top = [{"label": names[c], "prob": round(float(out["probs"][i, c]), 6)} for c in row]
+        for i, row in enumerate(order.tolist()):
+            top = [{"label": names[c], "prob": round(rows[i][c], 6)} for c in row]
             p: dict[str, Any] = {"top": top} if sets is not None else {"label": top[0]["label"], "top": top}
             if sets is not None:  # multi-label: the decided label set (possibly empty), most probable first
-                p["labels"] = [{"label": names[c], "prob": round(float(out["probs"][i, c]), 6)} for c in sets[i]]
-            if "unknown" in out:
-                p.update(unknown=bool(out["unknown"][i]), ood_score=round(float(out["ood_score"][i]), 6))
+                p["labels"] = [{"label": names[c], "prob": round(rows[i][c], 6)} for c in sets[i]]
+            if unknown is not None:
+                p.update(unknown=bool(unknown[i]), ood_score=round(scores[i], 6))
                 if p["unknown"]:
                     p.update(labels=[]) if sets is not None else p.update(label="unknown")
             preds.append(p)
-        return web.json_response({"model": m.name, "version": m.version, "predictions": preds})
+        return preds
 
     async def index(self, request: web.Request) -> web.Response:
         routes = sorted({r.resource.canonical for r in request.app.router.routes() if r.resource})
