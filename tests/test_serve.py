@@ -644,3 +644,34 @@ def test_batcher_stops_counting_a_request_whose_client_left():
 
     before, after, out, end = _run_async(main())
     assert (before, after, end) == (6, 0, 0) and out["x"].tolist() == [5] * 8
+
+
+def test_batcher_goes_on_when_a_request_of_the_batch_leaves_before_its_decode():
+    """A request taken into a batch whose client leaves before a decode round reaches it: the batch runs
+    without it (this once spun the event loop at 100 % CPU, answering nothing, after a wrk run ended)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgclf.deploy.batcher import Batcher
+
+    def prepare(items):
+        time.sleep(0.2 if items == [b"a"] else 0)
+        return np.zeros((len(items), 1, 1, 3), np.uint8)
+
+    async def main():
+        pool = ThreadPoolExecutor(1)
+        b = Batcher(lambda px: {"x": px[:, 0, 0, 0]}, max_batch=8, max_delay_ms=0, max_queue=8, prepare=prepare,
+                    pool=pool)  # fmt: skip
+        b.start()
+        a = asyncio.ensure_future(b.submit([b"a"], 1))  # its round starts at once and takes 0.2 s
+        gone = asyncio.ensure_future(b.submit([b"b"], 1))  # queued undecoded, taken into the batch with a
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        out = await asyncio.wait_for(a, 5)
+        later = await asyncio.wait_for(b.submit([b"c"], 1), 5)
+        await b.drain()
+        pool.shutdown()
+        return out, later, gone.cancelled(), b.queued_images
+
+    out, later, cancelled, queued = _run_async(main())
+    assert len(out["x"]) == 1 and len(later["x"]) == 1 and cancelled and queued == 0

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -199,32 +200,40 @@ class Batcher:
         jobs, n = [], 0
         while self._undecoded and n < self.max_batch:
             j = self._undecoded.popleft()
-            if not j.future.done():
+            if not j.future.done():  # (a request whose client left is not decoded)
                 jobs.append(j)
                 n += j.n
         if not jobs:
             return
         loop = asyncio.get_running_loop()
         parts = min(self.prepare_threads, len(jobs))
-        self._decoding = asyncio.gather(*(loop.run_in_executor(self.pool, self._prepare_all, jobs[i::parts])
-                                          for i in range(parts)))  # fmt: skip
-        self._decoding.add_done_callback(lambda f: self._decoded(f, jobs))
+        tasks = asyncio.gather(*(loop.run_in_executor(self.pool, self._prepare_all, jobs[i::parts])
+                                 for i in range(parts)))  # fmt: skip
+        self._decoding = loop.create_future()  # resolved once the round's results are in its jobs
+        tasks.add_done_callback(functools.partial(self._decoded, jobs, self._decoding))
 
-    def _decoded(self, round_: asyncio.Future, jobs: list[_Job]) -> None:
-        self._decoding = None
-        if round_.cancelled() or round_.exception() is not None:  # the pool is gone (shutting down)
+    def _decoded(self, jobs: list[_Job], done: asyncio.Future, tasks: asyncio.Future) -> None:
+        if tasks.cancelled() or tasks.exception() is not None:  # the pool is gone (shutting down)
             for j in jobs:
                 if j.pixels is None and j.error is None:
-                    j.error = Draining() if round_.cancelled() else round_.exception()
+                    j.error = Draining() if tasks.cancelled() else tasks.exception()
+        self._decoding = None
+        self._decode_ahead()  # the requests that arrived meanwhile
+        done.set_result(None)
         self._wake.set()
-        self._decode_ahead()
+
+    def _undecoded_in(self, jobs: list[_Job]) -> bool:
+        return any(not isinstance(j.items, np.ndarray) and j.pixels is None and j.error is None
+                   and not j.future.done() for j in jobs)  # fmt: skip
 
     async def _prepare(self, jobs: list[_Job]) -> np.ndarray | None:
         """The batch's pixels, once the decode rounds have reached all its requests; failed requests are answered
         and dropped from ``jobs``. None when none is left."""
-        while any(j.pixels is None and j.error is None and not isinstance(j.items, np.ndarray) for j in jobs):
+        while self._undecoded_in(jobs):
             self._decode_ahead()
-            await asyncio.shield(self._decoding)
+            if self._decoding is None:  # every undecoded request is in _undecoded or in the running round
+                raise RuntimeError("a request of the batch is in no decode round")
+            await asyncio.shield(self._decoding)  # (resolved after its jobs are marked: no busy loop)
         for j in jobs:
             if j.error is not None and not j.future.done():
                 j.future.set_exception(j.error)
