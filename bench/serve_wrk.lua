@@ -1,9 +1,10 @@
 -- wrk script for bench/serve_wrk.py: POST encoded images to an imgclf server, one image per request.
 --
---   wrk -t1 -c32 -d20s -s bench/serve_wrk.lua http://127.0.0.1:8000/predict -- LIST [raw|multipart] [OUT.json]
+--   wrk -t1 -c32 -d20s -s bench/serve_wrk.lua http://127.0.0.1:8000/predict -- LIST [raw|multipart] [OUT.json] [close]
 --
 -- LIST is a text file naming the image files (one path a line); requests cycle through them. raw sends the
 -- bytes as the body (Content-Type image/png or image/jpeg from the file name); multipart sends one file part.
+-- close: every request asks for Connection: close (a new connection per request, like many one-shot clients).
 -- At the end, a JSON summary (requests, status counts, latency percentiles in microseconds) goes to OUT.json.
 
 local requests_ = {}
@@ -31,6 +32,7 @@ end
 function init(args)
   local list, mode = args[1], args[2] or "raw"
   out_path = args[3]
+  local close = args[4] == "close"
   for path in io.lines(list) do
     if #path > 0 then
       local body, headers = read_file(path), {}
@@ -42,6 +44,7 @@ function init(args)
       else
         headers["Content-Type"] = ctype(path)
       end
+      if close then headers["Connection"] = "close" end
       n_ = n_ + 1
       requests_[n_] = wrk.format("POST", nil, headers, body)
     end

@@ -579,8 +579,8 @@ def _queue_gauge(s: Served) -> float:
 
 def test_a_full_queue_refuses_before_the_body_is_read_and_paces_retries(run, images, tmp_path):
     """503 + Retry-After as soon as the headers are in when the queue is full: the body is neither waited for
-    nor parsed, a connection that retries at once is not read again for --refuse-pause-ms, and the queued
-    request gets its usual answers."""
+    nor parsed, a keep-alive connection that retries at once is not read again for --refuse-pause-ms (a one-shot
+    connection gets its refusal that much later), and the queued request gets its usual answers."""
     import http.client
     import socket
 
@@ -596,16 +596,25 @@ def test_a_full_queue_refuses_before_the_body_is_read_and_paces_retries(run, ima
             time.sleep(0.05)
         assert _queue_gauge(s) == 2
         with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:  # headers only, body never sent
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 900000\r\n\r\n")
+            t1 = time.perf_counter()
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 900000\r\n\r\n"
+            )
             r = http.client.HTTPResponse(sock)
             r.begin()
             assert r.status == 503 and int(r.getheader("Retry-After")) >= 1
+            assert time.perf_counter() - t1 < 5  # not waiting for the body (--read-timeout-s is 30 s)
             assert json.loads(r.read(int(r.getheader("Content-Length"))))["error"] == "model tiny:1 is busy"
         st, h, data = s.request("POST", "/predict", b"not an image", {"Content-Type": "image/png"})
         assert st == 503 and "Retry-After" in h  # refused, not parsed (a parsed body would be a 400)
+        t1 = time.perf_counter()  # a one-shot connection: its refusal itself waits out the pause
+        st, h, data = s.request(
+            "POST", "/predict", png(images[0]), {"Content-Type": "image/png", "Connection": "close"}
+        )
+        assert st == 503 and time.perf_counter() - t1 >= 0.45
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
         try:
-            for i in range(2):  # the same connection, again at once: its second request waits out the pause
+            for _ in range(2):  # the same connection, again at once: its second request waits out the pause
                 t1 = time.perf_counter()
                 conn.request("POST", "/predict", png(images[0]), {"Content-Type": "image/png"})
                 r = conn.getresponse()
@@ -618,8 +627,8 @@ def test_a_full_queue_refuses_before_the_body_is_read_and_paces_retries(run, ima
         st, doc = results[0]
         assert st == 200 and [p["top"][0]["label"] for p in doc["predictions"]] == ["class_0", "class_1"]
         text = s.request("GET", "/metrics")[2].decode()
-        assert float(re.search(r'imgclf_rejected_total\{model="tiny:1",reason="queue_full"\} (\S+)', text)[1]) == 4
-        assert re.search(r'imgclf_requests_total\{code="503",endpoint="/predict",model="tiny:1"\} 4\.0', text)
+        assert float(re.search(r'imgclf_rejected_total\{model="tiny:1",reason="queue_full"\} (\S+)', text)[1]) == 5
+        assert re.search(r'imgclf_requests_total\{code="503",endpoint="/predict",model="tiny:1"\} 5\.0', text)
     finally:
         assert s.stop() == 0
 
