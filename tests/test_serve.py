@@ -466,3 +466,221 @@ def test_batcher_survives_a_failure_outside_the_runtime_call():
 
     out, healthy = _run_async(main())
     assert out["x"].tolist() == [7, 7] and healthy
+
+
+def test_batcher_decodes_uploads_in_rounds_and_fails_only_the_bad_request():
+    """Encoded uploads are decoded in rounds (every request that arrived while the last round ran, in a couple of
+    pool tasks: not one per request); a request whose image does not decode gets its own error and the others
+    of the batch their rows, in request order."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgclf.deploy.batcher import Batcher
+
+    sizes, submits = [], []
+
+    class Pool(ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            submits.append(1)
+            return super().submit(*args, **kwargs)
+
+    def prepare(items):  # "decode": one uint8 image per item, of the value written in it
+        time.sleep(0.05 if items == [b"1"] else 0)  # the first round runs while the others arrive
+        if b"bad" in items:
+            raise ValueError("not an image")
+        return np.stack([np.full((2, 2, 3), int(x), np.uint8) for x in items])
+
+    def fn(px):
+        sizes.append(len(px))
+        return {"v": px[:, 0, 0, 0].astype(np.int64)}
+
+    async def main():
+        pool = Pool(2)
+        b = Batcher(fn, max_batch=32, max_delay_ms=200, max_queue=64, prepare=prepare, pool=pool, prepare_threads=2)
+        b.start()
+        reqs = [[b"1"], [b"2", b"3"], [b"bad"], [b"4", b"5", b"6"], np.full((2, 2, 2, 3), 9, np.uint8)]
+        reqs += [[str(k).encode()] for k in range(10, 18)]
+        outs = await asyncio.gather(*(b.submit(r, len(r)) for r in reqs), return_exceptions=True)
+        await b.drain()
+        pool.shutdown()
+        return outs
+
+    outs = _run_async(main())
+    assert [o["v"].tolist() for i, o in enumerate(outs) if i != 2] == [[1], [2, 3], [4, 5, 6], [9, 9]] + [
+        [k] for k in range(10, 18)
+    ]
+    assert isinstance(outs[2], ValueError) and str(outs[2]) == "not an image"
+    assert sizes == [16]  # one runtime call: the 16 images that decoded
+    assert len(submits) == 3  # 12 requests to decode: a round of the first, then one of the rest in 2 tasks
+
+
+def test_batcher_decodes_the_next_full_batch_while_the_runtime_works_and_counts_it_queued():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgclf.deploy.batcher import Batcher, QueueFull
+
+    log = []
+
+    def prepare(items):
+        log.append(("decode", items[0], time.perf_counter()))
+        return np.zeros((len(items), 1, 1, 3), np.uint8)
+
+    def fn(px):
+        log.append(("run", len(px), time.perf_counter()))
+        time.sleep(0.4)
+        log.append(("done", len(px), time.perf_counter()))
+        return {"x": px[:, 0, 0, 0]}
+
+    async def main():
+        pool = ThreadPoolExecutor(1)
+        b = Batcher(fn, max_batch=4, max_delay_ms=0, max_queue=8, prepare=prepare, pool=pool)
+        b.start()
+        first = asyncio.ensure_future(b.submit([b"a"] * 4, 4))
+        await asyncio.sleep(0.1)  # the first batch runs
+        second = asyncio.ensure_future(b.submit([b"b"] * 4, 4))
+        await asyncio.sleep(0.1)  # taken and decoded, waiting for the runtime: still 4 queued images
+        queued = b.queued_images
+        third = asyncio.ensure_future(b.submit([b"c"] * 4, 4))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await b.submit([b"d"], 1)
+        await asyncio.gather(first, second, third)
+        await b.drain()
+        pool.shutdown()
+        return queued
+
+    assert _run_async(main()) == 4
+    t = {(kind, what): when for kind, what, when in log}
+    runs = [when for kind, _, when in log if kind == "run"]
+    assert t[("decode", b"b")] < t[("done", 4)]  # decoded while the first batch ran
+    assert len(runs) == 3 and all(b - a >= 0.39 for a, b in zip(runs, runs[1:]))  # one runtime call at a time
+
+
+def test_drift_monitor_checks_at_most_once_per_interval():
+    from imgclf.deploy.monitor import DriftMonitor
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), 1000).astype(np.float32)
+    ref = __import__("imgclf.eval.drift", fromlist=["reference_stats"]).reference_stats(probs)
+    mon = DriftMonitor(json.loads(json.dumps(ref)), window=100, min_samples=10, check_every=10, min_interval_s=30)
+    checks = []
+    mon.check = lambda orig=mon.check: checks.append(1) or orig()
+    for i in range(50):  # 500 images, 50 chances to check every 10 images
+        mon.update(probs[i * 10 : (i + 1) * 10], None, None)
+    assert len(checks) == 1 and mon.last["n"] == 10  # the first one only, within the 30 s interval
+    assert mon.check()["n"] == 100  # on demand: at once
+
+
+def _queue_gauge(s: Served) -> float:
+    m = re.search(r"imgclf_queue_images\{[^}]*\} (\S+)", s.request("GET", "/metrics")[2].decode())
+    return float(m.group(1)) if m else 0.0
+
+
+def test_a_full_queue_refuses_before_the_body_is_read_and_paces_retries(run, images, tmp_path):
+    """503 + Retry-After as soon as the headers are in when the queue is full: the body is neither waited for
+    nor parsed, a keep-alive connection that retries at once is not read again for --refuse-pause-ms (a one-shot
+    connection gets its refusal that much later), and the queued request gets its usual answers."""
+    import http.client
+    import socket
+
+    s = Served([run, "--runtime", "torch", "--max-delay-ms", "6000", "--max-batch", "64", "--max-queue", "2",
+                "--max-images", "2", "--refuse-pause-ms", "500"], tmp_path)  # fmt: skip
+    try:
+        body, headers = multipart([(f"{i}.png", png(images[i])) for i in range(2)])
+        results = []
+        t = threading.Thread(target=lambda: results.append(s.json("POST", "/predict", body, headers)))
+        t.start()
+        t0 = time.time()
+        while _queue_gauge(s) < 2 and time.time() - t0 < 30:  # the two images wait for their batch (6 s)
+            time.sleep(0.05)
+        assert _queue_gauge(s) == 2
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:  # headers only, body never sent
+            t1 = time.perf_counter()
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 900000\r\n\r\n"
+            )
+            r = http.client.HTTPResponse(sock)
+            r.begin()
+            assert r.status == 503 and int(r.getheader("Retry-After")) >= 1
+            assert time.perf_counter() - t1 < 5  # not waiting for the body (--read-timeout-s is 30 s)
+            assert json.loads(r.read(int(r.getheader("Content-Length"))))["error"] == "model tiny:1 is busy"
+        st, h, data = s.request("POST", "/predict", b"not an image", {"Content-Type": "image/png"})
+        assert st == 503 and "Retry-After" in h  # refused, not parsed (a parsed body would be a 400)
+        t1 = time.perf_counter()  # a one-shot connection: its refusal itself waits out the pause
+        st, h, data = s.request(
+            "POST", "/predict", png(images[0]), {"Content-Type": "image/png", "Connection": "close"}
+        )
+        assert st == 503 and time.perf_counter() - t1 >= 0.45
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        try:
+            for _ in range(2):  # the same connection, again at once: its second request waits out the pause
+                t1 = time.perf_counter()
+                conn.request("POST", "/predict", png(images[0]), {"Content-Type": "image/png"})
+                r = conn.getresponse()
+                r.read()
+                assert r.status == 503
+            assert time.perf_counter() - t1 >= 0.45
+        finally:
+            conn.close()
+        t.join(30)
+        st, doc = results[0]
+        assert st == 200 and [p["top"][0]["label"] for p in doc["predictions"]] == ["class_0", "class_1"]
+        text = s.request("GET", "/metrics")[2].decode()
+        assert float(re.search(r'imgclf_rejected_total\{model="tiny:1",reason="queue_full"\} (\S+)', text)[1]) == 5
+        assert re.search(r'imgclf_requests_total\{code="503",endpoint="/predict",model="tiny:1"\} 5\.0', text)
+    finally:
+        assert s.stop() == 0
+
+
+def test_batcher_stops_counting_a_request_whose_client_left():
+    import asyncio
+
+    from imgclf.deploy.batcher import Batcher
+
+    async def main():
+        b = Batcher(lambda px: {"x": px[:, 0, 0, 0]}, max_batch=8, max_delay_ms=300, max_queue=8)
+        b.start()
+        gone = asyncio.ensure_future(b.submit(np.zeros((6, 1, 1, 3), np.uint8)))
+        await asyncio.sleep(0.02)
+        before = b.queued_images
+        gone.cancel()  # a client that disconnected (or timed out) while its request waited
+        await asyncio.sleep(0.02)
+        after = b.queued_images
+        out = await b.submit(np.full((8, 1, 1, 3), 5, np.uint8))  # the whole queue is free again at once
+        await b.drain()
+        return before, after, out, b.queued_images
+
+    before, after, out, end = _run_async(main())
+    assert (before, after, end) == (6, 0, 0) and out["x"].tolist() == [5] * 8
+
+
+def test_batcher_goes_on_when_a_request_of_the_batch_leaves_before_its_decode():
+    """A request taken into a batch whose client leaves before a decode round reaches it: the batch runs
+    without it (this once spun the event loop at 100 % CPU, answering nothing, after a wrk run ended)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgclf.deploy.batcher import Batcher
+
+    def prepare(items):
+        time.sleep(0.2 if items == [b"a"] else 0)
+        return np.zeros((len(items), 1, 1, 3), np.uint8)
+
+    async def main():
+        pool = ThreadPoolExecutor(1)
+        b = Batcher(lambda px: {"x": px[:, 0, 0, 0]}, max_batch=8, max_delay_ms=0, max_queue=8, prepare=prepare,
+                    pool=pool)  # fmt: skip
+        b.start()
+        a = asyncio.ensure_future(b.submit([b"a"], 1))  # its round starts at once and takes 0.2 s
+        gone = asyncio.ensure_future(b.submit([b"b"], 1))  # queued undecoded, taken into the batch with a
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        out = await asyncio.wait_for(a, 5)
+        later = await asyncio.wait_for(b.submit([b"c"], 1), 5)
+        await b.drain()
+        pool.shutdown()
+        return out, later, gone.cancelled(), b.queued_images
+
+    out, later, cancelled, queued = _run_async(main())
+    assert len(out["x"]) == 1 and len(later["x"]) == 1 and cancelled and queued == 0

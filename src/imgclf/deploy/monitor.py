@@ -1,8 +1,10 @@
 """Live monitoring of a served model: a sliding window of its outputs compared with the run's drift reference.
 
 ``DriftMonitor.update`` is called with every batch's calibrated probabilities, embeddings and
-``unknown`` flags; every ``check_every`` images it recomputes the distances (``eval.drift``), and
-logs a warning when a statistic crosses its threshold (and an info line when it comes back).
+``unknown`` flags; every ``check_every`` images, but at most once every ``min_interval_s`` seconds (at
+thousands of images a second a window of 1,000 would otherwise be recomputed many times a second for
+nothing), it recomputes the distances (``eval.drift``), and logs a warning when a statistic crosses its
+threshold (and an info line when it comes back). ``check`` recomputes them at once.
 Thread-safe: batches arrive from the inference thread, reports are read by HTTP handlers.
 
 Example:
@@ -13,7 +15,9 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -35,10 +39,12 @@ class DriftMonitor:
         thresholds: dict[str, float] | None = None,
         name: str = "model",
         task: Any = None,
+        min_interval_s: float = 1.0,
     ):
         self.ref, self.window, self.min_samples, self.name = reference, window, min_samples, name
         self.task = task  # the run's Trust (or task): what a decision and its confidence are
         self.check_every, self.thresholds = check_every, {**THRESHOLDS, **(thresholds or {})}
+        self.min_interval, self._checked_at = min_interval_s, -math.inf
         self._lock = threading.Lock()
         self._probs: np.ndarray | None = None
         self._feats: np.ndarray | None = None
@@ -64,13 +70,13 @@ class DriftMonitor:
             self._unknown[idx] = unknown if unknown is not None else False
             self._pos, self._count = (self._pos + n) % self.window, min(self._count + n, self.window)
             self._since_check += n
-            due = self._since_check >= self.check_every
+            due = self._since_check >= self.check_every and time.monotonic() - self._checked_at >= self.min_interval
         if due and self.enabled:
             self.check()
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         with self._lock:
-            self._since_check = 0
+            self._since_check, self._checked_at = 0, time.monotonic()
             n = self._count
             if self._probs is None or n == 0:
                 return np.zeros((0, 1)), None, np.zeros(0, bool)

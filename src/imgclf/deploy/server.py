@@ -15,8 +15,14 @@ Endpoints (``{m}`` = ``models/NAME`` or ``models/NAME/versions/V``; without it, 
   Prometheus; ``GET /models``: what is served.
 
 Bad input (not an image, truncated, too many pixels, too large a body, wrong content type, bad
-JSON or tensors) gets a 4xx JSON ``{"error": ...}``; a full queue 503 with Retry-After; a request
-over its time 504. SIGINT/SIGTERM stop intake (readiness turns 503) and finish the queued work.
+JSON or tensors) gets a 4xx JSON ``{"error": ...}``; a full queue 503 with Retry-After, answered from
+the headers alone (the body is neither waited for nor parsed) and the refused connection left unread for
+``--refuse-pause-ms``, so clients that retry at once cannot starve the accepted requests of CPU; a
+request over its time 504. SIGINT/SIGTERM stop intake (readiness turns 503) and finish the queued work.
+
+Where the time goes (28 px PNGs, 2 cores): the runtime call, then decoding and resizing (done in the
+decode pool in rounds, while requests wait for their batch: ``batcher``), then aiohttp's own work per
+request; the handler itself is kept to a few dict lookups and one JSON encoding.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import signal
@@ -32,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -59,6 +67,8 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+_DRAINING = b'{"error": "server is shutting down"}'
+_MAX_HELD = 256  # refusals held back at once (each keeps its connection open); beyond, answered at once
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
@@ -81,6 +91,15 @@ class Metrics:
         self.rejects = Counter("imgclf_rejected", "requests refused", ["model", "reason"], registry=r)
         self.drift = Gauge("imgclf_drift", "drift distance of the window", ["model", "statistic"], registry=r)
         self.drifted = Gauge("imgclf_drifted", "1 when a drift statistic is past its threshold", ["model"], registry=r)
+        self._children: dict[tuple, Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once (``labels`` validates and locks on every call)."""
+        key = (metric, labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
 
 
 class Server:
@@ -94,17 +113,22 @@ class Server:
         self.default = next(iter(models))
         self.draining = False
         self.inflight = 0  # requests being read, decoded or waiting for their batch
+        self._held = 0  # refusals of one-shot connections waiting out --refuse-pause-ms
         self.decode_pool = ThreadPoolExecutor(opts.decode_threads, thread_name_prefix="imgclf-decode")
         for m in self.all_models():
-            m.batcher.on_batch = self._batch_observer(m.key)
+            b = m.batcher
+            b.on_batch, b.pool, b.prepare_threads = self._batch_observer(m.key), self.decode_pool, opts.decode_threads
+            b.prepare = functools.partial(self._decode, m)  # uploads are decoded batch by batch, in the pool
 
     def all_models(self) -> list[ServedModel]:
         return [m for versions in self.models.values() for m in versions.values()]
 
     def _batch_observer(self, key: str):
+        batch, infer = self.metrics.batch.labels(key), self.metrics.infer.labels(key)
+
         def observe(n: int, seconds: float) -> None:
-            self.metrics.batch.labels(key).observe(n)
-            self.metrics.infer.labels(key).observe(seconds)
+            batch.observe(n)
+            infer.observe(seconds)
 
         return observe
 
@@ -170,11 +194,12 @@ class Server:
             resp = web.json_response({"error": "internal server error (logged)"}, status=500)
         if endpoint not in ("/metrics",):
             name = request.get("model", "-")
-            self.metrics.requests.labels(name, endpoint, str(resp.status)).inc()
+            mt = self.metrics
+            mt.child(mt.requests, name, endpoint, str(resp.status)).inc()
             if resp.status < 400:
-                self.metrics.latency.labels(name, endpoint).observe(time.perf_counter() - t0)
+                mt.child(mt.latency, name, endpoint).observe(time.perf_counter() - t0)
             elif resp.status in (400, 408, 413, 415):
-                self.metrics.rejects.labels(name, "bad_request").inc()
+                mt.child(mt.rejects, name, "bad_request").inc()
         return resp
 
     # ------------------------------------------------------------ reading requests
@@ -195,6 +220,8 @@ class Server:
     async def _body(self, request: web.Request) -> bytes:
         self._check_length(request)
         try:
+            if request.content.is_eof():  # all in already (a small upload): no timer to set
+                return await request.read()
             async with asyncio.timeout(self.opts.read_timeout_s):
                 return await request.read()
         except TimeoutError:
@@ -261,15 +288,19 @@ class Server:
             raise ApiError(400, "multipart body has no file parts (send images as files)")
         return files
 
-    def _decode(self, m: ServedModel, uploads: list[tuple[str, bytes]]) -> np.ndarray:
-        """Decode and resize one image at a time: only one full-size image is ever held per thread."""
-        from .runtime import pixel_fn
-
+    def _count(self, uploads: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """``uploads`` if their number is within the limits (400 none, 413 over ``--max-images``)."""
         if not uploads:
             raise ApiError(400, "no images in the request")
         if len(uploads) > self.opts.max_images:
             raise ApiError(413, f"{len(uploads)} images in one request; the limit is {self.opts.max_images}")
-        to_px, rows = pixel_fn(m.art), []
+        return uploads
+
+    def _decode(self, m: ServedModel, uploads: list[tuple[str, bytes]]) -> np.ndarray:
+        """(In the decode pool, as the batcher's ``prepare``.) (N, H, W, 3) uint8 pixels of a request's
+        encoded images, decoded and resized one at a time: only one full-size image is ever held per thread.
+        ApiError 400 for an empty or bad image, 413 for one over the pixel limits."""
+        to_px, rows = m.to_pixels, []
         for source, data in uploads:
             if not data:
                 raise ApiError(400, f"{source}: empty image")
@@ -281,70 +312,105 @@ class Server:
             except MemoryError:
                 raise ApiError(413, f"{source}: too large to preprocess") from None
             del img
-        return np.stack(rows)
+        return rows[0][None] if len(rows) == 1 else np.stack(rows)  # (one image: a view, the batch copies it)
 
     def _reject(self, m: ServedModel, reason: str) -> ApiError:
         """Count a refusal and make its answer: 503 + Retry-After (draining, queue_full) or 504 (timeout)."""
-        self.metrics.rejects.labels(m.key, reason).inc()
+        self.metrics.child(self.metrics.rejects, m.key, reason).inc()
         if reason == "timeout":
             return ApiError(504, f"no answer within {self.opts.timeout_s:g} s (server overloaded)")
         if reason == "draining":
             return ApiError(503, "server is shutting down", {"Retry-After": "5"})
         return ApiError(503, f"model {m.key} is busy", {"Retry-After": str(m.batcher.retry_after())})
 
-    def _admit(self, m: ServedModel) -> None:
-        """Refuse at once (before reading and decoding the body) when the answer would be 503 anyway."""
-        if self.draining:
-            raise self._reject(m, "draining")
-        if m.batcher.queued_images >= self.opts.max_queue or self.inflight >= self.opts.max_inflight:
-            raise self._reject(m, "queue_full")
+    async def _refusal(self, request: web.Request, m: ServedModel) -> web.Response | None:
+        """503 + Retry-After when the model cannot take the request now (draining, its queue or the in-flight
+        limit full), made before the body is read or anything parsed; None to go on.
 
-    async def _run(self, m: ServedModel, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        A refused client is not heard again for ``refuse_pause_ms``, so one that retries at once, ignoring
+        Retry-After, cannot take the CPU the accepted requests need: a keep-alive connection whose request
+        has arrived whole is answered at once and not read for that long; a one-shot connection (it asked
+        to close) gets its answer that much later (at most ``_MAX_HELD`` at a time)."""
+        if self.draining:
+            reason, retry = "draining", 5
+        elif m.batcher.queued_images >= self.opts.max_queue or self.inflight >= self.opts.max_inflight:
+            reason, retry = "queue_full", m.batcher.retry_after()
+        else:
+            return None
+        self.metrics.child(self.metrics.rejects, m.key, reason).inc()
+        body = _DRAINING if reason == "draining" else m.busy_body
+        resp = web.Response(body=body, status=503, content_type="application/json", headers={"Retry-After": str(retry)})
+        pause, transport = self.opts.refuse_pause_ms / 1000, request.transport
+        if pause <= 0 or transport is None:
+            return resp
+        if request.keep_alive and request.content.is_eof():  # (else aiohttp reads the rest of the body)
+            transport.pause_reading()
+            asyncio.get_running_loop().call_later(pause, _resume_reading, transport)
+        elif not request.keep_alive and self._held < _MAX_HELD:
+            self._held += 1
+            try:
+                await asyncio.sleep(pause)
+            finally:
+                self._held -= 1
+        return resp
+
+    async def _run(self, m: ServedModel, items: np.ndarray | list[tuple[str, bytes]]) -> dict[str, np.ndarray]:
+        """Every output of a request's images: (N, H, W, C) uint8 pixels, or encoded uploads (decoded with
+        their batch). Raises ApiError 503 (queue full, draining), 504 (timeout), or the uploads' 400/413."""
         try:
             async with asyncio.timeout(self.opts.timeout_s):  # cheaper than wait_for: no extra task per request
-                out = await m.batcher.submit(pixels)
+                out = await m.batcher.submit(items, len(items))
         except QueueFull:
             raise self._reject(m, "queue_full") from None
         except Draining:
             raise self._reject(m, "draining") from None
         except TimeoutError:
             raise self._reject(m, "timeout") from None
-        self.metrics.images.labels(m.key).inc(len(pixels))
+        mt = self.metrics
+        mt.child(mt.images, m.key).inc(len(items))
         if "unknown" in out:
-            self.metrics.unknown.labels(m.key).inc(int(out["unknown"].sum()))
+            mt.child(mt.unknown, m.key).inc(int(out["unknown"].sum()))
         return out
-
-    async def _pixels_of(self, m: ServedModel, uploads: list[tuple[str, bytes]]) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, self._decode, m, uploads)
 
     # ------------------------------------------------------------ native endpoints
 
     async def predict(self, request: web.Request) -> web.Response:
         m = self._model_of(request)
+        if (busy := await self._refusal(request, m)) is not None:
+            return busy
         top_k = _int_param(request, "top_k", self.opts.top_k, 1, m.art.num_classes)
-        self._admit(m)
         self.inflight += 1
         try:
-            pixels = await self._pixels_of(m, await self._uploads(request))
-            out = await self._run(m, pixels)
+            out = await self._run(m, self._count(await self._uploads(request)))
         finally:
             self.inflight -= 1
-        names = m.art.class_names
+        return web.json_response(
+            {"model": m.name, "version": m.version, "predictions": self._predictions(m, out, top_k)}
+        )
+
+    @staticmethod
+    def _predictions(m: ServedModel, out: dict[str, np.ndarray], top_k: int) -> list[dict[str, Any]]:
+        """/predict's answer per image: top-k labels with calibrated probabilities (6 decimals), the decided label
+        (or a multi-label run's label set), and ``unknown`` with the OOD score when the run has an OOD rule."""
+        names, probs = m.art.class_names, out["probs"]
         k = min(top_k, len(names))
-        order = np.argsort(-out["probs"], axis=1)[:, :k]
-        sets = m.label_sets(out["probs"]) if m.trust.multi_label else None
+        order = np.argsort(-probs, axis=1)[:, :k]
+        sets = m.label_sets(probs) if m.trust.multi_label else None
+        rows = probs.tolist()  # Python floats at once: indexing numpy scalars one by one costs more than this
+        unknown = out["unknown"].tolist() if "unknown" in out else None
+        scores = out["ood_score"].tolist() if "unknown" in out else None
         preds = []
-        for i, row in enumerate(order):
-            top = [{"label": names[c], "prob": round(float(out["probs"][i, c]), 6)} for c in row]
+        for i, row in enumerate(order.tolist()):
+            top = [{"label": names[c], "prob": round(rows[i][c], 6)} for c in row]
             p: dict[str, Any] = {"top": top} if sets is not None else {"label": top[0]["label"], "top": top}
             if sets is not None:  # multi-label: the decided label set (possibly empty), most probable first
-                p["labels"] = [{"label": names[c], "prob": round(float(out["probs"][i, c]), 6)} for c in sets[i]]
-            if "unknown" in out:
-                p.update(unknown=bool(out["unknown"][i]), ood_score=round(float(out["ood_score"][i]), 6))
+                p["labels"] = [{"label": names[c], "prob": round(rows[i][c], 6)} for c in sets[i]]
+            if unknown is not None:
+                p.update(unknown=bool(unknown[i]), ood_score=round(scores[i], 6))
                 if p["unknown"]:
                     p.update(labels=[]) if sets is not None else p.update(label="unknown")
             preds.append(p)
-        return web.json_response({"model": m.name, "version": m.version, "predictions": preds})
+        return preds
 
     async def index(self, request: web.Request) -> web.Response:
         routes = sorted({r.resource.canonical for r in request.app.router.routes() if r.resource})
@@ -427,7 +493,8 @@ class Server:
 
     async def v2_infer(self, request: web.Request) -> web.Response:
         m = self._model_of(request)
-        self._admit(m)
+        if (busy := await self._refusal(request, m)) is not None:
+            return busy
         self.inflight += 1
         try:
             body = await self._body(request)
@@ -438,23 +505,24 @@ class Server:
                                                           self.opts.max_images)  # fmt: skip
             except ProtocolError as e:
                 raise ApiError(413 if e.too_large else 400, str(e)) from None
-            pixels = await self._v2_pixels(m, tensors)
-            out = await self._run(m, pixels)
+            items = self._v2_items(m, tensors)
+            out = await self._run(m, items)
         finally:
             self.inflight -= 1
-        outputs = self._v2_outputs(m, doc, out, len(pixels))
+        outputs = self._v2_outputs(m, doc, out, len(items))
         meta = {"model_name": m.name, "model_version": m.version, **({"id": doc["id"]} if "id" in doc else {})}
         payload, head_len = encode_response(meta, outputs)
         if head_len is None:
             return web.Response(body=payload, content_type="application/json")
         return web.Response(body=payload, content_type="application/octet-stream", headers={HEADER: str(head_len)})
 
-    async def _v2_pixels(self, m: ServedModel, tensors: dict[str, Any]) -> np.ndarray:
+    def _v2_items(self, m: ServedModel, tensors: dict[str, Any]) -> np.ndarray | list[tuple[str, bytes]]:
+        """The request's images: UINT8 pixels (N, H, W, C) checked against the model's size, or BYTES uploads."""
         if len(tensors) != 1:
             raise ApiError(400, f"send exactly one input ('input' UINT8 pixels or 'image' BYTES), got {len(tensors)}")
         name, value = next(iter(tensors.items()))
         if isinstance(value, list):  # BYTES: encoded images
-            return await self._pixels_of(m, [(f"{name}[{i}]", b) for i, b in enumerate(value)])
+            return self._count([(f"{name}[{i}]", b) for i, b in enumerate(value)])
         want = (-1, *m.input_hwc)
         if value.dtype != np.uint8 or value.ndim != 4 or tuple(value.shape[1:]) != m.input_hwc:
             raise ApiError(400, f"input '{name}': UINT8 pixels of shape {list(want)} expected, got "
@@ -499,6 +567,11 @@ class Server:
             else:
                 result.append((name, OUTPUT_TYPES[name], value, list(value.shape), binary))
         return result
+
+
+def _resume_reading(transport: asyncio.Transport) -> None:
+    if not transport.is_closing():
+        transport.resume_reading()
 
 
 def _versions(versions: dict[str, Any]) -> list[str]:
@@ -550,6 +623,10 @@ def serve(specs: list[str], opts: ServeOptions | None = None, ready_file: str | 
 
     opts = opts or ServeOptions()
     server = Server(load_models(specs, opts), opts)
+    if not any(m.predictor.name.startswith("torch") for m in server.all_models()):
+        # PyTorch only scores OOD and drift on small arrays here; its OpenMP pool would spin on both cores
+        # after each of them and take the CPU the compiled runtime and the HTTP loop need
+        torch.set_num_threads(1)
     try:
         import uvloop  # a faster event loop where installed (Linux, macOS)
 

@@ -9,6 +9,7 @@ version answers when none is asked for).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -28,7 +29,7 @@ from ..eval.inference import run_decode_policy
 from ..eval.trust import Trust
 from .batcher import Batcher
 from .monitor import DriftMonitor
-from .runtime import Predictor, auto_predictor
+from .runtime import Predictor, auto_predictor, pixel_fn
 
 log = logging.getLogger("imgclf")
 _SPEC = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.-]+)(?::(?P<version>[0-9]+))?=)?(?P<run>.+)$")
@@ -61,13 +62,18 @@ class ServeOptions:
     drift_thresholds: dict[str, float] = field(default_factory=dict)
     decode_threads: int = opt(2, "threads decoding and resizing uploads")
     max_inflight: int = opt(1024, "requests being read, decoded or queued at once (503 beyond)")
+    refuse_pause_ms: float = opt(
+        250.0,
+        "after a 503, how long the refused connection is not read again: a client retrying at once, "
+        "ignoring Retry-After, waits that long (0: off)",
+    )
 
     def __post_init__(self) -> None:
         for k in ("max_batch", "max_queue", "max_pixels", "max_images", "top_k", "drift_window", "decode_threads",
                   "max_inflight", "drift_min_samples"):  # fmt: skip
             if getattr(self, k) < 1:
                 raise ImgclfError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(self, k)})")
-        for k in ("max_delay_ms", "timeout_s", "read_timeout_s", "drain_s"):
+        for k in ("max_delay_ms", "timeout_s", "read_timeout_s", "drain_s", "refuse_pause_ms"):
             if getattr(self, k) < 0:
                 raise ImgclfError(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(self, k)})")
         if self.max_body_mb <= 0:
@@ -98,7 +104,9 @@ class ServedModel:
         self.input_hwc = (h, w, c)
         # uploads decode as the run's training data did (bit depth, transparency), within the server's limits
         self.decode = run_decode_policy(self.art, opts.max_pixels, MAX_ASPECT)
+        self.to_pixels = pixel_fn(self.art)  # PIL image -> (H, W, C) uint8: the run's resize and crop
         self.feat_dim = -1  # known after the first call
+        self.busy_body = json.dumps({"error": f"model {self.key} is busy"}).encode()  # the 503's, made once
 
     @property
     def key(self) -> str:
