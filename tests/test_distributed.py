@@ -20,9 +20,10 @@ from tests.conftest import make_folder
 pytestmark = pytest.mark.slow
 
 #: no augmentation, no EMA, no BatchNorm (GroupNorm: per-image statistics), so a global batch gives the same
-#: gradient whether one process sees it or two processes see half each
+#: gradient whether one process sees it or two processes see half each; SGD, whose update moves with the gradient
+#: (AdamW's first steps are about lr x sign(g): a near-zero gradient's rounding can flip a whole lr step)
 SAME = ["--model", "test_efficientnet_gn", "--weights", "none", "--input-size", "32", "--data.num_workers", "0",
-        "--no-progress", "--train.ema", "false", "--lr", "0.005", "--sched.warmup_epochs", "0", "--aug.scale", "[1,1]",
+        "--no-progress", "--train.ema", "false", "--optim.name", "sgd", "--lr", "0.01", "--sched.warmup_epochs", "0", "--aug.scale", "[1,1]",
         "--aug.ratio", "[1,1]", "--aug.hflip", "0", "--train.label_smoothing", "0", "--trust.report", "false",
         "--trust.ood", "false"]  # fmt: skip
 
@@ -82,7 +83,7 @@ def test_two_ranks_match_one_process(data, tmp_path):
     assert hist[2]["val_top1"].tolist() == hist[0]["val_top1"].tolist()
     assert hist[0]["val_top1"].tolist() == hist[1]["val_top1"].tolist()
     assert np.allclose(hist[0]["train_loss"], hist[1]["train_loss"], atol=1e-4)  # all ranks' images: the same mean
-    assert hist[0]["train_loss"][1] < hist[0]["train_loss"][0] - 0.05  # it learned: the agreement is not vacuous
+    assert hist[0]["train_loss"][1] < hist[0]["train_loss"][0] - 0.01  # it learned: the agreement is not vacuous
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
