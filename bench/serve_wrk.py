@@ -86,12 +86,13 @@ def raw_throughput(pred, px: np.ndarray, seconds: float, batch: int = 32) -> dic
     batches = [px[i : i + batch] for i in range(0, len(px) - batch + 1, batch)]
     for b in batches[:3]:  # warm-up
         pred(b)
-    load0, n, t0 = _load(), 0, time.perf_counter()
+    load0, n, t0, cpu0 = _load(), 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         pred(batches[(n // batch) % len(batches)])
         n += batch
-    wall = time.perf_counter() - t0
-    return {"batch": batch, "img_per_s": round(n / wall, 1), "seconds": round(wall, 2), "load": _load(load0)}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"batch": batch, "img_per_s": round(n / wall, 1), "seconds": round(wall, 2),
+            "cpu_ms_per_image": round(1000 * cpu / n, 3), "load": _load(load0)}  # fmt: skip
 
 
 class Served:
@@ -187,6 +188,7 @@ def run_wrk(srv: Served, files: Path, connections: int, seconds: float, body: st
         "responses_per_s": round(doc["requests"] / wall, 1),
         "latency_ms": {k: round(v / 1000, 1) for k, v in doc["latency_us"].items()},
         "server_cpu_ms_per_response": round(1000 * (cpu1 - cpu0) / max(doc["requests"], 1), 3),
+        "wrk_cpu_ms_per_response": round(1000 * wrk_cpu * wall / max(doc["requests"], 1), 3),
         "load": load,
     }
 

@@ -66,8 +66,8 @@ class Batcher:
             images waiting (``QueueFull`` beyond).
         on_batch: called with (images, seconds) after every runtime call.
         prepare: ``prepare(items) -> (n, H, W, C) uint8`` for requests submitted as something other than
-            pixels (encoded images); run in ``pool``, split over ``prepare_threads`` tasks per batch; what it
-            raises becomes that request's error.
+            pixels (encoded images); run in ``pool`` in rounds of up to a batch, split over ``prepare_threads``
+            tasks; what it raises becomes that request's error.
     """
 
     def __init__(

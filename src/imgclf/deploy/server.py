@@ -118,7 +118,7 @@ class Server:
         for m in self.all_models():
             b = m.batcher
             b.on_batch, b.pool, b.prepare_threads = self._batch_observer(m.key), self.decode_pool, opts.decode_threads
-            b.prepare = functools.partial(self._decode, m)  # uploads are decoded batch by batch, in the pool
+            b.prepare = functools.partial(self._decode, m)  # uploads are decoded in rounds, in the pool
 
     def all_models(self) -> list[ServedModel]:
         return [m for versions in self.models.values() for m in versions.values()]
