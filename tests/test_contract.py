@@ -288,8 +288,10 @@ def test_hub_offline_is_one_line_error_never_a_silent_random_init(name, weights,
 @pytest.mark.parametrize("weights", ["hub", "auto"])
 def test_hub_offline_through_the_cli_is_exit_2_and_one_line(weights, offline, tmp_path):
     data = make_folder(tmp_path / "d", n_per_class=3, classes=2)
+    # an explicit input size: no data.input_size auto line before the error
     r = run_cli("train", "--data", data, "--model", "test_resnet", "--weights", weights, "--epochs", "1",
-                "--output", tmp_path / "runs", "--name", "h", "--no-progress", "--data.num_workers", "0")  # fmt: skip
+                "--output", tmp_path / "runs", "--name", "h", "--no-progress", "--data.num_workers", "0",
+                "--input-size", "32")  # fmt: skip
     lines = [line for line in r.err.splitlines() if line.strip()]
     assert r.code == 2 and len(lines) == 1, r  # one line, no traceback, no retry chatter
     assert lines[0].startswith("imgclf: error: could not get pretrained weights for 'test_resnet' from the hub"), r

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 #: gradient whether one process sees it or two processes see half each; SGD, whose update moves with the gradient
 #: (AdamW's first steps are about lr x sign(g): a near-zero gradient's rounding can flip a whole lr step)
 SAME = ["--model", "test_efficientnet_gn", "--weights", "none", "--input-size", "32", "--data.num_workers", "0",
-        "--no-progress", "--train.ema", "false", "--optim.name", "sgd", "--lr", "0.01", "--sched.warmup_epochs", "0", "--aug.scale", "[1,1]",
-        "--aug.ratio", "[1,1]", "--aug.hflip", "0", "--train.label_smoothing", "0", "--trust.report", "false",
-        "--trust.ood", "false"]  # fmt: skip
+        "--no-progress", "--train.ema", "false", "--optim.name", "sgd", "--lr", "0.01", "--sched.warmup_epochs", "0",
+        "--aug.scale", "[1,1]", "--aug.ratio", "[1,1]", "--aug.hflip", "0", "--train.label_smoothing", "0",
+        "--trust.report", "false", "--trust.ood", "false"]  # fmt: skip
 
 
 def _env() -> dict[str, str]:
