@@ -12,7 +12,7 @@ are only interpolated (EfficientNet-Lite0 on a 3,000-image 28 px folder ran at 1
 
 Example:
     >>> a = auto_input_size(28, 224)
-    >>> a.size, a.crop_pct, a.message[:60]
+    >>> a.size, a.crop_pct, a.message[:59]
     (32, 1.0, 'input size 32, crop_pct 1.0 (data 28 px; model default 224)')
     >>> auto_input_size(200, 224).size is None
     True
