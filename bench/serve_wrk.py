@@ -211,7 +211,7 @@ def merge(runs: list[dict]) -> dict:
             status[k] = status.get(k, 0) + v
         for k, v in r["socket_errors"].items():
             errors[k] = errors.get(k, 0) + v
-    lat = {q: statistics.median(r["latency_ms"][q] for r in runs) for q in ("p50", "p90", "mean")}
+    lat = {q: round(statistics.median(r["latency_ms"][q] for r in runs), 1) for q in ("p50", "p90", "mean")}
     lat.update({q: max(r["latency_ms"][q] for r in runs) for q in ("p99", "max")})
     server, wrk, busy = tot["server_cpu_s"] / secs, tot["wrk_cpu_s"] / secs, tot["busy_core_s"] / secs
     load = {"loadavg_1m": round(statistics.mean(r["load"]["loadavg_1m"] for r in runs), 2),
