@@ -1,21 +1,20 @@
 """Bounded load test of ``imgclf serve`` with a compiled client (wrk), against the raw runtime in the same run.
 
-Phases, each of fixed length, everything on 127.0.0.1, everything stopping by itself:
+Everything on 127.0.0.1, every case of fixed length, everything stopping by itself:
 
-1. raw: the same runtime called in this process on batches of 32 preprocessed images (no HTTP), before and
-   after the server phases (the mean is the reference of the ratios);
-2. serve: ``imgclf serve RUN`` with its defaults; wrk (``bench/serve_wrk.lua``) posts one image per request,
+1. serve: ``imgclf serve RUN`` with its defaults; wrk (``bench/serve_wrk.lua``) posts one image per request,
    28 px Fashion-MNIST test PNGs (the data the run was trained on) and 224 px JPEGs made from them, with
-   ``--connections`` clients; answers are checked against the local runtime afterwards;
-3. overload: ``imgclf serve RUN --max-queue 16 --max-inflight 24 --max-images 16``; capacity with 16 clients,
+   ``--connections`` clients; in the same rounds, the raw runtime is called in this process on batches of 32
+   preprocessed images (no HTTP: the reference of the ratios); answers are checked against it afterwards;
+2. overload: ``imgclf serve RUN --max-queue 16 --max-inflight 24 --max-images 16``; capacity with 16 clients,
    then 64 clients that retry at once ignoring Retry-After (issue 15's case) and 10x the capacity run's
-   clients (160); goodput = 200 answers per second.
+   clients (160), on keep-alive connections and with a new connection per request; goodput = 200 answers/s.
 
-Each phase records the machine's load (load average, busy share of the cores, the server's and wrk's CPU and
-what the rest of the machine took), since the cores are shared. Writes bench/results/serve_wrk.json and prints
-a summary table.
+The cases of each server are interleaved in ``--rounds`` rounds, since the cores may be shared and their load
+drifts; every case records the machine's load (load average, busy cores, the server's and wrk's CPU and what
+the rest of the machine took). Writes bench/results/serve_wrk.json and prints a summary table.
 
-Usage: python bench/serve_wrk.py RUN [--runtime auto] [--seconds 15] [--connections 32]
+Usage: python bench/serve_wrk.py RUN [--runtime auto] [--seconds 15] [--rounds 3] [--connections 32]
 Needs wrk (Debian: apt-get install wrk).
 """
 
@@ -28,6 +27,7 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -190,6 +190,48 @@ def run_wrk(srv: Served, files: Path, connections: int, seconds: float, body: st
         "server_cpu_ms_per_response": round(1000 * (cpu1 - cpu0) / max(doc["requests"], 1), 3),
         "wrk_cpu_ms_per_response": round(1000 * wrk_cpu * wall / max(doc["requests"], 1), 3),
         "load": load,
+        "totals": {
+            "requests": doc["requests"],
+            "server_cpu_s": cpu1 - cpu0,
+            "wrk_cpu_s": wrk_cpu * wall,
+            "busy_core_s": load["busy_cores"] * wall,
+        },  # fmt: skip
+    }
+
+
+def merge(runs: list[dict]) -> dict:
+    """One figure for the rounds of one case: totals over their time, p50/p90/mean the median of the rounds',
+    p99/max the largest, the load averaged over the time."""
+    secs = sum(r["seconds"] for r in runs)
+    tot = {k: sum(r["totals"][k] for r in runs) for k in runs[0]["totals"]}
+    status: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for r in runs:
+        for k, v in r["status"].items():
+            status[k] = status.get(k, 0) + v
+        for k, v in r["socket_errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    lat = {q: round(statistics.median(r["latency_ms"][q] for r in runs), 1) for q in ("p50", "p90", "mean")}
+    lat.update({q: max(r["latency_ms"][q] for r in runs) for q in ("p99", "max")})
+    server, wrk, busy = tot["server_cpu_s"] / secs, tot["wrk_cpu_s"] / secs, tot["busy_core_s"] / secs
+    load = {"loadavg_1m": round(statistics.mean(r["load"]["loadavg_1m"] for r in runs), 2),
+            "busy_cores": round(busy, 2), "server_cores": round(server, 2), "wrk_cores": round(wrk, 2),
+            "others_cores": round(max(busy - server - wrk, 0.0), 2), "cores": os.cpu_count()}  # fmt: skip
+    n = max(tot["requests"], 1)
+    return {
+        "connections": runs[0]["connections"],
+        "new_connection_per_request": runs[0]["new_connection_per_request"],
+        "rounds": len(runs),
+        "seconds": round(secs, 2),
+        "status": status,
+        "socket_errors": errors,
+        "ok_per_s": round(status.get("200", 0) / secs, 1),
+        "ok_per_s_rounds": [r["ok_per_s"] for r in runs],
+        "responses_per_s": round(tot["requests"] / secs, 1),
+        "latency_ms": lat,
+        "server_cpu_ms_per_response": round(1000 * tot["server_cpu_s"] / n, 3),
+        "wrk_cpu_ms_per_response": round(1000 * tot["wrk_cpu_s"] / n, 3),
+        "load": load,
     }
 
 
@@ -216,43 +258,58 @@ def check_answers(srv: Served, files: list[str], pred) -> dict:
     return {"n": len(files), "top1_agreement": round(agree / len(files), 4), "max_prob_diff": round(diff, 6)}
 
 
-def serve_phase(a, lists: dict[str, Path], pred, tmp: Path) -> dict:
-    """The default server: small PNGs and 224 px JPEGs, ``a.connections`` clients each."""
+def serve_phase(a, lists: dict[str, Path], pred, px: np.ndarray, tmp: Path) -> tuple[dict, dict]:
+    """The default server with ``a.connections`` clients: small PNGs and 224 px JPEGs, in ``a.rounds`` rounds that
+    interleave them with the raw runtime (so all three see the same load). Returns (cases, raw)."""
     srv = Served(a.run, a.runtime, [], tmp / "serve.log")
+    kinds, raw, runs, batches = ("png28", "jpeg224"), [], {"png28": [], "jpeg224": []}, {"png28": [], "jpeg224": []}
     try:
-        out = {}
-        for kind in ("png28", "jpeg224"):
+        for kind in kinds:
             run_wrk(srv, lists[kind], a.connections, a.warmup, a.body, tmp)  # warm-up, not recorded
-            time.sleep(1)
-            s0, c0 = batch_counts(srv)
-            out[kind] = run_wrk(srv, lists[kind], a.connections, a.seconds, a.body, tmp)
-            s1, c1 = batch_counts(srv)
-            out[kind]["mean_batch"] = round((s1 - s0) / (c1 - c0), 2) if c1 > c0 else None
-            files = lists[kind].read_text().split()[: a.check]
-            out[kind]["answers"] = check_answers(srv, files, pred)
+        for _ in range(a.rounds):
+            raw.append(raw_throughput(pred, px, a.raw_seconds / a.rounds))
+            for kind in kinds:
+                time.sleep(0.5)
+                s0, c0 = batch_counts(srv)
+                runs[kind].append(run_wrk(srv, lists[kind], a.connections, a.seconds / a.rounds, a.body, tmp))
+                s1, c1 = batch_counts(srv)
+                batches[kind].append((s1 - s0, c1 - c0))
+        out = {}
+        for kind in kinds:
+            out[kind] = merge(runs[kind])
+            images, calls = (sum(x) for x in zip(*batches[kind]))
+            out[kind]["mean_batch"] = round(images / calls, 2) if calls else None
+            out[kind]["answers"] = check_answers(srv, lists[kind].read_text().split()[: a.check], pred)
             _row(f"serve {kind}", out[kind])
-        return out
     finally:
         srv.stop()
+    secs = sum(r["seconds"] for r in raw)
+    ref = {"batch": 32, "img_per_s": round(sum(r["img_per_s"] * r["seconds"] for r in raw) / secs, 1),
+           "cpu_ms_per_image": round(statistics.mean(r["cpu_ms_per_image"] for r in raw), 3),
+           "img_per_s_rounds": [r["img_per_s"] for r in raw], "seconds": round(secs, 2)}  # fmt: skip
+    return out, ref
 
 
 def overload_phase(a, lists: dict[str, Path], serve_ok: float, tmp: Path) -> dict:
     """``OVERLOAD`` limits: capacity (16 clients), then 64 and 160 clients that retry at once ignoring Retry-After,
-    on keep-alive connections and with a new connection per request. Goodput is compared with the capacity of
-    the same kind of clients and, more strictly, with the larger of that and the default server's ``serve_ok``."""
+    on keep-alive connections and with a new connection per request, interleaved in ``a.rounds`` rounds. Goodput
+    is compared with the capacity of the same kind of clients and, more strictly, with the larger of that and the
+    default server's ``serve_ok``."""
     srv = Served(a.run, a.runtime, [*OVERLOAD, *a.serve_args], tmp / "overload.log")
     phases = [("capacity", 16, False), ("hammer_64", 64, False), ("overload_10x", 160, False),
               ("capacity_new_connections", 16, True), ("overload_10x_new_connections", 160, True)]  # fmt: skip
+    runs: dict[str, list] = {name: [] for name, _, _ in phases}
     try:
         run_wrk(srv, lists["png28"], 16, a.warmup, a.body, tmp)
-        out = {}
-        for name, conns, close in phases:
-            time.sleep(1)
-            out[name] = run_wrk(srv, lists["png28"], conns, a.seconds, a.body, tmp, close)
-            _row(f"overload {name}", out[name])
+        for _ in range(a.rounds):
+            for name, conns, close in phases:
+                time.sleep(0.5)
+                runs[name].append(run_wrk(srv, lists["png28"], conns, a.seconds / a.rounds, a.body, tmp, close))
     finally:
         srv.stop()
+    out = {name: merge(r) for name, r in runs.items()}
     for name, _, close in phases:
+        _row(f"overload {name}", out[name])
         if not name.startswith("capacity"):
             cap = out["capacity_new_connections" if close else "capacity"]["ok_per_s"]
             r = out[name]
@@ -291,9 +348,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run")
     ap.add_argument("--runtime", default="auto", help="for the server and the raw reference")
-    ap.add_argument("--seconds", type=float, default=15.0, help="length of every measured wrk phase")
+    ap.add_argument("--seconds", type=float, default=15.0, help="measured time of every case (over all rounds)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds interleaving the cases (the machine's load drifts)")
     ap.add_argument("--warmup", type=float, default=3.0, help="untimed wrk run before each server's phases")
-    ap.add_argument("--raw-seconds", type=float, default=6.0)
+    ap.add_argument("--raw-seconds", type=float, default=9.0, help="raw runtime time (over all rounds)")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--body", choices=("raw", "multipart"), default="raw", help="one image as the body, or a file part")
     ap.add_argument("--images", type=int, default=256, help="distinct images the clients cycle through")
@@ -312,13 +370,10 @@ def main() -> int:
         tmp = Path(d)
         lists = make_images(tmp / "images", a.images)
         px = pixels_of(lists["png28"].read_text().split(), pred.art)
-        raw = [raw_throughput(pred, px, a.raw_seconds)]
-        print(f"raw {pred.name} batch 32: {raw[0]['img_per_s']:.0f} img/s (load {raw[0]['load']})", flush=True)
-        serve = serve_phase(a, lists, pred, tmp)
+        serve, raw = serve_phase(a, lists, pred, px, tmp)
+        print(f"raw {pred.name} batch 32: {raw['img_per_s']:.0f} img/s (rounds {raw['img_per_s_rounds']})", flush=True)
         overload = overload_phase(a, lists, serve["png28"]["ok_per_s"], tmp)
-        raw.append(raw_throughput(pred, px, a.raw_seconds))
-        print(f"raw {pred.name} batch 32: {raw[1]['img_per_s']:.0f} img/s (load {raw[1]['load']})", flush=True)
-    ref = round(sum(r["img_per_s"] for r in raw) / len(raw), 1)
+    ref = raw["img_per_s"]
     for r in serve.values():
         r["vs_raw_batch32"] = round(r["ok_per_s"] / ref, 3)
     doc = {
@@ -329,6 +384,7 @@ def main() -> int:
         "client": subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0].strip(),
         "raw": raw,
         "raw_batch32_img_per_s": ref,
+        "rounds": a.rounds,
         "serve": serve,
         "overload": overload,
         "overload_args": [*OVERLOAD, *a.serve_args],
