@@ -1,14 +1,15 @@
 """Accuracy and cost of the input size on 28 px data: the evidence behind ``data.input_size auto``.
 
 Fine-tunes the packaged ImageNet EfficientNet-Lite0 on ``--train-images`` of the official Fashion-MNIST training
-split (28 px grey, a stratified 10 % held out for validation) with the ``default`` recipe at each input size (crop_pct
-1.0), the same epochs and seed, and evaluates on the official 10,000-image test split
-(``bench/data/fashion_mnist_full.npz``; standard error ~0.3 points). Also trains at each size from random init
-(``--weights none``), where ImageNet features play no part. Per size it records test top-1, training images/s and
-wall time; ``--threads`` pins torch's threads (1 keeps a shared machine's load from swamping the figures).
+split (28 px grey, a stratified 10 % held out for validation) with the ``default`` recipe at each input size and
+epoch count of ``--runs`` (crop_pct 1.0, seed 0), and evaluates on the official 10,000-image test split
+(``bench/data/fashion_mnist_full.npz``; standard error ~0.3 points): at equal epochs, and at about equal compute
+(32 px for 4x the epochs of 64 px). ``--weights none`` trains from random init instead. Per run it records test
+top-1, training images/s and wall time; ``--threads`` pins torch's threads (1 keeps a shared machine's load from
+swamping the figures).
 
-Usage: python bench/input_size_fmnist.py [--sizes 32 64 96] [--train-images 2500] [--epochs 3] [--threads 1]
-    [--out bench/results/input_size_fmnist.json]
+Usage: python bench/input_size_fmnist.py [--runs 32:3 64:3 96:3 32:12] [--weights packaged none]
+    [--train-images 2500] [--threads 1] [--out bench/results/input_size_fmnist.json]
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def one(size: int, weights: str, epochs: int, seed: int, data: Path, out: str) -
     t0 = time.perf_counter()
     res = train(make_config(recipe="default", overrides=overrides))  # the default recipe: Lite0, gentle crops
     rates = [round(r["img_per_s"], 1) for r in res.history]
-    return {"size": size, "weights": weights, "test_top1": res.test_metrics["top1"],
+    return {"size": size, "epochs": epochs, "weights": weights, "test_top1": res.test_metrics["top1"],
             "val_top1": res.val_metrics["top1"], "train_img_per_s": rates,
             "wall_seconds": round(time.perf_counter() - t0, 1),
             "load": Path("/proc/loadavg").read_text().split()[:3]}  # fmt: skip
@@ -62,10 +63,10 @@ def one(size: int, weights: str, epochs: int, seed: int, data: Path, out: str) -
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 96])
-    ap.add_argument("--weights", nargs="+", default=["packaged", "none"])
+    ap.add_argument("--runs", nargs="+", default=["32:3", "64:3", "96:3", "32:12"],
+                    help="SIZE:EPOCHS per run (32:12 costs about what 64:3 does)")  # fmt: skip
+    ap.add_argument("--weights", nargs="+", default=["packaged"])
     ap.add_argument("--train-images", type=int, default=2500)
-    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "input_size_fmnist.json")
@@ -76,8 +77,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = subset(ensure_full(), a.train_images, Path(tmp) / "fmnist.npz")
         for weights in a.weights:
-            for size in a.sizes:
-                rows.append(one(size, weights, a.epochs, a.seed, data, tmp))
+            for size, epochs in (map(int, r.split(":")) for r in a.runs):
+                rows.append(one(size, weights, epochs, a.seed, data, tmp))
                 print(json.dumps(rows[-1]), flush=True)
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"command": "python bench/input_size_fmnist.py " + " ".join(sys.argv[1:]), "rows": rows,

@@ -22,7 +22,8 @@ machine was quiet.
 
 Usage:
     python bench/train_throughput.py [--timm /tmp/timm-src] [--cases 28px 64px 224px] [--rounds 3]
-        [--precision fp32|bf16] [--contenders imgclf standard timm] [--out bench/results/train_throughput.json]
+        [--precision fp32|bf16] [--contenders imgclf standard timm] [--threads N]
+        [--out bench/results/train_throughput.json]
 """
 
 from __future__ import annotations
@@ -235,6 +236,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every contender (default: theirs)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "train_throughput.json")
     ap.add_argument("--standard", type=Path, help=argparse.SUPPRESS)  # internal: run the standard pipeline
     for k in ("--size", "--batch", "--warmup", "--steps"):
@@ -244,6 +246,8 @@ def main() -> int:
         rate = standard_pipeline(a.standard, a.size, a.batch, a.warmup, a.steps, a.precision, a.device)
         print(json.dumps({"img_per_s": rate}))
         return 0
+    if a.threads:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by every contender's process
     if a.timm is not None and not (a.timm / "train.py").is_file():
         raise SystemExit(f"--timm {a.timm}: no train.py there (a timm checkout)")
     rows = []
@@ -271,7 +275,8 @@ def _write(a: argparse.Namespace, rows: list[dict], table: list[dict]) -> None:
         timm_rev = (a.timm / "timm" / "version.py").read_text().split("'")[1] if (a.timm / "timm").is_dir() else None
     doc = {"command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
            "cases": {c: dict(zip(("input_size", "batch", "warmup", "timed_updates"), CASES[c])) for c in a.cases},
-           "model": MODEL, "precision": a.precision, "device": a.device, "summary": table, "runs": rows,
+           "model": MODEL, "precision": a.precision, "device": a.device, "threads": a.threads or "default",
+           "summary": table, "runs": rows,
            "machine": machine(), "versions": package_versions(), "timm_checkout_version": timm_rev,
            "git": git.stdout.strip(), "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
     write_json(a.out, doc)
