@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 
 from ..artifact import package_versions
 from ..config import Config
+from ..data.cache import files_identity
 from ..data.loader import ImageDataset, SkipLog, Skipped, make_loader
 from ..data.preprocess import Preprocess
 from ..data.sources import Samples
@@ -101,13 +102,7 @@ def data_identity(samples: Samples) -> str:
     h = hashlib.sha256(np.ascontiguousarray(samples.labels).tobytes())
     if samples.labels.ndim == 2:  # label sets: their shape is part of what the bytes mean
         h.update(f"multi-label {samples.labels.shape}".encode())
-    if samples.arrays is not None:
-        h.update(np.ascontiguousarray(samples.arrays[np.asarray(samples.items)]).tobytes())
-    else:
-        for p in samples.items:
-            st = os.stat(p) if os.path.exists(p) else None
-            h.update(f"{p}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
-    return h.hexdigest()
+    return files_identity(samples, h).hexdigest()
 
 
 def cached_features(

@@ -24,11 +24,12 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from ..config import Config
+from ..data.cache import large_image_samples
 from ..data.loader import ImageDataset, SkipLog, make_loader, set_epoch
 from ..data.preprocess import Preprocess
 from ..data.sources import Samples
 from ..data.splits import DataSplits
-from ..dist import Dist, amp_dtype, barrier
+from ..dist import Dist, amp_dtype, barrier, compile_module
 from ..errors import ImgclfError
 from ..io import save_safetensors
 from ..models.factory import create_model
@@ -72,14 +73,15 @@ class Fitted:
 def eval_loader(samples: Samples, pre: Preprocess, cfg: Config, pin: bool = False) -> DataLoader:
     """An in-order loader with the eval transform."""
     bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
-    ds = ImageDataset(samples, pre.eval())
+    ds = ImageDataset(large_image_samples(samples, pre, cfg.data), pre.eval())
     return make_loader(ds, bs, train=False, num_workers=cfg.data.num_workers, pin_memory=pin)
 
 
 def train_loader(samples: Samples, pre: Preprocess, cfg: Config, dist: Dist) -> DataLoader:
     """The shuffled, augmented loader; shuffling is a function of (seed, epoch) via ``set_epoch``."""
     probe = cfg.transfer.strategy == "probe"  # a probe sees the eval view: features as a cached probe would
-    ds = ImageDataset(samples, pre.eval() if probe else pre.train(cfg.aug))
+    ds = ImageDataset(large_image_samples(samples, pre, cfg.data, None if probe else cfg.aug),
+                      pre.eval() if probe else pre.train(cfg.aug))  # fmt: skip
     sampler = None
     if cfg.data.sampler != "instance":
         from ..data.samplers import ClassBalancedSampler, oversampled_classes
@@ -120,7 +122,7 @@ def build_loop(
     if fmt == torch.channels_last:
         guard_channels_last(model, dist.device)
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema else None
-    dtype = amp_dtype(cfg.train.amp, dist.device)
+    dtype = amp_dtype(cfg.train.amp, dist.device, model)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     mixup = None
     if cfg.aug.mixing and cfg.transfer.strategy != "probe":
@@ -146,6 +148,8 @@ def enter_phase(loop: Loop, phase: Phase) -> None:
         raise ImgclfError(f"phase '{phase.name}' has nothing to train (check transfer.freeze_stages)")
     loop.wrapped = None  # drop the previous phase's DDP wrapper (and its gradient hooks) before wrapping again
     wrapped: nn.Module = TaskModule(loop.model, loop.task.criterion().to(dist.device))  # loss buffers: pos_weight
+    if cfg.train.compile:  # the training forward and loss; validation and the EMA run the plain model
+        compile_module(wrapped, dist.device)
     if dist.world_size > 1:  # re-wrapped per phase: DDP only syncs parameters that trained at wrap time
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
