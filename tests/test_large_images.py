@@ -119,6 +119,8 @@ def test_training_draft_applies_only_to_training_loaders(tmp_path):
     train = large_image_samples(s, PRE, cfg.data, cfg.aug)
     assert train.decode.draft == (915, 915)  # PRE.needed_side(aug): the smallest crop keeps 224 px
     assert large_image_samples(s, PRE, cfg.data).decode.draft is None  # evaluation decodes in full
+    cfg.data.cache_side = 256  # a cache setting: without a cache the draft keeps the lossless side
+    assert large_image_samples(s, PRE, cfg.data, cfg.aug).decode.draft == (915, 915)
     cfg.data.jpeg_draft = False
     assert large_image_samples(s, PRE, cfg.data, cfg.aug).decode.draft is None
     assert PRE.needed_side(AugmentConfig(scale=(0.5, 1.0))) == 366
@@ -181,6 +183,16 @@ def test_cached_tensors_are_identical_to_uncached_ones(tmp_path, mode):
         again = large_image_samples(s, pre, cfg.data)
         assert _same(_tensors(ImageDataset(again, pre.eval())), _tensors(ImageDataset(s, pre.eval())))
         assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir()) == dirs
+
+
+@pytest.mark.parametrize("crop_mode", ["squash", "border"])
+def test_cached_evaluation_is_bit_identical_in_every_crop_mode(tmp_path, crop_mode):
+    folder = _photo_folder(tmp_path / "d")
+    cfg = build_config([{"data": {"path": str(folder), "cache": "memory"}}], ["t"])
+    pre = Preprocess((3, 40, 40), "bilinear", (0.5,) * 3, (0.25,) * 3, 0.9, crop_mode)
+    s = open_source(folder)
+    cached = ImageDataset(large_image_samples(s, pre, cfg.data), pre.eval())
+    assert _same(_tensors(ImageDataset(s, pre.eval())), _tensors(cached))
 
 
 def test_cache_side_resizes_training_pictures_and_the_key_follows_the_files(tmp_path):

@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from ..errors import ImgclfError
-from .images import BadImage, file_facts
+from .images import BadImage, DecodePolicy, file_facts
 from .preprocess import Preprocess, _pil_ops
 from .sources import Samples
 
@@ -83,10 +83,9 @@ def large_image_samples(samples: Samples, pre: Preprocess, data: Any, aug: Any =
     Raises:
         ImgclfError: the cache would not fit in the available memory / free disk space (names the size and fix).
     """
-    view = _View.of(pre, data, aug)
-    if data.cache == "none" or samples.arrays is not None:  # arrays are decoded already (and small)
-        return view.draft_samples(samples)
-    return CachedSamples(samples, build_or_load(samples, view, data))
+    if data.cache == "none" or getattr(samples, "arrays", None) is not None:  # arrays: decoded already (and small)
+        return _View.of(pre, data, aug, cached=False).draft_samples(samples)
+    return CachedSamples(samples, build_or_load(samples, _View.of(pre, data, aug), data))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,17 +98,21 @@ class _View:
     draft: bool
 
     @classmethod
-    def of(cls, pre: Preprocess, data: Any, aug: Any) -> _View:
+    def of(cls, pre: Preprocess, data: Any, aug: Any, cached: bool = True) -> _View:
+        """The view of a loader; ``data.cache_side`` applies to a cache only (uncached drafts keep the lossless
+        side)."""
         if aug is None:
             return cls(pre, 0, False)
         need = pre.needed_side(aug)
-        return cls(pre, data.cache_side or need, bool(data.jpeg_draft))
+        return cls(pre, (data.cache_side or need) if cached else need, bool(data.jpeg_draft))
 
     def draft_samples(self, samples: Samples) -> Samples:
-        """``samples`` whose JPEGs decode at a reduced scale keeping ``side`` (training view with draft on)."""
-        if not self.draft or not self.side:
+        """``samples`` whose JPEGs decode at a reduced scale keeping ``side`` (training view with draft on); other
+        kinds of sources (without a ``DecodePolicy`` field) are returned as they are."""
+        decode = getattr(samples, "decode", None)
+        if not self.draft or not self.side or not isinstance(decode, DecodePolicy):
             return samples
-        return dataclasses.replace(samples, decode=dataclasses.replace(samples.decode, draft=(self.side, self.side)))
+        return dataclasses.replace(samples, decode=dataclasses.replace(decode, draft=(self.side, self.side)))
 
     def resize(self) -> Callable[[Image.Image], Image.Image]:
         if self.side:
@@ -159,17 +162,20 @@ class _ShorterSide:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Item ``i`` -> (i, HWC uint8 array of the cached view) or (i, the reason it could not be read)."""
+    """Item ``i`` -> (i, HWC uint8 tensor of the cached view) or (i, the reason it could not be read)."""
 
     def __init__(self, samples: Samples, view: _View):
-        self.samples, self.resize = view.draft_samples(samples), view.resize()
+        self.samples, self.resize, self.eval = view.draft_samples(samples), view.resize(), not view.side
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         try:
-            img = self.resize(self.samples.load(i))
+            full = self.samples.load(i)
+            img = self.resize(full)
+            if self.eval and self.resize(img).size != img.size:  # the eval transform would resize it again:
+                img = full  # keep the full decode, so that evaluation stays bit-identical
             return i, torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8))  # a tensor: shared memory
         except BadImage as e:
             return i, e.reason
