@@ -251,8 +251,9 @@ def build_or_load(samples: Samples, view: _View, data: Any) -> DecodedCache:
             else:
                 what += ", found"
         cache = _open(final)
-    log.info("decoded cache (%s): %d images, %.0f MB, %.1f s%s", what, len(samples), cache.nbytes / 2**20,
-             time.perf_counter() - t0, f" ({cache.path})" if cache.path else " (memory)")  # fmt: skip
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.DEBUG  # once per job under torchrun
+    log.log(level, "decoded cache (%s): %d images, %.0f MB, %.1f s%s", what, len(samples), cache.nbytes / 2**20,
+            time.perf_counter() - t0, f" ({cache.path})" if cache.path else " (memory)")  # fmt: skip
     return cache
 
 
