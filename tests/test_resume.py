@@ -83,6 +83,8 @@ STRATEGIES = {
         2,
     ),
     "class-balanced-sampler-logit-adjusted": ({"data.sampler": "progressive", "train.loss": "logit_adjusted"}, 2),
+    # the decoded-image cache: the full run builds it, the killed and the resumed runs read it
+    "decoded-cache": ({"data.cache": "disk"}, 2),
     # multi-label data (label sets, BCE/ASL): every strategy resumes the same way
     "multilabel-finetune-mixup": ({"aug.mixup": 0.4, "train.loss": "asl"}, 2),
     "multilabel-staged": ({"transfer.strategy": "staged", "transfer.head_epochs": 1}, 2),
@@ -104,7 +106,7 @@ def test_resume_gives_the_same_run_for_every_strategy(case, tmp_path, monkeypatc
     over = {"model.name": "test_efficientnet", "model.weights": "none", "data.input_size": 32,
             "data.batch_size": 8, "data.num_workers": 0, "run.progress": False, "train.epochs": 4,
             "optim.lr": 0.01, "run.output": str(tmp_path / "runs"), "probe.cache_dir": str(tmp_path / "cache"),
-            **extra}  # fmt: skip
+            "data.cache_dir": str(tmp_path / "decoded"), **extra}  # fmt: skip
     full = train(make_config(data, overrides={**over, "run.name": "full"}))
 
     real_save, real_ck = trainer_mod._save, probe_mod.save_checkpoint

@@ -55,7 +55,30 @@ class DataConfig:
     interpolation: str | None = opt(None, "resize interpolation (bilinear, bicubic, ...); default: the model's")
     batch_size: int = opt(64, "training batch size per device")
     eval_batch_size: int | None = opt(None, "evaluation batch size; default: 2 x batch_size")
-    num_workers: int = opt(-1, "data loader worker processes; -1 picks from the CPU count")
+    num_workers: int = opt(
+        -1,
+        "data loader worker processes; -1: one per spare core of this process's share (cores / processes per "
+        "node, minus one; at most 8)",
+    )
+    jpeg_draft: bool = opt(
+        True,
+        "training: decode JPEGs at least 2x larger than the random crops need at 1/2, 1/4 or 1/8 scale (libjpeg DCT"
+        " scaling), never below the size that keeps the smallest crop at full resolution; evaluation always"
+        " decodes in full",
+    )
+    cache: Literal["none", "memory", "disk"] = opt(
+        "none",
+        "decoded-image cache: none | memory (this process, shared with loader workers) | disk (data.cache_dir,"
+        " kept for later runs): every image is decoded once; training pictures are kept at data.cache_side,"
+        " evaluation pictures at the eval resize (bit-identical results)",
+    )
+    cache_side: int | None = opt(
+        None,
+        "shorter side of cached training pictures (larger ones are resized down); default: the side that keeps"
+        " the smallest random crop at full resolution (915 px for 224 px crops at aug.scale 0.08); smaller saves"
+        " space and time but small crops then come from fewer pixels",
+    )
+    cache_dir: str | None = opt(None, "decoded-image cache directory; default $XDG_CACHE_HOME/imgclf/decoded")
     fast_path: Literal["auto", "on", "off"] = opt(
         "auto",
         "training data held decoded in memory as one uint8 tensor and augmented in batches on the device (no"
@@ -122,6 +145,8 @@ class DataConfig:
         _check(self.fast_path_budget > 0, "data.fast_path_budget", "must be > 0 (GiB)", self.fast_path_budget)
         _check(self.crop_pct is None or 0 < self.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]", self.crop_pct)
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1", self.batch_size)
+        _check(self.cache in ("none", "memory", "disk"), "data.cache", "must be none, memory or disk", self.cache)
+        _check(self.cache_side is None or self.cache_side >= 8, "data.cache_side", "must be >= 8", self.cache_side)
         ebs = self.eval_batch_size
         _check(ebs is None or ebs >= 1, "data.eval_batch_size", "must be >= 1", ebs)
         interp = self.interpolation
@@ -340,6 +365,11 @@ class TrainConfig:
     asl_clip: float = opt(0.05, "asymmetric loss: probability margin shifted onto negatives (0 disables)")
     amp: Literal["auto", "none", "bf16", "fp16"] = opt(
         "auto", "mixed precision: auto = bf16/fp16 on CUDA, none on CPU (fp32 channels_last is faster here)"
+    )
+    compile: bool = opt(
+        False,
+        "torch.compile the training forward and loss (inductor; the first steps of each phase compile, then run"
+        " faster); state_dict keys, EMA, checkpoints and DDP are unchanged",
     )
     ema: bool = opt(True, "keep an exponential moving average of the weights (timm ModelEmaV3)")
     ema_decay: float = opt(0.998, "EMA decay (with warmup, so early epochs are not dominated by init)")

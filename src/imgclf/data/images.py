@@ -18,6 +18,11 @@ One ``DecodePolicy`` says how (its look part is stored in the artifact, so servi
   limit is the caller's, per call: Pillow's process-wide ``MAX_IMAGE_PIXELS`` does not apply inside
   these functions (and is left untouched for everyone else).
 - **Animations** (GIF, APNG, WebP) use their first frame; ``image_notes`` says so.
+- **JPEG draft** (``draft``, never stored): a consumer that will shrink the picture anyway (the training crop, the
+  decoded cache) may let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale (its DCT scaling) as long as the
+  result keeps at least ``draft`` = (width, height) pixels as displayed; smaller JPEGs and other formats decode
+  in full. Measured (libjpeg-turbo): 1/2, 1/4, 1/8 take 56, 45, 39 % of the full decode's time on 1600-2400 px
+  JPEGs (42, 34, 26 % at 4032 x 3024), and every later step works on 4-64x fewer pixels.
 """
 
 from __future__ import annotations
@@ -67,9 +72,12 @@ class DecodePolicy:
         background: RGB (0-255) that transparent pixels are composited over.
         max_pixels: refuse images with more pixels (width x height); ``None`` = no limit.
         max_aspect: refuse images whose longer side exceeds this multiple of the shorter; ``None`` = no limit.
+        draft: (width, height) in pixels as displayed (after EXIF rotation) that a JPEG must keep when it is
+            decoded at a reduced DCT scale (1/2, 1/4, 1/8; libjpeg picks the smallest scale that keeps both);
+            ``None`` = always decode in full. Only for consumers that resize below this size anyway.
 
-    ``to_json`` keeps the look (pixel_range, background), which the artifact stores; the limits are each
-    command's own (``--max-pixels``, serve's ``--max-pixels``).
+    ``to_json`` keeps the look (pixel_range, background), which the artifact stores; the limits and the draft
+    size are each command's own (``--max-pixels``, serve's ``--max-pixels``, the training loader's crop).
 
     Example:
         >>> p = DecodePolicy(pixel_range=(0, 4095))
@@ -81,8 +89,14 @@ class DecodePolicy:
     background: tuple[int, int, int] = (255, 255, 255)
     max_pixels: int | None = PILLOW_MAX_PIXELS
     max_aspect: float | None = MAX_ASPECT
+    draft: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.draft is not None:
+            w, h = (int(v) for v in self.draft)
+            if w < 1 or h < 1:
+                raise ValueError(f"draft needs a positive (width, height), got {list(self.draft)}")
+            object.__setattr__(self, "draft", (w, h))
         pr = self.pixel_range
         if isinstance(pr, str):
             if pr not in ("auto", "minmax", LEGACY):
@@ -205,11 +219,7 @@ def file_facts(path: str | Path, data: bytes | None = None) -> dict[str, Any]:
     src = str(path)
     with _errors(src), _own_limit(), _source(path, data) as f, Image.open(f) as img:
         rawmodes = " ".join(str(t.args) for t in getattr(img, "tile", []) or [])
-        try:
-            orientation = int(img.getexif().get(0x0112, 1) or 1)
-        except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
-            orientation = 1
-        return {"format": img.format, "mode": img.mode, "size": img.size, "orientation": orientation,
+        return {"format": img.format, "mode": img.mode, "size": img.size, "orientation": _orientation(img),
                 "bits16": img.mode in ("RGB", "RGBA") and ";16" in rawmodes,
                 "transparency": img.info.get("transparency") is not None}  # fmt: skip
 
@@ -266,8 +276,50 @@ def _decode(fp: Any, path: str, policy: DecodePolicy, formats: tuple[str, ...] |
     with _errors(path), _own_limit(), Image.open(fp, formats=formats) as img:
         _check_size(img, path, policy)
         _check_colour_depth(img, path, policy)
+        if policy.draft is not None:
+            draft_jpeg(img, policy.draft)
         img.load()
         return to_rgb(img, policy, path)
+
+
+def draft_jpeg(img: Image.Image, need: tuple[int, int]) -> int:
+    """Ask libjpeg to decode ``img`` (opened, not yet loaded) at the smallest DCT scale 1/s (s = 8, 4, 2) that
+    keeps at least ``need`` = (width, height) pixels *as displayed*; returns s (1: a full decode: not a JPEG, or
+    not 2x larger than ``need`` in both directions).
+
+    A scale is used only when it keeps the geometry exact: the stored width and height are multiples of s, so
+    every decoded pixel is one s x s block of the full picture whatever the EXIF orientation (camera photos:
+    4032 x 3024, 6000 x 4000, 1920 x 1080 all are), or the picture is not transposed (EXIF orientation 1), where
+    only the last, partial column and row cover less than s pixels. (libjpeg rounds a partial block up; after
+    an EXIF rotation that partial row could land at the top or left and shift every pixel by up to one decoded
+    pixel.) The request is made in stored orientation, before ``to_rgb`` transposes; the colour mode never
+    changes (``draft(None, ...)``).
+
+    Example:
+        >>> buf = io.BytesIO(); Image.new("RGB", (800, 600), "red").save(buf, "JPEG")
+        >>> img = Image.open(buf); draft_jpeg(img, (200, 150)), img.size
+        (4, (200, 150))
+    """
+    if img.format != "JPEG":
+        return 1
+    w, h = need
+    orientation = _orientation(img)
+    if orientation in (5, 6, 7, 8):  # transposed on display: the stored width is the displayed height
+        w, h = h, w
+    W, H = img.size  # noqa: N806 - the full size, as against the needed w, h
+    for s in (8, 4, 2):
+        exact = W % s == 0 and H % s == 0
+        if W // s >= max(w, s) and H // s >= max(h, s) and (exact or orientation == 1):
+            got = img.draft(None, (W // s, H // s))  # libjpeg's scale: min(W // (W // s), H // (H // s)) == s
+            return 1 if got is None else s  # None: drafted before, or a multi-tile JPEG
+    return 1
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image (exif_transpose ignores it too)
+        return 1
 
 
 def _check_colour_depth(img: Image.Image, path: str, policy: DecodePolicy) -> None:

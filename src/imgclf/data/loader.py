@@ -100,12 +100,19 @@ class SkipLog:
             self.items.setdefault(s.source, s.reason)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's or SLURM's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def auto_workers(requested: int) -> int:
-    """-1 means: one worker per spare core (at most 8); 0 on a single core."""
+    """-1 means: one worker per spare core of this process's share (at most 8): the cores divided among the
+    processes of this node (torchrun's ``LOCAL_WORLD_SIZE``), minus one for the process itself; 0 when that
+    leaves none (one core per rank)."""
     if requested >= 0:
         return requested
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, n - 1))
+    per_rank = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_rank - 1))
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,30 @@ class Preprocess:
     def size(self) -> tuple[int, int]:
         """(H, W) of the model input."""
         return self.input_size[1], self.input_size[2]
+
+    def needed_side(self, aug: Any = None) -> int:
+        """The shorter side (pixels) an image needs so that the eval resize (``aug`` None) or the training crop
+        (``aug``: a ``config.AugmentConfig``) never has fewer pixels than it outputs: decoding or caching an
+        image down to this side loses nothing the model would see at full resolution.
+
+        Eval: timm's resize target, ``floor(size / crop_pct)`` (at least the input size). Training: the
+        smallest random-resized crop spans ``sqrt(scale_min * ratio)`` x the shorter side in width and
+        ``sqrt(scale_min / ratio)`` in height, so the side is ``size / (sqrt(scale_min) * min(sqrt(ratio_min),
+        1 / sqrt(ratio_max)))``: 915 px for 224 px crops at timm's default scale (0.08, 1) and ratio (3/4, 4/3),
+        366 px at scale (0.5, 1).
+
+        Example:
+            >>> p = Preprocess((3, 224, 224), "bicubic", (0.5,) * 3, (0.5,) * 3, 0.875)
+            >>> from types import SimpleNamespace as A
+            >>> p.needed_side(), p.needed_side(A(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)))
+            (256, 915)
+        """
+        size = max(self.size)
+        side = max(size, math.floor(size / self.crop_pct))
+        if aug is None:
+            return side
+        (lo, _), (r0, r1) = aug.scale, aug.ratio
+        return max(side, math.ceil(size / (math.sqrt(lo) * min(math.sqrt(r0), 1 / math.sqrt(r1)))))
 
     def decoder(self, max_pixels: int | None = PILLOW_MAX_PIXELS,
                 max_aspect: float | None = MAX_ASPECT) -> DecodePolicy:  # fmt: skip

@@ -27,11 +27,12 @@ from torch.utils.data import DataLoader
 
 from ..config import Config
 from ..data import fastpath
+from ..data.cache import large_image_samples
 from ..data.loader import ImageDataset, SkipLog, make_loader, set_epoch
 from ..data.preprocess import Preprocess
 from ..data.sources import Samples
 from ..data.splits import DataSplits
-from ..dist import Dist, amp_dtype, barrier, broadcast_module
+from ..dist import Dist, amp_dtype, barrier, broadcast_module, compile_module
 from ..errors import ImgclfError
 from ..io import save_safetensors
 from ..models.factory import create_model
@@ -76,7 +77,7 @@ class Fitted:
 def eval_loader(samples: Samples, pre: Preprocess, cfg: Config, pin: bool = False) -> DataLoader:
     """An in-order loader with the eval transform."""
     bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
-    ds = ImageDataset(samples, pre.eval())
+    ds = ImageDataset(large_image_samples(samples, pre, cfg.data), pre.eval())
     return make_loader(ds, bs, train=False, num_workers=cfg.data.num_workers, pin_memory=pin)
 
 
@@ -94,7 +95,8 @@ def train_loader(samples: Samples, pre: Preprocess, cfg: Config, dist: Dist) -> 
         fast = fast_batches(samples, pre, cfg, dist, sampler)
         if fast is not None:
             return fast
-    ds = ImageDataset(samples, pre.eval() if probe else pre.train(cfg.aug))
+    ds = ImageDataset(large_image_samples(samples, pre, cfg.data, None if probe else cfg.aug),
+                      pre.eval() if probe else pre.train(cfg.aug))  # fmt: skip
     if sampler is not None and cfg.aug.oversampled and not probe:
         from ..data.samplers import oversampled_classes
 
@@ -161,7 +163,7 @@ def build_loop(
         guard_channels_last(model, dist.device)
     replica = _fsdp_shard(cfg, dist, model)
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema else None
-    dtype = amp_dtype(cfg.train.amp, dist.device)
+    dtype = amp_dtype(cfg.train.amp, dist.device, model)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     mixup = None
     if cfg.aug.mixing and cfg.transfer.strategy != "probe":
@@ -221,6 +223,8 @@ def enter_phase(loop: Loop, phase: Phase) -> None:
         raise ImgclfError(f"phase '{phase.name}' has nothing to train (check transfer.freeze_stages)")
     loop.wrapped = None  # drop the previous phase's DDP wrapper (and its gradient hooks) before wrapping again
     wrapped: nn.Module = TaskModule(loop.model, loop.task.criterion().to(dist.device))  # loss buffers: pos_weight
+    if cfg.train.compile:  # the training forward and loss; validation and the EMA run the plain model
+        compile_module(wrapped, dist.device)
     if dist.world_size > 1 and loop.replica is None:  # re-wrapped per phase: DDP syncs what trained at wrap time
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
