@@ -577,11 +577,6 @@ def _queue_gauge(s: Served) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known (issue 15, open): a keep-alive connection's second refused request "
-    "is answered at once instead of after --refuse-pause-ms; to fix next",
-)
 def test_a_full_queue_refuses_before_the_body_is_read_and_paces_retries(run, images, tmp_path):
     """503 + Retry-After as soon as the headers are in when the queue is full: the body is neither waited for
     nor parsed, a keep-alive connection that retries at once is not read again for --refuse-pause-ms (a one-shot

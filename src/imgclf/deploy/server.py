@@ -113,7 +113,7 @@ class Server:
         self.default = next(iter(models))
         self.draining = False
         self.inflight = 0  # requests being read, decoded or waiting for their batch
-        self._held = 0  # refusals of one-shot connections waiting out --refuse-pause-ms
+        self._held = 0  # refusals waiting out --refuse-pause-ms before their answer
         self.decode_pool = ThreadPoolExecutor(opts.decode_threads, thread_name_prefix="imgclf-decode")
         for m in self.all_models():
             b = m.batcher
@@ -329,8 +329,10 @@ class Server:
 
         A refused client is not heard again for ``refuse_pause_ms``, so one that retries at once, ignoring
         Retry-After, cannot take the CPU the accepted requests need: a keep-alive connection whose request
-        has arrived whole is answered at once and not read for that long; a one-shot connection (it asked
-        to close) gets its answer that much later (at most ``_MAX_HELD`` at a time)."""
+        has arrived whole is answered at once and not read for that long; any other (a one-shot connection,
+        or one whose body is still on its way: the server reads and drops the rest after answering, then
+        reads the next request, so pausing it would pause nothing) gets its answer that much later (at most
+        ``_MAX_HELD`` at a time; HTTP/1.1 clients send their next request only after the answer)."""
         if self.draining:
             reason, retry = "draining", 5
         elif m.batcher.queued_images >= self.opts.max_queue or self.inflight >= self.opts.max_inflight:
@@ -346,7 +348,7 @@ class Server:
         if request.keep_alive and request.content.is_eof():  # (else aiohttp reads the rest of the body)
             transport.pause_reading()
             asyncio.get_running_loop().call_later(pause, _resume_reading, transport)
-        elif not request.keep_alive and self._held < _MAX_HELD:
+        elif self._held < _MAX_HELD:
             self._held += 1
             try:
                 await asyncio.sleep(pause)
