@@ -39,6 +39,8 @@ RUNS = {
     "scratch-small-10": ("--recipe scratch-small --epochs 10", None),
     "scratch-small-16": ("--recipe scratch-small --epochs 16", None),
     "scratch-small-16+tta": ("--recipe scratch-small --epochs 16", "--tta flip"),
+    "scratch-small-17": ("--recipe scratch-small --epochs 17", None),
+    "scratch-small-17+tta": ("--recipe scratch-small --epochs 17", "--tta flip_multiscale"),
 }
 
 
