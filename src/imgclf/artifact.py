@@ -275,6 +275,7 @@ KINDS: dict[str, Kind] = {
         "explain": "CAMs need a trained classifier (a k-NN index has no class head)",
         "calibrate": "a k-NN index has no temperature to fit (its votes are its probabilities)",
         "rebalance": "a k-NN index has no classifier head to rebalance (its votes weigh every support image)",
+        "teach": "a k-NN index cannot teach (its votes are not logits); distil from a trained classifier run",
     }),
 }  # fmt: skip
 

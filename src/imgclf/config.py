@@ -416,6 +416,52 @@ class TrainConfig:
         _check(self.patience is None or self.patience >= 1, "train.patience", "must be >= 1", self.patience)
 
 
+#: distillation terms ``distill.methods`` may join with "+"
+DISTILL_METHODS = ("logit", "hard", "feature", "attention")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from trained runs: which teachers, which terms, their weights."""
+
+    teachers: list[str] = opt([], "run directories whose models teach this one (imgclf train --teacher RUN [RUN ...])")
+    methods: str = opt(
+        "logit",
+        "terms joined with +: logit (KL at temperature T, x T^2; Hinton et al. 2015) | hard (cross-entropy on the"
+        " teacher's top-1; DeiT, Touvron et al. 2021) | feature (a learned projector from the student's pooled"
+        " features to the teacher's; FitNets-style, Romero et al. 2015) | attention (stage attention maps;"
+        " Zagoruyko & Komodakis 2017); e.g. logit+feature",
+    )
+    temperature: float = opt(4.0, "softmax (multi-label: sigmoid) temperature T of the logit term")
+    alpha: float = opt(0.5, "weight of the logit or hard term; the task loss gets 1 - alpha")
+    feature_weight: float = opt(1.0, "weight of the feature term")
+    feature_loss: Literal["cosine", "mse"] = opt("cosine", "feature term: 1 - cosine similarity, or mean squared error")
+    attention_weight: float = opt(1000.0, "beta of the attention term: beta / 2 x sum over stage pairs (their 1e3)")
+    teacher_task: Literal["same", "any"] = opt(
+        "same",
+        "same: every teacher has the student's task; any: read a teacher of the other task as the student's (a"
+        " multi-label teacher's logits through softmax for single-label data, a single-label one's through sigmoid)",
+    )
+
+    def __post_init__(self) -> None:
+        terms = self.terms
+        bad = [t for t in terms if t not in DISTILL_METHODS]
+        _check(not bad and len(set(terms)) == len(terms) and bool(terms), "distill.methods",
+               f"must be terms of {', '.join(DISTILL_METHODS)} joined with +, each once", self.methods)  # fmt: skip
+        _check(not {"logit", "hard"} <= set(terms), "distill.methods", "takes logit or hard, not both", self.methods)
+        _check(self.temperature > 0, "distill.temperature", "must be > 0", self.temperature)
+        _check(0 <= self.alpha <= 1, "distill.alpha", "must be in [0, 1]", self.alpha)
+        _check(self.feature_weight >= 0, "distill.feature_weight", "must be >= 0", self.feature_weight)
+        _check(self.attention_weight >= 0, "distill.attention_weight", "must be >= 0", self.attention_weight)
+        _check(all(isinstance(t, str) and t.strip() for t in self.teachers), "distill.teachers",
+               "must be run directories", self.teachers)  # fmt: skip
+
+    @property
+    def terms(self) -> list[str]:
+        """The ``methods`` terms, in order."""
+        return [t.strip() for t in str(self.methods).split("+") if t.strip()]
+
+
 @dataclass
 class TrustConfig:
     """What runs after training: calibration, out-of-distribution statistics and the HTML report."""
@@ -477,6 +523,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

@@ -86,6 +86,8 @@ def finish(f: Fitted, train_feats: Features | None = None, data: dict[str, Any] 
         metrics["test"] = test_m
     if f.skips.items:
         metrics["skipped_files"] = f.skips.items
+    if f.teachers:  # student vs teacher on the same images
+        metrics["teachers"] = _teacher_metrics(f, test_o is not None)
     metrics.update(extra_metrics or {})
     counts = f.splits.train.class_counts(usable=True)
     run_data: dict[str, Any] = {"train": f.splits.train.name, "n_train": len(f.splits.train),
@@ -109,11 +111,14 @@ def finish(f: Fitted, train_feats: Features | None = None, data: dict[str, Any] 
         model_kwargs=size_kwargs(cfg.model.name, cfg.data.input_size),  # what create_model built it with
         head=head_spec(cfg.model),
     )
+    if f.teachers:
+        art.extra["distill"] = {**config_to_dict(cfg)["distill"], "teachers": f.teachers}  # identities, not paths
     if f.dist.is_main:
         with rank_zero_only():
             _write_run(f, art, trust, val_o, cal)
+    extra = dict(extra_metrics or {}) | ({"teachers": metrics["teachers"]} if f.teachers else {})
     return TrainResult(f.run_dir, f.state.best_epoch, val_m, test_m, f.state.history, dict(f.skips.items), f.seconds,
-                       dict(extra_metrics or {}))  # fmt: skip
+                       extra)  # fmt: skip
 
 
 def _write_run(f: Fitted, art: Artifact, trust, val_o: Outputs, cal: dict[str, Any]) -> None:
@@ -125,6 +130,27 @@ def _write_run(f: Fitted, art: Artifact, trust, val_o: Outputs, cal: dict[str, A
         from .eval.report import write_report
 
         write_report(f.run_dir, model=f.model, art=art, val=(val_o, f.splits.val), reliability=cal["reliability"])
+
+
+def _teacher_metrics(f: Fitted, test: bool) -> list[dict[str, Any]]:
+    """Each teacher's metrics on this run's validation (and test) images with its own preprocessing and calibration,
+    its classes in the run's order, beside its identity and parameter count: the student-vs-teacher comparison."""
+    from .eval.inference import infer_run
+    from .train.distill import class_order
+
+    rows, names = [], f.splits.class_names
+    splits = [("val", f.splits.val)] + ([("test", f.splits.test)] if test else [])
+    for t in f.teachers:
+        row = dict(t)
+        for split, samples in splits:
+            out, art, _, _ = infer_run(t["run"], lambda _a, _d, s=samples: s, batch_size=f.cfg.data.eval_batch_size
+                                       or 2 * f.cfg.data.batch_size, device=str(f.dist.device), progress=False,
+                                       desc=f"teacher {split}")  # fmt: skip
+            z = out.logits[:, class_order(art.class_names, names, t["run"])]
+            m = f.task.metrics(z, out.labels, names)
+            row[split] = {k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy", "map", "micro_f1") if k in m}
+        rows.append(row)
+    return rows
 
 
 def _drift_reference(trust, val_o: Outputs, name: str, features: bool = True) -> dict[str, Any] | None:

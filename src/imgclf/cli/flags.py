@@ -32,6 +32,7 @@ SHORTCUTS = {
     "--device": ("train.device", "auto | cpu | cuda | cuda:N | mps"),
     "--name": ("run.name", "run directory name under --output"),
     "--output": ("run.output", "directory for run directories (default runs)"),
+    "--teacher": ("distill.teachers", "trained runs to distil from (one or more)"),
 }
 
 
@@ -146,7 +147,8 @@ def config_parser(sub: argparse._SubParsersAction, name: str, help_: str, descri
     """A verb that takes the training config: --config, --recipe, the shortcuts and every --section.field."""
     p = sub.add_parser(name, help=help_, description=description, argument_default=argparse.SUPPRESS)
     p.add_argument(
-        "--config", help="YAML file with sections data, aug, model, transfer, probe, optim, sched, train, run"
+        "--config",
+        help="YAML file with sections data, aug, model, transfer, probe, optim, sched, train, distill, trust, run",
     )
     p.add_argument("--recipe", help=f"a recipe shipped with imgclf: {', '.join(recipes())}")
     p.add_argument(
@@ -156,7 +158,8 @@ def config_parser(sub: argparse._SubParsersAction, name: str, help_: str, descri
     p.add_argument("-q", "--quiet", action="store_true", help="only the final summary")
     types_ = field_types()
     for flag, (key, h) in SHORTCUTS.items():
-        p.add_argument(flag, dest=key, metavar=type_hint(types_[key]), help=f"{h} (= --{key})")
+        many = {"nargs": "+", "metavar": "RUN"} if _list_item(types_[key]) is not None else {}
+        p.add_argument(flag, dest=key, **({"metavar": type_hint(types_[key])} | many), help=f"{h} (= --{key})")
     defaults = config_to_dict(Config())
     for sec, fields in section_fields().items():
         g = p.add_argument_group(f"{sec} (config section)")

@@ -135,7 +135,18 @@ def print_train(result: Any) -> None:
         print()
         print(metrics_table(result.test_metrics, "test"))
     print_skipped(result.skipped)
+    if result.extra.get("teachers"):
+        print_teachers(result)
     print(f"\nrun: {result.run_dir}  ({result.seconds / 60:.1f} min)")
+
+
+def print_teachers(result: Any) -> None:
+    """Student vs each teacher (distillation): the main metric on validation and test images, parameters."""
+    key = "map" if "map" in result.val_metrics else "top1"
+    rows = [[f"teacher {t['run']} ({t['arch']})", f"{t['params'] / 1e6:.2f} M", pct(t["val"].get(key)),
+             pct((t.get("test") or {}).get(key))] for t in result.extra["teachers"]]  # fmt: skip
+    rows.append(["student (this run)", "", pct(result.val_metrics.get(key)), pct((result.test_metrics or {}).get(key))])
+    print("\ndistillation\n" + format_table(rows, ["model", "parameters", f"val {key}", f"test {key}"]))
 
 
 def print_rebalance(result: Any) -> None:

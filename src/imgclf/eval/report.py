@@ -239,6 +239,9 @@ def write_report(
     else:
         parts, sections = _single_label_parts(art, trust, saved, reliability, training), SECTIONS
     parts.append(_section("ood", "Out-of-distribution detection", _ood_body(art, ood)))
+    if art.metrics.get("teachers"):
+        parts.insert(1, _section("distillation", "Student vs teacher", _distill_body(art)))
+        sections = (sections[0], "distillation", *sections[1:])
     n_losses = art.config.get("trust", {}).get("top_losses", 12)
     if art.multi_label:
         losses = multilabel_top_losses(saved, art.class_names, n_losses, trust) if saved else None
@@ -256,6 +259,20 @@ def write_report(
     out = run_dir / REPORT_FILE
     write_text(out, _page(run_dir.name, art, parts, sections))
     return out
+
+
+def _distill_body(art: Artifact) -> str:
+    """The student (this run) beside each teacher on the same images: main metric per split, parameters."""
+    key = "map" if art.multi_label else "top1"
+    d = art.extra.get("distill", {})
+    splits = [s for s in ("val", "test") if s in art.metrics]
+    rows = [[f"teacher {t['run']} ({t['arch']})", f"{t['params'] / 1e6:.2f} M",
+             *[_pct((t.get(s) or {}).get(key)) for s in splits]] for t in art.metrics["teachers"]]  # fmt: skip
+    rows.append([f"student ({art.arch})", "", *[_pct(art.metrics[s].get(key)) for s in splits]])
+    how = (f"terms {d.get('methods')}, temperature {d.get('temperature')}, alpha {d.get('alpha')}; each teacher on "
+           "this run's images with its own preprocessing and calibration")  # fmt: skip
+    table = _table(["model", "parameters", *[f"{s} {key}" for s in splits]], rows)
+    return table + f'<p class="note">{html.escape(how)}</p>'
 
 
 def _single_label_parts(

@@ -83,6 +83,7 @@ class Loop:
     mixup: Mixup | None
     bad_updates: torch.Tensor | None = None  # consecutive updates skipped for non-finite gradients (on the device)
     replica: nn.Module | None = None  # train.fsdp: the full model that validates and is saved (``train.fsdp``)
+    distiller: Any = None  # ``distill.Distiller`` when teachers teach (``--teacher``)
 
 
 def run_dir_for(cfg: Config, resume: bool, dist: Dist) -> Path:

@@ -41,6 +41,7 @@ from ..models.inference import infer
 from ..rundir import BEST_WEIGHTS, LAST_CKPT
 from . import fsdp
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distill import Distiller, DistillModule, load_teachers
 from .logger import RunLogger
 from .loop import (
     EpochHooks,
@@ -72,6 +73,7 @@ class Fitted:
     dist: Dist
     skips: SkipLog
     seconds: float
+    teachers: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # ``Distiller.identities``
 
 
 def eval_loader(samples: Samples, pre: Preprocess, cfg: Config, pin: bool = False) -> DataLoader:
@@ -143,10 +145,17 @@ def validate(loop: Loop, loader: DataLoader, names: list[str], model: nn.Module 
 
 
 def build_loop(
-    cfg: Config, dist: Dist, model: nn.Module, updates_per_epoch: int, num_classes: int, task: Task | None = None
+    cfg: Config,
+    dist: Dist,
+    model: nn.Module,
+    updates_per_epoch: int,
+    num_classes: int,
+    task: Task | None = None,
+    distiller: Distiller | None = None,
 ) -> Loop:
     """EMA, scaler, MixUp and the first phase's task module, optimizer and schedule around ``model``; ``task``
-    defaults to the single-label task of ``cfg.train``."""
+    defaults to the single-label task of ``cfg.train``; ``distiller`` (``distill.load_teachers``) adds the
+    teachers' terms to the loss."""
     task = task or SingleLabelTask.from_config(cfg.train)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     if fmt == torch.channels_last and fsdp.check(cfg, dist):
@@ -163,6 +172,10 @@ def build_loop(
         guard_channels_last(model, dist.device)
     replica = _fsdp_shard(cfg, dist, model)
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema else None
+    if distiller is not None:
+        if replica is not None:
+            raise ImgclfError("train.fsdp with --teacher is not supported yet: distil with DDP (drop --train.fsdp)")
+        distiller.to(dist.device, fmt).tap(model)  # hooks after the EMA's copy, so the copy has none
     dtype = amp_dtype(cfg.train.amp, dist.device, model)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     mixup = None
@@ -176,7 +189,7 @@ def build_loop(
     phases = plan(cfg)
     skips = SkipLog(strict=cfg.data.strict_images)
     loop = Loop(cfg, dist, model, task, model, None, None, ema, scaler, skips, dtype, fmt, phases, phases[0],
-                updates_per_epoch, [], mixup, replica=replica)  # fmt: skip
+                updates_per_epoch, [], mixup, replica=replica, distiller=distiller)  # fmt: skip
     enter_phase(loop, phases[0])
     return loop
 
@@ -222,13 +235,17 @@ def enter_phase(loop: Loop, phase: Phase) -> None:
     if not groups:
         raise ImgclfError(f"phase '{phase.name}' has nothing to train (check transfer.freeze_stages)")
     loop.wrapped = None  # drop the previous phase's DDP wrapper (and its gradient hooks) before wrapping again
-    wrapped: nn.Module = TaskModule(loop.model, loop.task.criterion().to(dist.device))  # loss buffers: pos_weight
+    criterion = loop.task.criterion().to(dist.device)  # loss buffers: pos_weight
+    d = loop.distiller
+    wrapped: nn.Module = TaskModule(loop.model, criterion) if d is None else DistillModule(loop.model, criterion, d)
     if cfg.train.compile:  # the training forward and loss; validation and the EMA run the plain model
         compile_module(wrapped, dist.device)
     if dist.world_size > 1 and loop.replica is None:  # re-wrapped per phase: DDP syncs what trained at wrap time
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
     loop.wrapped, loop.phase = wrapped, phase
+    if d is not None and d.projector is not None:  # trains with the student in every phase
+        groups = [*groups, {"params": list(d.projector.parameters()), "weight_decay": cfg.optim.weight_decay}]
     loop.opt = build_optimizer(loop.model, cfg.optim, groups)
     loop.sched = build_scheduler(loop.opt, cfg.sched, loop.updates_per_epoch, phase.epochs)
     loop.sched.step_update(0)
@@ -241,8 +258,10 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     cfg, dist, run_dir, resume, splits = run.cfg, run.dist, run.run_dir, run.resume, run.splits  # cfg: sizes resolved
     model, wsrc = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size)
     pre = Preprocess.from_model(model, cfg.data)
+    distiller = load_teachers(cfg.distill, model, pre, splits.class_names, run.task.multi_label, cfg.transfer.strategy)
     tl, vl = train_loader(splits.train, pre, cfg, dist), eval_loader(splits.val, pre, cfg, dist.device.type == "cuda")
-    loop = build_loop(cfg, dist, model, math.ceil(len(tl) / cfg.optim.accum_steps), len(splits.class_names), run.task)
+    loop = build_loop(cfg, dist, model, math.ceil(len(tl) / cfg.optim.accum_steps), len(splits.class_names), run.task,
+                      distiller)  # fmt: skip
     state = State()
     if resume:
         _restore(run_dir, loop, state)
@@ -260,8 +279,10 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
 
     net = _net(loop)  # FSDP: the full replica carries the best weights on
     net.load_state_dict(load_file(str(run_dir / BEST_WEIGHTS), device=str(dist.device)))
+    if distiller is not None:
+        distiller.untap()  # the trained network leaves without hooks
     return Fitted(cfg, run_dir, net, state, splits, run.task, pre, wsrc, dist, loop.skips,
-                  time.perf_counter() - t_start)  # fmt: skip
+                  time.perf_counter() - t_start, distiller.identities if distiller is not None else [])  # fmt: skip
 
 
 def model_config(cfg: Config):
@@ -328,6 +349,7 @@ def _save(run_dir: Path, loop: Loop, state: State) -> None:
             "scheduler": loop.sched.state_dict(),
             "ema": loop.ema.module.state_dict() if loop.ema is not None else {},
             "scaler": loop.scaler.state_dict(),
+            "projector": _projector(loop).state_dict() if _projector(loop) is not None else {},
             "phase": loop.phase.name,
             "world_size": loop.dist.world_size,
             "updates_per_epoch": loop.updates_per_epoch,
@@ -336,6 +358,11 @@ def _save(run_dir: Path, loop: Loop, state: State) -> None:
             "rng": rng_state(),
         },
     )
+
+
+def _projector(loop: Loop) -> nn.Module | None:
+    """The feature-distillation projector (trained with the student, checkpointed for resume), or None."""
+    return loop.distiller.projector if loop.distiller is not None else None
 
 
 def _restore(run_dir: Path, loop: Loop, state: State) -> None:
@@ -365,6 +392,8 @@ def _restore(run_dir: Path, loop: Loop, state: State) -> None:
             loop.ema.module.load_state_dict(ck["ema"])
         if ck["scaler"]:
             loop.scaler.load_state_dict(ck["scaler"])
+        if _projector(loop) is not None and ck.get("projector"):
+            _projector(loop).load_state_dict(ck["projector"])
         state.history = list(ck["history"])
         if ck.get("world_size", 1) == loop.dist.world_size and loop.dist.rank == 0:
             set_rng_state(ck["rng"])  # exact resume; other ranks (and another world size) keep their own seeds
