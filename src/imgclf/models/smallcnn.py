@@ -103,11 +103,19 @@ def _cfg(**kw: object) -> dict:
     }
 
 
-default_cfgs = generate_default_cfgs({"simplecnn_s.untrained": _cfg(), "simplecnn_m.untrained": _cfg()})
+default_cfgs = generate_default_cfgs(
+    {"simplecnn_t.untrained": _cfg(), "simplecnn_s.untrained": _cfg(), "simplecnn_m.untrained": _cfg()}
+)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: object) -> SimpleCNN:
     return build_model_with_cfg(SimpleCNN, variant, pretrained, **kwargs)
+
+
+@register_model
+def simplecnn_t(pretrained: bool = False, **kwargs: object) -> SimpleCNN:
+    """0.3 M parameters: widths 16-32-64-128 (a distillation student, edge devices)."""
+    return _create("simplecnn_t", pretrained, **dict(dict(widths=(16, 32, 64, 128)), **kwargs))
 
 
 @register_model
