@@ -44,10 +44,10 @@ RUNS = {
 }
 
 
-def with_eval(name: str, train_flags: str, eval_flags: str, data: Path) -> dict:
+def with_eval(name: str, train_flags: str, eval_flags: str, data: Path, results: dict) -> dict:
     """The trained run ``name`` (same train flags, already in RUNS_DIR) evaluated by ``imgclf eval --data DATA
     <eval_flags>`` on the official test split: its top-1, and the two commands' wall time summed."""
-    base = next(r for n, r in RESULTS_NOW.items() if r["command"].endswith(train_flags) and "eval" not in r)
+    base = next(r for r in results.values() if r["command"].endswith(train_flags) and "eval" not in r)
     run = RUNS_DIR / base["run"]
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "imgclf", "eval", str(run), "--data", str(data), "--no-progress", "--format", "json",
@@ -60,9 +60,6 @@ def with_eval(name: str, train_flags: str, eval_flags: str, data: Path) -> dict:
     return {**base, "eval": f"imgclf eval bench/runs/{base['run']} --data bench/data/fashion_mnist_full.npz "
             + eval_flags, "test_top1": top1, "eval_minutes": round(wall / 60, 1),
             "wall_minutes": round(base["wall_minutes"] + wall / 60, 1)}  # fmt: skip
-
-
-RESULTS_NOW: dict = {}
 
 
 def table(results: dict) -> str:
@@ -92,14 +89,13 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", choices=list(RUNS), help="run just these")
     ap.add_argument("--list", action="store_true", help="print the table of stored results and exit")
     a = ap.parse_args()
-    results = RESULTS_NOW
-    results.update(json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else {})
+    results = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else {}
     if not a.list:
         data = ensure_full()
         for name in a.only or list(RUNS):
             train_flags, eval_flags = RUNS[name]
             if eval_flags:
-                results[name] = with_eval(name, train_flags, eval_flags, data)
+                results[name] = with_eval(name, train_flags, eval_flags, data, results)
             else:
                 results[name] = {**run_one(name, train_flags, data, RUNS_DIR), "run": name}
             results[name]["load_after"] = Path("/proc/loadavg").read_text().split()[:3]

@@ -163,6 +163,10 @@ class Distiller:
     student_tap: StageTap | None = None
     teacher_tap: StageTap | None = None
     identities: list[dict[str, Any]] = field(default_factory=list)
+    terms: list[str] = field(init=False)  # ``cfg.terms``, parsed once rather than per training step
+
+    def __post_init__(self) -> None:
+        self.terms = self.cfg.terms
 
     @torch.no_grad()
     def targets(self, x: torch.Tensor) -> Targets:
@@ -186,7 +190,7 @@ class Distiller:
 
     def tap(self, student: nn.Module) -> None:
         """Stage hooks on the student and the (one) teacher when the attention term is on (after the EMA copy)."""
-        if "attention" in self.cfg.terms and self.student_tap is None:
+        if "attention" in self.terms and self.student_tap is None:
             self.student_tap = StageTap(student, "the student")
             self.teacher_tap = StageTap(self.teachers[0].model, f"teacher {self.identities[0]['run']}")
 
@@ -268,7 +272,7 @@ class DistillModule(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.distiller
-        cfg, terms = d.cfg, d.cfg.terms
+        cfg, terms = d.cfg, d.terms
         tap = d.student_tap
         if tap is not None:
             tap.armed = True
@@ -352,7 +356,7 @@ def _teacher_artifact(path: Path, dcfg: DistillConfig, pre: Preprocess, multi_la
 def _check_shapes(d: Distiller, student: nn.Module, pre: Preprocess) -> None:
     """One forward of a 2-image batch through the student and the teachers: the projector's shape, and every
     output the terms need present and of the right shape (ImgclfError before training otherwise)."""
-    terms, x = d.cfg.terms, torch.zeros(2, *pre.input_size)
+    terms, x = d.terms, torch.zeros(2, *pre.input_size)
     was = student.training
     student.eval()
     try:
