@@ -18,6 +18,8 @@ __all__ = [
     "ImgclfError",
     "audit",
     "calibrate",
+    "compress",
+    "compress_config",
     "convert",
     "evaluate",
     "evaluate_ensemble",
@@ -34,6 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .api import (
         audit,
         calibrate,
+        compress,
+        compress_config,
         convert,
         evaluate,
         evaluate_ensemble,

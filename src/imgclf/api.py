@@ -125,6 +125,30 @@ def train(cfg: Config | None = None, *, resume: bool = False) -> TrainResult:
     return run_training(cfg or make_config(), resume=resume)
 
 
+def compress_config(
+    teacher: str | Path,
+    student: str,
+    *,
+    recipe: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """The training config of a student ``student`` (a timm or imgclf architecture) distilled from the run
+    ``teacher`` on the teacher's data; see ``imgclf.compress.student_overrides`` for the precedence."""
+    from .compress import student_overrides
+
+    recipe, flat = student_overrides(teacher, student, recipe=recipe, config_file=config_file, overrides=overrides)
+    return make_config(config_file=config_file, recipe=recipe, overrides=flat)
+
+
+def compress(cfg: Config, teacher: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Distil, calibrate, quantize to int8 and benchmark against the teacher with an accuracy budget
+    (``max_drop`` points, ``force``, ``int8``, ``runtime``, ``batch_sizes``); see ``imgclf.compress.compress``."""
+    from .compress import compress as compress_run
+
+    return compress_run(cfg, teacher, **kwargs)
+
+
 def rebalance(run_dir: str | Path, method: str = "crt", **kwargs: Any) -> TrainResult:
     """cRT or tau-normalisation of a trained run's classifier, saved as a new run; see
     ``imgclf.pipeline.rebalance_run``."""

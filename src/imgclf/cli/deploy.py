@@ -1,5 +1,6 @@
-"""The deployment verbs: ``export``, ``bench`` and ``serve``; flags generated from ``config.ExportConfig``,
-``config.BenchConfig`` and ``deploy.serving.ServeOptions``."""
+"""The deployment verbs: ``export``, ``bench``, ``serve`` and ``compress``; flags generated from
+``config.ExportConfig``, ``config.BenchConfig``, ``deploy.serving.ServeOptions`` and (compress) the training
+config."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 from ..config import BenchConfig, ExportConfig
 from ..errors import ImgclfError, first_line
 from . import output
-from .flags import config_flags, config_from_args, runtime_flag
+from .flags import config_flags, config_from_args, config_parser, flat_overrides, positive_int, runtime_flag
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
@@ -113,4 +114,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS = {"export": (add_export, cmd_export), "bench": (add_bench, cmd_bench), "serve": (add_serve, cmd_serve)}
+def add_compress(sub: argparse._SubParsersAction) -> None:
+    p = config_parser(
+        sub, "compress", "distil a small student from a run, quantize it to int8, compare size, speed and accuracy",
+        "Train the student --student on the teacher's data with the teacher distilling into it (recipe "
+        "scratch-small unless --recipe/--config; any training flag applies), calibrate it, export it to int8 "
+        "(accuracy-controlled), and measure teacher, student and int8 student on the same test (or validation) "
+        "images: size, img/s at batch 1 and 32, top-1. Refused (exit 2) when the int8 student loses more than "
+        "--max-drop points against the teacher, unless --force.",
+    )  # fmt: skip
+    p.add_argument("run_teacher", metavar="TEACHER", help="the trained run to distil from")
+    p.add_argument("--student", required=True, help="student architecture (timm or imgclf's simplecnn_t/s/m)")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=2.0,
+        help="accuracy budget: most top-1 (mAP) points the int8 student may lose vs the teacher [2.0]",
+    )
+    p.add_argument("--force", action="store_true", default=False, help="keep a result beyond the budget (reported)")
+    p.add_argument("--int8", default="auto", help="auto | openvino-int8 | onnx-int8 [auto: OpenVINO when installed]")
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        help="runtime timing teacher and fp32 student [auto: the fastest floating-point one]",
+    )
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 32], help="batch sizes timed [1 32]")
+    p.add_argument("--json", dest="json_out", help="also write the figures (JSON) to this file")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .. import api
+    from ..io import write_json
+
+    ns = vars(args)
+    flat = flat_overrides(args)
+    if "distill.teachers" in flat:
+        raise ImgclfError("imgclf compress: the teacher is the first argument (one run); drop --teacher")
+    cfg = api.compress_config(args.run_teacher, args.student, recipe=ns.get("recipe"), config_file=ns.get("config"),
+                              overrides=flat)  # fmt: skip
+    from ..compress import CompressRefused
+
+    try:
+        res = api.compress(cfg, args.run_teacher, max_drop=args.max_drop, force=args.force, int8=args.int8,
+                           runtime=args.runtime, batch_sizes=tuple(args.batch_sizes))  # fmt: skip
+    except CompressRefused as e:  # the figures first, then the one-line refusal
+        output.print_compress(e.doc)
+        raise
+    output.print_compress(res)
+    if ns.get("json_out"):
+        write_json(ns["json_out"], res)
+    return 0
+
+
+VERBS = {"export": (add_export, cmd_export), "bench": (add_bench, cmd_bench), "serve": (add_serve, cmd_serve),
+         "compress": (add_compress, cmd_compress)}  # fmt: skip

@@ -434,3 +434,27 @@ def _audit_details(doc: dict[str, Any], n: int = 10) -> None:
         rows = [[r["path"], r["label"], r["suggested"], f"{r['quality']:.3f}"] for r in doc["label_issues"][:n]]
         print(f"suspected label errors ({len(doc['label_issues'])}, most likely first)")
         print(format_table(rows, ["image", "label", "suggested", "quality"]))
+
+
+def print_compress(doc: dict[str, Any]) -> None:
+    """``compress.compress``: teacher, student and int8 student (size, speed, accuracy), then the verdict."""
+    rows, batches = [], list(doc["rows"][0]["img_per_s"])
+    for r in doc["rows"]:
+        rows.append([r["role"], r["arch"], r["runtime"], f"{r['params'] / 1e6:.2f} M", f"{r['size_mb']:.2f}",
+                     *(f"{r['img_per_s'][b]:.0f}" for b in batches), pct(r["value"])])  # fmt: skip
+    metric = {"top1": "top-1", "map": "mAP"}.get(doc["metric"], doc["metric"])
+    print(f"on {doc['images']['n']} {doc['images']['split']} images ({doc['images']['name']}):")
+    print(format_table(rows, ["model", "arch", "runtime", "params", "size MB", *(f"img/s b{b}" for b in batches),
+                              metric]))  # fmt: skip
+    v = doc["int8_vs_teacher"]
+    speed = ", ".join(f"{s}x at batch {b}" for b, s in v["speedup"].items())
+    scored = {r["scored_on"] for r in doc["rows"][:2]}
+    verdict = ("within the budget" if doc["within_budget"] else
+               "BEYOND the budget" + (" (kept: --force)" if doc.get("forced") else ""))  # fmt: skip
+    print(
+        f"({metric} of teacher and student on {', '.join(sorted(scored))}, of the int8 student on "
+        f"{doc['rows'][2]['scored_on']}; img/s on the runtime named)"
+    )
+    print(f"\nint8 student vs teacher: {v['size_ratio']}x smaller; img/s {speed}; loses {v['drop_points']:.2f} "
+          f"{metric} points (--max-drop {doc['max_drop']}): {verdict}")  # fmt: skip
+    print(f"student run: {doc['student']} (figures: compress.json)")

@@ -65,7 +65,7 @@ def export_run(
     output: str | Path | None = None,
     pixels: str = "nhwc",
     opset: int | None = None,
-    data: str | None = None,
+    data: Any = None,
     calib_data: str | None = None,
     verify_n: int = 500,
     calib_n: int = 256,
@@ -78,8 +78,9 @@ def export_run(
     """Export ``run`` (a run directory or an ``Artifact`` read from one) as ``fmt`` into ``output`` (default
     ``<run>/export``), verify it against PyTorch, write ``export.json``.
 
-    Verification uses ``data`` (agreement, logit difference and the top-1 drop), or without it generated
-    pictures (agreement and logit difference only; a warning says so unless ``generated_ok``). The int8
+    Verification uses ``data`` (a source, or labelled ``Samples`` already opened: agreement, logit difference and
+    the top-1 drop), or without it generated pictures (agreement and logit difference only; a warning says so
+    unless ``generated_ok``). The int8
     formats are calibrated on ``calib_n`` training images (``calib_data`` or the run's training data) and
     refused when they lose more than ``int8_tolerance`` top-1 points on the verification images, unless
     ``force``.

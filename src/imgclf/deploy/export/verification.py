@@ -17,18 +17,20 @@ from ...eval.inference import run_label_format
 from .graph import ServingModel, to_input
 
 
-def verification_batches(art: Artifact, data: str | None, n: int, batch: int = 32, split: str = "val"):
+def verification_batches(art: Artifact, data: Any, n: int, batch: int = 32, split: str = "val"):
     """Up to ``n`` images as (uint8 NCHW pixels at the input size, labels) batches.
 
-    From ``data`` (any source; the pixels are the resized and centre-cropped images, the artifact's eval
-    transform without normalisation, so PyTorch and the exported graph see exactly the same numbers), or,
-    without data, ``generated_batches``: the run's training data is never needed.
+    From ``data`` (any source, or labelled ``Samples`` already opened; the pixels are the resized and
+    centre-cropped images, the artifact's eval transform without normalisation, so PyTorch and the exported graph
+    see exactly the same numbers), or, without data, ``generated_batches``: the run's training data is never needed.
     """
     from ...data.sources import open_source
 
     if not data:
         return generated_batches(art, n, batch)
-    samples = open_source(data, split, art.preprocessing.decoder(), run_label_format(art)).remap_to(art.class_names)
+    if isinstance(data, str | Path):
+        data = open_source(data, split, art.preprocessing.decoder(), run_label_format(art))
+    samples = data.remap_to(art.class_names)
     return pixel_batches(samples, art, n, batch, seed=0)
 
 
