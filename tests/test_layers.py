@@ -17,7 +17,8 @@ LAYERS = {
     "train": 3,
     "eval": 4,
     "deploy": 5,
-    "pipeline": 6, "predict": 6, "fewshot": 6, "compress": 6,  # fewshot: the public re-exports of the k-NN stages
+    # fewshot: the public re-exports of the k-NN stages
+    "pipeline": 6, "predict": 6, "fewshot": 6, "compress": 6, "backbones": 6,
     "api": 7, "cli": 8, "__init__": 9, "__main__": 9,
 }  # fmt: skip
 

@@ -241,3 +241,33 @@ def cooccurrence_heatmap(counts: Any, names: list[str]) -> bytes:
     shown = np.ma.masked_array(norm, mask=np.eye(len(names), dtype=bool))
     return _count_heatmap(m, norm, shown, names, cmap, ("also labelled", "label"), "P(column label | row label)",
                           False)  # fmt: skip
+
+
+def pareto_plot(doc: dict[str, Any], path: Path) -> None:
+    """Probe accuracy against latency (batch ``doc["batch_sizes"][0]``, log axis) per architecture, the Pareto front
+    joined; without probe accuracies, GMACs against latency. ``doc``: ``backbones.benchmark_backbones``'s result."""
+    b = doc["batch_sizes"][0]
+    rows = doc["rows"]
+    scored = [r for r in rows if r["probe_top1"] is not None]
+    fig = figure(7.0, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    y = (lambda r: 100 * r["probe_top1"]) if scored else (lambda r: r["gmacs"])
+    shown = scored or rows
+    front = sorted((r for r in shown if r["arch"] in doc["pareto"]), key=lambda r: r["latency_ms"][b])
+    ax.scatter([r["latency_ms"][b] for r in shown], [y(r) for r in shown], color="#1f77b4", zorder=3)
+    if front:
+        ax.plot([r["latency_ms"][b] for r in front], [y(r) for r in front], color="#d62728", lw=1.5, zorder=2,
+                label="Pareto front")  # fmt: skip
+        ax.legend(loc="lower right", fontsize=8)
+    for r in shown:
+        ax.annotate(r["arch"], (r["latency_ms"][b], y(r)), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    choice = (doc.get("choice") or {}).get("latency_ms")
+    if choice:
+        ax.axvline(choice, color="#999999", ls="--", lw=1, label=f"budget {choice} ms")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"latency at batch {b} (ms, {', '.join(sorted({r['runtime'] for r in shown}))})")
+    ax.set_ylabel("linear-probe top-1 (%)" if scored else "GMACs")
+    ax.set_title("backbones on this machine" + (f" and {doc['data']}" if scored else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

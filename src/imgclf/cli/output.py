@@ -370,6 +370,36 @@ def print_models(names: list[str], limit: int, hub: set[str], packaged: dict[str
     print("  none      random initialisation")
 
 
+def print_backbones(res: dict[str, Any]) -> None:
+    """``backbones.benchmark_backbones``: one row per architecture (Pareto-optimal ones starred), the skipped ones,
+    the choice for the latency budget, where the files are."""
+    lat, thr = res["batch_sizes"]
+    rows = []
+    for r in sorted(res["rows"], key=lambda r: r["latency_ms"][lat]):
+        acc = pct(r["probe_top1"]) if r["probe_top1"] is not None else "speed only"
+        rows.append([r["arch"] + (" *" if r["arch"] in res["pareto"] else ""), r["weights"], r["input_size"],
+                     f"{r['params_m']:.2f}", f"{r['gmacs']:.3g}", r["runtime"], f"{r['latency_ms'][lat]:.2f}",
+                     f"{r['img_per_s'][thr]:.0f}", acc])  # fmt: skip
+    print(format_table(rows, ["architecture", "weights", "size", "params M", "GMACs", "runtime",
+                              f"ms b{lat}", f"img/s b{thr}", "probe top-1"]))  # fmt: skip
+    if res["pareto"]:
+        print("* on the Pareto front (no faster architecture is as accurate)")
+    if any(r["probe_top1"] is None for r in res["rows"]):
+        why = "no weights available offline (--hub downloads them)" if res["data"] else "no --data given"
+        print(f"speed only: random weights ({why})")
+    for arch, why in res["skipped"].items():
+        print(f"skipped {arch}: {why}", file=sys.stderr)
+    c = res.get("choice")
+    if c:
+        if c["arch"]:
+            print(f"\nwithin {c['latency_ms']} ms at batch {lat}: {c['arch']} ({pct(c['probe_top1'])}, "
+                  f"{c['latency_ms_measured']:.2f} ms)")  # fmt: skip
+        else:
+            print(f"\nwithin {c['latency_ms']} ms at batch {lat}: no choice ({c['why']}; fits: "
+                  f"{', '.join(c['fits']) or 'none'})")  # fmt: skip
+    print(f"results: {res['output']}/benchmark.json" + (f", plot: {res['plot']}" if res.get("plot") else ""))
+
+
 # --------------------------------------------------------------------------- data conversion
 
 
