@@ -86,8 +86,26 @@ def test_torchscript_and_openvino_agree_with_pytorch(run, tmp_path, tiny_test_fo
     px = _pixels(4, seed=3)
     ref_logits, ref_probs = _torch_reference(run, px)
     assert np.abs(compiled(px)[compiled.output("probs")] - ref_probs).max() < 1e-4
-    ts = torch.jit.load(str(tmp_path / "model.ts"))
+    with pytest.warns(FutureWarning):  # TorchScript is deprecated upstream: pt2 is its successor (next test)
+        ts = torch.jit.load(str(tmp_path / "model.ts"))
     assert np.abs(ts(torch.from_numpy(px))[0].detach().numpy() - ref_logits).max() < 1e-4
+
+
+def test_pt2_is_a_torch_export_program_with_a_dynamic_batch(run, tmp_path, tiny_test_folder):
+    r = run_cli("export", run, "--format", "pt2", "-o", tmp_path, "--data", tiny_test_folder)
+    assert r.code == 0, r
+    v = json.loads((tmp_path / "export.json").read_text())["pt2"]["verify"]
+    assert v["top1_agreement"] == 1.0 and v["max_abs_logit_diff"] < 1e-4 and v["images"] == 24
+    extra = {"imgclf.labels": "", "imgclf.pixels": ""}
+    program = torch.export.load(str(tmp_path / "model.pt2"), extra_files=extra)  # a file this test just made
+    assert json.loads(extra["imgclf.labels"]) == ["class_0", "class_1", "class_2"] and extra["imgclf.pixels"] == "nhwc"
+    module = program.module()
+    for n in (1, 5):  # any batch size, one graph
+        px = _pixels(n, seed=n)
+        ref_logits, ref_probs = _torch_reference(run, px)
+        with torch.no_grad():
+            logits, probs, _ = (t.numpy() for t in module(torch.from_numpy(px)))
+        assert np.abs(logits - ref_logits).max() < 1e-4 and np.abs(probs - ref_probs).max() < 1e-5
 
 
 @pytest.mark.parametrize("fmt", ["onnx-int8", "openvino-int8"])

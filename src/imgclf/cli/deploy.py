@@ -18,7 +18,7 @@ from .flags import config_flags, config_from_args, config_parser, flat_overrides
 def add_export(sub: argparse._SubParsersAction) -> None:
     from ..deploy.export import FORMATS
 
-    p = sub.add_parser("export", help="ONNX / TorchScript / OpenVINO / int8 / Triton export, verified against PyTorch")
+    p = sub.add_parser("export", help="ONNX / torch.export / OpenVINO / int8 / Triton / TorchScript export, verified")
     p.add_argument("run", help="run directory")
     p.add_argument("--format", nargs="+", choices=FORMATS, default=["onnx"], dest="formats",
                    help="one or more formats (default onnx)")  # fmt: skip

@@ -1,4 +1,5 @@
-"""Export a run for serving: ONNX, TorchScript, OpenVINO IR, int8 ONNX (QDQ) and a Triton repository.
+"""Export a run for serving: ONNX, torch.export (.pt2), TorchScript (deprecated upstream), OpenVINO IR, int8 ONNX
+(QDQ) and a Triton repository.
 
 Every exported graph is the run's model wrapped in ``ServingModel``: optionally preprocessing in the
 graph (uint8 pixels at the model's input size, NHWC or NCHW, scaled and normalised inside), then the
@@ -8,8 +9,8 @@ preprocessing, temperature and OOD thresholds go into the model's metadata and i
 logit difference, top-1 agreement) and the figures are stored.
 
 One module per concern: ``graph`` (``ServingModel``, its input and metadata), ``verification`` (the
-images and the comparison with PyTorch), one module per format (``onnx``, ``torchscript``, ``openvino``,
-``triton``) and ``int8`` (calibration and the tolerance gate); this module dispatches and writes
+images and the comparison with PyTorch), one module per format (``onnx``, ``pt2``, ``torchscript``,
+``openvino``, ``triton``) and ``int8`` (calibration and the tolerance gate); this module dispatches and writes
 ``export.json``.
 
 Example:
@@ -34,6 +35,7 @@ from .graph import OUTPUTS, PIXELS, ServingModel, example_input, metadata, to_in
 from .int8 import _int8
 from .onnx import _export_onnx, _onnx, ort_session
 from .openvino import HELD_MAX_DISAGREEMENT, HELD_N, _openvino
+from .pt2 import _pt2
 from .torchscript import _torchscript
 from .triton import _triton
 from .verification import _Job, generated_batches, parity_ok, pixel_batches, verification_batches, verify
@@ -46,10 +48,11 @@ __all__ = [
 
 log = logging.getLogger("imgclf")
 
-FORMATS = ("onnx", "torchscript", "openvino", "openvino-int8", "onnx-int8", "triton")
+FORMATS = ("onnx", "pt2", "torchscript", "openvino", "openvino-int8", "onnx-int8", "triton")
 #: the file each format leaves in the export directory
 FILES = {
     "onnx": "model.onnx",
+    "pt2": "model.pt2",
     "torchscript": "model.ts",
     "openvino": "model.xml",
     "openvino-int8": "model.int8.xml",
@@ -105,7 +108,7 @@ def export_run(
                out_dir / FILES[fmt])  # fmt: skip
     result: dict[str, Any] = {"format": fmt, "pixels": pixels, "outputs": list(OUTPUTS), "run": str(run_dir),
                               "run_key": content_key(run_dir), "metadata": job.meta}  # fmt: skip
-    if fmt != "torchscript":
+    if fmt not in ("torchscript", "pt2"):
         _export_onnx(job.serving, art, pixels, onnx_path, job.meta, opset)
     try:
         if fmt in ("onnx-int8", "openvino-int8"):
@@ -113,7 +116,7 @@ def export_run(
         elif fmt == "triton":
             result.update(_triton(job, triton_max_batch, triton_delay_us))
         else:
-            result.update({"onnx": _onnx, "torchscript": _torchscript, "openvino": _openvino}[fmt](job))
+            result.update({"onnx": _onnx, "pt2": _pt2, "torchscript": _torchscript, "openvino": _openvino}[fmt](job))
     finally:
         if fmt != "onnx":
             onnx_path.unlink(missing_ok=True)

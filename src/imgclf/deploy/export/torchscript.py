@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from ...errors import ImgclfError
 from ...io import atomic_path
 from .graph import ServingModel, example_input, export_failure
 from .verification import _Job
+
+log = logging.getLogger("imgclf")
 
 
 def _export_torchscript(serving: ServingModel, art: Artifact, pixels: str, out: Path, meta: dict[str, str]):
@@ -32,6 +35,7 @@ def _export_torchscript(serving: ServingModel, art: Artifact, pixels: str, out: 
 
 
 def _torchscript(job: _Job) -> dict[str, Any]:
+    log.warning("TorchScript is deprecated in PyTorch 2.x; --format pt2 (torch.export) is its successor")
     path = _export_torchscript(job.serving, job.art, job.pixels, job.path, job.meta)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
