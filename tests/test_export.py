@@ -108,6 +108,34 @@ def test_pt2_is_a_torch_export_program_with_a_dynamic_batch(run, tmp_path, tiny_
         assert np.abs(logits - ref_logits).max() < 1e-4 and np.abs(probs - ref_probs).max() < 1e-5
 
 
+def test_executorch_pte_fp32_and_int8_run_on_executorchs_runtime(run, tmp_path, tiny_folder, tiny_test_folder):
+    pytest.importorskip("executorch")
+    from imgclf.deploy.export.executorch import PTE_MAX_BATCH
+    from imgclf.deploy.runtime import load_predictor
+
+    r = run_cli("export", run, "--format", "executorch", "executorch-int8", "--data", tiny_test_folder,
+                "--calib-data", tiny_folder, "--int8-tolerance", "100")  # fmt: skip
+    assert r.code == 0, r
+    rec = json.loads((run / "export" / "export.json").read_text())
+    fp, q = rec["executorch"]["verify"], rec["executorch-int8"]["verify"]
+    assert fp["top1_agreement"] == 1.0 and fp["max_rel_logit_diff"] < 1e-4 and fp["images"] == 24
+    assert q["top1_agreement"] >= 0.9 and rec["executorch-int8"]["calibration_images"] == 48
+    assert (run / "export" / "model.int8.pte").stat().st_size < (run / "export" / "model.pte").stat().st_size / 2
+    for rt in ("executorch", "executorch-int8"):
+        pred = load_predictor(run, rt)
+        for n in (1, PTE_MAX_BATCH + 3):  # beyond the planned batch: run in chunks
+            px = _pixels(n, seed=n)
+            logits, probs, feats = pred(px)
+            ref_logits, ref_probs = _torch_reference(run, px)
+            assert logits.shape == ref_logits.shape and len(feats) == n
+            if rt == "executorch":
+                assert np.abs(probs - ref_probs).max() < 1e-4
+            else:  # int8 on noise pictures: the same answers mostly (the real images' figures are checked above)
+                assert (
+                    np.allclose(probs.sum(1), 1, atol=1e-4) and (probs.argmax(1) == ref_probs.argmax(1)).mean() >= 0.75
+                )
+
+
 @pytest.mark.parametrize("fmt", ["onnx-int8", "openvino-int8"])
 def test_int8_reports_its_drop_and_refuses_beyond_the_tolerance(run, tmp_path, tiny_folder, tiny_test_folder, fmt):
     r = run_cli("export", run, "--format", fmt, "-o", tmp_path, "--data", tiny_test_folder,

@@ -47,7 +47,7 @@ DEFAULT_STUDENT_RECIPE = "scratch-small"
 #: data fields the student takes from the teacher's config: the same images, labels and decoding
 TEACHER_DATA_FIELDS = ("path", "val_path", "test_path", "val_split", "task", "classes", "label_sep", "image_column",
                        "label_column", "pixel_range", "background", "max_pixels", "max_aspect")  # fmt: skip
-INT8_FORMATS = ("openvino-int8", "onnx-int8")
+INT8_FORMATS = ("openvino-int8", "onnx-int8", "executorch-int8")
 FP_RUNTIMES = ("openvino-bf16", "openvino", "onnxruntime", "torch-cl")  # fastest first (imgclf bench on CPUs)
 
 
@@ -83,12 +83,13 @@ def int8_format(choice: str = "auto") -> str:
     onnx-int8 (ONNX Runtime static QDQ). Raises ImgclfError when the choice cannot run here."""
     spec = importlib.util.find_spec
     have_ort = bool(spec("onnxruntime") and spec("onnxscript"))
-    have = {"openvino-int8": have_ort and bool(spec("openvino") and spec("nncf")), "onnx-int8": have_ort}
+    have = {"openvino-int8": have_ort and bool(spec("openvino") and spec("nncf")), "onnx-int8": have_ort,
+            "executorch-int8": bool(spec("executorch"))}  # fmt: skip
     if choice == "auto":
         choice = next((f for f in INT8_FORMATS if have[f]), "")
         if not choice:
-            raise ImgclfError("imgclf compress needs ONNX Runtime (or OpenVINO + NNCF) for the int8 student: "
-                              "pip install 'imgclf[deploy]'")  # fmt: skip
+            raise ImgclfError("imgclf compress needs ONNX Runtime (or OpenVINO + NNCF, or ExecuTorch) for the int8 "
+                              "student: pip install 'imgclf[deploy]'")  # fmt: skip
     if choice not in have:
         raise ImgclfError(f"--int8 must be auto or one of {', '.join(INT8_FORMATS)} (got {choice!r})")
     if not have[choice]:
@@ -173,7 +174,7 @@ def _int8_export(student: Path, fmt: str, samples, max_drop: float) -> dict[str,
 
 
 def _int8_runtime(fmt: str) -> str:
-    return {"openvino-int8": "openvino-int8", "onnx-int8": "onnxruntime-int8"}[fmt]
+    return {"onnx-int8": "onnxruntime-int8"}.get(fmt, fmt)
 
 
 def _measure(role: str, run: str | Path, score_rt: str, speed_rt: str, samples, batch_sizes, repeats: int,

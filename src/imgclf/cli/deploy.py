@@ -132,7 +132,11 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
         help="accuracy budget: most top-1 (mAP) points the int8 student may lose vs the teacher [2.0]",
     )
     p.add_argument("--force", action="store_true", default=False, help="keep a result beyond the budget (reported)")
-    p.add_argument("--int8", default="auto", help="auto | openvino-int8 | onnx-int8 [auto: OpenVINO when installed]")
+    p.add_argument(
+        "--int8",
+        default="auto",
+        help="auto | openvino-int8 | onnx-int8 | executorch-int8 [auto: OpenVINO if installed]",
+    )
     p.add_argument(
         "--runtime",
         default="auto",

@@ -38,7 +38,7 @@ from .export import FILES, OUTPUTS, export_run, ort_session
 log = logging.getLogger("imgclf")
 
 RUNTIMES = ("torch", "torch-cl", "torch-bf16", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
-            "openvino-int8")  # fmt: skip
+            "openvino-int8", "executorch", "executorch-int8")  # fmt: skip
 
 
 def available_runtimes() -> list[str]:
@@ -48,6 +48,8 @@ def available_runtimes() -> list[str]:
         if importlib.util.find_spec("openvino"):
             have += ["openvino"] + (["openvino-bf16"] if cpu_has_bf16() else [])
             have += ["openvino-int8"] if importlib.util.find_spec("nncf") else []
+    if importlib.util.find_spec("executorch"):
+        have += ["executorch", "executorch-int8"]
     return have
 
 
@@ -149,6 +151,20 @@ class OpenVinoPredictor(Predictor):
         return tuple(np.asarray(res[o]) for o in self.outputs)  # type: ignore[return-value]
 
 
+class ExecuTorchPredictor(Predictor):
+    """A ``.pte`` program (XNNPACK delegate) on ExecuTorch's Python runtime: the on-device format, timed here."""
+
+    def __init__(self, art: Artifact, int8: bool = False):
+        from .export.executorch import PteRunner
+
+        self.art, self.name = art, "executorch-int8" if int8 else "executorch"
+        path = exported(art, self.name)
+        self.runner, self.path = PteRunner(path), str(path)
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(self.runner(pixels))  # type: ignore[return-value]
+
+
 def exported(art: Artifact, fmt: str) -> Path:
     """An up-to-date export of ``fmt`` with uint8 NHWC input and every output, never written into the run:
     ``<run>/export`` when ``imgclf export`` left one there for the run's current content, else the user
@@ -238,7 +254,8 @@ def load_predictor(run: str | Path | Artifact, runtime: str = "auto", device: st
     if runtime not in RUNTIMES:
         raise ImgclfError(f"--runtime must be auto or one of {', '.join(RUNTIMES)} (got {runtime!r})")
     if runtime not in available_runtimes():
-        why = "a CPU with AVX512-BF16/AMX" if runtime.endswith("bf16") else "pip install 'imgclf[deploy]'"
+        extra = "edge" if runtime.startswith("executorch") else "deploy"
+        why = "a CPU with AVX512-BF16/AMX" if runtime.endswith("bf16") else f"pip install 'imgclf[{extra}]'"
         raise ImgclfError(f"runtime {runtime} is not available here ({why})")
     if runtime.startswith("torch"):
         return TorchPredictor(art, runtime, device)
@@ -246,6 +263,8 @@ def load_predictor(run: str | Path | Artifact, runtime: str = "auto", device: st
         try:
             if runtime.startswith("onnxruntime"):
                 return OnnxPredictor(art, int8=runtime.endswith("int8"))
+            if runtime.startswith("executorch"):
+                return ExecuTorchPredictor(art, int8=runtime.endswith("int8"))
             return OpenVinoPredictor(art, runtime.removeprefix("openvino").removeprefix("-") or "f32")
         except ImgclfError:
             raise
@@ -261,7 +280,7 @@ def load_predictor(run: str | Path | Artifact, runtime: str = "auto", device: st
 
 def _cached_entry(art: Artifact, runtime: str) -> Path | None:
     """The user-cache folder ``runtime`` loads from for ``art`` (None when it loads from ``<run>/export``)."""
-    fmt = "onnx" if runtime.startswith("onnxruntime") else "openvino"
+    fmt = "onnx" if runtime.startswith("onnxruntime") else runtime.split("-")[0]
     if runtime.endswith("int8") or _current(run_path(art), fmt):
         return None
     entry = export_cache_dir(content_key(run_path(art)), fmt)

@@ -1,5 +1,5 @@
 """Export a run for serving: ONNX, torch.export (.pt2), TorchScript (deprecated upstream), OpenVINO IR, int8 ONNX
-(QDQ) and a Triton repository.
+(QDQ), ExecuTorch (.pte, XNNPACK; fp32 or int8) and a Triton repository.
 
 Every exported graph is the run's model wrapped in ``ServingModel``: optionally preprocessing in the
 graph (uint8 pixels at the model's input size, NHWC or NCHW, scaled and normalised inside), then the
@@ -10,8 +10,8 @@ logit difference, top-1 agreement) and the figures are stored.
 
 One module per concern: ``graph`` (``ServingModel``, its input and metadata), ``verification`` (the
 images and the comparison with PyTorch), one module per format (``onnx``, ``pt2``, ``torchscript``,
-``openvino``, ``triton``) and ``int8`` (calibration and the tolerance gate); this module dispatches and writes
-``export.json``.
+``openvino``, ``executorch``, ``triton``) and ``int8`` (calibration and the tolerance gate); this module
+dispatches and writes ``export.json``.
 
 Example:
     >>> export_run("runs/x", "onnx", pixels="nhwc")  # doctest: +SKIP
@@ -31,6 +31,7 @@ from ...errors import ImgclfError
 from ...io import write_json
 from ...models.inference import reparameterized
 from ...rundir import EXPORT_FILE, RunDir
+from .executorch import _executorch
 from .graph import OUTPUTS, PIXELS, ServingModel, example_input, metadata, to_input
 from .int8 import _int8
 from .onnx import _export_onnx, _onnx, ort_session
@@ -48,7 +49,10 @@ __all__ = [
 
 log = logging.getLogger("imgclf")
 
-FORMATS = ("onnx", "pt2", "torchscript", "openvino", "openvino-int8", "onnx-int8", "triton")
+FORMATS = ("onnx", "pt2", "torchscript", "openvino", "openvino-int8", "onnx-int8", "executorch", "executorch-int8",
+           "triton")  # fmt: skip
+#: formats made from the PyTorch graph directly (the others go through a staged fp32 ONNX graph)
+FROM_TORCH = frozenset({"pt2", "torchscript", "executorch", "executorch-int8"})
 #: the file each format leaves in the export directory
 FILES = {
     "onnx": "model.onnx",
@@ -57,6 +61,8 @@ FILES = {
     "openvino": "model.xml",
     "openvino-int8": "model.int8.xml",
     "onnx-int8": "model.int8.onnx",
+    "executorch": "model.pte",
+    "executorch-int8": "model.int8.pte",
     "triton": "triton",
 }
 
@@ -108,15 +114,16 @@ def export_run(
                out_dir / FILES[fmt])  # fmt: skip
     result: dict[str, Any] = {"format": fmt, "pixels": pixels, "outputs": list(OUTPUTS), "run": str(run_dir),
                               "run_key": content_key(run_dir), "metadata": job.meta}  # fmt: skip
-    if fmt not in ("torchscript", "pt2"):
+    if fmt not in FROM_TORCH:
         _export_onnx(job.serving, art, pixels, onnx_path, job.meta, opset)
     try:
-        if fmt in ("onnx-int8", "openvino-int8"):
+        if fmt.endswith("int8"):
             result.update(_int8(job, fmt, calib_data, calib_n, int8_tolerance, force))
         elif fmt == "triton":
             result.update(_triton(job, triton_max_batch, triton_delay_us))
         else:
-            result.update({"onnx": _onnx, "pt2": _pt2, "torchscript": _torchscript, "openvino": _openvino}[fmt](job))
+            result.update({"onnx": _onnx, "pt2": _pt2, "torchscript": _torchscript, "openvino": _openvino,
+                           "executorch": _executorch}[fmt](job))  # fmt: skip
     finally:
         if fmt != "onnx":
             onnx_path.unlink(missing_ok=True)

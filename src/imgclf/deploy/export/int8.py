@@ -1,4 +1,4 @@
-"""The int8 formats (onnx-int8, openvino-int8): calibration on training images, quantization, and the
+"""The int8 formats (onnx-int8, openvino-int8, executorch-int8): calibration on training images, quantization, and the
 tolerance gate that refuses a model losing too much top-1 accuracy."""
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ def _int8(job: _Job, fmt: str, calib_data: str | None, calib_n: int, tolerance: 
     if fmt == "onnx-int8":
         q = _quantize_onnx(job.onnx_path, job.path, [{"input": x} for x in calib])
         check = job.verify(_ort_logits(q))
+    elif fmt == "executorch-int8":
+        from .executorch import PteRunner, write_pte
+
+        q = write_pte(job, calib)
+        runner = PteRunner(q)
+        check = job.verify(lambda x: runner(x)[0])
     else:
         if not held:  # every training image went into calibration: NNCF's check can only use those
             log.warning("openvino-int8: no training images left beyond the %d for calibration; the accuracy-"
