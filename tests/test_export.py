@@ -136,6 +136,24 @@ def test_executorch_pte_fp32_and_int8_run_on_executorchs_runtime(run, tmp_path, 
                 )
 
 
+def test_coreml_package_has_the_serving_graph_and_says_it_is_unverified_off_apple(run, tmp_path):
+    ct = pytest.importorskip("coremltools")
+    import sys
+
+    r = run_cli("export", run, "--format", "coreml", "-o", tmp_path, "--verify-n", "4")
+    assert r.code == 0, r
+    rec = json.loads((tmp_path / "export.json").read_text())["coreml"]
+    if sys.platform != "darwin":  # Core ML runs only on Apple platforms: never reported as checked
+        assert rec["verify"]["images"] == 0 and "Apple" in rec["verify"]["skipped"] and "not verified" in r.out
+    spec = ct.utils.load_spec(str(tmp_path / "model.mlpackage"))
+    assert [o.name for o in spec.description.output][:2] and len(spec.description.output) == 3
+    (inp,) = spec.description.input
+    ranges = inp.type.multiArrayType.shapeRange.sizeRanges
+    assert [(d.lowerBound, d.upperBound) for d in ranges][0] == (1, 64)  # flexible batch
+    assert [d.lowerBound for d in ranges][1:] == [32, 32, 3]  # NHWC pixels at the input size
+    assert json.loads(spec.description.metadata.userDefined["imgclf.labels"]) == ["class_0", "class_1", "class_2"]
+
+
 @pytest.mark.parametrize("fmt", ["onnx-int8", "openvino-int8"])
 def test_int8_reports_its_drop_and_refuses_beyond_the_tolerance(run, tmp_path, tiny_folder, tiny_test_folder, fmt):
     r = run_cli("export", run, "--format", fmt, "-o", tmp_path, "--data", tiny_test_folder,

@@ -308,6 +308,9 @@ def print_exports(results: list[tuple[str, dict[str, Any]]]) -> None:
     rows, sets = [], False
     for fmt, r in results:
         v = r["verify"]
+        if v.get("skipped"):  # a format whose runtime does not exist here (Core ML off Apple platforms)
+            rows.append([fmt, r["path"], "not verified", "-", "-", "-", "-", 0])
+            continue
         sets = sets or v.get("decision") == "label set"
         labelled = v.get("labelled", v["images"]) > 0  # generated pictures have no labels: no top-1 to show
         rows.append([fmt, r["path"], f"{v.get('max_rel_logit_diff', float('nan')):.1e}",

@@ -1,5 +1,5 @@
 """Export a run for serving: ONNX, torch.export (.pt2), TorchScript (deprecated upstream), OpenVINO IR, int8 ONNX
-(QDQ), ExecuTorch (.pte, XNNPACK; fp32 or int8) and a Triton repository.
+(QDQ), ExecuTorch (.pte, XNNPACK; fp32 or int8), Core ML (.mlpackage) and a Triton repository.
 
 Every exported graph is the run's model wrapped in ``ServingModel``: optionally preprocessing in the
 graph (uint8 pixels at the model's input size, NHWC or NCHW, scaled and normalised inside), then the
@@ -10,7 +10,7 @@ logit difference, top-1 agreement) and the figures are stored.
 
 One module per concern: ``graph`` (``ServingModel``, its input and metadata), ``verification`` (the
 images and the comparison with PyTorch), one module per format (``onnx``, ``pt2``, ``torchscript``,
-``openvino``, ``executorch``, ``triton``) and ``int8`` (calibration and the tolerance gate); this module
+``openvino``, ``executorch``, ``coreml``, ``triton``) and ``int8`` (calibration and the tolerance gate); this module
 dispatches and writes ``export.json``.
 
 Example:
@@ -31,6 +31,7 @@ from ...errors import ImgclfError
 from ...io import write_json
 from ...models.inference import reparameterized
 from ...rundir import EXPORT_FILE, RunDir
+from .coreml import _coreml
 from .executorch import _executorch
 from .graph import OUTPUTS, PIXELS, ServingModel, example_input, metadata, to_input
 from .int8 import _int8
@@ -50,9 +51,9 @@ __all__ = [
 log = logging.getLogger("imgclf")
 
 FORMATS = ("onnx", "pt2", "torchscript", "openvino", "openvino-int8", "onnx-int8", "executorch", "executorch-int8",
-           "triton")  # fmt: skip
+           "coreml", "triton")  # fmt: skip
 #: formats made from the PyTorch graph directly (the others go through a staged fp32 ONNX graph)
-FROM_TORCH = frozenset({"pt2", "torchscript", "executorch", "executorch-int8"})
+FROM_TORCH = frozenset({"pt2", "torchscript", "executorch", "executorch-int8", "coreml"})
 #: the file each format leaves in the export directory
 FILES = {
     "onnx": "model.onnx",
@@ -63,6 +64,7 @@ FILES = {
     "onnx-int8": "model.int8.onnx",
     "executorch": "model.pte",
     "executorch-int8": "model.int8.pte",
+    "coreml": "model.mlpackage",
     "triton": "triton",
 }
 
@@ -123,14 +125,16 @@ def export_run(
             result.update(_triton(job, triton_max_batch, triton_delay_us))
         else:
             result.update({"onnx": _onnx, "pt2": _pt2, "torchscript": _torchscript, "openvino": _openvino,
-                           "executorch": _executorch}[fmt](job))  # fmt: skip
+                           "executorch": _executorch, "coreml": _coreml}[fmt](job))  # fmt: skip
     finally:
         if fmt != "onnx":
             onnx_path.unlink(missing_ok=True)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     v = result["verify"]
-    if not fmt.endswith("int8") and not parity_ok(v):
+    if v.get("skipped"):
+        log.warning("%s export not verified: %s", fmt, v["skipped"])
+    elif not fmt.endswith("int8") and not parity_ok(v):
         log.warning("%s export differs from PyTorch: top-1 agreement %.4f, max relative logit difference %.2e",
                     fmt, v["top1_agreement"], v["max_rel_logit_diff"])  # fmt: skip
     record = out_dir / EXPORT_FILE
