@@ -136,6 +136,22 @@ def test_executorch_pte_fp32_and_int8_run_on_executorchs_runtime(run, tmp_path, 
                 )
 
 
+def test_litert_tflite_agrees_with_pytorch_on_its_interpreter(run, tmp_path, tiny_test_folder):
+    pytest.importorskip("litert_torch")
+    from imgclf.deploy.runtime import load_predictor
+
+    r = run_cli("export", run, "--format", "litert", "--data", tiny_test_folder)
+    assert r.code == 0, r
+    rec = json.loads((run / "export" / "export.json").read_text())["litert"]
+    assert rec["batch"] == 1 and rec["verify"]["top1_agreement"] == 1.0 and rec["verify"]["max_rel_logit_diff"] < 1e-4
+    pred = load_predictor(run, "litert")
+    for n in (1, 5):  # batch 1 per call: larger batches run image by image
+        px = _pixels(n, seed=10 + n)
+        logits, probs, feats = pred(px)
+        ref_logits, ref_probs = _torch_reference(run, px)
+        assert len(feats) == n and np.abs(probs - ref_probs).max() < 1e-4 and np.abs(logits - ref_logits).max() < 1e-3
+
+
 def test_coreml_package_has_the_serving_graph_and_says_it_is_unverified_off_apple(run, tmp_path):
     ct = pytest.importorskip("coremltools")
     import sys

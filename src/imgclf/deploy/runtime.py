@@ -38,7 +38,7 @@ from .export import FILES, OUTPUTS, export_run, ort_session
 log = logging.getLogger("imgclf")
 
 RUNTIMES = ("torch", "torch-cl", "torch-bf16", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
-            "openvino-int8", "executorch", "executorch-int8")  # fmt: skip
+            "openvino-int8", "executorch", "executorch-int8", "litert")  # fmt: skip
 
 
 def available_runtimes() -> list[str]:
@@ -50,6 +50,8 @@ def available_runtimes() -> list[str]:
             have += ["openvino-int8"] if importlib.util.find_spec("nncf") else []
     if importlib.util.find_spec("executorch"):
         have += ["executorch", "executorch-int8"]
+    if importlib.util.find_spec("litert_torch") and importlib.util.find_spec("ai_edge_litert"):
+        have += ["litert"]
     return have
 
 
@@ -165,6 +167,20 @@ class ExecuTorchPredictor(Predictor):
         return tuple(self.runner(pixels))  # type: ignore[return-value]
 
 
+class LiteRtPredictor(Predictor):
+    """A ``.tflite`` model on LiteRT's interpreter (batch 1 per call: larger batches run image by image)."""
+
+    def __init__(self, art: Artifact):
+        from .export.litert import TfliteRunner
+
+        self.art, self.name = art, "litert"
+        path = exported(art, "litert")
+        self.runner, self.path = TfliteRunner(path), str(path)
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(self.runner(pixels))  # type: ignore[return-value]
+
+
 def exported(art: Artifact, fmt: str) -> Path:
     """An up-to-date export of ``fmt`` with uint8 NHWC input and every output, never written into the run:
     ``<run>/export`` when ``imgclf export`` left one there for the run's current content, else the user
@@ -254,7 +270,7 @@ def load_predictor(run: str | Path | Artifact, runtime: str = "auto", device: st
     if runtime not in RUNTIMES:
         raise ImgclfError(f"--runtime must be auto or one of {', '.join(RUNTIMES)} (got {runtime!r})")
     if runtime not in available_runtimes():
-        extra = "edge" if runtime.startswith("executorch") else "deploy"
+        extra = "edge" if runtime.startswith(("executorch", "litert")) else "deploy"
         why = "a CPU with AVX512-BF16/AMX" if runtime.endswith("bf16") else f"pip install 'imgclf[{extra}]'"
         raise ImgclfError(f"runtime {runtime} is not available here ({why})")
     if runtime.startswith("torch"):
@@ -265,6 +281,8 @@ def load_predictor(run: str | Path | Artifact, runtime: str = "auto", device: st
                 return OnnxPredictor(art, int8=runtime.endswith("int8"))
             if runtime.startswith("executorch"):
                 return ExecuTorchPredictor(art, int8=runtime.endswith("int8"))
+            if runtime == "litert":
+                return LiteRtPredictor(art)
             return OpenVinoPredictor(art, runtime.removeprefix("openvino").removeprefix("-") or "f32")
         except ImgclfError:
             raise

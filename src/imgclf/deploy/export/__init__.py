@@ -1,5 +1,5 @@
 """Export a run for serving: ONNX, torch.export (.pt2), TorchScript (deprecated upstream), OpenVINO IR, int8 ONNX
-(QDQ), ExecuTorch (.pte, XNNPACK; fp32 or int8), Core ML (.mlpackage) and a Triton repository.
+(QDQ), ExecuTorch (.pte, XNNPACK; fp32 or int8), Core ML (.mlpackage), LiteRT (.tflite) and a Triton repository.
 
 Every exported graph is the run's model wrapped in ``ServingModel``: optionally preprocessing in the
 graph (uint8 pixels at the model's input size, NHWC or NCHW, scaled and normalised inside), then the
@@ -10,8 +10,8 @@ logit difference, top-1 agreement) and the figures are stored.
 
 One module per concern: ``graph`` (``ServingModel``, its input and metadata), ``verification`` (the
 images and the comparison with PyTorch), one module per format (``onnx``, ``pt2``, ``torchscript``,
-``openvino``, ``executorch``, ``coreml``, ``triton``) and ``int8`` (calibration and the tolerance gate); this module
-dispatches and writes ``export.json``.
+``openvino``, ``executorch``, ``coreml``, ``litert``, ``triton``) and ``int8`` (calibration and the tolerance
+gate); this module dispatches and writes ``export.json``.
 
 Example:
     >>> export_run("runs/x", "onnx", pixels="nhwc")  # doctest: +SKIP
@@ -35,6 +35,7 @@ from .coreml import _coreml
 from .executorch import _executorch
 from .graph import OUTPUTS, PIXELS, ServingModel, example_input, metadata, to_input
 from .int8 import _int8
+from .litert import _litert
 from .onnx import _export_onnx, _onnx, ort_session
 from .openvino import HELD_MAX_DISAGREEMENT, HELD_N, _openvino
 from .pt2 import _pt2
@@ -51,9 +52,9 @@ __all__ = [
 log = logging.getLogger("imgclf")
 
 FORMATS = ("onnx", "pt2", "torchscript", "openvino", "openvino-int8", "onnx-int8", "executorch", "executorch-int8",
-           "coreml", "triton")  # fmt: skip
+           "coreml", "litert", "triton")  # fmt: skip
 #: formats made from the PyTorch graph directly (the others go through a staged fp32 ONNX graph)
-FROM_TORCH = frozenset({"pt2", "torchscript", "executorch", "executorch-int8", "coreml"})
+FROM_TORCH = frozenset({"pt2", "torchscript", "executorch", "executorch-int8", "coreml", "litert"})
 #: the file each format leaves in the export directory
 FILES = {
     "onnx": "model.onnx",
@@ -65,6 +66,7 @@ FILES = {
     "executorch": "model.pte",
     "executorch-int8": "model.int8.pte",
     "coreml": "model.mlpackage",
+    "litert": "model.tflite",
     "triton": "triton",
 }
 
@@ -125,7 +127,7 @@ def export_run(
             result.update(_triton(job, triton_max_batch, triton_delay_us))
         else:
             result.update({"onnx": _onnx, "pt2": _pt2, "torchscript": _torchscript, "openvino": _openvino,
-                           "executorch": _executorch, "coreml": _coreml}[fmt](job))  # fmt: skip
+                           "executorch": _executorch, "coreml": _coreml, "litert": _litert}[fmt](job))  # fmt: skip
     finally:
         if fmt != "onnx":
             onnx_path.unlink(missing_ok=True)

@@ -1,0 +1,73 @@
+"""LiteRT (``.tflite``, formerly TensorFlow Lite): the serving graph (uint8 NHWC pixels in, preprocessing and
+calibration inside) converted by litert-torch, for Android and embedded Linux; run and verified here with LiteRT's
+own interpreter (``ai_edge_litert``, XNNPACK on CPU), which is also the ``litert`` runtime of ``imgclf bench``. The
+model takes one image per call (batch 1, the on-device case): litert-torch 0.10 cannot lower a symbolic batch
+(its JAX lowering of the uint8 -> float division fails), so larger batches run image by image. A ``.tflite`` is a
+flatbuffer: loading one runs no pickle. The metadata are in ``export.json`` next to it.
+
+Source: litert-torch's README (``litert_torch.convert(module, sample_args).export(path)``) and the LiteRT
+Python interpreter API."""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import ImgclfError
+from .graph import example_input, export_failure
+from .verification import _Job
+
+
+def _require(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ImgclfError("the litert format needs litert-torch (ai-edge-litert to run it): pip install 'imgclf[edge]'")
+
+
+def write_tflite(job: _Job) -> Path:
+    """Convert the serving graph at batch 1 and write ``job.path`` (atomically: converted into a temporary file
+    first)."""
+    _require("litert_torch")
+    import litert_torch
+
+    if job.pixels != "nhwc":
+        raise ImgclfError("--format litert takes NHWC pixels (--pixels nhwc), the layout LiteRT runs natively")
+    try:
+        with torch.no_grad():
+            model = litert_torch.convert(job.serving.eval(), (example_input(job.art, job.pixels, 1),))
+        with tempfile.TemporaryDirectory(dir=job.path.parent, prefix=".litert-") as tmp:
+            staged = Path(tmp) / job.path.name  # litert wants a name ending in .tflite
+            model.export(str(staged))
+            staged.replace(job.path)
+    except Exception as e:  # noqa: BLE001 - torch.export, the JAX lowering and the converter raise many types
+        raise ImgclfError(export_failure(job.art.arch, "litert", e)) from None
+    return job.path
+
+
+class TfliteRunner:
+    """A ``.tflite`` model on LiteRT's interpreter: (N, H, W, C) uint8 -> its outputs as numpy, one image per call."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        _require("ai_edge_litert")
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            interp = Interpreter(str(path), num_threads=threads or torch.get_num_threads())
+            (name, sig), *_ = interp.get_signature_list().items()
+        except Exception as e:  # noqa: BLE001 - the interpreter raises ValueError / RuntimeError for bad files
+            raise ImgclfError(f"{path}: LiteRT cannot load it ({' '.join(str(e).split())[:200]})") from None
+        self.run, self.input, self.outputs = interp.get_signature_runner(name), sig["inputs"][0], sig["outputs"]
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        rows = [self.run(**{self.input: np.ascontiguousarray(x[i : i + 1])}) for i in range(len(x))]
+        return [np.concatenate([r[o] for r in rows]) for o in self.outputs]
+
+
+def _litert(job: _Job) -> dict[str, Any]:
+    path = write_tflite(job)
+    runner = TfliteRunner(path)
+    return {"path": str(path), "batch": 1, "verify": job.verify(lambda x: runner(x)[0])}
