@@ -158,6 +158,42 @@ def test_attention_needs_cnn_stages_on_both_sides():
 
 
 @pytest.mark.unit
+def test_the_teacher_output_cache_returns_the_teachers_own_answer_for_a_view_seen_before():
+    from imgclf.train.distill import TeacherCache
+
+    pre = _pre(32)
+    teacher = _teacher("test_efficientnet", 32, pre, features=True)
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    d = Distiller(DistillConfig(teachers=["t"], methods="logit+feature"), [teacher], False, identities=[{"run": "t"}])
+    d.cache = TeacherCache("on", n_train=8, max_mb=1)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    first = d.targets(x)
+    again = d.targets(x.clone())
+    assert len(calls) == 1  # the second pass reads the cache
+    assert torch.equal(first.logits, again.logits) and torch.equal(first.features, again.features)
+    y = x.clone()
+    y[2, 0, 5, 5] += 1e-3  # one pixel of one view differs: a new key, the teacher runs again
+    changed = d.targets(y)
+    assert len(calls) == 2 and not torch.equal(changed.logits[2], first.logits[2])
+    # auto: after two passes over the training views with (nearly) no hits, it switches itself off
+    d.cache = TeacherCache("auto", n_train=8, max_mb=1)
+    for _ in range(4):
+        d.targets(torch.randn(4, 3, 32, 32))  # random augmentation: every view new
+    assert not d.cache.active and not d.cache.entries
+    d.cache = TeacherCache("auto", n_train=8, max_mb=1)
+    views = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    for _ in range(3):
+        for v in views:  # deterministic augmentation: the same 8 views every epoch
+            d.targets(v)
+    assert d.cache.active and d.cache.mode == "on" and len(d.cache.entries) == 8 and d.cache.hits == 16
+    full = TeacherCache("on", n_train=8, max_mb=0)  # the memory budget holds nothing: never stored, always computed
+    full.put(full.keys(x), first)
+    assert not full.entries
+
+
+@pytest.mark.unit
 def test_training_steps_leave_the_teacher_untouched_and_without_gradients():
     student_pre = _pre(32)
     torch.manual_seed(0)

@@ -443,6 +443,15 @@ class DistillConfig:
         " multi-label teacher's logits through softmax for single-label data, a single-label one's through sigmoid)",
     )
 
+    cache: Literal["auto", "on", "off"] = opt(
+        "auto",
+        "keep the teachers' outputs per training image (keyed by the exact input pixels) and reuse them instead of "
+        "running the teachers again; auto: on while it pays, off by itself when after two passes over the training "
+        "images under half of the lookups hit (random augmentation or MixUp make every view new); never with the "
+        "attention term",
+    )
+    cache_max_mb: float = opt(2048.0, "most memory (MiB) the teacher-output cache may hold")
+
     def __post_init__(self) -> None:
         terms = self.terms
         bad = [t for t in terms if t not in DISTILL_METHODS]
@@ -453,6 +462,7 @@ class DistillConfig:
         _check(0 <= self.alpha <= 1, "distill.alpha", "must be in [0, 1]", self.alpha)
         _check(self.feature_weight >= 0, "distill.feature_weight", "must be >= 0", self.feature_weight)
         _check(self.attention_weight >= 0, "distill.attention_weight", "must be >= 0", self.attention_weight)
+        _check(self.cache_max_mb >= 0, "distill.cache_max_mb", "must be >= 0", self.cache_max_mb)
         _check(all(isinstance(t, str) and t.strip() for t in self.teachers), "distill.teachers",
                "must be run directories", self.teachers)  # fmt: skip
 

@@ -28,6 +28,7 @@ kinds (a k-NN index cannot teach), channel counts, feature and stage shapes; eac
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -152,6 +153,62 @@ class Targets(NamedTuple):
     stages: list[torch.Tensor]
 
 
+class TeacherCache:
+    """The teachers' outputs per training image, keyed by a BLAKE2b digest of the exact input bytes (a view seen
+    again, e.g. the same image under deterministic augmentation, gets the stored targets; any change in a pixel is
+    a different key, so a hit is never another image's answer). ``mode`` auto switches itself off (and frees the
+    memory) when, after ``2 x n_train`` lookups, under half of the lookups since the first ``n_train`` hit. Our
+    own code: the caching needs the distiller's own targets (calibrated, reordered, ensembled)."""
+
+    def __init__(self, mode: str, n_train: int, max_mb: float):
+        self.mode, self.n_train, self.max_bytes = mode, max(n_train, 1), max_mb * 2**20
+        self.entries: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.bytes = self.lookups = self.hits = self.late_hits = 0
+        self.active = mode != "off"
+
+    @staticmethod
+    def keys(x: torch.Tensor) -> list[bytes]:
+        rows = x.detach().contiguous().view(len(x), -1).cpu()  # one host copy per step (no teacher forward on hits)
+        return [hashlib.blake2b(r.numpy().tobytes(), digest_size=16).digest() for r in rows]
+
+    def get(self, keys: list[bytes], device: torch.device) -> Targets | None:
+        self.lookups += len(keys)
+        found = [self.entries.get(k) for k in keys]
+        hit = all(f is not None for f in found)
+        if hit:
+            self.hits += len(keys)
+            if self.lookups > self.n_train:
+                self.late_hits += len(keys)
+        self._review()
+        if not hit:
+            return None
+        logits = torch.stack([f[0] for f in found]).to(device, non_blocking=True)
+        feats = found[0][1]
+        feats = torch.stack([f[1] for f in found]).to(device, non_blocking=True) if feats is not None else None
+        return Targets(logits, feats, [])
+
+    def put(self, keys: list[bytes], t: Targets) -> None:
+        if not self.active:
+            return
+        logits, feats = t.logits.detach().cpu(), t.features.detach().cpu() if t.features is not None else None
+        row = logits[0].nbytes + (feats[0].nbytes if feats is not None else 0) + 64
+        for i, k in enumerate(keys):
+            if k not in self.entries and self.bytes + row <= self.max_bytes:
+                self.entries[k] = (logits[i].clone(), feats[i].clone() if feats is not None else None)
+                self.bytes += row
+
+    def _review(self) -> None:
+        if self.mode != "auto" or not self.active or self.lookups < 2 * self.n_train:
+            return
+        later = self.lookups - self.n_train
+        if self.late_hits < 0.5 * later:
+            log.info("distill.cache auto: %.0f %% of the teacher lookups hit after the first pass (augmentation "
+                     "makes each view new); cache off", 100 * self.late_hits / later)  # fmt: skip
+            self.active, self.entries, self.bytes = False, {}, 0
+        else:
+            self.mode = "on"  # it pays: keep it without reviewing again
+
+
 @dataclass
 class Distiller:
     """The teachers, the terms and the trainable projector of one training job (built once, ``load_teachers``)."""
@@ -163,6 +220,7 @@ class Distiller:
     student_tap: StageTap | None = None
     teacher_tap: StageTap | None = None
     identities: list[dict[str, Any]] = field(default_factory=list)
+    cache: TeacherCache | None = None  # teacher outputs per training view (``distill.cache``)
     terms: list[str] = field(init=False)  # ``cfg.terms``, parsed once rather than per training step
 
     def __post_init__(self) -> None:
@@ -170,6 +228,18 @@ class Distiller:
 
     @torch.no_grad()
     def targets(self, x: torch.Tensor) -> Targets:
+        """The teachers' targets for the student's batch ``x``: from the cache when every view is in it."""
+        if self.cache is None or not self.cache.active:
+            return self._targets(x)
+        keys = self.cache.keys(x)
+        hit = self.cache.get(keys, x.device)
+        if hit is not None:
+            return hit
+        t = self._targets(x)
+        self.cache.put(keys, t)
+        return t
+
+    def _targets(self, x: torch.Tensor) -> Targets:
         outs, feats = [], None
         if self.teacher_tap is not None:
             self.teacher_tap.armed = True
@@ -301,7 +371,13 @@ class DistillModule(nn.Module):
 
 
 def load_teachers(
-    dcfg: DistillConfig, student: nn.Module, pre: Preprocess, class_names: list[str], multi_label: bool, strategy: str
+    dcfg: DistillConfig,
+    student: nn.Module,
+    pre: Preprocess,
+    class_names: list[str],
+    multi_label: bool,
+    strategy: str,
+    n_train: int = 0,
 ) -> Distiller | None:
     """The ``Distiller`` of ``dcfg.teachers`` for a student (its bare network on the CPU, its preprocessing, the
     data's classes and task), checked by one forward of a 2-image batch; None without teachers.
@@ -330,6 +406,8 @@ def load_teachers(
                     "params": sum(p.numel() for p in model.parameters()),
                     "test_top1": (art.metrics.get("test") or {}).get("top1")})  # fmt: skip
     d = Distiller(dcfg, teachers, multi_label, identities=ids)
+    if dcfg.cache != "off" and "attention" not in terms:  # stage maps are not cached: attention runs the teacher
+        d.cache = TeacherCache(dcfg.cache, n_train, dcfg.cache_max_mb)
     _check_shapes(d, student, pre)
     log.info("distilling from %s (%s; T %g, alpha %g)", ", ".join(f"{i['run']} ({i['arch']})" for i in ids),
              dcfg.methods, dcfg.temperature, dcfg.alpha)  # fmt: skip

@@ -258,7 +258,8 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     cfg, dist, run_dir, resume, splits = run.cfg, run.dist, run.run_dir, run.resume, run.splits  # cfg: sizes resolved
     model, wsrc = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size)
     pre = Preprocess.from_model(model, cfg.data)
-    distiller = load_teachers(cfg.distill, model, pre, splits.class_names, run.task.multi_label, cfg.transfer.strategy)
+    distiller = load_teachers(cfg.distill, model, pre, splits.class_names, run.task.multi_label, cfg.transfer.strategy,
+                              len(splits.train))  # fmt: skip
     tl, vl = train_loader(splits.train, pre, cfg, dist), eval_loader(splits.val, pre, cfg, dist.device.type == "cuda")
     loop = build_loop(cfg, dist, model, math.ceil(len(tl) / cfg.optim.accum_steps), len(splits.class_names), run.task,
                       distiller)  # fmt: skip
