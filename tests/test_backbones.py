@@ -70,3 +70,5 @@ def test_models_benchmark_refuses_bad_input(tmp_path):
     assert r.code == 2 and "--latency-ms must be > 0" in r.err
     r = run_cli("models", "--benchmark", "resnet", "--limit", "3", "--output", tmp_path)
     assert r.code == 2 and "architectures match" in r.err
+    r = run_cli("models", "--benchmark", "resnet18", "--runtime", "onnxruntime-int8", "--output", tmp_path)
+    assert r.code == 2 and "floating-point runtime" in r.err

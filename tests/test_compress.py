@@ -41,6 +41,8 @@ def test_compress_refuses_a_student_beyond_the_budget(teacher):
     assert t["value"] == 1.0  # the tiny teacher separates the colours
     assert doc["int8_vs_teacher"]["drop_points"] == pytest.approx(100 * (t["value"] - q["value"]), abs=0.01)
     assert "model" in r.out and "int8 student" in r.out  # the figures are printed before the refusal
+    rec = json.loads((run / "export" / "export.json").read_text())["onnx-int8"]
+    assert rec["accepted"] is False
 
 
 def test_compress_chains_distillation_int8_and_the_benchmark(teacher, tiny_test_folder):
@@ -67,6 +69,8 @@ def test_compress_chains_distillation_int8_and_the_benchmark(teacher, tiny_test_
     ev = run_cli("eval", teacher, "--data", tiny_test_folder, "--json", out / "t.json")
     assert ev.code == 0, ev
     assert json.loads((out / "t.json").read_text())["top1"] == pytest.approx(t["value"])
+    rec = json.loads((run / "export" / "export.json").read_text())["onnx-int8"]
+    assert rec["accepted"] is True  # compress's verdict: --runtime auto may pick it
     v = doc["int8_vs_teacher"]
     assert v["size_ratio"] == pytest.approx(round(t["size_mb"] / q["size_mb"], 1))
     assert "int8 student vs teacher" in r.out
@@ -79,6 +83,8 @@ def test_compress_refuses_bad_input_before_training(tmp_path, tiny_run):
     assert r.code == 2 and str(tmp_path) in r.err
     r = run_cli("compress", tiny_run, "--student", "simplecnn_t", "--teacher", tiny_run)
     assert r.code == 2 and "first argument" in r.err
+    r = run_cli("compress", tiny_run, "--student", "simplecnn_t", "--seed", "3", "--data", tmp_path)
+    assert r.code == 2 and "drop --data, --seed" in r.err  # the compared images must stay the teacher's held-out ones
     r = run_cli("compress", tiny_run, "--student", "simplecnn_t", "--max-drop", "-1")
     assert r.code == 2 and "--max-drop must be >= 0" in r.err
     with pytest.raises(ImgclfError, match="--int8 must be"):

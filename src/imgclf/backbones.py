@@ -16,8 +16,8 @@ architecture:
 
 Every architecture becomes a run directory under ``output`` (a probe run, usable like any other, or the
 speed-only model); ``benchmark.json`` holds the table, ``pareto.png`` plots accuracy against latency with the
-Pareto front (no slower model is more accurate), and ``latency_ms`` picks the most accurate model within the
-budget.
+Pareto front (the models no faster model is at least as accurate as), and ``latency_ms`` picks the most accurate
+model within the budget.
 
 Example:
     >>> res = benchmark_backbones(["tf_efficientnet_lite0", "resnet18"], data="builtin:fashion-mnist",
@@ -67,6 +67,13 @@ def offline_weights(arch: str) -> str | None:
     return None
 
 
+def _on_hub(arch: str) -> bool:
+    """timm knows pretrained hub weights for ``arch`` (what ``--hub`` may download)."""
+    import timm
+
+    return bool(getattr(timm.models.get_pretrained_cfg(arch), "hf_hub_id", None))
+
+
 def gmacs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> float:
     """Multiply-accumulates (10^9) of one forward pass of one image, counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -105,15 +112,33 @@ def _speed_only_run(arch: str, class_names: list[str], input_size: int | None, o
                          pre.crop_pct, pre.crop_mode)  # fmt: skip
     art = Artifact(arch, class_names, pre, weights_source=source, model_kwargs=size_kwargs(arch, input_size),
                    config={"model": {"name": arch, "weights": "none"}})  # fmt: skip
-    return save_artifact(out / arch, model, art)
+    return save_artifact(out / arch, model, art, overwrite=False)  # never over a run already there
 
 
-def _classes(data: str | None) -> list[str]:
+def _data_facts(data: str | None) -> tuple[list[str], int | None]:
+    """(class names, median image side) of the training data; an ImageNet-sized head and no side without data.
+    ImgclfError for multi-label data (the benchmark ranks by top-1)."""
     if not data:
-        return [f"class_{i}" for i in range(1000)]  # an ImageNet-sized head
+        return [f"class_{i}" for i in range(1000)], None
+    from .data.sizing import median_side
     from .data.sources import open_source
 
-    return list(open_source(data, "train").class_names)
+    samples = open_source(data, "train")
+    if samples.multi_label:
+        raise ImgclfError(f"{data}: multi-label data; imgclf models --benchmark ranks by single-label top-1")
+    return list(samples.class_names), median_side(samples)
+
+
+def _input_size(arch: str, input_size: int | None, side: int | None) -> int | None:
+    """``input_size``, else what ``imgclf train`` picks for ``arch`` on images of median side ``side``
+    (``data.sizing``), else the architecture's default (None): probe and speed-only rows alike."""
+    if input_size or side is None:
+        return input_size
+    from .data.sizing import auto_input_size
+    from .models.factory import default_input_size
+
+    default, fixed = default_input_size(arch)
+    return auto_input_size(side if default else None, default, fixed).size
 
 
 def _row(arch: str, run: Path, weights: str | None, runtime: str, batch_sizes: tuple[int, ...], repeats: int,
@@ -199,24 +224,30 @@ def benchmark_backbones(
 
     if not archs:
         raise ImgclfError("imgclf models --benchmark: no architecture matches (give names or a pattern)")
+    if runtime.endswith("int8"):
+        raise ImgclfError(f"--runtime {runtime}: int8 needs a calibrated, accuracy-checked export of a trained run "
+                          "(imgclf export / compress); benchmark backbones on a floating-point runtime")  # fmt: skip
     for a in archs:
         check_model_name(a)
     if latency_ms is not None and not latency_ms > 0:
         raise ImgclfError(f"--latency-ms must be > 0 (got {latency_ms})")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    names = _classes(data)
+    names, side = _data_facts(data)
     rows, skipped = [], {}
     for arch in tqdm(archs, desc="backbones", disable=not progress):
-        weights = offline_weights(arch) or ("hub" if hub else None)
+        weights = offline_weights(arch) or ("hub" if hub and _on_hub(arch) else None)
+        size = _input_size(arch, input_size, side)
         try:
             probed = bool(data and weights)
-            run = (_probe_run(arch, weights, data, input_size, out, progress) if probed
-                   else _speed_only_run(arch, names, input_size, out))  # fmt: skip
-            rows.append(_row(arch, run, weights, runtime, batch_sizes, repeats, probed))
+            run = (_probe_run(arch, weights, data, size, out, progress) if probed
+                   else _speed_only_run(arch, names, size, out))  # fmt: skip
+            rows.append(_row(arch, run, weights if probed else None, runtime, batch_sizes, repeats, probed))
         except Exception as e:  # noqa: BLE001 - one architecture failing (export, size) must not stop the others
             skipped[arch] = first_line(e, 300)
             log.warning("%s: skipped (%s)", arch, skipped[arch])
+    if not rows:
+        raise ImgclfError(f"no architecture could be measured: {'; '.join(f'{a}: {w}' for a, w in skipped.items())}")
     doc = {"rows": rows, "skipped": skipped, "data": data, "batch_sizes": list(batch_sizes),
            "pareto": pareto_front(rows, batch_sizes[0]), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
     if latency_ms is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,10 @@ log = logging.getLogger("imgclf")
 COMPRESS_FILE = "compress.json"
 #: the recipe a student trains with when neither --recipe nor --config is given: a small network from scratch
 DEFAULT_STUDENT_RECIPE = "scratch-small"
+#: overrides compress refuses: they would change the images compared (the teacher's held-out ones) or the student
+FIXED_KEYS = {"data.path": "--data", "data.val_path": "--val-data", "data.test_path": "--test-data",
+              "data.val_split": "--data.val_split", "train.seed": "--seed", "model.name": "--model",
+              "distill.teachers": "--teacher"}  # fmt: skip
 #: data fields the student takes from the teacher's config: the same images, labels and decoding
 TEACHER_DATA_FIELDS = ("path", "val_path", "test_path", "val_split", "task", "classes", "label_sep", "image_column",
                        "label_column", "pixel_range", "background", "max_pixels", "max_aspect")  # fmt: skip
@@ -66,6 +71,11 @@ def student_overrides(
     Raises:
         ImgclfError: ``teacher`` is not a run directory, or a k-NN index (it cannot teach).
     """
+    fixed = [flag for key, flag in FIXED_KEYS.items() if key in (overrides or {})]
+    if fixed:
+        raise ImgclfError(f"imgclf compress takes the teacher's data, split and seed and --student (so both are "
+                          f"compared on images the teacher held out): drop {', '.join(fixed)}; to distil on other "
+                          "data, use `imgclf train --teacher RUN`")  # fmt: skip
     art = read_artifact(teacher)  # ImgclfError naming the path when it is not a run
     require(art, "teach")
     tdata = art.config.get("data", {})
@@ -84,7 +94,7 @@ def int8_format(choice: str = "auto") -> str:
     spec = importlib.util.find_spec
     have_ort = bool(spec("onnxruntime") and spec("onnxscript"))
     have = {"openvino-int8": have_ort and bool(spec("openvino") and spec("nncf")), "onnx-int8": have_ort,
-            "executorch-int8": bool(spec("executorch"))}  # fmt: skip
+            "executorch-int8": bool(spec("executorch") and spec("torchao"))}  # fmt: skip
     if choice == "auto":
         choice = next((f for f in INT8_FORMATS if have[f]), "")
         if not choice:
@@ -138,22 +148,29 @@ def compress(
         raise ImgclfError(f"--max-drop must be >= 0 points (got {max_drop})")
     fmt, rt = int8_format(int8), fp_runtime(runtime)
     t0 = time.perf_counter()
-    res = run_training(cfg)
-    student = res.run_dir
     samples, split = _compared_images(cfg)
+    # the teacher first: a teacher the runtime cannot run fails here, not after the student's training
+    rows = [_measure("teacher", teacher, "torch", rt, samples, batch_sizes, repeats)]
+    student = run_training(cfg).run_dir
     exp = _int8_export(student, fmt, samples, max_drop)
-    rows = [_measure("teacher", teacher, "torch", rt, samples, batch_sizes, repeats),
-            _measure("student", student, "torch", rt, samples, batch_sizes, repeats),
-            _measure("int8 student", student, _int8_runtime(fmt), _int8_runtime(fmt), samples, batch_sizes, repeats,
-                     size_file=Path(exp["path"]))]  # fmt: skip
-    doc = _verdict(rows, max_drop, force, exp)
+    q_rt = _int8_runtime(fmt)
+    rows += [
+        _measure("student", student, "torch", rt, samples, batch_sizes, repeats),
+        _measure("int8 student", student, q_rt, q_rt, samples, batch_sizes, repeats, size_file=Path(exp["path"])),
+    ]
+    doc = _verdict(rows, max_drop, force)
     doc |= {"teacher": str(teacher), "student": str(student), "int8_format": fmt, "fp_runtime": rt,
             "images": {"split": split, "n": len(samples), "name": samples.name}, "int8_export": {
                 k: exp.get(k) for k in ("path", "accepted", "calibration_images", "held_out_images")},
             "seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
     write_json(student / COMPRESS_FILE, doc)
-    if not doc["accepted"] and not force:
-        _refuse(student, exp, doc)
+    if not doc["accepted"]:
+        if not force:
+            _refuse(student, fmt, exp, doc)
+        log.warning("the int8 student is beyond the budget (--force: kept; --runtime auto will not pick it)")
+    from .deploy.export import set_int8_accepted
+
+    set_int8_accepted(student, fmt, doc["accepted"])  # the budget against the teacher decides what serve may pick
     return doc
 
 
@@ -167,10 +184,11 @@ def _compared_images(cfg: Config):
 
 def _int8_export(student: Path, fmt: str, samples, max_drop: float) -> dict[str, Any]:
     """The int8 export of the student, verified on the compared images (top-1 drop against its fp32 self), the
-    quantizer's tolerance set to the budget; kept whatever its drop: ``compress`` judges it against the teacher."""
+    accuracy-controlled quantizer's tolerance set to the budget; not gated against the fp32 student
+    (``int8_gate=False``): ``compress`` judges it against the teacher."""
     from .deploy.export import export_run
 
-    return export_run(student, fmt, data=samples, verify_n=len(samples), int8_tolerance=max_drop, force=True)
+    return export_run(student, fmt, data=samples, verify_n=len(samples), int8_tolerance=max_drop, int8_gate=False)
 
 
 def _int8_runtime(fmt: str) -> str:
@@ -208,7 +226,7 @@ def _score(run: str | Path, runtime: str, samples, batch: int = 64) -> tuple[str
 
     pred = load_predictor(run, runtime)
     art, names = pred.art, list(samples.class_names)
-    order = class_order(art.class_names, names, run)
+    order = class_order(art.class_names, names, f"{run} (scored on the student's images)")
     zs, ys = [], []
     for px, y in pixel_batches(samples, art, len(samples), batch, idx=np.arange(len(samples))):
         logits, _, _ = pred(px.permute(0, 2, 3, 1).numpy())  # uint8 NCHW -> the predictors' NHWC
@@ -219,11 +237,12 @@ def _score(run: str | Path, runtime: str, samples, batch: int = 64) -> tuple[str
     return metric, float(task.metrics(torch.cat(zs), torch.cat(ys), names)[metric])
 
 
-def _verdict(rows: list[dict[str, Any]], max_drop: float, force: bool, exp: dict[str, Any]) -> dict[str, Any]:
-    """The int8 student against the teacher: size ratio, speed-up per batch size, drop in points, accepted."""
+def _verdict(rows: list[dict[str, Any]], max_drop: float, force: bool) -> dict[str, Any]:
+    """The int8 student against the teacher: size ratio, speed-up per batch size, drop in points, accepted (never
+    when the metric is undefined, e.g. mAP without positives)."""
     t, _, q = rows
     drop = round(100 * (t["value"] - q["value"]), 2)
-    within = drop <= max_drop
+    within = bool(drop <= max_drop)  # False for NaN
     return {
         "rows": rows,
         "metric": t["metric"],
@@ -247,14 +266,20 @@ class CompressRefused(ImgclfError):
         self.doc = doc
 
 
-def _refuse(student: Path, exp: dict[str, Any], doc: dict[str, Any]) -> None:
+def _refuse(student: Path, fmt: str, exp: dict[str, Any], doc: dict[str, Any]) -> None:
     """Delete the refused int8 model (``--runtime auto`` must never pick it) and raise ``CompressRefused``."""
+    from .deploy.export import set_int8_accepted
+
+    set_int8_accepted(student, fmt, False)
     path = Path(exp["path"])
     path.unlink(missing_ok=True)
     if path.suffix == ".xml":
         path.with_suffix(".bin").unlink(missing_ok=True)
     v = doc["int8_vs_teacher"]
     metric = {"top1": "top-1", "map": "mAP"}.get(doc["metric"], doc["metric"])
+    if math.isnan(v["drop_points"]):
+        raise CompressRefused(f"the {metric} of the teacher or the int8 student is undefined on the compared images "
+                              f"(figures in {student / COMPRESS_FILE}); int8 model deleted", doc)  # fmt: skip
     raise CompressRefused(f"the int8 student loses {v['drop_points']:.2f} {metric} points against the "
                           f"teacher (budget --max-drop {doc['max_drop']}); int8 model deleted, student run kept at "
                           f"{student} (figures in {student / COMPRESS_FILE}); pass --force to keep it, raise "

@@ -163,6 +163,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                            runtime=args.runtime, batch_sizes=tuple(args.batch_sizes))  # fmt: skip
     except CompressRefused as e:  # the figures first, then the one-line refusal
         output.print_compress(e.doc)
+        if ns.get("json_out"):
+            write_json(ns["json_out"], e.doc)
         raise
     output.print_compress(res)
     if ns.get("json_out"):

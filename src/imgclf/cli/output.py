@@ -488,6 +488,8 @@ def print_compress(doc: dict[str, Any]) -> None:
         f"({metric} of teacher and student on {', '.join(sorted(scored))}, of the int8 student on "
         f"{doc['rows'][2]['scored_on']}; img/s on the runtime named)"
     )
-    print(f"\nint8 student vs teacher: {v['size_ratio']}x smaller; img/s {speed}; loses {v['drop_points']:.2f} "
-          f"{metric} points (--max-drop {doc['max_drop']}): {verdict}")  # fmt: skip
+    d = v["drop_points"]
+    change = f"loses {d:.2f}" if d >= 0 else f"gains {-d:.2f}"
+    print(f"\nint8 student vs teacher: {v['size_ratio']}x smaller; img/s {speed}; {change} {metric} points "
+          f"(--max-drop {doc['max_drop']}): {verdict}")  # fmt: skip
     print(f"student run: {doc['student']} (figures: compress.json)")

@@ -232,12 +232,19 @@ def cache_root() -> Path:
 
 def export_cache_dir(key: str, fmt: str) -> Path:
     """``<cache>/exports/<hash>``: of the run's content key (``artifact.content_key``), the format and the
-    imgclf, torch, onnx and openvino versions that export it."""
+    imgclf, torch, onnx, openvino, executorch and litert-torch versions that export it."""
+    from importlib import metadata
+
     from ..artifact import package_versions
 
     v = package_versions()
-    h = hashlib.sha256(json.dumps([key, fmt, v.get("imgclf"), v.get("torch"), v.get("onnx"),
-                                   v.get("openvino")]).encode())  # fmt: skip
+    for pkg in ("onnx", "openvino", "executorch", "litert-torch"):
+        try:
+            v[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            v[pkg] = None
+    h = hashlib.sha256(json.dumps([key, fmt, v.get("imgclf"), v.get("torch"), v.get("onnx"), v.get("openvino"),
+                                   v.get("executorch"), v.get("litert-torch")]).encode())  # fmt: skip
     return cache_root() / "exports" / h.hexdigest()[:24]
 
 

@@ -45,8 +45,8 @@ from .verification import _Job, generated_batches, parity_ok, pixel_batches, ver
 
 __all__ = [
     "FILES", "FORMATS", "HELD_MAX_DISAGREEMENT", "HELD_N", "OUTPUTS", "PIXELS", "ServingModel", "example_input",
-    "export_run", "generated_batches", "metadata", "ort_session", "parity_ok", "pixel_batches", "to_input",
-    "verification_batches", "verify",
+    "export_run", "generated_batches", "metadata", "ort_session", "parity_ok", "pixel_batches", "set_int8_accepted",
+    "to_input", "verification_batches", "verify",
 ]  # fmt: skip
 
 log = logging.getLogger("imgclf")
@@ -87,6 +87,7 @@ def export_run(
     triton_max_batch: int = 64,
     triton_delay_us: int = 2000,
     generated_ok: bool = False,
+    int8_gate: bool = True,
 ) -> dict[str, Any]:
     """Export ``run`` (a run directory or an ``Artifact`` read from one) as ``fmt`` into ``output`` (default
     ``<run>/export``), verify it against PyTorch, write ``export.json``.
@@ -96,7 +97,8 @@ def export_run(
     unless ``generated_ok``). The int8
     formats are calibrated on ``calib_n`` training images (``calib_data`` or the run's training data) and
     refused when they lose more than ``int8_tolerance`` top-1 points on the verification images, unless
-    ``force``.
+    ``force``; ``int8_gate=False`` leaves that judgement to the caller (``compress`` judges against a teacher and
+    records its verdict with ``set_int8_accepted``).
     """
     if fmt not in FORMATS:
         raise ImgclfError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
@@ -122,7 +124,7 @@ def export_run(
         _export_onnx(job.serving, art, pixels, onnx_path, job.meta, opset)
     try:
         if fmt.endswith("int8"):
-            result.update(_int8(job, fmt, calib_data, calib_n, int8_tolerance, force))
+            result.update(_int8(job, fmt, calib_data, calib_n, int8_tolerance, force, int8_gate))
         elif fmt == "triton":
             result.update(_triton(job, triton_max_batch, triton_delay_us))
         else:
@@ -144,3 +146,12 @@ def export_run(
     doc[fmt] = result
     write_json(record, doc)
     return result
+
+
+def set_int8_accepted(run: str | Path, fmt: str, accepted: bool) -> None:
+    """Record in ``<run>/export/export.json`` whether the int8 export ``fmt`` may be picked by ``--runtime auto``
+    (a caller's own accuracy judgement, e.g. ``compress`` against a teacher)."""
+    record = RunDir(run_path(run)).export / EXPORT_FILE
+    doc = json.loads(record.read_text())
+    doc[fmt]["accepted"] = bool(accepted)
+    write_json(record, doc)

@@ -86,10 +86,8 @@ class PteRunner:
         _require_executorch()
         from executorch.runtime import Runtime
 
-        try:
-            self.method = Runtime.get().load_program(Path(path)).load_method("forward")
-        except Exception as e:  # noqa: BLE001 - the runtime raises RuntimeError / ValueError for bad files
-            raise ImgclfError(f"{path}: ExecuTorch cannot load it ({' '.join(str(e).split())[:200]})") from None
+        # a bad file raises the runtime's own error: ``load_predictor`` rebuilds a damaged cache entry on it
+        self.method = Runtime.get().load_program(Path(path)).load_method("forward")
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         parts = []
@@ -99,7 +97,19 @@ class PteRunner:
         return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
+def load_runner(path: Path, fmt: str) -> PteRunner:
+    """``PteRunner`` of a file just written; ImgclfError when ExecuTorch cannot load it."""
+    try:
+        return PteRunner(path)
+    except ImgclfError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the runtime raises RuntimeError / ValueError for bad files
+        raise ImgclfError(
+            f"{path}: ExecuTorch cannot load the {fmt} program ({' '.join(str(e).split())[:200]})"
+        ) from None
+
+
 def _executorch(job: _Job, calib: list[np.ndarray] | None = None) -> dict[str, Any]:
     path = write_pte(job, calib)
-    runner = PteRunner(path)
+    runner = load_runner(path, "executorch")
     return {"path": str(path), "verify": job.verify(lambda x: runner(x)[0])}

@@ -55,11 +55,9 @@ class TfliteRunner:
         _require("ai_edge_litert")
         from ai_edge_litert.interpreter import Interpreter
 
-        try:
-            interp = Interpreter(str(path), num_threads=threads or torch.get_num_threads())
-            (name, sig), *_ = interp.get_signature_list().items()
-        except Exception as e:  # noqa: BLE001 - the interpreter raises ValueError / RuntimeError for bad files
-            raise ImgclfError(f"{path}: LiteRT cannot load it ({' '.join(str(e).split())[:200]})") from None
+        # a bad file raises the interpreter's own error: ``load_predictor`` rebuilds a damaged cache entry on it
+        interp = Interpreter(str(path), num_threads=threads or torch.get_num_threads())
+        (name, sig), *_ = interp.get_signature_list().items()
         self.run, self.input, self.outputs = interp.get_signature_runner(name), sig["inputs"][0], sig["outputs"]
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
@@ -69,5 +67,12 @@ class TfliteRunner:
 
 def _litert(job: _Job) -> dict[str, Any]:
     path = write_tflite(job)
-    runner = TfliteRunner(path)
+    try:
+        runner = TfliteRunner(path)
+    except ImgclfError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the interpreter raises ValueError / RuntimeError for bad files
+        raise ImgclfError(
+            f"{path}: LiteRT cannot load the model just written ({' '.join(str(e).split())[:200]})"
+        ) from None
     return {"path": str(path), "batch": 1, "verify": job.verify(lambda x: runner(x)[0])}
