@@ -16,7 +16,7 @@ import torch
 
 from ...errors import ImgclfError
 from ...io import atomic_path
-from .graph import example_input, export_failure
+from .graph import example_input, export_failure, load_written
 from .verification import _Job
 
 #: the batch dimension is dynamic up to this (ExecuTorch plans memory for the largest batch); predictors split
@@ -99,14 +99,7 @@ class PteRunner:
 
 def load_runner(path: Path, fmt: str) -> PteRunner:
     """``PteRunner`` of a file just written; ImgclfError when ExecuTorch cannot load it."""
-    try:
-        return PteRunner(path)
-    except ImgclfError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the runtime raises RuntimeError / ValueError for bad files
-        raise ImgclfError(
-            f"{path}: ExecuTorch cannot load the {fmt} program ({' '.join(str(e).split())[:200]})"
-        ) from None
+    return load_written(lambda: PteRunner(path), f"{path}: ExecuTorch cannot load the {fmt} program")
 
 
 def _executorch(job: _Job, calib: list[np.ndarray] | None = None) -> dict[str, Any]:

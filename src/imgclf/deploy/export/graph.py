@@ -113,6 +113,17 @@ def unfused_attention(model: nn.Module) -> Iterator[int]:
             m.fused_attn = True
 
 
+def load_written(load, what: str):
+    """``load()`` of a file an export has just written; any failure becomes one ImgclfError line naming ``what``
+    (the runtimes' loaders raise their own error types for bad files)."""
+    try:
+        return load()
+    except ImgclfError:
+        raise
+    except Exception as e:  # noqa: BLE001 - RuntimeError / ValueError from the runtimes
+        raise ImgclfError(f"{what} ({' '.join(str(e).split())[:200]})") from None
+
+
 def export_failure(arch: str, fmt: str, e: BaseException) -> str:
     """One line for an exporter's failure: the architecture, the format and the operation it could not
     translate (an ``aten`` op when the message names one, else the message's last meaningful line)."""

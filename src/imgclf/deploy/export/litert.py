@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ...errors import ImgclfError
-from .graph import example_input, export_failure
+from .graph import example_input, export_failure, load_written
 from .verification import _Job
 
 
@@ -67,12 +67,5 @@ class TfliteRunner:
 
 def _litert(job: _Job) -> dict[str, Any]:
     path = write_tflite(job)
-    try:
-        runner = TfliteRunner(path)
-    except ImgclfError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the interpreter raises ValueError / RuntimeError for bad files
-        raise ImgclfError(
-            f"{path}: LiteRT cannot load the model just written ({' '.join(str(e).split())[:200]})"
-        ) from None
+    runner = load_written(lambda: TfliteRunner(path), f"{path}: LiteRT cannot load the model just written")
     return {"path": str(path), "batch": 1, "verify": job.verify(lambda x: runner(x)[0])}
