@@ -245,12 +245,16 @@ def cooccurrence_heatmap(counts: Any, names: list[str]) -> bytes:
 
 def pareto_plot(doc: dict[str, Any], path: Path) -> None:
     """Probe accuracy against latency (batch ``doc["batch_sizes"][0]``, log axis) per architecture, the Pareto front
-    joined; without probe accuracies, GMACs against latency. ``doc``: ``backbones.benchmark_backbones``'s result."""
-    b = doc["batch_sizes"][0]
-    rows = doc["rows"]
+    joined, and below, on the same axis, the architectures timed for speed only; without any probe accuracy, GMACs
+    against latency. ``doc``: ``backbones.benchmark_backbones``'s result."""
+    from matplotlib.ticker import ScalarFormatter
+
+    b, rows = doc["batch_sizes"][0], doc["rows"]
     scored = [r for r in rows if r["probe_top1"] is not None]
-    fig = figure(7.0, 4.5)
-    ax = fig.add_subplot(1, 1, 1)
+    timed = [r for r in rows if r["probe_top1"] is None] if scored else []
+    fig = figure(7.5, 5.2 if timed else 4.5)
+    grid = fig.add_gridspec(2 if timed else 1, 1, height_ratios=[4, 1] if timed else [1])
+    ax = fig.add_subplot(grid[0])
     y = (lambda r: 100 * r["probe_top1"]) if scored else (lambda r: r["gmacs"])
     shown = scored or rows
     front = sorted((r for r in shown if r["arch"] in doc["pareto"]), key=lambda r: r["latency_ms"][b])
@@ -258,16 +262,32 @@ def pareto_plot(doc: dict[str, Any], path: Path) -> None:
     if front:
         ax.plot([r["latency_ms"][b] for r in front], [y(r) for r in front], color="#d62728", lw=1.5, zorder=2,
                 label="Pareto front")  # fmt: skip
-        ax.legend(loc="lower right", fontsize=8)
     for r in shown:
         ax.annotate(r["arch"], (r["latency_ms"][b], y(r)), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    axes = [ax]
+    if timed:
+        low = fig.add_subplot(grid[1], sharex=ax)
+        low.scatter([r["latency_ms"][b] for r in timed], [0] * len(timed), marker="x", color="#777777")
+        for i, r in enumerate(sorted(timed, key=lambda r: r["latency_ms"][b])):
+            low.annotate(r["arch"], (r["latency_ms"][b], 0), fontsize=6, rotation=20, xytext=(3, 3 + 15 * (i % 2)),
+                         textcoords="offset points")  # fmt: skip
+        low.set_yticks([])
+        low.set_ylim(-0.5, 4)
+        low.set_ylabel("speed\nonly", fontsize=8)
+        axes.append(low)
     choice = (doc.get("choice") or {}).get("latency_ms")
-    if choice:
-        ax.axvline(choice, color="#999999", ls="--", lw=1, label=f"budget {choice} ms")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"latency at batch {b} (ms, {', '.join(sorted({r['runtime'] for r in shown}))})")
+    for a in axes:
+        if choice:
+            a.axvline(choice, color="#999999", ls="--", lw=1, label=f"budget {choice} ms" if a is ax else None)
+        a.set_xscale("log")
+        a.xaxis.set_major_formatter(ScalarFormatter())
+        a.xaxis.set_minor_formatter(ScalarFormatter())
+        a.tick_params(axis="x", which="minor", labelsize=7)
+        a.grid(True, which="both", alpha=0.3)
+    if front or choice:
+        ax.legend(loc="lower right", fontsize=8)
+    axes[-1].set_xlabel(f"latency at batch {b} (ms, {', '.join(sorted({r['runtime'] for r in rows}))})")
     ax.set_ylabel("linear-probe top-1 (%)" if scored else "GMACs")
     ax.set_title("backbones on this machine" + (f" and {doc['data']}" if scored else ""))
-    ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
