@@ -160,7 +160,7 @@ def test_bad_generated_flag_values_are_one_line_errors(argv, message, capsys):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("cls,fn,skip", [
-    ("ExportConfig", "imgclf.deploy.export:export_run", {"run", "fmt", "generated_ok"}),
+    ("ExportConfig", "imgclf.deploy.export:export_run", {"run", "fmt", "generated_ok", "int8_gate"}),
     ("BenchConfig", "imgclf.deploy.bench:bench_run", {"run_dir"}),
 ])  # fmt: skip
 def test_verb_configs_match_the_functions_they_feed(cls, fn, skip):

@@ -38,7 +38,7 @@ def test_every_runtime_gives_the_same_calibrated_probabilities(run, tiny_folder)
         load_predictor(run, "onnxruntime-int8")  # int8 is never made implicitly: it needs calibration images
     for fmt in ("onnx-int8", "openvino-int8"):
         export_run(run, fmt, data=str(tiny_folder), calib_data=str(tiny_folder), verify_n=48, calib_n=48, force=True)
-    for rt in have:
+    for rt in (r for r in have if not r.startswith(("executorch", "litert"))):  # edge runtimes: test_export.py
         logits, probs, feats = load_predictor(run, rt)(px)
         assert feats.shape == feats0.shape, rt
         tol = 0.05 if rt.endswith(("bf16", "int8")) else 1e-4
