@@ -137,11 +137,16 @@ def test_executorch_pte_fp32_and_int8_run_on_executorchs_runtime(run, tmp_path, 
 
 
 def test_litert_tflite_agrees_with_pytorch_on_its_interpreter(run, tmp_path, tiny_test_folder):
-    pytest.importorskip("litert_torch")
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("litert_torch") is None:  # not importorskip: importing it loads JAX here
+        pytest.skip("litert-torch is not installed")
     from imgclf.deploy.runtime import load_predictor
 
     r = run_cli("export", run, "--format", "litert", "--data", tiny_test_folder)
     assert r.code == 0, r
+    assert "jax" not in sys.modules  # the conversion ran in a child process: no JAX threads here before a fork
     rec = json.loads((run / "export" / "export.json").read_text())["litert"]
     assert rec["batch"] == 1 and rec["verify"]["top1_agreement"] == 1.0 and rec["verify"]["max_rel_logit_diff"] < 1e-4
     pred = load_predictor(run, "litert")
