@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -45,33 +46,30 @@ RESULTS_FILE = "benchmark.json"
 PLOT_FILE = "pareto.png"
 
 
+def _hub_id(arch: str) -> str | None:
+    """The Hugging Face repository of timm's pretrained weights for ``arch`` (None: timm knows none)."""
+    import timm
+
+    try:
+        return getattr(timm.models.get_pretrained_cfg(arch), "hf_hub_id", None) or None
+    except Exception:  # noqa: BLE001 - an unknown name: no weights
+        return None
+
+
 def offline_weights(arch: str) -> str | None:
     """``packaged`` when a pip package ships the weights, ``hub`` when timm's Hugging Face files are already in the
     local cache, else None (nothing is downloaded to find out)."""
+    from huggingface_hub import try_to_load_from_cache
+
     from .models.weights import packaged_weights_file
 
     if packaged_weights_file(arch) is not None:
         return "packaged"
-    try:
-        import timm
-        from huggingface_hub import try_to_load_from_cache
-
-        hub_id = getattr(timm.models.get_pretrained_cfg(arch), "hf_hub_id", None)
-    except Exception:  # noqa: BLE001 - an unknown name or an old huggingface_hub: no cached weights
-        return None
-    if not hub_id:
-        return None
-    for fname in ("model.safetensors", "pytorch_model.bin"):
-        if isinstance(try_to_load_from_cache(hub_id.split("@")[0], fname), str):
-            return "hub"
+    hub_id = _hub_id(arch)
+    if hub_id and any(isinstance(try_to_load_from_cache(hub_id.split("@")[0], f), str)
+                      for f in ("model.safetensors", "pytorch_model.bin")):  # fmt: skip
+        return "hub"
     return None
-
-
-def _on_hub(arch: str) -> bool:
-    """timm knows pretrained hub weights for ``arch`` (what ``--hub`` may download)."""
-    import timm
-
-    return bool(getattr(timm.models.get_pretrained_cfg(arch), "hf_hub_id", None))
 
 
 def gmacs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> float:
@@ -108,8 +106,7 @@ def _speed_only_run(arch: str, class_names: list[str], input_size: int | None, o
     model, source = create_model(ModelConfig(name=arch, weights="none"), len(class_names), input_size)
     pre = Preprocess.from_model(model)
     if input_size:
-        pre = Preprocess((pre.input_size[0], input_size, input_size), pre.interpolation, pre.mean, pre.std,
-                         pre.crop_pct, pre.crop_mode)  # fmt: skip
+        pre = dataclasses.replace(pre, input_size=(pre.input_size[0], input_size, input_size))
     art = Artifact(arch, class_names, pre, weights_source=source, model_kwargs=size_kwargs(arch, input_size),
                    config={"model": {"name": arch, "weights": "none"}})  # fmt: skip
     return save_artifact(out / arch, model, art, overwrite=False)  # never over a run already there
@@ -143,7 +140,7 @@ def _input_size(arch: str, input_size: int | None, side: int | None) -> int | No
 
 def _row(arch: str, run: Path, weights: str | None, runtime: str, batch_sizes: tuple[int, ...], repeats: int,
          probed: bool) -> dict[str, Any]:  # fmt: skip
-    from .artifact import load_artifact, read_artifact
+    from .artifact import load_artifact
     from .deploy.bench import bench_run
     from .deploy.runtime import resolve_runtime
 
@@ -153,7 +150,7 @@ def _row(arch: str, run: Path, weights: str | None, runtime: str, batch_sizes: t
     if res["skipped"]:
         raise ImgclfError(f"{rt}: {res['skipped'][rt]}")
     by_batch = {r["batch"]: r for r in res["results"]}
-    m = read_artifact(run).metrics
+    m = art.metrics
     split = "test" if "test" in m else "val"
     return {
         "arch": arch,
@@ -236,7 +233,7 @@ def benchmark_backbones(
     names, side = _data_facts(data)
     rows, skipped = [], {}
     for arch in tqdm(archs, desc="backbones", disable=not progress):
-        weights = offline_weights(arch) or ("hub" if hub and _on_hub(arch) else None)
+        weights = offline_weights(arch) or ("hub" if hub and _hub_id(arch) else None)
         size = _input_size(arch, input_size, side)
         try:
             probed = bool(data and weights)
@@ -257,8 +254,7 @@ def benchmark_backbones(
 
     doc["versions"] = package_versions()
     write_json(out / RESULTS_FILE, doc)
-    if rows:
-        pareto_plot(doc, out / PLOT_FILE)
-        doc["plot"] = str(out / PLOT_FILE)
+    pareto_plot(doc, out / PLOT_FILE)
+    doc["plot"] = str(out / PLOT_FILE)
     doc["output"] = str(out)
     return doc

@@ -24,15 +24,11 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from .artifact import read_artifact, require
 from .config import Config
@@ -52,8 +48,7 @@ FIXED_KEYS = {"data.path": "--data", "data.val_path": "--val-data", "data.test_p
 #: data fields the student takes from the teacher's config: the same images, labels and decoding
 TEACHER_DATA_FIELDS = ("path", "val_path", "test_path", "val_split", "task", "classes", "label_sep", "image_column",
                        "label_column", "pixel_range", "background", "max_pixels", "max_aspect")  # fmt: skip
-INT8_FORMATS = ("openvino-int8", "onnx-int8", "executorch-int8")
-FP_RUNTIMES = ("openvino-bf16", "openvino", "onnxruntime", "torch-cl")  # fastest first (imgclf bench on CPUs)
+INT8_FORMATS = ("openvino-int8", "onnx-int8", "executorch-int8")  # fastest first (imgclf bench on CPUs)
 
 
 def student_overrides(
@@ -89,34 +84,34 @@ def student_overrides(
 
 
 def int8_format(choice: str = "auto") -> str:
-    """``auto`` -> openvino-int8 (accuracy-controlled NNCF quantization) when OpenVINO and NNCF are installed, else
-    onnx-int8 (ONNX Runtime static QDQ). Raises ImgclfError when the choice cannot run here."""
-    spec = importlib.util.find_spec
-    have_ort = bool(spec("onnxruntime") and spec("onnxscript"))
-    have = {"openvino-int8": have_ort and bool(spec("openvino") and spec("nncf")), "onnx-int8": have_ort,
-            "executorch-int8": bool(spec("executorch") and spec("torchao"))}  # fmt: skip
+    """``auto`` -> openvino-int8 (accuracy-controlled NNCF quantization) when its runtime is installed, else
+    onnx-int8 (ONNX Runtime static QDQ), else executorch-int8. Raises ImgclfError when the choice cannot run here."""
+    from .deploy.runtime import available_runtimes
+
+    have = available_runtimes()
     if choice == "auto":
-        choice = next((f for f in INT8_FORMATS if have[f]), "")
+        choice = next((f for f in INT8_FORMATS if _int8_runtime(f) in have), "")
         if not choice:
             raise ImgclfError("imgclf compress needs ONNX Runtime (or OpenVINO + NNCF, or ExecuTorch) for the int8 "
                               "student: pip install 'imgclf[deploy]'")  # fmt: skip
-    if choice not in have:
+    if choice not in INT8_FORMATS:
         raise ImgclfError(f"--int8 must be auto or one of {', '.join(INT8_FORMATS)} (got {choice!r})")
-    if not have[choice]:
+    if _int8_runtime(choice) not in have:
         raise ImgclfError(f"--int8 {choice} is not available here: pip install 'imgclf[deploy]'")
     return choice
 
 
 def fp_runtime(choice: str = "auto") -> str:
-    """``auto`` -> the fastest floating-point runtime installed (``FP_RUNTIMES`` order)."""
-    from .deploy.runtime import RUNTIMES, available_runtimes
+    """``auto`` -> the fastest floating-point runtime installed (``deploy.runtime.default_runtime`` without a run,
+    which never picks int8)."""
+    from .deploy.runtime import RUNTIMES, available_runtimes, default_runtime
 
-    have = available_runtimes()
     if choice == "auto":
-        return next(r for r in (*FP_RUNTIMES, "torch") if r in have)
+        return default_runtime()
     if choice not in RUNTIMES or choice.endswith("int8"):
-        raise ImgclfError(f"--runtime must be auto or a floating-point runtime ({', '.join(FP_RUNTIMES)}, torch)")
-    if choice not in have:
+        fp = ", ".join(r for r in RUNTIMES if not r.endswith("int8"))
+        raise ImgclfError(f"--runtime must be auto or a floating-point runtime ({fp})")
+    if choice not in available_runtimes():
         raise ImgclfError(f"runtime {choice} is not available here")
     return choice
 
@@ -216,25 +211,23 @@ def _measure(role: str, run: str | Path, score_rt: str, speed_rt: str, samples, 
             "latency_ms": {r["batch"]: r["latency_ms_median"] for r in bench["results"]}}  # fmt: skip
 
 
-def _score(run: str | Path, runtime: str, samples, batch: int = 64) -> tuple[str, float]:
-    """(metric name, value in [0, 1]) of ``run`` on ``samples`` through ``runtime``: top-1, or mAP for multi-label
-    runs; the run's classes matched to the samples' by name."""
-    from .deploy.export import pixel_batches
-    from .deploy.runtime import load_predictor
+def _score(run: str | Path, runtime: str, samples) -> tuple[str, float]:
+    """(metric name, value in [0, 1]) of ``run`` on ``samples`` through ``runtime`` (``deploy.runtime.runtime_outputs``:
+    the same loader and skip log as predict): top-1, or mAP for multi-label runs; the run's classes matched to the
+    samples' by name."""
+    from .deploy.runtime import runtime_outputs
     from .train.distill import class_order
     from .train.tasks import task_from_json
 
-    pred = load_predictor(run, runtime)
-    art, names = pred.art, list(samples.class_names)
+    out, art, skips = runtime_outputs(run, samples, runtime, progress=False, desc=f"score {Path(run).name}")
+    if skips.items:
+        log.warning("%s: %d unreadable image(s) left out of the comparison (the same for every model)", samples.name,
+                    len(skips.items))  # fmt: skip
+    names = list(samples.class_names)
     order = class_order(art.class_names, names, f"{run} (scored on the student's images)")
-    zs, ys = [], []
-    for px, y in pixel_batches(samples, art, len(samples), batch, idx=np.arange(len(samples))):
-        logits, _, _ = pred(px.permute(0, 2, 3, 1).numpy())  # uint8 NCHW -> the predictors' NHWC
-        zs.append(torch.from_numpy(logits)[:, order])
-        ys.append(y)
     task = task_from_json(art.task)
     metric = "map" if task.multi_label else "top1"
-    return metric, float(task.metrics(torch.cat(zs), torch.cat(ys), names)[metric])
+    return metric, float(task.metrics(out.logits[:, order], out.labels, names)[metric])
 
 
 def _verdict(rows: list[dict[str, Any]], max_drop: float, force: bool) -> dict[str, Any]:
@@ -269,12 +262,10 @@ class CompressRefused(ImgclfError):
 def _refuse(student: Path, fmt: str, exp: dict[str, Any], doc: dict[str, Any]) -> None:
     """Delete the refused int8 model (``--runtime auto`` must never pick it) and raise ``CompressRefused``."""
     from .deploy.export import set_int8_accepted
+    from .deploy.export.int8 import remove_model
 
     set_int8_accepted(student, fmt, False)
-    path = Path(exp["path"])
-    path.unlink(missing_ok=True)
-    if path.suffix == ".xml":
-        path.with_suffix(".bin").unlink(missing_ok=True)
+    remove_model(Path(exp["path"]))
     v = doc["int8_vs_teacher"]
     metric = {"top1": "top-1", "map": "mAP"}.get(doc["metric"], doc["metric"])
     if math.isnan(v["drop_points"]):

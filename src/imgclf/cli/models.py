@@ -41,17 +41,15 @@ def add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _matching(patterns: list[str], pretrained: bool) -> list[str]:
+    import timm
+
     from ..models.factory import list_models
 
     names: list[str] = []
     for pat in patterns or [""]:
-        import timm
-
         found = [pat] if timm.is_model(pat) else list_models(pat, pretrained=False)
         names += [n for n in found if n not in names]
     if pretrained:
-        import timm
-
         hub = {n.split(".")[0] for n in timm.list_models(pretrained=True)}
         names = [n for n in names if n in hub]
     return names

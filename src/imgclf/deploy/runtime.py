@@ -153,29 +153,17 @@ class OpenVinoPredictor(Predictor):
         return tuple(np.asarray(res[o]) for o in self.outputs)  # type: ignore[return-value]
 
 
-class ExecuTorchPredictor(Predictor):
-    """A ``.pte`` program (XNNPACK delegate) on ExecuTorch's Python runtime: the on-device format, timed here."""
+class EdgePredictor(Predictor):
+    """An on-device format on its own Python runtime, timed here: ``executorch`` / ``executorch-int8`` (a ``.pte``
+    on ExecuTorch, XNNPACK) or ``litert`` (a ``.tflite`` on LiteRT's interpreter, one image per call)."""
 
-    def __init__(self, art: Artifact, int8: bool = False):
+    def __init__(self, art: Artifact, runtime: str):
         from .export.executorch import PteRunner
-
-        self.art, self.name = art, "executorch-int8" if int8 else "executorch"
-        path = exported(art, self.name)
-        self.runner, self.path = PteRunner(path), str(path)
-
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return tuple(self.runner(pixels))  # type: ignore[return-value]
-
-
-class LiteRtPredictor(Predictor):
-    """A ``.tflite`` model on LiteRT's interpreter (batch 1 per call: larger batches run image by image)."""
-
-    def __init__(self, art: Artifact):
         from .export.litert import TfliteRunner
 
-        self.art, self.name = art, "litert"
-        path = exported(art, "litert")
-        self.runner, self.path = TfliteRunner(path), str(path)
+        self.art, self.name = art, runtime
+        path = exported(art, runtime)  # the runtime and its export format share the name
+        self.runner, self.path = (TfliteRunner if runtime == "litert" else PteRunner)(path), str(path)
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(self.runner(pixels))  # type: ignore[return-value]
@@ -286,10 +274,8 @@ def load_predictor(run: str | Path | Artifact, runtime: str = "auto", device: st
         try:
             if runtime.startswith("onnxruntime"):
                 return OnnxPredictor(art, int8=runtime.endswith("int8"))
-            if runtime.startswith("executorch"):
-                return ExecuTorchPredictor(art, int8=runtime.endswith("int8"))
-            if runtime == "litert":
-                return LiteRtPredictor(art)
+            if runtime.startswith(("executorch", "litert")):
+                return EdgePredictor(art, runtime)
             return OpenVinoPredictor(art, runtime.removeprefix("openvino").removeprefix("-") or "f32")
         except ImgclfError:
             raise

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ...errors import ImgclfError
-from .graph import export_failure
+from .graph import example_input, export_failure, export_program
 from .verification import _Job
 
 COREML_MAX_BATCH = 64
@@ -31,14 +30,11 @@ COREML_MAX_BATCH = 64
 def _convert(job: _Job):
     import coremltools as ct
 
-    c, h, w = job.art.preprocessing.input_size
-    shape = (2, h, w, c) if job.pixels == "nhwc" else (2, c, h, w)
     if job.pixels == "none":
         raise ImgclfError("--format coreml takes pixels (--pixels nhwc or nchw)")
-    x = torch.randint(0, 256, shape).float()
-    batch = torch.export.Dim("batch", min=1, max=COREML_MAX_BATCH)
+    x = example_input(job.art, job.pixels).float()  # Core ML takes no uint8 tensors: the same pixels as float32
     try:
-        ep = torch.export.export(job.serving.eval(), (x,), dynamic_shapes=({0: batch},), strict=False)
+        ep = export_program(job.serving.eval(), x, COREML_MAX_BATCH)
         model = ct.convert(ep.run_decompositions({}), convert_to="mlprogram",
                            minimum_deployment_target=ct.target.iOS17)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - export and conversion raise many types

@@ -16,7 +16,7 @@ import torch
 
 from ...errors import ImgclfError
 from ...io import atomic_path
-from .graph import example_input, export_failure, load_written
+from .graph import example_input, export_failure, export_program, load_written
 from .verification import _Job
 
 #: the batch dimension is dynamic up to this (ExecuTorch plans memory for the largest batch); predictors split
@@ -34,8 +34,7 @@ def _require_executorch() -> None:
 def _export(module: torch.nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
     """``x`` has ``PTE_MAX_BATCH`` images: ExecuTorch 1.5 sizes the planned memory from the example batch, not from
     the symbolic bound (an example of 2 gave a program refusing batches over 15)."""
-    batch = torch.export.Dim("batch", min=1, max=PTE_MAX_BATCH)
-    return torch.export.export(module, (x,), dynamic_shapes=({0: batch},), strict=False)
+    return export_program(module, x, PTE_MAX_BATCH)
 
 
 def _quantized(job: _Job, calib: list[np.ndarray]) -> torch.nn.Module:

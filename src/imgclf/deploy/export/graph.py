@@ -113,6 +113,15 @@ def unfused_attention(model: nn.Module) -> Iterator[int]:
             m.fused_attn = True
 
 
+def export_program(module: nn.Module, x: torch.Tensor, max_batch: int) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``module`` on the example ``x`` with the batch dimension dynamic (1 .. ``max_batch``):
+    the graph pt2, ExecuTorch and Core ML start from. ``module`` as it is (callers pass it in eval mode: a PT2E
+    quantized graph refuses ``.eval()``)."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        return torch.export.export(module, (x,), dynamic_shapes=({0: batch},), strict=False)
+
+
 def load_written(load, what: str):
     """``load()`` of a file an export has just written; any failure becomes one ImgclfError line naming ``what``
     (the runtimes' loaders raise their own error types for bad files)."""

@@ -45,6 +45,13 @@ def _int8(job: _Job, fmt: str, calib_data: str | None, calib_n: int, tolerance: 
             "accepted": accepted}  # fmt: skip
 
 
+def remove_model(path: Path) -> None:
+    """Delete a refused model file (an OpenVINO IR's ``.bin`` with its ``.xml``)."""
+    path.unlink(missing_ok=True)
+    if path.suffix == ".xml":
+        path.with_suffix(".bin").unlink(missing_ok=True)
+
+
 def _int8_gate(fmt: str, path: Path, check: dict[str, Any], tolerance: float, force: bool) -> bool:
     """Refuse (delete) an int8 model that loses more than ``tolerance`` top-1 points, unless ``force``.
 
@@ -58,9 +65,7 @@ def _int8_gate(fmt: str, path: Path, check: dict[str, Any], tolerance: float, fo
     what = "loses" if labelled else "disagrees with fp32 on"
     msg = f"{fmt} model {what} {loss:.2f} top-1 points on {check['images']} images (tolerance {tolerance})"
     if not force:
-        path.unlink()
-        if path.suffix == ".xml":
-            path.with_suffix(".bin").unlink(missing_ok=True)
+        remove_model(path)
         raise ImgclfError(msg + "; pass --force to keep the int8 model anyway or raise --int8-tolerance")
     log.warning(msg + " (--force: int8 model kept; --runtime auto will not pick it)")
     return False

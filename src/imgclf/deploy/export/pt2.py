@@ -15,7 +15,7 @@ import torch
 from ...artifact import Artifact
 from ...errors import ImgclfError
 from ...io import atomic_path
-from .graph import ServingModel, example_input, export_failure
+from .graph import ServingModel, example_input, export_failure, export_program
 from .verification import _Job
 
 #: largest batch the exported program accepts (its batch dimension is symbolic up to this)
@@ -25,11 +25,8 @@ MAX_BATCH = 4096
 def exported_program(serving: ServingModel, art: Artifact, pixels: str) -> torch.export.ExportedProgram:
     """``torch.export.export`` of the serving graph, batch dimension dynamic (1 .. ``MAX_BATCH``); ImgclfError naming
     the operation when the model cannot be captured."""
-    x = example_input(art, pixels)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
-        with torch.no_grad():
-            return torch.export.export(serving.eval(), (x,), dynamic_shapes=({0: batch},), strict=False)
+        return export_program(serving.eval(), example_input(art, pixels), MAX_BATCH)
     except Exception as e:  # noqa: BLE001 - export raises many types (guards, unsupported ops, data-dependent code)
         raise ImgclfError(export_failure(art.arch, "pt2", e)) from None
 
