@@ -125,6 +125,28 @@ def train(cfg: Config | None = None, *, resume: bool = False) -> TrainResult:
     return run_training(cfg or make_config(), resume=resume)
 
 
+def pretrain_config(
+    data: str | Path,
+    *,
+    recipe: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """The config of ``imgclf pretrain``: defaults < recipe (``pretrain`` unless a config file is given) < config
+    file < overrides, with ``data`` the images (labels ignored)."""
+    if recipe is None and config_file is None:
+        recipe = "pretrain"
+    return make_config(data, config_file=config_file, recipe=recipe, overrides=overrides)
+
+
+def pretrain(cfg: Config, *, resume: bool = False):
+    """Self-supervised pretraining (``imgclf pretrain``; ``imgclf.train.pretrain``): SimCLR, BYOL, DINO or MAE on
+    ``cfg.data.path``; returns a ``PretrainResult`` whose run directory ``--weights RUN`` accepts."""
+    from .train.pretrain import pretrain as run_pretrain
+
+    return run_pretrain(cfg, resume=resume)
+
+
 def compress_config(
     teacher: str | Path,
     student: str,

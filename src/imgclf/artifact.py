@@ -265,7 +265,17 @@ def _load_knn(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
     return load_knn(run_dir / WEIGHTS_FILE, run_dir / META_FILE, art, device)
 
 
-#: artifact kind (``imgclf.json`` ``kind``) -> what it is; a zero-shot classifier joins here
+def _refuse_backbone(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
+    raise ImgclfError(f"{run_dir}: {_BACKBONE_WHY}")
+
+
+_BACKBONE_WHY = (
+    "a self-supervised backbone has no classes to predict; train a head on it with `imgclf train DATA "
+    "--weights RUN` (probe or finetune) or build a k-NN index with `imgclf knn build DATA --weights RUN`"
+)
+_BACKBONE_STAGES = ("export", "serve", "report", "explain", "calibrate", "rebalance", "teach")
+
+#: artifact kind (``imgclf.json`` ``kind``) -> what it is
 KINDS: dict[str, Kind] = {
     "classifier": Kind(_load_classifier, _classifier_state),
     "knn": Kind(_load_knn, _knn_state, torch_only=True, cannot={
@@ -277,6 +287,9 @@ KINDS: dict[str, Kind] = {
         "rebalance": "a k-NN index has no classifier head to rebalance (its votes weigh every support image)",
         "teach": "a k-NN index cannot teach (its votes are not logits); distil from a trained classifier run",
     }),
+    # ``imgclf pretrain``: a headless timm backbone (``num_classes=0``) for ``--weights RUN``; nothing predicts with it
+    "backbone": Kind(_refuse_backbone, _classifier_state, torch_only=True,
+                     cannot=dict.fromkeys(_BACKBONE_STAGES, _BACKBONE_WHY)),
 }  # fmt: skip
 
 

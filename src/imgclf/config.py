@@ -214,7 +214,10 @@ class ModelConfig:
 
     name: str = opt("tf_efficientnet_lite0", "timm architecture name (see `imgclf models`)")
     weights: str = opt(
-        "auto", "auto | packaged | hub | none | path/to/file.safetensors|.pth  (auto: packaged if any, else hub)"
+        "auto",
+        "auto | packaged | hub | none | path/to/file.safetensors|.pth | a run directory (a trained, zero-shot or"
+        " self-supervised run: its weights, the head kept when its classes are the data's)  (auto: packaged if any,"
+        " else hub)",
     )
     drop_rate: float | None = opt(None, "dropout before the classifier; default: the architecture's")
     drop_path_rate: float | None = opt(None, "stochastic depth rate; default: the architecture's")
@@ -472,6 +475,62 @@ class DistillConfig:
         return [t.strip() for t in str(self.methods).split("+") if t.strip()]
 
 
+#: self-supervised methods of ``imgclf pretrain``
+SSL_METHODS = ("simclr", "byol", "dino", "mae")
+
+
+@dataclass
+class SSLConfig:
+    """Self-supervised pretraining (``imgclf pretrain``): the method, its heads and views, and the monitor."""
+
+    method: Literal["simclr", "byol", "dino", "mae"] = opt(
+        "simclr",
+        "simclr (NT-Xent, Chen et al. 2020) | byol (momentum encoder + predictor, Grill et al. 2020) | dino"
+        " (self-distillation with centering and sharpening, multi-crop; Caron et al. 2021) | mae (masked"
+        " autoencoder, ViTs only; He et al. 2022)",
+    )
+    proj_dim: int | None = opt(None, "projection output size (default: simclr 128, byol 256, dino 2048)")
+    hidden_dim: int = opt(512, "hidden width of the projection (and BYOL prediction) head")
+    temperature: float = opt(0.2, "simclr: NT-Xent temperature")
+    momentum: float = opt(0.99, "byol, dino: start of the target/teacher EMA momentum (cosine schedule to 1)")
+    min_scale: float = opt(0.2, "smallest crop area fraction of the random resized crops (dino: of the global ones)")
+    color_jitter: float = opt(0.5, "colour-jitter strength (applied with p=0.8; 0 disables)")
+    blur: float = opt(0.0, "Gaussian-blur probability (SimCLR uses 0.5 at 224 px; small images lose too much)")
+    gray: float = opt(0.2, "random-grayscale probability")
+    local_views: int = opt(6, "dino: small local crops per image next to the two global ones")
+    local_size: int | None = opt(None, "dino: side of the local crops (default: input size x 3/7, DINO's 96/224)")
+    mask_ratio: float = opt(0.75, "mae: fraction of patches masked")
+    knn_data: str | None = opt(
+        None,
+        "labelled images for the per-epoch k-NN monitor (a stratified half is the support, the other half is"
+        " classified); default: no k-NN monitor",
+    )
+    knn_max: int = opt(2000, "k-NN monitor: at most this many images (stratified)")
+    knn_k: int = opt(20, "k-NN monitor: neighbours that vote")
+    collapse_std: float = opt(
+        0.1,
+        "collapse check: warn when the mean per-dimension std of the L2-normalised embeddings, x sqrt(D), falls"
+        " below this (about 1 for spread embeddings, 0 for collapsed ones)",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.method in SSL_METHODS, "ssl.method", f"must be one of {', '.join(SSL_METHODS)}", self.method)
+        _check(self.proj_dim is None or self.proj_dim >= 1, "ssl.proj_dim", "must be >= 1", self.proj_dim)
+        _check(self.hidden_dim >= 1, "ssl.hidden_dim", "must be >= 1", self.hidden_dim)
+        _check(self.temperature > 0, "ssl.temperature", "must be > 0", self.temperature)
+        _check(0 <= self.momentum < 1, "ssl.momentum", "must be in [0, 1)", self.momentum)
+        _check(0 < self.min_scale <= 1, "ssl.min_scale", "must be in (0, 1]", self.min_scale)
+        for name in ("blur", "gray"):
+            _check(0 <= getattr(self, name) <= 1, f"ssl.{name}", "must be a probability in [0, 1]", getattr(self, name))
+        _check(self.color_jitter >= 0, "ssl.color_jitter", "must be >= 0", self.color_jitter)
+        _check(self.local_views >= 0, "ssl.local_views", "must be >= 0", self.local_views)
+        _check(self.local_size is None or self.local_size >= 8, "ssl.local_size", "must be >= 8", self.local_size)
+        _check(0 < self.mask_ratio < 1, "ssl.mask_ratio", "must be in (0, 1)", self.mask_ratio)
+        _check(self.knn_max >= 2 and self.knn_k >= 1, "ssl.knn_max/knn_k", "must be >= 2 and >= 1",
+               (self.knn_max, self.knn_k))  # fmt: skip
+        _check(self.collapse_std >= 0, "ssl.collapse_std", "must be >= 0", self.collapse_std)
+
+
 @dataclass
 class TrustConfig:
     """What runs after training: calibration, out-of-distribution statistics and the HTML report."""
@@ -534,6 +593,7 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -579,7 +639,7 @@ class EmbedConfig:
     for the loader, device and image limits)."""
 
     model: str = opt("tf_efficientnet_lite0", "any timm backbone")
-    weights: str = opt("auto", "auto | packaged | hub | none | FILE.safetensors/.pth")
+    weights: str = opt("auto", "auto | packaged | hub | none | FILE.safetensors/.pth | RUN directory")
     split: str = opt("train", "split of a multi-split .npz / builtin data")
     per_class: int | None = opt(None, "embed at most this many images per class (seeded choice; default all)")
     seed: int = opt(0, "seed of the per-class choice (and of the episodes)")

@@ -140,6 +140,21 @@ def print_train(result: Any) -> None:
     print(f"\nrun: {result.run_dir}  ({result.seconds / 60:.1f} min)")
 
 
+def print_pretrain(res: Any) -> None:
+    """``api.pretrain``'s ``PretrainResult``: one row per epoch, time and memory, how to use the backbone."""
+    rows = [[r["epoch"], f"{r['train_loss']:.4f}", f"{r['emb_spread']:.3f}" if "emb_spread" in r else "-",
+             pct(r.get("knn_top1")), f"{r['img_per_s']:.0f}"] for r in res.history]  # fmt: skip
+    print(format_table(rows, ["epoch", "loss", "spread", "k-NN top-1", "img/s"]))
+    print(f"\n{res.method} {res.arch}: {res.seconds / 60:.1f} min, peak memory {res.peak_rss_mb:.0f} MiB")
+    if res.collapsed:
+        print("WARNING: the representation collapsed (embedding spread below ssl.collapse_std); see metrics.csv")
+    print_skipped(res.skipped)
+    print(
+        f"backbone: {res.run_dir}\n  use it: imgclf train DATA --model {res.arch} --weights {res.run_dir} "
+        "[--strategy probe]"
+    )
+
+
 def print_teachers(result: Any) -> None:
     """Student vs each teacher (distillation): the main metric on validation and test images, parameters."""
     key = "map" if "map" in result.val_metrics else "top1"

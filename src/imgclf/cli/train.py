@@ -89,5 +89,39 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pretrain(sub: argparse._SubParsersAction) -> None:
+    from ..config import SSL_METHODS
+
+    p = config_parser(
+        sub, "pretrain", "self-supervised pretraining of a backbone on unlabelled images (SimCLR, BYOL, DINO, MAE)",
+        "Pretrain any timm backbone without labels (labels in DATA are ignored); the run is a backbone that "
+        "`imgclf train DATA --weights RUN` (probe, finetune) and `imgclf knn build --weights RUN` start from. "
+        "Precedence: defaults < --recipe (default: pretrain) < --config < flags.",
+    )  # fmt: skip
+    p.add_argument("images", nargs="?", help="images: a folder (recursive), CSV, .npz or builtin:NAME")
+    p.add_argument("--method", dest="ssl.method", choices=SSL_METHODS, help="the method (= --ssl.method)")
+    p.add_argument("--knn-data", dest="ssl.knn_data", metavar="DATA",
+                   help="labelled images for the per-epoch k-NN monitor (= --ssl.knn_data)")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue the run named by --name from its last checkpoint")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .. import api
+
+    ns = vars(args)
+    flat = flat_overrides(args)
+    images = ns.get("images") or flat.pop("data.path", None)
+    if ns.get("resume"):
+        if ns.get("config") or ns.get("recipe"):
+            raise ImgclfError("--resume uses the run's saved config.yaml; drop --config/--recipe")
+        cfg = api.resume_config(flat.pop("run.output", "runs"), flat.pop("run.name", None), flat)
+    else:
+        if not images:
+            raise ImgclfError("imgclf pretrain: give the images (a folder, CSV, .npz or builtin:NAME)")
+        cfg = api.pretrain_config(images, recipe=ns.get("recipe"), config_file=ns.get("config"), overrides=flat)
+    output.print_pretrain(api.pretrain(cfg, resume=bool(ns.get("resume"))))
+    return 0
+
+
 VERBS = {"train": (add_train, cmd_train), "lr-find": (add_lr_find, cmd_lr_find),
-         "rebalance": (add_rebalance, cmd_rebalance)}  # fmt: skip
+         "rebalance": (add_rebalance, cmd_rebalance), "pretrain": (add_pretrain, cmd_pretrain)}  # fmt: skip

@@ -74,10 +74,14 @@ class ImageDataset(Dataset):
 
 def collate(batch: list) -> Batch:
     """Stack the decodable items; labels are int64 (B,) class indices, or float32 (B, K) 0/1 targets when the
-    items carry multi-label rows (an all-skipped batch has empty int64 labels)."""
+    items carry multi-label rows (an all-skipped batch has empty int64 labels). Items whose image is a list of
+    views (self-supervised multi-view transforms) give a list of (B, C, H, W) tensors, one per view."""
     good = [b for b in batch if not isinstance(b, Skipped)]
     skipped = [b for b in batch if isinstance(b, Skipped)]
-    images = torch.stack([b[0] for b in good]) if good else None
+    if good and isinstance(good[0][0], list | tuple):
+        images = [torch.stack([b[0][v] for b in good]) for v in range(len(good[0][0]))]
+    else:
+        images = torch.stack([b[0] for b in good]) if good else None
     if good and isinstance(good[0][1], np.ndarray):
         labels = torch.from_numpy(np.stack([b[1] for b in good]).astype(np.float32))
     else:

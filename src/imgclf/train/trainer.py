@@ -256,7 +256,7 @@ def fit(cfg: Config, resume: bool = False) -> Fitted:
     t_start = time.perf_counter()
     run = prepare_run(cfg, resume)
     cfg, dist, run_dir, resume, splits = run.cfg, run.dist, run.run_dir, run.resume, run.splits  # cfg: sizes resolved
-    model, wsrc = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size)
+    model, wsrc = create_model(model_config(cfg), len(splits.class_names), cfg.data.input_size, splits.class_names)
     pre = Preprocess.from_model(model, cfg.data)
     distiller = load_teachers(cfg.distill, model, pre, splits.class_names, run.task.multi_label, cfg.transfer.strategy,
                               len(splits.train))  # fmt: skip
