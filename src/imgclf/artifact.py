@@ -265,7 +265,22 @@ def _load_knn(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
     return load_knn(run_dir / WEIGHTS_FILE, run_dir / META_FILE, art, device)
 
 
-#: artifact kind (``imgclf.json`` ``kind``) -> what it is; a zero-shot classifier joins here
+def _zeroshot_state(model: nn.Module, art: Artifact) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Image tower + class-embedding head + logit scale/bias + Tip-Adapter cache (the text tower is the zero-shot
+    run's own ``text.safetensors``); the class names in the metadata let a load notice mixed writes."""
+    if len(art.class_names) != model.num_classes:
+        raise ImgclfError(f"zeroshot: {len(art.class_names)} class names for a head of {model.num_classes} classes")
+    return model.state_dict(), {"kind": art.kind, "class_names": json.dumps(art.class_names)}
+
+
+def _load_zeroshot(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
+    """A zero-shot open_clip classifier (``imgclf zeroshot``) as ``imgclf.models.zeroshot.ZeroShotClassifier``."""
+    from .models.zeroshot import load_zeroshot
+
+    return load_zeroshot(run_dir / WEIGHTS_FILE, run_dir / META_FILE, art, device)
+
+
+#: artifact kind (``imgclf.json`` ``kind``) -> what it is
 KINDS: dict[str, Kind] = {
     "classifier": Kind(_load_classifier, _classifier_state),
     "knn": Kind(_load_knn, _knn_state, torch_only=True, cannot={
@@ -276,6 +291,11 @@ KINDS: dict[str, Kind] = {
         "calibrate": "a k-NN index has no temperature to fit (its votes are its probabilities)",
         "rebalance": "a k-NN index has no classifier head to rebalance (its votes weigh every support image)",
         "teach": "a k-NN index cannot teach (its votes are not logits); distil from a trained classifier run",
+    }),
+    "zeroshot": Kind(_load_zeroshot, _zeroshot_state, cannot={
+        "report": "a zero-shot run has no training report; evaluate it with `imgclf eval`",
+        "explain": "CAMs need a spatial feature map; a zero-shot model's features are its pooled image embedding",
+        "rebalance": "a zero-shot head is text embeddings, not trained on class counts; nothing to rebalance",
     }),
 }  # fmt: skip
 
