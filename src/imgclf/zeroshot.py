@@ -146,6 +146,7 @@ def build_zeroshot(
         config={"model": {"name": model, "weights": pretrained}},
         weights_source=pretrained,
         kind=KIND,
+        ood=_ood_settings(),
         extra={KIND: _info(clip_info, clf, names, temps, spec)},
     )
     run.path.mkdir(parents=True, exist_ok=True)
@@ -164,10 +165,19 @@ def load_zeroshot_run(run: str | Path, device: str = "cpu") -> tuple[ZeroShotCla
     return model, art
 
 
+def _ood_settings() -> dict[str, Any]:
+    """The OOD section of a new (or changed) zero-shot run: logit scores (energy by default) at the default TPR,
+    no thresholds yet; ``imgclf calibrate`` fits them (and the drift reference) on held-out labelled images."""
+    from .config import TrustConfig
+    from .eval.trust import Trust
+
+    return Trust(tpr=TrustConfig().ood_tpr).to_json()
+
+
 def _drop_statistics(art: Artifact) -> bool:
     """Forget what described the old classes or logits; True when something was dropped."""
-    had = bool(art.calibration or art.ood or art.drift)
-    art.calibration, art.ood, art.drift = {}, None, None
+    had = bool(art.calibration or (art.ood or {}).get("thresholds") or art.drift)
+    art.calibration, art.ood, art.drift = {}, _ood_settings(), None
     art.metrics = {k: v for k, v in art.metrics.items() if not k.startswith("zeroshot_")}
     return had
 
