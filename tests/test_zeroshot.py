@@ -373,3 +373,32 @@ def test_api_builds_the_same_run_as_the_cli(tiny_clip, tmp_path):
     assert model2.num_classes == 3 and torch.equal(model2.class_embeddings[:2], model.class_embeddings)
     with pytest.raises(ImgclfError, match="already holds a run"):
         api.zeroshot("tiny-vit", str(tiny_clip), ["red"], tmp_path / "a")
+
+
+@pytest.mark.unit
+def test_a_siglip_style_logit_bias_is_applied_and_saved(tmp_path):
+    """A model with a learnt logit bias (SigLIP's, Zhai et al. 2023): logits = scale * cos + bias, kept by a save and
+    load; a local file of a SigLIP architecture gets its published tag's preprocessing, not open_clip's defaults."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from imgclf.artifact import load_artifact
+    from imgclf.models.zeroshot import file_preprocess
+    from imgclf.zeroshot import build_zeroshot
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "tiny-sig.json").write_text(json.dumps(dict(TINY_CLIP_CFG, init_logit_bias=-3.5)))
+    open_clip.add_model_config(tmp_path / "cfg")
+    torch.manual_seed(1)
+    clip = open_clip.create_model("tiny-sig").eval()
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "sig.safetensors"))
+    model, art = build_zeroshot("tiny-sig", str(tmp_path / "sig.safetensors"), ["a", "b"], tmp_path / "run")
+    loaded, art2 = load_artifact(tmp_path / "run")
+    assert art2.extra["zeroshot"]["logit_bias"] is True and float(loaded.logit_bias) == -3.5 and loaded.has_bias
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        f = F.normalize(clip.encode_image(x), dim=-1)
+        ref = clip.logit_scale.exp() * f @ loaded.class_embeddings.T + clip.logit_bias
+        assert torch.allclose(loaded(x), ref, atol=1e-5) and torch.equal(loaded(x), model(x))
+    pp, source = file_preprocess("ViT-B-16-SigLIP")
+    assert pp["mean"] == [0.5, 0.5, 0.5] and pp["resize_mode"] == "squash" and "webli" in source

@@ -13,9 +13,10 @@ contract so every stage (eval, calibration, OOD, export, serving) takes it uncha
 to it (``TEXT_FILE``) so classes can be added or renamed later offline, with no training.
 
 Tip-Adapter (Zhang et al. 2022, "Tip-Adapter: Training-free Adaption of CLIP for Few-shot Classification", ECCV;
-official code github.com/gaopengcode/Tip-Adapter) adds a cache of labelled support embeddings:
-``logits = zs_logits + alpha * exp(-beta * (1 - f K^T)) V`` with the CLIP logits at CLIP's own scale (the official
-code multiplies the cosines by 100 and leaves the cache term unscaled, as here).
+official code github.com/gaopengcuhk/Tip-Adapter) adds a cache of labelled support embeddings:
+``logits = zs_logits + alpha * exp(-beta * (1 - f K^T)) V`` with the zero-shot logits at the model's own scale and
+the cache term unscaled: the official code's ``clip_logits = 100. * features @ clip_weights`` (100 = trained CLIP's
+``logit_scale.exp()``, which open_clip clamps there) plus ``alpha * exp(-(beta - beta * affinity)) @ cache_values``.
 """
 
 from __future__ import annotations
@@ -329,7 +330,7 @@ def file_preprocess(model: str) -> tuple[dict[str, Any], str]:
     tags = oc.list_pretrained_tags_by_model(model)
     found = {json.dumps(merge_preprocess_dict(base, oc.get_pretrained_cfg(model, t)), sort_keys=True) for t in tags}
     if len(found) == 1:
-        return json.loads(found.pop()), f"shared by the published tags {', '.join(tags)}"
+        return json.loads(found.pop()), f"shared by its {len(tags)} published open_clip tag(s) ({tags[0]}, ...)"
     if tags:
         log.warning("%s: its published tags (%s) differ in preprocessing; a local file gets open_clip's defaults "
                     "(mean/std of OpenAI CLIP, bicubic, resize shortest side)", model, ", ".join(tags))  # fmt: skip
