@@ -402,3 +402,22 @@ def test_a_siglip_style_logit_bias_is_applied_and_saved(tmp_path):
         assert torch.allclose(loaded(x), ref, atol=1e-5) and torch.equal(loaded(x), model(x))
     pp, source = file_preprocess("ViT-B-16-SigLIP")
     assert pp["mean"] == [0.5, 0.5, 0.5] and pp["resize_mode"] == "squash" and "webli" in source
+
+
+@pytest.mark.unit
+def test_a_local_dir_model_brings_its_own_weights_and_preprocessing(tiny_clip, tmp_path):
+    """open_clip's ``local-dir:`` schema (the offline twin of ``hf-hub:``): config, preprocessing and weights from
+    one folder, no ``--pretrained`` needed."""
+    d = tmp_path / "tiny-repo"
+    d.mkdir()
+    pp = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "resize_mode": "squash", "interpolation": "bilinear"}
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": pp}))
+    shutil.copy(tiny_clip, d / "open_clip_model.safetensors")
+    r = run_cli("zeroshot", "--model", f"local-dir:{d}", "--classes", "a,b", "--out", tmp_path / "run", *FAST)
+    assert r.code == 0, r
+    doc = json.loads((tmp_path / "run" / "imgclf.json").read_text())
+    assert doc["preprocessing"]["mean"] == [0.5] * 3 and doc["preprocessing"]["std"] == [0.25] * 3
+    assert doc["preprocessing"]["crop_mode"] == "squash" and doc["preprocessing"]["interpolation"] == "bilinear"
+    ref = load_file(str(tiny_clip))
+    got = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert torch.equal(got["visual.conv1.weight"], ref["visual.conv1.weight"])  # the folder's weights, not random

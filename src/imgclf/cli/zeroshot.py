@@ -34,8 +34,8 @@ def _float(text: str) -> float:
 
 
 def add_zeroshot(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("zeroshot", help="a classifier from class names with CLIP/SigLIP (open_clip), no training",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+    what = "a classifier from class names through open_clip (CLIP, SigLIP, ...), no training"
+    p = sub.add_parser("zeroshot", help=what, description=what[0].upper() + what[1:] + ".")
     p.add_argument("run", nargs="?", help="an existing zero-shot run to change (omit to build a new one)")
     b = p.add_argument_group("build")
     b.add_argument("--model", help="open_clip model name (ViT-B-32, ViT-B-16-SigLIP, hf-hub:ORG/REPO, ...)")
@@ -73,12 +73,14 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     else:
         if any(getattr(args, k) for k in _EDITS):
             raise ImgclfError("--add-class, --rename and --remove-class change an existing run: imgclf zeroshot RUN")
-        if not args.model or not args.pretrained:
+        schema = (args.model or "").startswith(("hf-hub:", "local-dir:"))  # weights come with the model
+        if not args.model or not (args.pretrained or schema):
             raise ImgclfError("imgclf zeroshot needs --model and --pretrained (or an existing RUN to change)")
         names = zs.class_names_from(_split(args.classes), args.classes_file, args.data)
         run = Path(args.out or f"runs/zeroshot-{args.model.replace('/', '-').replace(':', '-')}")
-        _, art = zs.build_zeroshot(args.model, args.pretrained, names, run, templates=args.templates or "imagenet",
-                                   device=_device(infer), overwrite=args.overwrite)  # fmt: skip
+        _, art = zs.build_zeroshot(args.model, args.pretrained or "", names, run,
+                                   templates=args.templates or "imagenet", device=_device(infer),
+                                   overwrite=args.overwrite)  # fmt: skip
         if args.support:
             _, art = zs.add_support(run, args.support, **_tip(args), infer=infer)
     scored = args.eval_data or (args.data if not args.run else None)

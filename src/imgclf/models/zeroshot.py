@@ -337,9 +337,14 @@ def file_preprocess(model: str) -> tuple[dict[str, Any], str]:
     return base, "open_clip defaults"
 
 
-def create_clip(model: str, pretrained: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def create_clip(
+    model: str, pretrained: str | None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """An open_clip model with weights from a hub tag or a local checkpoint file (``open_clip.create_model``, the
     library's own loading), and what the artifact records of it.
+
+    ``model`` may also be ``hf-hub:ORG/REPO`` or ``local-dir:PATH`` (open_clip's schemas; their weights come with
+    the config and ``pretrained`` is only recorded).
 
     Returns:
         ``(model in eval mode, info)``; ``info`` holds ``model``, ``model_cfg`` (the config dict the image tower
@@ -351,13 +356,15 @@ def create_clip(model: str, pretrained: str, device: str | torch.device = "cpu")
     """
     oc = open_clip_module()
     cfg = model_config(model)
-    local = os.path.isfile(pretrained)
-    if not local and not oc.get_pretrained_cfg(model, pretrained):
+    schema = model.startswith(("hf-hub:", "local-dir:"))  # weights come with the repo / folder: no tag
+    pretrained = pretrained or ""
+    local = not schema and os.path.isfile(pretrained)
+    if not schema and not local and not oc.get_pretrained_cfg(model, pretrained):
         tags = oc.list_pretrained_tags_by_model(model)
         raise ImgclfError(f"--pretrained {pretrained!r}: neither a file nor a tag of open_clip model {model!r} "
                           f"(tags: {', '.join(tags) or 'none'})")  # fmt: skip
     try:
-        clip = oc.create_model(model, pretrained=pretrained, device=device)
+        clip = oc.create_model(model, pretrained=None if schema else pretrained, device=device)
     except Exception as e:  # noqa: BLE001 - size mismatch, missing keys, network: all said in one line
         if local:
             raise ImgclfError(f"{pretrained}: checkpoint does not match open_clip model {model!r} ({first_line(e)}); "
