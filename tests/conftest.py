@@ -142,3 +142,32 @@ def pytest_collection_modifyitems(config, items):
         src = inspect.getsource(fn) if fn is not None else ""
         heavy = set(getattr(item, "fixturenames", ())) & _CLI_FIXTURES or any(s in src for s in _CLI_SIGNS)
         item.add_marker(pytest.mark.cli if heavy else pytest.mark.unit)
+
+
+#: a tiny open_clip ViT (random weights) registered as ``tiny-vit`` by the ``tiny_clip`` fixture
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A local open_clip checkpoint (safetensors) of the config ``tiny-vit`` (registered with
+    ``open_clip.add_model_config``), loadable as ``--model tiny-vit --pretrained FILE``; seeded, offline."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("open_clip")
+    (d / "configs").mkdir()
+    (d / "configs" / "tiny-vit.json").write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(d / "configs")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-vit")
+    path = d / "tiny-vit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

@@ -285,3 +285,33 @@ def convert(data: str | Path, output: str | Path, cfg: ConvertConfig | None = No
 def load(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Artifact]:
     """The trained model (eval mode) and its artifact metadata."""
     return load_artifact(run_dir, device)
+
+
+def zeroshot(
+    model: str, pretrained: str, classes: list[str], out: str | Path, **kwargs: Any
+) -> tuple[nn.Module, Artifact]:
+    """Build and save a zero-shot open_clip classifier from class names (no images, no training); see
+    ``imgclf.zeroshot.build_zeroshot`` (``templates``, ``device``, ``overwrite``).
+
+    Example:
+        >>> model, art = zeroshot("ViT-B-32", "laion2b_s34b_b79k", ["cat", "dog"], "runs/zs")  # doctest: +SKIP
+    """
+    from .zeroshot import build_zeroshot
+
+    return build_zeroshot(model, pretrained, classes, out, **kwargs)
+
+
+def zeroshot_edit(run_dir: str | Path, **kwargs: Any) -> tuple[nn.Module, Artifact]:
+    """Add, rename or remove classes of a zero-shot run offline (``add``, ``rename``, ``remove``); see
+    ``imgclf.zeroshot.edit_classes``."""
+    from .zeroshot import edit_classes
+
+    return edit_classes(run_dir, **kwargs)
+
+
+def zeroshot_support(run_dir: str | Path, support: str | Path, **kwargs: Any) -> tuple[nn.Module, Artifact]:
+    """Add a training-free Tip-Adapter cache of labelled support images to a zero-shot run (``alpha``, ``beta``,
+    ``shots``); see ``imgclf.zeroshot.add_support``."""
+    from .zeroshot import add_support
+
+    return add_support(run_dir, support, **kwargs)

@@ -275,6 +275,22 @@ _BACKBONE_WHY = (
 )
 _BACKBONE_STAGES = ("export", "serve", "report", "explain", "calibrate", "rebalance", "teach")
 
+
+def _zeroshot_state(model: nn.Module, art: Artifact) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Image tower + class-embedding head + logit scale/bias + Tip-Adapter cache (the text tower is the zero-shot
+    run's own ``text.safetensors``); the class names in the metadata let a load notice mixed writes."""
+    if len(art.class_names) != model.num_classes:
+        raise ImgclfError(f"zeroshot: {len(art.class_names)} class names for a head of {model.num_classes} classes")
+    return model.state_dict(), {"kind": art.kind, "class_names": json.dumps(art.class_names)}
+
+
+def _load_zeroshot(art: Artifact, run_dir: Path, device: Any) -> nn.Module:
+    """A zero-shot open_clip classifier (``imgclf zeroshot``) as ``imgclf.models.zeroshot.ZeroShotClassifier``."""
+    from .models.zeroshot import load_zeroshot
+
+    return load_zeroshot(run_dir / WEIGHTS_FILE, run_dir / META_FILE, art, device)
+
+
 #: artifact kind (``imgclf.json`` ``kind``) -> what it is
 KINDS: dict[str, Kind] = {
     "classifier": Kind(_load_classifier, _classifier_state),
@@ -290,6 +306,12 @@ KINDS: dict[str, Kind] = {
     # ``imgclf pretrain``: a headless timm backbone (``num_classes=0``) for ``--weights RUN``; nothing predicts with it
     "backbone": Kind(_refuse_backbone, _classifier_state, torch_only=True,
                      cannot=dict.fromkeys(_BACKBONE_STAGES, _BACKBONE_WHY)),
+    # ``imgclf zeroshot``: an open_clip image tower + a head of class text embeddings
+    "zeroshot": Kind(_load_zeroshot, _zeroshot_state, cannot={
+        "report": "a zero-shot run has no training report; evaluate it with `imgclf eval`",
+        "explain": "CAMs need a spatial feature map; a zero-shot model's features are its pooled image embedding",
+        "rebalance": "a zero-shot head is text embeddings, not trained on class counts; nothing to rebalance",
+    }),
 }  # fmt: skip
 
 

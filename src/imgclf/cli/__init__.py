@@ -4,8 +4,8 @@
   (``--section.field VALUE`` for training, ``--field-name`` for the others), a few common ones have short names.
 - ``output``: everything printed (tables, summaries, prediction listings); the library returns dicts.
 - one module per group of verbs: ``train`` (train, lr-find), ``evaluate`` (eval, predict, calibrate, explain,
-  report), ``deploy`` (export, bench, serve), ``knn``, ``audit``, ``convert``, ``models``; each has a ``VERBS`` table
-  ``{name: (add_parser, command)}``.
+  report), ``deploy`` (export, bench, serve), ``knn``, ``audit``, ``convert``, ``models``, ``zeroshot``; each has a
+  ``VERBS`` table ``{name: (add_parser, command)}``.
 
 Errors a user can fix print one line and exit with code 2.
 """
@@ -22,12 +22,12 @@ import typing
 from ..config import section_fields
 from ..dist import world_size_env
 from ..errors import ImgclfError
-from . import audit, convert, deploy, evaluate, knn, models, output, train
+from . import audit, convert, deploy, evaluate, knn, models, output, train, zeroshot
 from .flags import Parser, config_flags, config_from_args, positive_int
 
 #: every verb, in the order ``imgclf --help`` lists them
 VERBS = {**train.VERBS, **evaluate.VERBS, **deploy.VERBS, **knn.VERBS, **audit.VERBS, **convert.VERBS,
-         **models.VERBS}  # fmt: skip
+         **models.VERBS, **zeroshot.VERBS}  # fmt: skip
 
 __all__ = ["VERBS", "build_parser", "config_flags", "config_from_args", "main", "positive_int"]
 

@@ -362,6 +362,26 @@ def print_index(run: Path, n: int, art: Any, built: bool) -> None:
     print(f"use it like a trained run: imgclf predict {run} IMAGES")
 
 
+def print_zeroshot(run: Path, art: Any) -> None:
+    """A built or changed zero-shot run: classes, prompts per class, embedding size, cache, zero-shot top-1."""
+    info, m = art.extra.get("zeroshot", {}), art.metrics
+    names = art.class_names
+    shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+    print(f"zero-shot run {run}: open_clip {info.get('model')} ({info.get('pretrained')})")
+    print(f"  classes ({len(names)}): {shown}")
+    print(f"  prompts per class: {len(info.get('templates', []))}; embedding dim {info.get('embedding_dim')}; "
+          f"input {'x'.join(map(str, art.preprocessing.size))}")  # fmt: skip
+    tip = info.get("tip")
+    if tip:
+        n = sum(tip["n_support"].values())
+        print(f"  Tip-Adapter cache: {n} support images (alpha {tip['alpha']:g}, beta {tip['beta']:g})")
+    if m.get("zeroshot_top1") is not None:
+        print(
+            f"  zero-shot top-1 on {m.get('zeroshot_data')}: {pct(m['zeroshot_top1'])} ({m.get('zeroshot_n')} images)"
+        )
+    print(f"use it like a trained run: imgclf predict {run} IMAGES")
+
+
 def print_episodes(rep: dict[str, Any], shots: list[int], episodes: int, queries: int) -> None:
     """``eval.fewshot.few_shot_report``: mean ± 95 % CI per mode and K."""
     rows = [[mode, *[f"{100 * r[str(s)]['mean']:.2f} ± {100 * r[str(s)]['ci95']:.2f}" for s in shots]]
