@@ -421,3 +421,65 @@ def test_a_local_dir_model_brings_its_own_weights_and_preprocessing(tiny_clip, t
     ref = load_file(str(tiny_clip))
     got = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert torch.equal(got["visual.conv1.weight"], ref["visual.conv1.weight"])  # the folder's weights, not random
+
+
+# ------------------------------------------------------------------- fine-tuning from the zero-shot head, WiSE-FT
+
+_FT = ("--epochs", "2", "--batch-size", "6", "--lr", "0.003", "--data.num_workers", "0", "--no-progress",
+       "--train.ema", "false", "--sched.warmup_epochs", "0", "--trust.report", "false")  # fmt: skip
+
+
+@pytest.mark.unit
+def test_the_zero_shot_head_initialises_the_model_in_the_datas_class_order(zs_run):
+    from imgclf.artifact import load_artifact
+    from imgclf.config import ModelConfig
+    from imgclf.models.factory import create_model
+
+    zs, art = load_artifact(zs_run)
+    order = list(reversed(art.class_names))  # the data lists the classes in another order
+    model, source = create_model(ModelConfig(weights=str(zs_run)), len(order), None, order)
+    assert source == f"run:{zs_run}" and model.artifact_kind == "zeroshot"
+    assert torch.equal(model.get_classifier().weight, zs.get_classifier().weight.flip(0))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), zs(x).flip(1), atol=1e-6)
+    with pytest.raises(ImgclfError, match="no text embedding for class.*--add-class"):
+        create_model(ModelConfig(weights=str(zs_run)), 4, None, [*order, "zebra"])
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_zero_shot_run_then_wise_ft(zs_run, folder, tmp_path):
+    from imgclf.artifact import load_artifact, read_artifact
+
+    r = run_cli("train", "--data", folder, "--weights", zs_run, "--output", tmp_path, "--name", "ft", *_FT)
+    assert r.code == 0, r
+    ft_dir = tmp_path / "ft"
+    ft, art = load_artifact(ft_dir)
+    assert art.kind == "zeroshot" and art.arch == "open_clip:tiny-vit" and (ft_dir / "text.safetensors").is_file()
+    assert art.extra["zeroshot"]["fine_tuned_from"] == str(zs_run)
+    zs, zs_art = load_artifact(zs_run)
+    assert art.class_names == zs_art.class_names  # the folder's order, the same names
+    assert not torch.equal(ft.get_classifier().weight, zs.get_classifier().weight)  # trained
+    top1 = art.metrics["val"]["top1"]
+    assert top1 >= 0.5, art.metrics["val"]  # 3 separable colours; the random tiny CLIP's zero-shot is chance
+
+    # class edits still work on the fine-tuned run (its text tower came along)
+    assert run_cli("zeroshot", str(ft_dir), "--add-class", "purple", *FAST).code == 0
+    assert read_artifact(ft_dir).class_names[-1] == "purple"
+    assert run_cli("zeroshot", str(ft_dir), "--remove-class", "purple", *FAST).code == 0
+
+    ft, _ = load_artifact(ft_dir)
+    zs_state, ft_state = zs.state_dict(), ft.state_dict()
+    for alpha in (0.0, 1.0, 0.5):
+        out = tmp_path / f"wise{alpha:g}"
+        r = run_cli("wise-ft", str(ft_dir), "--alpha", str(alpha), "--out", out, "--eval", folder, *FAST)
+        assert r.code == 0, r
+        wise, wart = load_artifact(out)
+        assert wart.kind == "zeroshot" and wart.metrics["wise_ft"]["alpha"] == alpha and not wart.calibration
+        for k, v in wise.state_dict().items():
+            if v.is_floating_point() and v.numel():
+                want = torch.lerp(zs_state[k], ft_state[k], alpha)
+                assert torch.allclose(v, want, atol=1e-6, rtol=0), (alpha, k)
+    assert "top1" in r.out or "%" in r.out
+    bad = run_cli("wise-ft", str(ft_dir), "--alpha", "1.5", "--out", tmp_path / "w", *FAST)
+    assert bad.code == 2 and "alpha must be in [0, 1]" in bad.err and len(bad.err.strip().splitlines()) == 1

@@ -315,3 +315,11 @@ def zeroshot_support(run_dir: str | Path, support: str | Path, **kwargs: Any) ->
     from .zeroshot import add_support
 
     return add_support(run_dir, support, **kwargs)
+
+
+def wise_ft(fine_tuned: str | Path, alpha: float = 0.5, **kwargs: Any) -> tuple[nn.Module, Artifact]:
+    """WiSE-FT: interpolate a run fine-tuned from a zero-shot run with that zero-shot run, in weight space, saved
+    as a new run (``zeroshot``, ``out``, ``device``); see ``imgclf.zeroshot.wise_ft``."""
+    from .zeroshot import wise_ft as run_wise_ft
+
+    return run_wise_ft(fine_tuned, alpha, **kwargs)

@@ -83,3 +83,20 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def copy_into(src: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
+    """Copy the file or folder ``src`` into ``dest_dir`` under its own name, atomically (a folder is copied to a
+    temporary sibling and renamed into place, replacing one there). Returns the new path."""
+    import shutil
+
+    src, dest = Path(src), Path(dest_dir) / Path(src).name
+    if src.is_dir():
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    else:
+        atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
+    return dest

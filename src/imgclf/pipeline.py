@@ -19,6 +19,7 @@ from .eval.drift import reference_stats
 from .eval.predictions import save_predictions
 from .eval.priors import logit_prior
 from .eval.trust import alternative_k, calibration_report, fit_trust, task_metrics
+from .io import copy_into
 from .models.factory import architecture_of, size_kwargs
 from .models.heads import FEATURE_STATS_MAX_DIM, head_spec
 from .models.inference import Features, Outputs, embedding_dim, infer
@@ -113,6 +114,8 @@ def finish(f: Fitted, train_feats: Features | None = None, data: dict[str, Any] 
     )
     if f.teachers:
         art.extra["distill"] = {**config_to_dict(cfg)["distill"], "teachers": f.teachers}  # identities, not paths
+    if getattr(f.model, "artifact_kind", None):  # a model of another kind (fine-tuned from a zero-shot run)
+        art.kind, art.extra[f.model.artifact_kind] = f.model.artifact_kind, f.model.artifact_section
     if f.dist.is_main:
         with rank_zero_only():
             _write_run(f, art, trust, val_o, cal)
@@ -123,6 +126,8 @@ def finish(f: Fitted, train_feats: Features | None = None, data: dict[str, Any] 
 
 def _write_run(f: Fitted, art: Artifact, trust, val_o: Outputs, cal: dict[str, Any]) -> None:
     """Rank 0: the artifact, OOD statistics, validation predictions and report of a finished run."""
+    for src in getattr(f.model, "artifact_files", []):  # files of the kind the weights came with (a text tower)
+        copy_into(src, f.run_dir)
     save_artifact(f.run_dir, f.model, art)
     trust.save_stats(f.run_dir)
     save_predictions(f.run_dir / VAL_PREDICTIONS, val_o, f.splits.val)

@@ -35,7 +35,7 @@ from .config import EmbedConfig, InferConfig
 from .data.preprocess import Preprocess
 from .data.sources import open_source
 from .errors import ImgclfError
-from .io import save_safetensors
+from .io import copy_into, save_safetensors
 from .models.embedding import embed_samples, open_labelled
 from .models.zeroshot import (
     DEFAULT_TIP_ALPHA,
@@ -61,7 +61,8 @@ from .models.zeroshot import (
 from .rundir import RunDir
 
 __all__ = ["DEFAULT_TIP_ALPHA", "DEFAULT_TIP_BETA", "KIND", "TEMPLATE_SETS", "ZeroShotClassifier", "add_support",
-           "build_zeroshot", "class_names_from", "edit_classes", "load_zeroshot_run"]  # fmt: skip
+           "build_zeroshot", "class_names_from", "edit_classes", "interpolate_weights", "load_zeroshot_run",
+           "wise_ft"]  # fmt: skip
 
 log = logging.getLogger("imgclf")
 _DROPPED = "calibration, OOD and drift statistics of the run are dropped (they describe the old classes); refit them "
@@ -310,3 +311,83 @@ def set_tip_params(run: str | Path, alpha: float, beta: float) -> tuple[ZeroShot
         log.warning("%s: logits changed: %s", run, _DROPPED + "with `imgclf calibrate`")
     save_artifact(art.run_dir, clf, art, overwrite=True)
     return clf, art
+
+
+# --------------------------------------------------------------------------- WiSE-FT
+
+
+def interpolate_weights(zeroshot: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor],
+                        alpha: float) -> dict[str, torch.Tensor]:  # fmt: skip
+    """WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): ``(1 - alpha) * zeroshot + alpha
+    * fine_tuned`` for every floating-point tensor (integer ones, e.g. BatchNorm counters, from ``fine_tuned``).
+
+    Args:
+        zeroshot, fine_tuned: state dicts with the same keys and shapes.
+        alpha: 0 gives the zero-shot weights, 1 the fine-tuned ones.
+
+    Raises:
+        ImgclfError: keys or shapes that differ, or alpha outside [0, 1].
+
+    Example:
+        >>> interpolate_weights({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)["w"]
+        tensor([0.2500, 0.2500])
+    """
+    if not 0 <= alpha <= 1:
+        raise ImgclfError(f"wise-ft: alpha must be in [0, 1] (got {alpha})")
+    if zeroshot.keys() != fine_tuned.keys():
+        diff = sorted(zeroshot.keys() ^ fine_tuned.keys())
+        raise ImgclfError(f"wise-ft: the two models have different tensors (e.g. {', '.join(diff[:3])})")
+    out = {}
+    for k, ft in fine_tuned.items():
+        zs = zeroshot[k]
+        if zs.shape != ft.shape:
+            raise ImgclfError(f"wise-ft: {k} is {tuple(zs.shape)} in the zero-shot model, {tuple(ft.shape)} fine-tuned")
+        out[k] = torch.lerp(zs.to(ft.dtype), ft, alpha) if ft.is_floating_point() else ft.clone()
+    return out
+
+
+def wise_ft(
+    fine_tuned: str | Path,
+    alpha: float = 0.5,
+    *,
+    zeroshot: str | Path | None = None,
+    out: str | Path | None = None,
+    device: str = "cpu",
+) -> tuple[ZeroShotClassifier, Artifact]:
+    """Save the WiSE-FT interpolation of a run fine-tuned from a zero-shot run (``imgclf train DATA --weights
+    ZS_RUN``) with that zero-shot run, as a new zero-shot-kind run (``out``, default ``<fine_tuned>-wise<alpha>``).
+
+    ``zeroshot`` defaults to the run the fine-tuning started from (recorded in the run). The zero-shot head's rows
+    are taken in the fine-tuned run's class order. Calibration, OOD thresholds and drift statistics are dropped
+    (they described the fine-tuned logits; refit with ``imgclf calibrate``); the text tower comes along.
+
+    Raises:
+        ImgclfError: either run not a zero-shot kind, a fine-tuned class the zero-shot run lacks, models of
+        different architectures, alpha outside [0, 1], or ``out`` holding a run.
+    """
+    ft, art = load_zeroshot_run(fine_tuned, device)
+    info = zeroshot_info(art, Path(str(fine_tuned)))
+    zs_run = zeroshot or info.get("fine_tuned_from")
+    if not zs_run:
+        raise ImgclfError(f"{fine_tuned}: not fine-tuned from a zero-shot run; pass --zeroshot RUN")
+    zs, zs_art = load_zeroshot_run(zs_run, device)
+    missing = [c for c in art.class_names if c not in zs_art.class_names]
+    if missing:
+        raise ImgclfError(f"{zs_run}: has no class {missing[0]!r} of {fine_tuned}; add it with --add-class first")
+    zs.set_tip(torch.zeros(0, zs.num_features), torch.zeros(0, zs.num_classes))
+    zs.set_classes(zs.class_embeddings[[zs_art.class_names.index(c) for c in art.class_names]])
+    ft.load_state_dict(interpolate_weights(zs.state_dict(), ft.state_dict(), alpha))
+    dest = RunDir(out or f"{str(fine_tuned).rstrip('/')}-wise{alpha:g}")
+    if dest.meta.exists():
+        raise ImgclfError(f"{dest.path}: already holds a run; choose another --out")
+    _drop_statistics(art)
+    art.metrics = {"wise_ft": {"alpha": alpha, "zeroshot": str(zs_run), "fine_tuned": str(fine_tuned)}}
+    art.weights_source = f"wise-ft:{alpha:g}"
+    art.extra[KIND] = {**info, "wise_ft": art.metrics["wise_ft"]}
+    dest.path.mkdir(parents=True, exist_ok=True)
+    for src in (art.run_dir / TEXT_FILE, art.run_dir / TOKENIZER_DIR):
+        if src.exists():
+            copy_into(src, dest.path)
+    art.created, art.versions = "", {}
+    save_artifact(dest.path, ft, art)
+    return ft.eval(), art

@@ -148,7 +148,7 @@ def config_parser(sub: argparse._SubParsersAction, name: str, help_: str, descri
     p = sub.add_parser(name, help=help_, description=description, argument_default=argparse.SUPPRESS)
     p.add_argument(
         "--config",
-        help="YAML file with sections data, aug, model, transfer, probe, optim, sched, train, distill, trust, run",
+        help="YAML file with sections data, aug, model, transfer, probe, optim, sched, train, distill, ssl, trust, run",
     )
     p.add_argument("--recipe", help=f"a recipe shipped with imgclf: {', '.join(recipes())}")
     p.add_argument(

@@ -142,4 +142,29 @@ def _device(infer: InferConfig) -> str:
     return str(resolve_device(infer.device))
 
 
-VERBS = {"zeroshot": (add_zeroshot, cmd_zeroshot)}
+def add_wise_ft(sub: argparse._SubParsersAction) -> None:
+    what = "WiSE-FT: interpolate a run fine-tuned from a zero-shot run with the zero-shot model, in weight space"
+    p = sub.add_parser("wise-ft", help=what, description=what + " (Wortsman et al. 2022). The new run predicts, "
+                       "evaluates, calibrates, exports and serves like the others.")  # fmt: skip
+    p.add_argument("run", help="a run trained with `imgclf train DATA --weights ZEROSHOT_RUN`")
+    p.add_argument("--alpha", type=_float, default=0.5, help="0: the zero-shot weights, 1: the fine-tuned (0.5)")
+    p.add_argument("--zeroshot", help="the zero-shot run (default: the one the fine-tuning started from)")
+    p.add_argument("--out", help="run directory to write (default RUN-wiseALPHA)")
+    p.add_argument("--eval", dest="eval_data", help="labelled data to report top-1 on")
+    config_flags(p, InferConfig, exclude=("tta", "tta_merge"))
+
+
+def cmd_wise_ft(args: argparse.Namespace) -> int:
+    from .. import api
+
+    infer = config_from_args(InferConfig, args)
+    _, art = api.wise_ft(args.run, args.alpha, zeroshot=args.zeroshot, out=args.out, device=_device(infer))
+    print(f"WiSE-FT alpha {args.alpha:g}: {art.run_dir} ({len(art.class_names)} classes; calibration and OOD "
+          "thresholds dropped: refit with `imgclf calibrate`)")  # fmt: skip
+    if args.eval_data:
+        m = api.evaluate(art.run_dir, args.eval_data, **infer.kwargs())
+        output.print_eval(m, str(art.run_dir), art.class_names, None)
+    return 0
+
+
+VERBS = {"zeroshot": (add_zeroshot, cmd_zeroshot), "wise-ft": (add_wise_ft, cmd_wise_ft)}

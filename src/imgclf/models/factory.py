@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..errors import ImgclfError, first_line
+from ..rundir import META_FILE
 from . import smallcnn  # noqa: F401 - registers the simplecnn_* architectures with timm
 from .heads import head_spec, set_head
 from .weights import PACKAGED, PACKAGED_PIP, load_into, packaged_weights_file, read_state_dict, run_meta, run_state
@@ -142,6 +143,12 @@ def _create(
     cfg: ModelConfig, num_classes: int, sized: dict[str, Any], class_names: list[str] | None = None
 ) -> tuple[nn.Module, str, bool]:
     """(model, source description, whether the head is new); ``sized``: ``size_kwargs``."""
+    run = zeroshot_run(cfg.weights)
+    if run is not None:  # the open_clip model of a zero-shot run: its own architecture, head and input size
+        from .zeroshot import zeroshot_for_training
+
+        model = zeroshot_for_training(run, run_meta(run), class_names or [])
+        return model, f"run:{run}", False
     check_model_name(cfg.name)
     source = resolve_weights(cfg)
     kw, spec = {**_model_kwargs(cfg), **sized}, head_spec(cfg)
@@ -176,6 +183,14 @@ def _create(
         raise ImgclfError(f"model.weights: '{source}' is not auto, packaged, hub, none or an existing weights file")
     head = load_into(model, _resized(model, read_state_dict(path), sized), str(path))
     return model, f"file:{path}", not head
+
+
+def zeroshot_run(weights: str) -> Path | None:
+    """``weights`` as a path when it names a zero-shot run directory (``imgclf zeroshot``), else None."""
+    path = Path(weights).expanduser()
+    if weights in ("auto", "packaged", "hub", "none") or not path.is_dir() or not (path / META_FILE).is_file():
+        return None
+    return path if run_meta(path).get("kind") == "zeroshot" else None
 
 
 def _from_run(

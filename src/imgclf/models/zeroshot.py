@@ -515,3 +515,43 @@ def load_zeroshot(wpath: Path, mpath: Path, art: Any, device: str | torch.device
     if clf.num_classes != len(art.class_names):
         raise ImgclfError(f"{wpath}: {clf.num_classes} class rows for {len(art.class_names)} class names")
     return clf.to(device).eval()
+
+
+# --------------------------------------------------------------------------- fine-tuning from a zero-shot run
+
+
+def zeroshot_for_training(run: Path, meta: dict[str, Any], class_names: Sequence[str]) -> ZeroShotClassifier:
+    """The zero-shot model of run directory ``run`` (its ``imgclf.json`` ``meta``) as the start of fine-tuning on
+    data with ``class_names``: the image tower and the text-embedding head, its rows in the data's class order
+    (classes of the run the data lacks are left out). The Tip-Adapter cache is dropped: fine-tuning moves the
+    image embeddings it was keyed by. The model carries what the trained run needs to be a zero-shot run again
+    (``artifact_kind``, ``artifact_section``, ``artifact_files``: its text tower and tokenizer, for class edits).
+
+    The zero-shot head as the initialisation of fine-tuning is the FLYP/WiSE-FT practice (Wortsman et al. 2022,
+    "Robust fine-tuning of zero-shot models": a zero-shot head beats a random one, and weight-space interpolation
+    with the zero-shot model (``imgclf wise-ft``) keeps its robustness).
+
+    Raises:
+        ImgclfError: data classes the run has no text embedding for (add them first: ``imgclf zeroshot RUN
+        --add-class NAME``), or an unreadable run.
+    """
+    from types import SimpleNamespace
+
+    names = [unicodedata.normalize("NFC", c) for c in meta.get("class_names") or []]
+    wanted = [unicodedata.normalize("NFC", c) for c in class_names]
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ImgclfError(f"weights {run}: the zero-shot run has no text embedding for class(es) {shown}; add them "
+                          f"by text first: imgclf zeroshot {run} --add-class NAME")  # fmt: skip
+    art = SimpleNamespace(extra=meta, class_names=names)
+    clf = load_zeroshot(Path(run) / "model.safetensors", Path(run) / "imgclf.json", art)
+    if clf.tip_keys.shape[0]:
+        log.info("weights %s: its Tip-Adapter cache (%d images) is dropped for fine-tuning", run, clf.tip_keys.shape[0])
+    clf.set_tip(torch.zeros(0, clf.num_features), torch.zeros(0, clf.num_classes))
+    clf.set_classes(clf.class_embeddings[[names.index(c) for c in wanted]])
+    section = {k: v for k, v in meta[KIND].items() if k not in ("tip", "zeroshot_top1")}
+    section["prompts"] = {c: p for c, p in (section.get("prompts") or {}).items() if c in wanted}
+    clf.artifact_kind, clf.artifact_section = KIND, {**section, "tip": None, "fine_tuned_from": str(run)}
+    clf.artifact_files = [p for p in (Path(run) / TEXT_FILE, Path(run) / TOKENIZER_DIR) if p.exists()]
+    return clf.train()
