@@ -177,3 +177,31 @@ def test_unrecognised_efficientnet_keys_are_a_clear_error():
     state = {"_conv_stem.weight": torch.zeros(32, 3, 3, 3), "_blocks.0._se_reduce.weight": torch.zeros(8, 32, 1, 1)}
     with pytest.raises(ImgclfError, match="do not fit"):
         load_into(timm.create_model("tf_efficientnet_lite0"), state, "x.pth")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name, mean, size", [
+    ("vit_small_patch14_dinov2.lvd142m", "imagenet", 518),  # DINOv2 (Oquab et al. 2023)
+    ("vit_base_patch32_clip_224.openai", "clip", 224),  # CLIP's image tower (Radford et al. 2021)
+    ("vit_base_patch16_siglip_224.webli", "half", 224),  # SigLIP's (Zhai et al. 2023)
+    ("eva02_tiny_patch14_224.mim_in22k", "clip", 224),  # EVA-02 (Fang et al. 2023)
+])  # fmt: skip
+def test_foundation_backbones_through_timm_names_bring_their_own_preprocessing(name, mean, size):
+    """Foundation backbones are timm names: the pretrained tag's normalisation and size reach the preprocessing (the
+    weights need the hub; random init here), and --input-size rebuilds a fixed-size ViT for another size."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, OPENAI_CLIP_MEAN
+
+    from imgclf.config import DataConfig, ModelConfig
+    from imgclf.data.preprocess import Preprocess
+    from imgclf.models.factory import create_model
+
+    want = {"imagenet": IMAGENET_DEFAULT_MEAN, "clip": OPENAI_CLIP_MEAN, "half": (0.5, 0.5, 0.5)}[mean]
+    model, source = create_model(ModelConfig(name=name, weights="none"), 3)
+    pre = Preprocess.from_model(model)
+    assert source == "random init" and pre.input_size == (3, size, size)
+    assert pre.mean == pytest.approx(want) and pre.interpolation == "bicubic"
+    if size != 224:  # DINOv2's 518 px default: a 224 px model when asked (position embeddings resampled on load)
+        small, _ = create_model(ModelConfig(name=name, weights="none"), 3, 224)
+        assert Preprocess.from_model(small, DataConfig(input_size=224)).input_size == (3, 224, 224)
+        with torch.no_grad():
+            assert small.eval()(torch.zeros(1, 3, 224, 224)).shape == (1, 3)
