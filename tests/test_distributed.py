@@ -4,6 +4,7 @@ size, and distributed prediction (complete, in input order, identical to one pro
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -160,3 +161,20 @@ def test_distributed_knn_index_matches_one_process(tiny_run, tmp_path):
     a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
     knn = [k for k in a if k.startswith("knn.")]
     assert knn and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in knn)
+
+
+def test_pretrain_runs_distributed_with_negatives_from_every_rank(data, tmp_path):
+    """SimCLR under torchrun (2 gloo ranks x 8 images): NT-Xent gathers both ranks' embeddings (its loss then
+    ranks 2 x 16 - 1 = 31 candidates per anchor; ln 31 = 3.43 is the loss of an uninformative embedding), rank 0
+    alone logs and writes one backbone run."""
+    train, _ = data
+    r = torchrun(2, "pretrain", train, "--model", "test_resnet", "--epochs", "2", "--batch-size", "8", "--input-size",
+                 "24", "--data.num_workers", "0", "--no-progress", "--output", tmp_path, "--name", "ssl",
+                 "--train.amp", "none")  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stderr.count("epoch 2/2") == 1
+    meta = json.loads((tmp_path / "ssl" / "imgclf.json").read_text())
+    assert meta["kind"] == "backbone" and [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2]
+    assert meta["config"]["train"]["epochs"] == 2
+    first = meta["metrics"]["history"][0]["train_loss"]
+    assert 2.5 < first < 4.0, first  # ~ln 31 at the start: 31 candidates, so the negatives came from both ranks

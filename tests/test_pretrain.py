@@ -62,6 +62,20 @@ def test_each_method_pretrains_a_backbone_that_weights_run_starts_from(method, f
 
 
 @pytest.mark.slow
+def test_dino_on_a_vit_takes_local_crops_and_keeps_the_teacher(folder, tmp_path):
+    r = run_cli("pretrain", str(folder), "--method", "dino", "--model", "test_vit", "--input-size", "32", "--epochs",
+                "1", "--batch-size", "16", "--data.num_workers", "0", "--no-progress", "--output", tmp_path, "--name",
+                "dino", "--ssl.local_views", "2", "--ssl.hidden_dim", "64", "--ssl.proj_dim", "256")  # fmt: skip
+    assert r.code == 0, r
+    kept = load_file(str(tmp_path / "dino" / "model.safetensors"))
+    ck = torch.load(tmp_path / "dino" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    teacher = {k.removeprefix("teacher_backbone."): v for k, v in ck.items() if k.startswith("teacher_backbone.")}
+    student = {k.removeprefix("backbone."): v for k, v in ck.items() if k.startswith("backbone.")}
+    assert kept.keys() == teacher.keys() and all(torch.equal(kept[k], teacher[k]) for k in kept)
+    assert any(not torch.equal(kept[k], student[k]) for k in kept)  # the teacher, not the student
+
+
+@pytest.mark.slow
 def test_mae_pretrains_a_vit_and_refuses_a_cnn(folder, tmp_path):
     run = tmp_path / "mae"
     r = run_cli("pretrain", str(folder), "--method", "mae", "--model", "test_vit", "--input-size", "32", "--epochs",
@@ -138,6 +152,11 @@ def test_a_backbone_run_is_not_a_classifier_and_needs_its_architecture(folder, t
     r = run_cli("train", "--data", str(folder), "--model", "test_efficientnet", "--weights", str(run), "--output",
                 tmp_path, "--name", "wrong", *FAST[:-2])  # fmt: skip
     assert r.code == 2 and "a test_resnet run, not test_efficientnet; pass --model test_resnet" in r.err
+    # a k-NN index on it embeds at the run's own 24 px (no --input-size given)
+    r = run_cli("knn", "build", str(folder), "--model", "test_resnet", "--weights", str(run), "--output", tmp_path,
+                "--name", "idx", "--workers", "0", "--no-progress")  # fmt: skip
+    assert r.code == 0, r
+    assert json.loads((tmp_path / "idx" / "imgclf.json").read_text())["preprocessing"]["input_size"] == [3, 24, 24]
 
 
 @pytest.mark.slow

@@ -456,17 +456,25 @@ def test_fine_tuning_from_a_zero_shot_run_then_wise_ft(zs_run, folder, tmp_path)
     ft_dir = tmp_path / "ft"
     ft, art = load_artifact(ft_dir)
     assert art.kind == "zeroshot" and art.arch == "open_clip:tiny-vit" and (ft_dir / "text.safetensors").is_file()
-    assert art.extra["zeroshot"]["fine_tuned_from"] == str(zs_run)
+    assert art.extra["zeroshot"]["fine_tuned_from"] == str(zs_run.resolve())
     zs, zs_art = load_artifact(zs_run)
     assert art.class_names == zs_art.class_names  # the folder's order, the same names
     assert not torch.equal(ft.get_classifier().weight, zs.get_classifier().weight)  # trained
     top1 = art.metrics["val"]["top1"]
     assert top1 >= 0.5, art.metrics["val"]  # 3 separable colours; the random tiny CLIP's zero-shot is chance
 
-    # class edits still work on the fine-tuned run (its text tower came along)
-    assert run_cli("zeroshot", str(ft_dir), "--add-class", "purple", *FAST).code == 0
-    assert read_artifact(ft_dir).class_names[-1] == "purple"
-    assert run_cli("zeroshot", str(ft_dir), "--remove-class", "purple", *FAST).code == 0
+    # a fine-tuned run renames by relabelling its trained row; a text row for a new class would not fit its tower
+    first = art.class_names[0]
+    row = ft.get_classifier().weight[0].clone()
+    assert run_cli("zeroshot", str(ft_dir), "--rename", f"{first}=renamed", *FAST).code == 0
+    renamed, rart = load_artifact(ft_dir)
+    assert rart.class_names[0] == "renamed" and torch.equal(renamed.get_classifier().weight[0], row)
+    assert run_cli("zeroshot", str(ft_dir), "--rename", f"renamed={first}", *FAST).code == 0
+    bad = run_cli("zeroshot", str(ft_dir), "--add-class", "purple", *FAST)
+    assert bad.code == 2 and "image tower was fine-tuned" in bad.err
+    assert "purple" not in read_artifact(ft_dir).class_names
+    probe = run_cli("train", "--data", folder, "--weights", zs_run, "--strategy", "probe", "--output", tmp_path, *_FT)
+    assert probe.code == 2 and "probe strategy fits a new linear head" in probe.err
 
     ft, _ = load_artifact(ft_dir)
     zs_state, ft_state = zs.state_dict(), ft.state_dict()

@@ -26,7 +26,7 @@ from .errors import ImgclfError
 
 log = logging.getLogger("imgclf")
 #: commands that run under torchrun (every rank runs the command; rank 0 writes); the others refuse
-DISTRIBUTED_COMMANDS = ("train", "predict", "eval", "calibrate", "knn", "audit", "rebalance")
+DISTRIBUTED_COMMANDS = ("train", "pretrain", "predict", "eval", "calibrate", "knn", "audit", "rebalance")
 
 
 @dataclass(frozen=True)

@@ -214,8 +214,10 @@ def edit_classes(
 ) -> tuple[ZeroShotClassifier, Artifact]:
     """Add, rename and remove classes of a zero-shot run in place, offline, with no training: added and renamed
     classes are encoded by the stored text tower with the run's templates (a renamed class keeps its index);
-    every other row of the head stays bit-identical. Calibration, OOD and drift statistics are dropped (a log
-    line says so). A Tip-Adapter cache keeps its images (those of removed classes go; new classes have none).
+    every other row of the head stays bit-identical. On a run fine-tuned from a zero-shot run (or a WiSE-FT
+    one) a rename keeps the trained row and adding is refused (a text row would not fit the trained tower).
+    Calibration, OOD and drift statistics are dropped (a log line says so). A Tip-Adapter cache keeps its images
+    (those of removed classes go; new classes have none).
 
     Raises:
         ImgclfError: not a zero-shot run, an unknown class to rename or remove, a name that exists or repeats, a
@@ -225,6 +227,12 @@ def edit_classes(
     info = zeroshot_info(art, Path(str(run)))
     add = clean_class_names(add, "--add-class") if add else []
     kept, names, encode = _plan_edits(list(art.class_names), add, dict(rename or {}), remove, str(run))
+    trained = info.get("fine_tuned_from") or (info.get("wise_ft") or {}).get("zeroshot")
+    if trained and add:  # its rows and image tower moved together in training; a text row would not fit them
+        raise ImgclfError(f"{run}: its image tower was fine-tuned, so a new class's text embedding would not match "
+                          f"it; add the class to the zero-shot run {trained} and fine-tune again")  # fmt: skip
+    if trained:
+        encode = {}  # a rename of a fine-tuned class relabels its trained row
     rows = torch.cat([clf.class_embeddings[kept], clf.class_embeddings.new_zeros(len(add), clf.num_features)])
     if encode:
         text = build_text_model(info["model_cfg"], art.run_dir / TEXT_FILE).to(device)

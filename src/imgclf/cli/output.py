@@ -145,7 +145,10 @@ def print_pretrain(res: Any) -> None:
     rows = [[r["epoch"], f"{r['train_loss']:.4f}", f"{r['emb_spread']:.3f}" if "emb_spread" in r else "-",
              pct(r.get("knn_top1")), f"{r['img_per_s']:.0f}"] for r in res.history]  # fmt: skip
     print(format_table(rows, ["epoch", "loss", "spread", "k-NN top-1", "img/s"]))
-    print(f"\n{res.method} {res.arch}: {res.seconds / 60:.1f} min, peak memory {res.peak_rss_mb:.0f} MiB")
+    print(
+        f"\n{res.method} {res.arch}: {res.seconds / 60:.1f} min, peak memory {res.peak_rss_mb:.0f} MiB "
+        f"(data-loader workers: {res.peak_worker_rss_mb:.0f} MiB each at most)"
+    )
     if res.collapsed:
         print("WARNING: the representation collapsed (embedding spread below ssl.collapse_std); see metrics.csv")
     print_skipped(res.skipped)

@@ -4,6 +4,7 @@ and episodes (``train.knn_index``, ``eval.fewshot``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ from ..dist import resolve_device
 from ..errors import ImgclfError
 from .factory import architecture_of, create_model
 from .inference import extract_features
+from .weights import run_dir_weights, run_meta
 
 DEFAULT_MODEL = EmbedConfig.model
 
@@ -40,7 +42,14 @@ class Embeddings(NamedTuple):
 
 def backbone(cfg: EmbedConfig, infer: InferConfig | None = None) -> tuple[nn.Module, str, str, Preprocess]:
     """(headless model, weights source, timm arch, preprocessing with ``cfg``'s overrides and ``infer``'s image
-    limits applied)."""
+    limits applied). A run directory as ``cfg.weights`` (``--weights RUN``) sets the input size, crop and
+    interpolation the overrides leave open to the run's own."""
+    run = run_dir_weights(cfg.weights)
+    if run is not None:
+        pre = run_meta(run)["preprocessing"]
+        cfg = dataclasses.replace(cfg, input_size=cfg.input_size or int(max(pre["input_size"][1:])),
+                                  crop_pct=cfg.crop_pct if cfg.crop_pct is not None else pre.get("crop_pct"),
+                                  interpolation=cfg.interpolation or pre.get("interpolation"))  # fmt: skip
     model, source = create_model(ModelConfig(name=cfg.model, weights=cfg.weights), 0, cfg.input_size)
     pre = Preprocess.from_model(model, cfg.data_config(infer))
     return model.eval(), source, architecture_of(model, cfg.model), pre

@@ -19,10 +19,18 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..errors import ImgclfError, first_line
-from ..rundir import META_FILE
 from . import smallcnn  # noqa: F401 - registers the simplecnn_* architectures with timm
 from .heads import head_spec, set_head
-from .weights import PACKAGED, PACKAGED_PIP, load_into, packaged_weights_file, read_state_dict, run_meta, run_state
+from .weights import (
+    PACKAGED,
+    PACKAGED_PIP,
+    load_into,
+    packaged_weights_file,
+    read_state_dict,
+    run_dir_weights,
+    run_meta,
+    run_state,
+)
 
 _FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -111,7 +119,11 @@ def _check_input_size(model: nn.Module, name: str, input_size: int | tuple[int, 
 
 
 def create_model(
-    cfg: ModelConfig, num_classes: int, input_size: int | None = None, class_names: list[str] | None = None
+    cfg: ModelConfig,
+    num_classes: int,
+    input_size: int | None = None,
+    class_names: list[str] | None = None,
+    build_kwargs: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, str]:
     """The architecture with a ``num_classes`` head and pretrained weights; returns (model, source description).
 
@@ -121,9 +133,11 @@ def create_model(
     models (ViTs, Swin, ...) for that size (``size_kwargs``); ImgclfError when the model cannot take it.
     ``cfg.head`` other than linear replaces the global pooling (``models.heads.set_head``) before the weights load.
     ``cfg.weights`` may name a run directory (``weights.run_state``): its weights, with its head kept when its
-    classes are ``class_names`` (rows reordered to their order).
+    classes are ``class_names`` (rows reordered to their order). ``build_kwargs`` go to ``timm.create_model`` too
+    (e.g. ``dynamic_img_size`` for a ViT).
     """
-    model, source, new_head = _create(cfg, num_classes, size_kwargs(cfg.name, input_size), class_names)
+    sized = size_kwargs(cfg.name, input_size)
+    model, source, new_head = _create(cfg, num_classes, sized, class_names, build_kwargs or {})
     if new_head and source != "random init":
         zero_head(model)
     return model, source
@@ -140,18 +154,21 @@ def zero_head(model: nn.Module) -> None:
 
 
 def _create(
-    cfg: ModelConfig, num_classes: int, sized: dict[str, Any], class_names: list[str] | None = None
+    cfg: ModelConfig, num_classes: int, sized: dict[str, Any], class_names: list[str] | None, extra: dict[str, Any]
 ) -> tuple[nn.Module, str, bool]:
     """(model, source description, whether the head is new); ``sized``: ``size_kwargs``."""
     run = zeroshot_run(cfg.weights)
     if run is not None:  # the open_clip model of a zero-shot run: its own architecture, head and input size
+        if not class_names or num_classes == 0:
+            raise ImgclfError(f"weights {run}: a zero-shot run starts `imgclf train` (fine-tuning its image tower and "
+                              "head); it is no backbone for this command")  # fmt: skip
         from .zeroshot import zeroshot_for_training
 
-        model = zeroshot_for_training(run, run_meta(run), class_names or [])
+        model = zeroshot_for_training(run, run_meta(run), class_names)
         return model, f"run:{run}", False
     check_model_name(cfg.name)
     source = resolve_weights(cfg)
-    kw, spec = {**_model_kwargs(cfg), **sized}, head_spec(cfg)
+    kw, spec = {**_model_kwargs(cfg), **sized, **extra}, head_spec(cfg)
     if source == "hub":
         model = _from_hub(cfg.name, num_classes, kw)
         new_width = set_head(model, spec, cfg.name)
@@ -187,10 +204,8 @@ def _create(
 
 def zeroshot_run(weights: str) -> Path | None:
     """``weights`` as a path when it names a zero-shot run directory (``imgclf zeroshot``), else None."""
-    path = Path(weights).expanduser()
-    if weights in ("auto", "packaged", "hub", "none") or not path.is_dir() or not (path / META_FILE).is_file():
-        return None
-    return path if run_meta(path).get("kind") == "zeroshot" else None
+    path = run_dir_weights(weights)
+    return path if path is not None and run_meta(path).get("kind") == "zeroshot" else None
 
 
 def _from_run(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -153,7 +154,18 @@ def run_meta(run: Path) -> dict:
         raise ImgclfError(f"{meta_path}: cannot read run metadata ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("arch"), str):
         raise ImgclfError(f"{meta_path}: not an imgclf run (no arch)")
+    if not isinstance(meta.get("class_names", []), list) or not isinstance(meta.get("preprocessing"), dict):
+        raise ImgclfError(f"{meta_path}: not an imgclf run (class_names or preprocessing missing)")
+    meta["class_names"] = [unicodedata.normalize("NFC", str(c)) for c in meta.get("class_names") or []]
     return meta
+
+
+def run_dir_weights(weights: str) -> Path | None:
+    """``weights`` as a path when it names a run directory (holds ``imgclf.json``), else None."""
+    if weights in ("auto", "packaged", "hub", "none"):
+        return None
+    path = Path(weights).expanduser()
+    return path if (path / META_FILE).is_file() else None
 
 
 def run_state(run: Path, model: nn.Module, class_names: list[str] | None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -173,7 +185,7 @@ def run_state(run: Path, model: nn.Module, class_names: list[str] | None) -> tup
                           "or self-supervised run); give its backbone with --model/--weights instead")  # fmt: skip
     state = read_state_dict(Path(run) / WEIGHTS_FILE)
     head = [k for k in _head_keys(model) if k in state]
-    names, wanted = list(meta.get("class_names") or []), list(class_names or [])
+    names, wanted = meta["class_names"], [unicodedata.normalize("NFC", c) for c in class_names or []]
     if names == wanted or not head:
         return state, meta
     if sorted(names) == sorted(wanted) and len(set(names)) == len(names):

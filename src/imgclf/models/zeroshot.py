@@ -552,6 +552,7 @@ def zeroshot_for_training(run: Path, meta: dict[str, Any], class_names: Sequence
     clf.set_classes(clf.class_embeddings[[names.index(c) for c in wanted]])
     section = {k: v for k, v in meta[KIND].items() if k not in ("tip", "zeroshot_top1")}
     section["prompts"] = {c: p for c, p in (section.get("prompts") or {}).items() if c in wanted}
-    clf.artifact_kind, clf.artifact_section = KIND, {**section, "tip": None, "fine_tuned_from": str(run)}
+    section.update(tip=None, fine_tuned_from=str(Path(run).resolve()))
+    clf.artifact_kind, clf.artifact_section = KIND, section
     clf.artifact_files = [p for p in (Path(run) / TEXT_FILE, Path(run) / TOKENIZER_DIR) if p.exists()]
     return clf.train()

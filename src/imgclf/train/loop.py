@@ -35,9 +35,9 @@ from ..data.sources import Samples
 from ..data.splits import DataSplits, prepare_data
 from ..dist import Dist, autocast, broadcast, setup
 from ..errors import ImgclfError
-from ..models.factory import default_input_size, zeroshot_run
+from ..models.factory import default_input_size
 from ..models.heads import FEATURE_STATS_MAX_DIM, head_spec, head_width
-from ..models.weights import run_meta
+from ..models.weights import run_dir_weights, run_meta
 from ..rundir import EARLY_FILES, LAST_CKPT, RunDir
 from .logger import RunLogger, run_is_live
 from .strategy import Phase
@@ -273,7 +273,7 @@ def prepare_run(cfg: Config, resume: bool = False, *, needs_dir: bool = True) ->
     resume = needs_dir and resume and (run_dir / LAST_CKPT).is_file()  # never completed an epoch: afresh
     timm.utils.random_seed(cfg.train.seed, dist.rank)
     splits = prepare_data(cfg)
-    cfg = with_input_size(adopt_zeroshot(cfg), splits.train)
+    cfg = with_input_size(adopt_run_weights(cfg), splits.train)
     task = task_for_config(cfg.train, splits.train)
     check_trust(cfg.trust, task)
     _check_sampler(cfg, task)
@@ -281,18 +281,30 @@ def prepare_run(cfg: Config, resume: bool = False, *, needs_dir: bool = True) ->
     return Run(cfg, dist, run_dir, resume, splits, task)
 
 
-def adopt_zeroshot(cfg: Config) -> Config:
-    """``cfg`` with the model of a zero-shot run given as ``model.weights`` (``imgclf zeroshot``): its open_clip
-    architecture (``model.name``) and its own input size (an open_clip tower is built for one size).
+def adopt_run_weights(cfg: Config) -> Config:
+    """``cfg`` with what a run given as ``model.weights`` fixes (``--weights RUN``).
 
-    Raises ImgclfError for another ``data.input_size``."""
-    run = zeroshot_run(cfg.model.weights)
+    A zero-shot run (``imgclf zeroshot``): its open_clip architecture (``model.name``) and its own input size (an
+    open_clip tower is built for one size); ImgclfError for another ``data.input_size`` or the probe strategy (it
+    fits a new linear head: fine-tune the zero-shot head instead). A trained or self-supervised run: its input
+    size, crop and interpolation unless the data config sets them, so the network sees images as it learned them.
+    """
+    run = run_dir_weights(cfg.model.weights)
     if run is None:
         return cfg
     meta = run_meta(run)
-    size = int(max(meta["preprocessing"]["input_size"][1:]))
+    pre = meta["preprocessing"]
+    size = int(max(pre["input_size"][1:]))
+    if meta.get("kind") != "zeroshot":
+        data = replace(cfg.data, input_size=size if cfg.data.input_size == "auto" else cfg.data.input_size,
+                       crop_pct=cfg.data.crop_pct if cfg.data.crop_pct is not None else pre.get("crop_pct"),
+                       interpolation=cfg.data.interpolation or pre.get("interpolation"))  # fmt: skip
+        return replace(cfg, data=data)
     if cfg.data.input_size not in ("auto", None, size):
         raise ImgclfError(f"weights {run}: a zero-shot model takes its own input size {size}; drop --input-size")
+    if cfg.transfer.strategy == "probe":
+        raise ImgclfError(f"weights {run}: the probe strategy fits a new linear head; fine-tune from the zero-shot "
+                          "head (--strategy finetune or staged) or use the zero-shot run as it is")  # fmt: skip
     if cfg.model.name != meta["arch"]:
         log.info("model: %s (the architecture of the zero-shot run %s)", meta["arch"], run)
     return replace(cfg, model=replace(cfg.model, name=meta["arch"]), data=replace(cfg.data, input_size=None))

@@ -48,9 +48,9 @@ from ..models.knn import classify_embeddings
 from ..rundir import LAST_CKPT
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .logger import RunLogger
-from .loop import MAX_NONFINITE, run_dir_for, with_input_size
+from .loop import MAX_NONFINITE, REFRESH, adopt_run_weights, run_dir_for, with_input_size
 from .optim import build_optimizer, build_scheduler
-from .ssl import build_method, embedding_spread, view_transform
+from .ssl import build_method, dino_vit_kwargs, embedding_spread, kept_backbone, view_transform
 
 log = logging.getLogger("imgclf")
 KIND = "backbone"  #: ``imgclf.json`` kind of a pretrained backbone
@@ -62,6 +62,7 @@ KNN_TEMPERATURE = 0.1
 class PretrainState:
     epoch: int = 0
     updates: int = 0
+    seconds: float = 0.0  # wall time of the epochs so far, over every session (resume adds to it)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -75,6 +76,7 @@ class PretrainResult:
     history: list[dict[str, Any]]
     seconds: float
     peak_rss_mb: float
+    peak_worker_rss_mb: float
     skipped: dict[str, str]
     collapsed: bool
 
@@ -95,6 +97,8 @@ class _Job:
     loader: Any
     skips: SkipLog
     monitor: Any  # (samples of the collapse check, (support, query) samples of the k-NN monitor or None)
+    bad: torch.Tensor | None = None  # consecutive updates with non-finite gradients (on the device)
+    last: list[torch.Tensor] | None = None  # the last usable views (a rank with an unusable batch repeats them)
 
 
 def pretrain(cfg: Config, resume: bool = False) -> PretrainResult:
@@ -105,7 +109,6 @@ def pretrain(cfg: Config, resume: bool = False) -> PretrainResult:
         ImgclfError: no readable images, a method the backbone cannot take (MAE needs a ViT), a non-finite loss
             for ``MAX_NONFINITE`` updates in a row, an existing run name without ``--resume``.
     """
-    t0 = time.perf_counter()
     job = _prepare(cfg, resume)
     state = PretrainState()
     if resume and (job.run_dir / LAST_CKPT).is_file():
@@ -115,17 +118,19 @@ def pretrain(cfg: Config, resume: bool = False) -> PretrainResult:
     log.info("pretrain %s | %s %s | %d images | %s", job.run_dir, job.cfg.ssl.method, job.cfg.model.name,
              len(job.loader.dataset), job.dist.device)  # fmt: skip
     for epoch in range(state.epoch + 1, job.cfg.train.epochs + 1):
+        t0 = time.perf_counter()
         set_epoch(job.loader, job.cfg.train.seed, epoch)
         row = {"epoch": epoch, **_train_epoch(job, state, epoch)}
-        row.update(_monitor(job) if job.dist.is_main else {})
-        state.epoch = epoch
+        row.update(_monitor(job))  # every rank: the embedding shards over them under torchrun
+        state.epoch, state.seconds = epoch, state.seconds + time.perf_counter() - t0
         state.history.append(row)
         logger.log_epoch(row)
-        log.info(_line(row, job.cfg))
+        if job.dist.is_main:
+            log.info(_line(row, job.cfg))
         _save(job, state)
     logger.close()
     barrier(job.dist)
-    return _finish(job, state, time.perf_counter() - t0)
+    return _finish(job, state)
 
 
 def _prepare(cfg: Config, resume: bool) -> _Job:
@@ -140,12 +145,16 @@ def _prepare(cfg: Config, resume: bool) -> _Job:
     samples = open_unlabelled(cfg.data.path, "train", policy_from_config(cfg.data))
     if len(samples) < 2:
         raise ImgclfError(f"{samples.name}: {len(samples)} image(s); self-supervision needs a set of images")
-    cfg = with_input_size(cfg, samples)
+    cfg = with_input_size(adopt_run_weights(cfg), samples)
     backbone, _ = create_model(cfg.model, 0, cfg.data.input_size)
+    extra = dino_vit_kwargs(cfg.ssl, backbone)
+    if extra:  # rebuilt: DINO's local crops are smaller than the ViT's input size
+        backbone, _ = create_model(cfg.model, 0, cfg.data.input_size, build_kwargs=extra)
     pre = Preprocess.from_model(backbone, cfg.data)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     method = build_method(cfg.ssl, backbone, dist.world_size > 1).to(dist.device, memory_format=fmt)
-    loader = make_loader(ImageDataset(samples, view_transform(cfg.ssl, pre)), cfg.data.batch_size, train=True,
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", (1,))[0]
+    loader = make_loader(ImageDataset(samples, view_transform(cfg.ssl, pre, patch)), cfg.data.batch_size, train=True,
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, rank=dist.rank,
                          world_size=dist.world_size, pin_memory=dist.device.type == "cuda")  # fmt: skip
     if len(loader) == 0:
@@ -160,7 +169,7 @@ def _prepare(cfg: Config, resume: bool) -> _Job:
     sched.step_update(0)
     dtype = amp_dtype(cfg.train.amp, dist.device, backbone)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
-    monitor = (_monitor_sets(samples, cfg), pre) if dist.is_main else None
+    monitor = (_monitor_sets(samples, cfg), pre)
     return _Job(cfg, dist, run_dir, method, wrapped, opt, sched, scaler, dtype, fmt, pre, loader,
                 SkipLog(strict=cfg.data.strict_images), monitor)  # fmt: skip
 
@@ -168,7 +177,8 @@ def _prepare(cfg: Config, resume: bool) -> _Job:
 def _monitor_sets(samples, cfg: Config) -> tuple[Any, Any]:
     """(the first ``MONITOR_IMAGES`` images, for the collapse check; (support, query) halves of at most
     ``ssl.knn_max`` stratified labelled images of ``ssl.knn_data``, or None)."""
-    spread = samples.subset(np.arange(min(MONITOR_IMAGES, len(samples))))
+    pick = np.random.default_rng(cfg.train.seed).permutation(len(samples))[:MONITOR_IMAGES]  # any folder order
+    spread = samples.subset(np.sort(pick))
     if not cfg.ssl.knn_data:
         return spread, None
     labelled = open_source(cfg.ssl.knn_data, "train", policy_from_config(cfg.data))
@@ -182,43 +192,48 @@ def _monitor_sets(samples, cfg: Config) -> tuple[Any, Any]:
 
 
 def _train_epoch(job: _Job, state: PretrainState, epoch: int) -> dict[str, float]:
-    """One pass; the loss is summed on the device (one host read per epoch and every 20 batches for the bar)."""
+    """One pass. No host sync per step: the loss is summed on the device and read every ``REFRESH`` batches (the
+    bar and the divergence check). Under torchrun a rank whose batch is unusable (every image unreadable) repeats
+    its last good views with zero weight, so the ranks stay in step, as ``train.loop`` does."""
     cfg, dist = job.cfg, job.dist
     total_updates = cfg.train.epochs * len(job.loader)
     job.wrapped.train()
-    total = torch.zeros(2, device=dist.device)
+    total = torch.zeros(2, device=dist.device)  # sum of finite losses, their count
     seen, t0 = 0, time.perf_counter()
     bar = tqdm(job.loader, desc=f"pretrain {epoch}/{cfg.train.epochs} {cfg.ssl.method}", leave=False, unit="batch",
                disable=not (cfg.run.progress and dist.is_main))  # fmt: skip
     for i, batch in enumerate(bar):
         job.skips.add(batch.skipped)
-        if batch.images is None:
-            continue
-        views = [v.to(dist.device, non_blocking=True).contiguous(memory_format=job.fmt) for v in batch.images]
+        weight = 1.0
+        if batch.images is None or len(batch.images[0]) < 2:
+            if dist.world_size == 1:
+                continue
+            if job.last is None:
+                raise ImgclfError(f"rank {dist.rank}: no readable image in the first batch of epoch {epoch}; see the "
+                                  "skipped files (or drop them from the data)")  # fmt: skip
+            views, weight = job.last, 0.0
+        else:
+            views = [v.to(dist.device, non_blocking=True).contiguous(memory_format=job.fmt) for v in batch.images]
+            job.last = views
         with autocast(dist.device, job.dtype):
             loss = job.wrapped(views, epoch - 1)
-        job.scaler.scale(loss).backward()
+        job.scaler.scale(loss * weight).backward()
         job.method.after_backward(epoch - 1)
-        if cfg.optim.clip_grad is not None:
-            job.scaler.unscale_(job.opt)
-            torch.nn.utils.clip_grad_norm_(job.method.parameters(), cfg.optim.clip_grad)
-        job.scaler.step(job.opt)
-        job.scaler.update()
-        job.opt.zero_grad(set_to_none=True)
+        _step(job)
         state.updates += 1
         job.sched.step_update(state.updates)
         job.method.after_update(state.updates / total_updates)
-        finite = torch.isfinite(loss.detach())
-        total += torch.stack([torch.where(finite, loss.detach(), 0.0), finite.float()])
-        seen += len(views[0])
-        if (i + 1) % 20 == 0 or i + 1 == len(job.loader):
-            s, n = total.tolist()
-            bad = (i + 1) - n if n < i + 1 else 0
-            if bad >= MAX_NONFINITE:
-                raise ImgclfError(f"pretraining diverged: {int(bad)} non-finite losses in epoch {epoch}; lower "
-                                  "optim.lr (or add --optim.clip_grad 1.0)")  # fmt: skip
-            bar.set_postfix(loss=f"{s / max(n, 1):.4f}", lr=f"{job.opt.param_groups[0]['lr']:.2e}")
+        if weight:
+            finite = torch.isfinite(loss.detach())
+            total += torch.stack([torch.where(finite, loss.detach(), 0.0), finite.float()])
+            seen += len(views[0])
+        if (i + 1) % REFRESH == 0 or i + 1 == len(job.loader):
+            _check_diverged(job, epoch)
+            if not bar.disable:
+                s, n = total.tolist()
+                bar.set_postfix(loss=f"{s / max(n, 1):.4f}", lr=f"{job.opt.param_groups[0]['lr']:.2e}")
     bar.close()
+    _check_diverged(job, epoch)
     if dist.world_size > 1:
         torch.distributed.all_reduce(total)
     s, n = total.tolist()
@@ -227,11 +242,43 @@ def _train_epoch(job: _Job, state: PretrainState, epoch: int) -> dict[str, float
             "img_per_s": seen * dist.world_size / max(secs, 1e-9), "epoch_seconds": secs}  # fmt: skip
 
 
+def _step(job: _Job) -> None:
+    """Optimizer step (unscale + clip); a step whose gradients are not finite is skipped, as ``train.loop.update``
+    does: on the device by the fused CUDA optimizers, else after reading one flag (free on the CPU); fp16 runs leave
+    it to ``GradScaler``. ``job.bad`` counts such steps in a row."""
+    params = [p for p in job.method.parameters() if p.grad is not None]
+    if job.cfg.optim.clip_grad is not None:
+        job.scaler.unscale_(job.opt)
+        norm = torch.nn.utils.clip_grad_norm_(params, job.cfg.optim.clip_grad)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if job.scaler.is_enabled():
+        job.scaler.step(job.opt)
+        job.scaler.update()
+    else:
+        bad = ~torch.isfinite(norm)
+        job.bad = (0 if job.bad is None else job.bad + 1) * bad
+        if job.opt.defaults.get("fused"):
+            job.opt.found_inf = bad.float()
+            job.opt.step()
+            del job.opt.found_inf
+        elif not bad.item():
+            job.opt.step()
+    job.opt.zero_grad(set_to_none=True)
+
+
+def _check_diverged(job: _Job, epoch: int) -> None:
+    if job.bad is not None and int(job.bad) >= MAX_NONFINITE:
+        raise ImgclfError(f"pretraining diverged: {MAX_NONFINITE} updates in a row with non-finite gradients in "
+                          f"epoch {epoch}; lower optim.lr (or add --optim.clip_grad 1.0)")  # fmt: skip
+
+
 def _monitor(job: _Job) -> dict[str, float]:
-    """Rank 0: the collapse check and (with ``ssl.knn_data``) the k-NN accuracy of the backbone now."""
+    """The collapse check and (with ``ssl.knn_data``) the k-NN accuracy of the kept backbone now (every rank: under
+    torchrun the embedding shards over the ranks and gathers)."""
     (spread_set, knn_sets), pre = job.monitor
     infer = InferConfig(device=str(job.dist.device), batch_size=256, workers=0, progress=False)
-    backbone = job.method.backbone
+    backbone = kept_backbone(job.method)
     was = backbone.training
     backbone.eval()
     try:
@@ -243,8 +290,8 @@ def _monitor(job: _Job) -> dict[str, float]:
             pred = classify_embeddings(q, s, ys, k, k=job.cfg.ssl.knn_k, temperature=KNN_TEMPERATURE).argmax(1)
             row["knn_top1"] = float((pred == yq).float().mean())
     finally:
-        backbone.train(was)
-    if row["emb_spread"] < job.cfg.ssl.collapse_std:
+        backbone.train(was).to(memory_format=job.fmt)  # embedding switched it to channels_last
+    if row["emb_spread"] < job.cfg.ssl.collapse_std and job.dist.is_main:
         log.warning("collapse check: embedding spread %.3f < ssl.collapse_std %.3f: the representation is "
                     "collapsing (lower optim.lr, or raise ssl.temperature / ssl.momentum)",
                     row["emb_spread"], job.cfg.ssl.collapse_std)  # fmt: skip
@@ -263,7 +310,8 @@ def _save(job: _Job, state: PretrainState) -> None:
         return
     save_checkpoint(job.run_dir / LAST_CKPT, {
         "model": job.method.state_dict(), "optimizer": job.opt.state_dict(), "scheduler": job.sched.state_dict(),
-        "scaler": job.scaler.state_dict(), "state": {"epoch": state.epoch, "updates": state.updates},
+        "scaler": job.scaler.state_dict(),
+        "state": {"epoch": state.epoch, "updates": state.updates, "seconds": state.seconds},
         "history": state.history, "rng": rng_state(), "world_size": job.dist.world_size,
         "updates_per_epoch": len(job.loader), "method": job.cfg.ssl.method,
     })  # fmt: skip
@@ -285,6 +333,7 @@ def _restore(job: _Job, state: PretrainState) -> None:
     except (RuntimeError, ValueError, KeyError) as e:
         raise ImgclfError(f"{path} does not match this run's config ({str(e).strip().splitlines()[0][:160]})") from None
     state.epoch, state.updates = ck["state"]["epoch"], ck["state"]["updates"]
+    state.seconds = float(ck["state"].get("seconds", 0.0))
     state.history = list(ck["history"])
     if ck.get("world_size", 1) == job.dist.world_size and job.dist.rank == 0:
         set_rng_state(ck["rng"])
@@ -293,19 +342,21 @@ def _restore(job: _Job, state: PretrainState) -> None:
     log.info("resumed %s after epoch %d", job.run_dir, state.epoch)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (``getrusage``; Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident memory in MiB of this process (``RUSAGE_SELF``) or of its largest finished child
+    (``RUSAGE_CHILDREN``: data-loader workers), from ``getrusage`` (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(who).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def _finish(job: _Job, state: PretrainState, seconds: float) -> PretrainResult:
-    """Rank 0 writes the backbone run (kind ``backbone``)."""
-    cfg, backbone = job.cfg, job.method.backbone
+def _finish(job: _Job, state: PretrainState) -> PretrainResult:
+    """Rank 0 writes the backbone run (kind ``backbone``: ``ssl.kept_backbone``, DINO's teacher)."""
+    cfg, backbone, seconds = job.cfg, kept_backbone(job.method), state.seconds
     last = state.history[-1] if state.history else {}
     collapsed = bool(last) and last.get("emb_spread", 1.0) < cfg.ssl.collapse_std
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if job.dist.device.type == "cuda" else None
     metrics = {"history": state.history, "pretrain_seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb()),
+               "peak_worker_rss_mb": round(peak_rss_mb(resource.RUSAGE_CHILDREN)),
                "collapsed": collapsed, **({"cuda_peak_mb": round(cuda_peak)} if cuda_peak is not None else {}),
                **{k: last[k] for k in ("emb_spread", "knn_top1", "train_loss") if k in last}}  # fmt: skip
     if job.skips.items:
@@ -320,4 +371,4 @@ def _finish(job: _Job, state: PretrainState, seconds: float) -> PretrainResult:
     if job.dist.is_main:
         save_artifact(job.run_dir, backbone, art)
     return PretrainResult(job.run_dir, cfg.ssl.method, art.arch, state.history, seconds, metrics["peak_rss_mb"],
-                          dict(job.skips.items), collapsed)  # fmt: skip
+                          metrics["peak_worker_rss_mb"], dict(job.skips.items), collapsed)  # fmt: skip

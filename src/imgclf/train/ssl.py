@@ -76,7 +76,8 @@ class SimCLR(nn.Module):
 
     def forward(self, views: list[torch.Tensor], epoch: int) -> torch.Tensor:
         z0, z1 = self.head(self.backbone(torch.cat(views[:2]))).float().chunk(2)
-        return self.criterion(z0, z1)
+        with full_precision(z0):
+            return self.criterion(z0, z1)
 
     def after_backward(self, epoch: int) -> None:
         pass
@@ -106,7 +107,8 @@ class BYOL(nn.Module):
         p0, p1 = self.prediction(self.projection(self.backbone(x))).float().chunk(2)
         with torch.no_grad():
             z0, z1 = self.target_projection(self.target_backbone(x)).float().chunk(2)
-        return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+        with full_precision(p0):
+            return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
 
     def after_backward(self, epoch: int) -> None:
         pass
@@ -141,10 +143,16 @@ class DINO(nn.Module):
         student = list(self.head(self.backbone(torch.cat(views[:2]))).float().chunk(2))
         if len(views) > 2:  # the local crops share one size: one batch
             student += self.head(self.backbone(torch.cat(views[2:]))).float().chunk(len(views) - 2)
-        return self.criterion(list(teacher), student, epoch=epoch)
+        with full_precision(teacher[0]):  # the teacher's sharpening (1 / 0.04) in float32
+            return self.criterion(list(teacher), student, epoch=epoch)
 
     def after_backward(self, epoch: int) -> None:
         self.head.cancel_last_layer_gradients(current_epoch=epoch)
+
+    @property
+    def result(self) -> nn.Module:
+        """The momentum teacher: what DINO evaluates and keeps (Caron et al. 2021, section 5.1; it probes better)."""
+        return self.teacher_backbone
 
     @torch.no_grad()
     def after_update(self, progress: float) -> None:
@@ -164,6 +172,9 @@ class MAE(nn.Module):
         if not isinstance(backbone, VisionTransformer):
             raise ImgclfError(f"ssl.method mae needs a timm VisionTransformer (e.g. vit_tiny_patch16_224); "
                               f"{type(backbone).__name__} is not one")  # fmt: skip
+        if backbone.num_prefix_tokens != 1 or not backbone.has_class_token:  # lightly's mask keeps token 0 only
+            raise ImgclfError(f"ssl.method mae needs a ViT with one class token and no register tokens; this one has "
+                              f"{backbone.num_prefix_tokens} prefix token(s)")  # fmt: skip
         self.backbone = backbone
         self.encoder = MaskedVisionTransformerTIMM(vit=backbone)
         self.patch = backbone.patch_embed.patch_size[0]
@@ -185,8 +196,7 @@ class MAE(nn.Module):
         tokens = utils.repeat_token(self.decoder.mask_token, (b, seq))
         tokens = utils.set_at_index(tokens, keep, self.decoder.embed(encoded).type_as(tokens))
         pred = self.decoder.predict(utils.get_at_index(self.decoder.decode(tokens), mask))
-        prefix = self.backbone.num_prefix_tokens  # the mask indexes the token sequence; patches have no prefix
-        target = utils.get_at_index(utils.patchify(images, self.patch), mask - prefix)
+        target = utils.get_at_index(utils.patchify(images, self.patch), mask - 1)  # token 0: the class token
         return F.mse_loss(pred.float(), target.float())
 
     def after_backward(self, epoch: int) -> None:
@@ -199,15 +209,36 @@ class MAE(nn.Module):
 METHODS = {"simclr": SimCLR, "byol": BYOL, "dino": DINO, "mae": MAE}
 
 
+def full_precision(like: torch.Tensor):
+    """Autocast off on ``like``'s device: the losses' similarity matmuls and exponentials in float32."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
+def kept_backbone(method: nn.Module) -> nn.Module:
+    """The backbone a method's run keeps (and the monitor measures): DINO's teacher, else the online network."""
+    return getattr(method, "result", method.backbone)
+
+
+def dino_vit_kwargs(cfg: SSLConfig, backbone: nn.Module) -> dict:
+    """Build arguments a ViT needs for DINO's smaller local crops (``dynamic_img_size``: position embeddings
+    interpolated per input size); {} for other methods and backbones."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if cfg.method != "dino" or cfg.local_views == 0 or not isinstance(backbone, VisionTransformer):
+        return {}
+    return {"dynamic_img_size": True}
+
+
 def build_method(cfg: SSLConfig, backbone: nn.Module, distributed: bool = False) -> nn.Module:
     """The ``cfg.method`` module around ``backbone`` (a timm model built with ``num_classes=0``)."""
     _lightly()
     return METHODS[cfg.method](backbone, cfg, distributed)
 
 
-def view_transform(cfg: SSLConfig, pre: Preprocess):
+def view_transform(cfg: SSLConfig, pre: Preprocess, multiple: int = 1):
     """PIL image -> list of normalised (C, H, W) views: lightly's transform of ``cfg.method`` at ``pre``'s input
-    size and normalisation (SimCLR/BYOL: 2 views; DINO: 2 global + ``local_views`` local; MAE: 1)."""
+    size and normalisation (SimCLR/BYOL: 2 views; DINO: 2 global + ``local_views`` local, their side a multiple of
+    ``multiple``, a ViT's patch size; MAE: 1)."""
     _lightly()
     import lightly.transforms as T
 
@@ -224,8 +255,10 @@ def view_transform(cfg: SSLConfig, pre: Preprocess):
         return T.BYOLTransform(one, two)
     if cfg.method == "dino":
         local = cfg.local_size or max(8, round(size * 3 / 7))
+        local = max(multiple, local // multiple * multiple)  # a ViT takes whole patches
         return T.DINOTransform(global_crop_size=size, global_crop_scale=(cfg.min_scale, 1.0), local_crop_size=local,
-                               local_crop_scale=(0.05, cfg.min_scale), n_local_views=cfg.local_views,
+                               local_crop_scale=(min(0.05, cfg.min_scale / 2), cfg.min_scale),
+                               n_local_views=cfg.local_views,
                                gaussian_blur=(cfg.blur, cfg.blur / 5, cfg.blur), **look)  # fmt: skip
     return T.MAETransform(input_size=size, min_scale=cfg.min_scale, normalize=norm)
 
