@@ -213,38 +213,46 @@ def _check_diverged(loop: Loop, state: State) -> None:
 
 
 def update(loop: Loop, state: State) -> None:
-    """Optimizer step (with unscale + clip), schedule and EMA update.
-
-    A step whose gradients are not finite (a non-finite loss on any rank: DDP's all-reduce spreads it, so every
-    rank decides alike without a collective) is skipped: on the device by the fused CUDA optimizers (``found_inf``,
-    as ``GradScaler`` does), else after reading one flag (free on the CPU). ``loop.bad_updates`` counts such steps
-    in a row on the device; ``MAX_NONFINITE`` of them end training. fp16 runs leave this to ``GradScaler``."""
+    """Optimizer step (``optimizer_step``: unscale, clip, skip non-finite), schedule and EMA update."""
     params = [p for p in loop.model.parameters() if p.grad is not None]
-    if loop.cfg.optim.clip_grad is not None:
-        loop.scaler.unscale_(loop.opt)
-        norm = torch.nn.utils.clip_grad_norm_(params, loop.cfg.optim.clip_grad)
-    elif not loop.scaler.is_enabled():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(norm := locals().get("norm"), "full_tensor"):  # FSDP: the norm over every rank's shards
-        norm = norm.full_tensor()
-    if loop.scaler.is_enabled():
-        loop.scaler.step(loop.opt)
-        loop.scaler.update()
-    else:
-        bad = ~torch.isfinite(norm)
-        loop.bad_updates = (0 if loop.bad_updates is None else loop.bad_updates + 1) * bad
-        if loop.opt.defaults.get("fused"):
-            loop.opt.found_inf = bad.float()
-            loop.opt.step()
-            del loop.opt.found_inf
-        elif not bad.item():
-            loop.opt.step()
-    loop.opt.zero_grad(set_to_none=True)
+    loop.bad_updates = optimizer_step(loop.opt, loop.scaler, params, loop.cfg.optim.clip_grad, loop.bad_updates)
     state.updates += 1
     state.phase_updates += 1
     loop.sched.step_update(state.phase_updates)
     if loop.ema is not None:
         loop.ema.update(loop.model, step=state.updates)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter],
+                   clip_grad: float | None, bad: torch.Tensor | None) -> torch.Tensor | None:  # fmt: skip
+    """One optimizer step (with unscale + clip) over ``params`` (those with gradients); returns the count of
+    consecutive skipped steps (on the device), ``bad`` carried on.
+
+    A step whose gradients are not finite (a non-finite loss on any rank: DDP's all-reduce spreads it, so every
+    rank decides alike without a collective) is skipped: on the device by the fused CUDA optimizers (``found_inf``,
+    as ``GradScaler`` does), else after reading one flag (free on the CPU). ``MAX_NONFINITE`` such steps in a row
+    end training (the callers check). fp16 runs leave this to ``GradScaler``."""
+    if clip_grad is not None:
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    elif not scaler.is_enabled():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm := locals().get("norm"), "full_tensor"):  # FSDP: the norm over every rank's shards
+        norm = norm.full_tensor()
+    if scaler.is_enabled():
+        scaler.step(opt)
+        scaler.update()
+    else:
+        flag = ~torch.isfinite(norm)
+        bad = (0 if bad is None else bad + 1) * flag
+        if opt.defaults.get("fused"):
+            opt.found_inf = flag.float()
+            opt.step()
+            del opt.found_inf
+        elif not flag.item():
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return bad
 
 
 def score_of(metrics: dict[str, Any], metric: str) -> float:

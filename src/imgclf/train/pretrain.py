@@ -48,7 +48,7 @@ from ..models.knn import classify_embeddings
 from ..rundir import LAST_CKPT
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .logger import RunLogger
-from .loop import MAX_NONFINITE, REFRESH, adopt_run_weights, run_dir_for, with_input_size
+from .loop import MAX_NONFINITE, REFRESH, adopt_run_weights, optimizer_step, run_dir_for, with_input_size
 from .optim import build_optimizer, build_scheduler
 from .ssl import build_method, dino_vit_kwargs, embedding_spread, kept_backbone, view_transform
 
@@ -243,28 +243,10 @@ def _train_epoch(job: _Job, state: PretrainState, epoch: int) -> dict[str, float
 
 
 def _step(job: _Job) -> None:
-    """Optimizer step (unscale + clip); a step whose gradients are not finite is skipped, as ``train.loop.update``
-    does: on the device by the fused CUDA optimizers, else after reading one flag (free on the CPU); fp16 runs leave
-    it to ``GradScaler``. ``job.bad`` counts such steps in a row."""
+    """``train.loop.optimizer_step``: unscale, clip, and skip a step with non-finite gradients (``job.bad`` counts
+    them in a row)."""
     params = [p for p in job.method.parameters() if p.grad is not None]
-    if job.cfg.optim.clip_grad is not None:
-        job.scaler.unscale_(job.opt)
-        norm = torch.nn.utils.clip_grad_norm_(params, job.cfg.optim.clip_grad)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if job.scaler.is_enabled():
-        job.scaler.step(job.opt)
-        job.scaler.update()
-    else:
-        bad = ~torch.isfinite(norm)
-        job.bad = (0 if job.bad is None else job.bad + 1) * bad
-        if job.opt.defaults.get("fused"):
-            job.opt.found_inf = bad.float()
-            job.opt.step()
-            del job.opt.found_inf
-        elif not bad.item():
-            job.opt.step()
-    job.opt.zero_grad(set_to_none=True)
+    job.bad = optimizer_step(job.opt, job.scaler, params, job.cfg.optim.clip_grad, job.bad)
 
 
 def _check_diverged(job: _Job, epoch: int) -> None:
