@@ -157,15 +157,14 @@ def _create(
     cfg: ModelConfig, num_classes: int, sized: dict[str, Any], class_names: list[str] | None, extra: dict[str, Any]
 ) -> tuple[nn.Module, str, bool]:
     """(model, source description, whether the head is new); ``sized``: ``size_kwargs``."""
-    run = zeroshot_run(cfg.weights)
-    if run is not None:  # the open_clip model of a zero-shot run: its own architecture, head and input size
-        if not class_names or num_classes == 0:
-            raise ImgclfError(f"weights {run}: a zero-shot run starts `imgclf train` (fine-tuning its image tower and "
-                              "head); it is no backbone for this command")  # fmt: skip
-        from .zeroshot import zeroshot_for_training
-
-        model = zeroshot_for_training(run, run_meta(run), class_names)
-        return model, f"run:{run}", False
+    run = run_dir_weights(cfg.weights)
+    if run is not None:  # --weights RUN: the run's kind says how it starts a model (``RUN_STARTS``)
+        meta = run_meta(run)
+        kind = meta.get("kind") or "classifier"
+        if kind not in RUN_STARTS:
+            raise ImgclfError(f"weights {run}: a {kind} run has no network to start from (usable: "
+                              f"{', '.join(RUN_STARTS)} runs); give its backbone with --model/--weights")  # fmt: skip
+        return RUN_STARTS[kind](cfg, run, meta, num_classes, class_names, sized, extra)
     check_model_name(cfg.name)
     source = resolve_weights(cfg)
     kw, spec = {**_model_kwargs(cfg), **sized, **extra}, head_spec(cfg)
@@ -195,7 +194,7 @@ def _create(
         return model, f"packaged:{path.name}", not head
     path = Path(source).expanduser()
     if path.is_dir():
-        return _from_run(model, cfg, path, class_names, sized)
+        run_meta(path)  # ImgclfError: a directory that is not an imgclf run
     if path.suffix not in _FILE_SUFFIXES and not path.exists():
         raise ImgclfError(f"model.weights: '{source}' is not auto, packaged, hub, none or an existing weights file")
     head = load_into(model, _resized(model, read_state_dict(path), sized), str(path))
@@ -208,20 +207,55 @@ def zeroshot_run(weights: str) -> Path | None:
     return path if path is not None and run_meta(path).get("kind") == "zeroshot" else None
 
 
-def _from_run(
-    model: nn.Module, cfg: ModelConfig, run: Path, class_names: list[str] | None, sized: dict[str, Any]
+def _from_trained(
+    cfg: ModelConfig,
+    run: Path,
+    meta: dict,
+    num_classes: int,
+    class_names: list[str] | None,
+    sized: dict[str, Any],
+    extra: dict[str, Any],
 ) -> tuple[nn.Module, str, bool]:
-    """``model`` (``cfg.name``) with the weights of the run directory ``run`` (``weights.run_state``)."""
-    meta = run_meta(run)
+    """``cfg.name`` with the weights of a trained or self-supervised run (``weights.run_state``: its head kept
+    for the same classes)."""
+    check_model_name(cfg.name)
+    model = _build(cfg.name, num_classes, {**_model_kwargs(cfg), **sized, **extra})
     arch, name = meta["arch"], cfg.name
     if arch != architecture_of(model, name) and arch != name.split(".", 1)[0]:
         raise ImgclfError(f"weights {run}: a {arch} run, not {name}; pass --model {arch}")
     theirs = (meta.get("head") or {}).get("kind", "linear")
     if theirs != cfg.head:
         raise ImgclfError(f"weights {run}: trained with the {theirs} head; pass --model.head {theirs}")
+    set_head(model, head_spec(cfg), cfg.name)
+    if sized:
+        _check_input_size(model, cfg.name, sized["img_size"])
     state, _ = run_state(run, model, class_names)
     head = load_into(model, _resized(model, state, sized), f"run {run}")
     return model, f"run:{run}", not head
+
+
+def _from_zeroshot(
+    cfg: ModelConfig,
+    run: Path,
+    meta: dict,
+    num_classes: int,
+    class_names: list[str] | None,
+    sized: dict[str, Any],
+    extra: dict[str, Any],
+) -> tuple[nn.Module, str, bool]:
+    """The open_clip model of a zero-shot run (its own architecture and input size) with its text-embedding head
+    in ``class_names``' order (``zeroshot.zeroshot_for_training``): the start of fine-tuning only."""
+    if not class_names or num_classes == 0:
+        raise ImgclfError(f"weights {run}: a zero-shot run starts `imgclf train` (fine-tuning its image tower and "
+                          "head); it is no backbone for this command")  # fmt: skip
+    from .zeroshot import zeroshot_for_training
+
+    return zeroshot_for_training(run, meta, class_names), f"run:{run}", False
+
+
+#: run kind (``imgclf.json`` ``kind``) -> how a run of it given as ``--weights RUN`` starts a model: (model,
+#: source, whether the head is new). Kinds without an entry (a k-NN index) have no network to start from.
+RUN_STARTS = {"classifier": _from_trained, "backbone": _from_trained, "zeroshot": _from_zeroshot}
 
 
 def _build(name: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:

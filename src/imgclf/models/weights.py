@@ -139,10 +139,6 @@ def _head_keys(model: nn.Module) -> set[str]:
     return {k for k in model.state_dict() for n in names if n and (k == n or k.startswith(n + "."))}
 
 
-#: run kinds whose weights start a training run (``--weights RUN``): a trained classifier, an SSL backbone
-RUN_KINDS = ("classifier", "backbone")
-
-
 def run_meta(run: Path) -> dict:
     """``imgclf.json`` of a run directory given as weights (ImgclfError when ``run`` holds no readable run)."""
     meta_path = Path(run) / META_FILE
@@ -176,13 +172,9 @@ def run_state(run: Path, model: nn.Module, class_names: list[str] | None) -> tup
     so the same classes start from the trained head); otherwise it is dropped and the new head starts afresh.
 
     Raises:
-        ImgclfError: not a run, unreadable weights, or a kind that cannot start training (a k-NN index).
+        ImgclfError: not a run or unreadable weights.
     """
     meta = run_meta(run)
-    kind = meta.get("kind") or "classifier"
-    if kind not in RUN_KINDS:
-        raise ImgclfError(f"weights {run}: a {kind} run has no network to start training from (usable: a trained "
-                          "or self-supervised run); give its backbone with --model/--weights instead")  # fmt: skip
     state = read_state_dict(Path(run) / WEIGHTS_FILE)
     head = [k for k in _head_keys(model) if k in state]
     names, wanted = meta["class_names"], [unicodedata.normalize("NFC", c) for c in class_names or []]
