@@ -10,7 +10,7 @@ ImageNet EfficientNet-Lite0 probe: linear-probe and 5-shot k-NN accuracy on the 
      rule: k 10, cosine, temperature 0.07; also the nearest class mean), every test image classified; mean and std.
 Results: bench/results/ssl_fmnist.json; the README table is printed.
 
-Usage: python bench/ssl_fmnist.py [--epochs 15] [--skip-pretrain]
+Usage: python bench/ssl_fmnist.py [--epochs 15]
 """
 
 from __future__ import annotations
@@ -50,8 +50,20 @@ SEEDS = range(5)
 def pretrain(data: Path, epochs: int) -> dict:
     run = RUNS_DIR / SSL_NAME
     if not (run / "imgclf.json").is_file():
-        resume = ["--resume", "--name", SSL_NAME, "--output", str(RUNS_DIR)] if run.exists() else [
-            str(data), *shlex.split(SSL_FLAGS), "--epochs", str(epochs), "--output", str(RUNS_DIR), "--name", SSL_NAME]
+        resume = (
+            ["--resume", "--name", SSL_NAME, "--output", str(RUNS_DIR)]
+            if run.exists()
+            else [
+                str(data),
+                *shlex.split(SSL_FLAGS),
+                "--epochs",
+                str(epochs),
+                "--output",
+                str(RUNS_DIR),
+                "--name",
+                SSL_NAME,
+            ]
+        )
         proc = subprocess.run([sys.executable, "-m", "imgclf", "pretrain", *resume, "--no-progress"])
         if proc.returncode != 0:
             raise SystemExit("pretraining failed")
@@ -90,8 +102,10 @@ def table(res: dict) -> str:
              "lite0-imagenet": "ImageNet (packaged), 80 px"}  # fmt: skip
     for arm, r in res["arms"].items():
         k, p = r["5shot_knn"], r["5shot_prototype"]
-        rows.append(f"| {ARMS[arm][0]} | {names[arm]} | {100 * r['probe']['test_top1']:.2f} % | "
-                    f"{100 * k['mean']:.2f} ± {100 * k['std']:.2f} % | {100 * p['mean']:.2f} ± {100 * p['std']:.2f} % |")
+        rows.append(
+            f"| {ARMS[arm][0]} | {names[arm]} | {100 * r['probe']['test_top1']:.2f} % | "
+            f"{100 * k['mean']:.2f} ± {100 * k['std']:.2f} % | {100 * p['mean']:.2f} ± {100 * p['std']:.2f} % |"
+        )
     return "\n".join(rows)
 
 
@@ -103,11 +117,11 @@ def main() -> None:
     data = ensure_full()
     ssl = pretrain(data, args.epochs)
     m = ssl["metrics"]
-    res = {"pretrain": {"command": f"imgclf pretrain bench/data/fashion_mnist_full.npz {SSL_FLAGS} --epochs "
-                                   f"{len(m['history'])}",
-                        "minutes": round(m["pretrain_seconds"] / 60, 1), "peak_rss_mb": m["peak_rss_mb"],
-                        "history": m["history"]},
-           "arms": {}, "machine": machine(), "versions": package_versions(), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    pre = {"command": f"imgclf pretrain bench/data/fashion_mnist_full.npz {SSL_FLAGS} --epochs {len(m['history'])}",
+           "minutes": round(m["pretrain_seconds"] / 60, 1), "peak_rss_mb": m["peak_rss_mb"],
+           "peak_worker_rss_mb": m.get("peak_worker_rss_mb"), "history": m["history"]}  # fmt: skip
+    res = {"pretrain": pre, "arms": {}, "machine": machine(), "versions": package_versions(),
+           "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     for arm in ARMS:
         res["arms"][arm] = {"probe": probe(arm, data), **few_shot(arm, data)}
         print(arm, json.dumps(res["arms"][arm]["probe"]), flush=True)
