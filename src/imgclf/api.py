@@ -184,6 +184,17 @@ def evaluate(run_dir: str | Path, data: str, **kwargs: Any) -> dict[str, Any]:
     return evaluate_run(run_dir, data, **kwargs)
 
 
+def evaluate_shift(run_dir: str | Path, data: str, **kwargs: Any) -> dict[str, Any]:
+    """Accuracy, ECE and OOD rejection of a saved run under common corruptions at severities 1-5, written to the
+    run's ``robustness.json``; see ``imgclf.eval.shift.evaluate_shift``."""
+    from .eval.shift import evaluate_shift as _shift
+    from .eval.shift import save_shift
+
+    doc = _shift(run_dir, data, **kwargs)
+    save_shift(run_dir, doc)
+    return doc
+
+
 def predict(run_dir: str | Path, inputs: list[str], **kwargs: Any) -> Predictions:
     """Top-k predictions for image files, folders and CSVs; see ``imgclf.predict.predict_run``."""
     return predict_run(run_dir, inputs, **kwargs)

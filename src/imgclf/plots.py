@@ -291,3 +291,26 @@ def pareto_plot(doc: dict[str, Any], path: Path) -> None:
     ax.set_title("backbones on this machine" + (f" and {doc['data']}" if scored else ""))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def robustness_heatmap(doc: dict[str, Any]) -> bytes:
+    """Top-1 per corruption (rows) and severity (columns) of ``eval.shift.evaluate_shift``, with the clean top-1
+    as the first column and the values printed."""
+    import numpy as np
+
+    names = list(doc["per_corruption"])
+    sev = sorted({r["severity"] for r in doc["rows"]})
+    acc = {(r["corruption"], r["severity"]): r["top1"] for r in doc["rows"]}
+    m = np.array([[doc["clean"]["top1"], *[acc.get((n, s), np.nan) for s in sev]] for n in names])
+    fig = figure(1.6 + 0.9 * (len(sev) + 1), 1.0 + 0.38 * len(names))
+    ax = fig.add_subplot()
+    im = ax.imshow(m, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(sev) + 1), ["clean", *[str(s) for s in sev]])
+    ax.set_yticks(range(len(names)), [n.replace("_", " ") for n in names])
+    ax.set_xlabel("severity")
+    for (i, j), v in np.ndenumerate(m):
+        if np.isfinite(v):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="top-1")
+    fig.tight_layout()
+    return png_bytes(fig)

@@ -36,6 +36,14 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table", help="stdout format")
     p.add_argument("--json", dest="json_out", help="also write the metrics JSON to this file")
     p.add_argument("--priors", help=_PRIORS_HELP + " (default: the run's own, see imgclf calibrate --priors)")
+    s = p.add_argument_group("robustness to shift (common corruptions, Hendrycks & Dietterich 2019)")
+    s.add_argument("--shift", metavar="CORRUPTIONS",
+                   help="corruptions: all of them, or names joined with commas (gaussian_noise, shot_noise, "
+                        "impulse_noise, defocus_blur, motion_blur, gaussian_blur, brightness, contrast, "
+                        "jpeg_compression, pixelate); writes RUN/robustness.json")  # fmt: skip
+    s.add_argument("--severities", type=positive_int, nargs="+", default=[1, 2, 3, 4, 5], help="of 1-5 (all)")
+    s.add_argument("--max-images", type=positive_int, help="at most this many images (stratified; default all)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the image choice and of the corruptions")
     config_flags(p, InferConfig, {"batch_size": 128})
 
 
@@ -43,6 +51,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .. import api
     from ..artifact import read_artifact
     from ..io import write_json
+
+    if args.shift:
+        if len(args.runs) > 1 or args.ood_data or args.priors or args.tta:
+            raise ImgclfError("--shift measures one run, without --ood-data, --priors or --tta")
+        doc = api.evaluate_shift(args.runs[0], args.data, split=args.split, corruptions=args.shift,
+                                 severities=args.severities, max_images=args.max_images, seed=args.seed,
+                                 **_infer(args))  # fmt: skip
+        if args.json_out:
+            write_json(args.json_out, doc)
+        output.print_json(doc) if args.format == "json" else output.print_shift(doc, args.runs[0])
+        return 0
 
     if len(args.runs) > 1:
         if args.ood_data or args.priors:

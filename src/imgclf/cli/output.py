@@ -158,6 +158,23 @@ def print_pretrain(res: Any) -> None:
     )
 
 
+def print_shift(doc: dict[str, Any], run: str) -> None:
+    """``api.evaluate_shift``: top-1 per corruption and severity, the means, ECE and OOD rejection under shift."""
+    sev = sorted({r["severity"] for r in doc["rows"]})
+    rows = []
+    for name, per in doc["per_corruption"].items():
+        acc = {r["severity"]: r["top1"] for r in doc["rows"] if r["corruption"] == name}
+        rows.append([name, *[pct(acc.get(s)) for s in sev], pct(per["top1"]), pct(per.get("ece")),
+                     pct(per.get("rejected"))])  # fmt: skip
+    print(format_table(rows, ["corruption", *[f"sev {s}" for s in sev], "mean", "ECE", "rejected"]))
+    c = doc["clean"]
+    rej = f", rejected {pct(c['rejected'])}" if c.get("rejected") is not None else ""
+    print(f"\nclean top-1 {pct(c['top1'])} (ECE {pct(c['ece'])}{rej}) on {doc['n']} images of {doc['data']}")
+    drop = f", relative drop {pct(doc['relative_drop'])}" if doc.get("relative_drop") is not None else ""
+    print(f"mean corruption accuracy (mCA) {pct(doc['mca'])}{drop}; mean ECE under shift {pct(doc['mean_ece'])}")
+    print(f"written: {Path(run) / 'robustness.json'} (the report's robustness section)")
+
+
 def print_teachers(result: Any) -> None:
     """Student vs each teacher (distillation): the main metric on validation and test images, parameters."""
     key = "map" if "map" in result.val_metrics else "top1"

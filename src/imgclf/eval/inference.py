@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.nn as nn
+
 from ..artifact import Artifact, load_artifact
 from ..data.images import MAX_ASPECT, PILLOW_MAX_PIXELS, DecodePolicy
 from ..data.loader import ImageDataset, SkipLog, make_loader
@@ -55,11 +57,13 @@ def infer_run(
     desc: str = "infer",
     max_pixels: int | None = PILLOW_MAX_PIXELS,
     max_aspect: float | None = MAX_ASPECT,
+    loaded: tuple[nn.Module, Artifact] | None = None,
 ) -> tuple[Outputs, Artifact, Samples, SkipLog]:
     """Load a saved run and run it over ``open_samples(artifact, decode_policy)`` with the artifact's decoding
-    (bit depth, background; within ``max_pixels``/``max_aspect``) and eval preprocessing (or its TTA views)."""
+    (bit depth, background; within ``max_pixels``/``max_aspect``) and eval preprocessing (or its TTA views).
+    ``loaded``: the (model on ``device``, artifact) of an earlier call, to run more data without loading again."""
     dev = resolve_device(device)
-    model, art = load_artifact(run, dev)
+    model, art = loaded if loaded is not None else load_artifact(run, dev)
     model = reparameterized(model, art.preprocessing.input_size)  # MobileOne, FastViT, ...: the fused form
     samples = open_samples(art, run_decode_policy(art, max_pixels, max_aspect))
     check_inputs(samples, progress)

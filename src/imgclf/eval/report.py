@@ -239,6 +239,10 @@ def write_report(
     else:
         parts, sections = _single_label_parts(art, trust, saved, reliability, training), SECTIONS
     parts.append(_section("ood", "Out-of-distribution detection", _ood_body(art, ood)))
+    robust = _robustness_body(run_dir)
+    if robust:
+        parts.append(_section("robustness", "Robustness to common corruptions", robust))
+        sections = (*sections, "robustness")
     if art.metrics.get("teachers"):
         parts.insert(1, _section("distillation", "Student vs teacher", _distill_body(art)))
         sections = (sections[0], "distillation", *sections[1:])
@@ -259,6 +263,30 @@ def write_report(
     out = run_dir / REPORT_FILE
     write_text(out, _page(run_dir.name, art, parts, sections))
     return out
+
+
+def _robustness_body(run_dir: Path) -> str:
+    """The heatmap and summary of ``robustness.json`` (``imgclf eval RUN --shift``), or "" when there is none."""
+    from ..plots import robustness_heatmap
+    from .shift import ROBUSTNESS_FILE
+
+    path = run_dir / ROBUSTNESS_FILE
+    if not path.is_file():
+        return ""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        png = robustness_heatmap(doc)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f'<p class="note">{html.escape(str(path))} could not be read ({html.escape(str(e)[:120])}).</p>'
+    c = doc["clean"]
+    rows = [[n.replace("_", " "), _pct(p["top1"]), _pct(p.get("ece")), _pct(p.get("rejected"))]
+            for n, p in doc["per_corruption"].items()]  # fmt: skip
+    return (f"<p>{doc['n']} images of {html.escape(str(doc['data']))}, seed {doc['seed']}: clean top-1 "
+            f"{_pct(c['top1'])}, mean corruption accuracy {_pct(doc['mca'])} (relative drop "
+            f"{_pct(doc.get('relative_drop'))}), mean ECE under shift {_pct(doc.get('mean_ece'))}; "
+            f"<i>rejected</i>: share answered unknown by the {html.escape(str(doc['ood_score']))} threshold.</p>"
+            + _img(png, "top-1 per corruption and severity")
+            + _table(["corruption", "mean top-1", "ECE", "rejected"], rows))  # fmt: skip
 
 
 def _distill_body(art: Artifact) -> str:
