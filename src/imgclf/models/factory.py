@@ -201,12 +201,6 @@ def _create(
     return model, f"file:{path}", not head
 
 
-def zeroshot_run(weights: str) -> Path | None:
-    """``weights`` as a path when it names a zero-shot run directory (``imgclf zeroshot``), else None."""
-    path = run_dir_weights(weights)
-    return path if path is not None and run_meta(path).get("kind") == "zeroshot" else None
-
-
 def _from_trained(
     cfg: ModelConfig,
     run: Path,
