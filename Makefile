@@ -16,11 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/imgclf train
 
-## make test: the whole test suite, on PYTEST_WORKERS processes (pytest-xdist; a test file stays on one worker, so
-## its module fixtures are built once; 2 workers on this 2-core machine: 8.7 min instead of 12.2)
-PYTEST_WORKERS ?= 2
+## make test: the whole test suite
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
