@@ -74,7 +74,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="HTTP server: batching, OOD rejection, drift, KServe v2, Prometheus /metrics",
                        description="Serve runs over HTTP. Each RUN may be NAME=RUN or NAME:VERSION=RUN.")  # fmt: skip
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories ([NAME[:VERSION]=]RUN)")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run directories ([NAME[:VERSION]=]RUN); or --repository")
     runtime_flag(p, "auto: the fastest installed; PyTorch on a GPU")
     config_flags(p, ServeOptions, exclude=("runtime",))
     p.add_argument("--no-batching", action="store_true", help="one image per runtime call (--max-batch 1, no delay)")
@@ -110,6 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.no_batching:
         args.max_batch, args.max_delay_ms = 1, 0.0
     args.drift_thresholds = _drift_thresholds(args.drift_threshold)
+    if not args.runs and not args.repository:
+        raise ImgclfError("imgclf serve: give at least one RUN or a --repository REPO")
     serve(args.runs, config_from_args(ServeOptions, args), ready_file=args.ready_file)
     return 0
 

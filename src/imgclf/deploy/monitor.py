@@ -4,7 +4,8 @@
 ``unknown`` flags; every ``check_every`` images, but at most once every ``min_interval_s`` seconds (at
 thousands of images a second a window of 1,000 would otherwise be recomputed many times a second for
 nothing), it recomputes the distances (``eval.drift``), and logs a warning when a statistic crosses its
-threshold (and an info line when it comes back). ``check`` recomputes them at once.
+threshold (and an info line when it comes back); ``listener``, when set, gets every report (the server's
+``--on-drift`` hook, ``deploy.hooks``). ``check`` recomputes them at once.
 Thread-safe: batches arrive from the inference thread, reports are read by HTTP handlers.
 
 Example:
@@ -51,6 +52,7 @@ class DriftMonitor:
         self._unknown = np.zeros(window, dtype=bool)
         self._pos = self._count = self._since_check = 0
         self.last: dict[str, Any] = {"n": 0, "status": "warming up" if reference else "no reference"}
+        self.listener: Any = None  # called with every report (the --on-drift hook); must not block
 
     @property
     def enabled(self) -> bool:
@@ -103,4 +105,6 @@ class DriftMonitor:
             elif not over and was == "drift":
                 log.info("drift on model %s is back under the thresholds", self.name)
         self.last = rep
+        if self.listener is not None:
+            self.listener(rep)
         return rep

@@ -33,9 +33,11 @@ import binascii
 import functools
 import json
 import logging
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,6 +70,7 @@ class ApiError(Exception):
 
 
 _DRAINING = b'{"error": "server is shutting down"}'
+_FILENAME = re.compile(r'filename="([^"]*)"')
 _MAX_HELD = 256  # refusals held back at once (each keeps its connection open); beyond, answered at once
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -91,7 +94,21 @@ class Metrics:
         self.rejects = Counter("imgclf_rejected", "requests refused", ["model", "reason"], registry=r)
         self.drift = Gauge("imgclf_drift", "drift distance of the window", ["model", "statistic"], registry=r)
         self.drifted = Gauge("imgclf_drifted", "1 when a drift statistic is past its threshold", ["model"], registry=r)
+        self.model_events = Counter("imgclf_model_events", "repository loads, unloads and failed loads",
+                                    ["name", "event"], registry=r)  # fmt: skip
+        self.captured = Counter("imgclf_captured", "images handed to the capture folder", ["model", "reason"],
+                                registry=r)  # fmt: skip
+        self.capture_dropped = Gauge("imgclf_capture_dropped", "captures dropped (writer behind, or too large)",
+                                     registry=r)  # fmt: skip
+        self.on_drift = Counter("imgclf_on_drift_runs", "--on-drift runs by outcome", ["model", "result"], registry=r)
         self._children: dict[tuple, Any] = {}
+
+    def forget(self, key: str) -> None:
+        """Drop the gauges of an unloaded model version (its counters stay: Prometheus counters never go back)."""
+        for g in (self.queue, self.unknown_rate, self.drifted):
+            _remove(g, key)
+        for stat in ("psi_class", "psi_confidence", "ks_confidence", "embedding_shift"):
+            _remove(self.drift, key, stat)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once (``labels`` validates and locks on every call)."""
@@ -106,19 +123,49 @@ class Server:
     """The application state: models, options, metrics, the decode pool."""
 
     def __init__(self, models: dict[str, dict[str, ServedModel]], opts: ServeOptions):
-        if not models:
-            raise ImgclfError("serve needs at least one run")
+        if not models and not opts.repository:
+            raise ImgclfError("serve needs at least one run (or a --repository)")
         disable_created_metrics()  # no *_created series: they double the scrape for nothing here
         self.models, self.opts, self.metrics = models, opts, Metrics()
-        self.default = next(iter(models))
         self.draining = False
         self.inflight = 0  # requests being read, decoded or waiting for their batch
         self._held = 0  # refusals waiting out --refuse-pause-ms before their answer
         self.decode_pool = ThreadPoolExecutor(opts.decode_threads, thread_name_prefix="imgclf-decode")
+        self.capture = self.hook = self.repository = None
+        if opts.capture_dir:
+            from .capture import Capture
+
+            self.capture = Capture(opts.capture_dir, opts.capture_rate, opts.capture_below, opts.capture_max_mb)
+        if opts.on_drift:
+            from .hooks import DriftHook
+
+            on_result = lambda key, result: self.metrics.on_drift.labels(key, result).inc()  # noqa: E731
+            self.hook = DriftHook(opts.on_drift, opts.on_drift_cooldown_s, opts.on_drift_timeout_s,
+                                  opts.capture_dir, on_result)  # fmt: skip
+        if opts.repository:
+            from .repository import Repository
+
+            self.repository = Repository(self, opts.repository, opts.keep_versions)
         for m in self.all_models():
-            b = m.batcher
-            b.on_batch, b.pool, b.prepare_threads = self._batch_observer(m.key), self.decode_pool, opts.decode_threads
-            b.prepare = functools.partial(self._decode, m)  # uploads are decoded in rounds, in the pool
+            self._attach(m)
+
+    def _attach(self, m: ServedModel) -> None:
+        """Wire a loaded model to the server: metrics, the decode pool, the --on-drift hook."""
+        b, opts = m.batcher, self.opts
+        b.on_batch, b.pool, b.prepare_threads = self._batch_observer(m.key), self.decode_pool, opts.decode_threads
+        b.prepare = functools.partial(self._decode, m)  # uploads are decoded in rounds, in the pool
+        if self.hook is not None:
+            hook = self.hook
+            m.monitor.listener = lambda rep: hook.update(m.key, rep.get("status", ""), lambda: self._drift_doc(m, rep))
+
+    def _drift_doc(self, m: ServedModel, rep: dict[str, Any]) -> dict[str, Any]:
+        return {"event": "drift", "model": m.name, "version": m.version, "run": str(m.run_dir.resolve()),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "capture_dir": self.opts.capture_dir,
+                "report": rep}  # fmt: skip
+
+    @property
+    def default(self) -> str | None:
+        return next(iter(self.models), None)
 
     def all_models(self) -> list[ServedModel]:
         return [m for versions in self.models.values() for m in versions.values()]
@@ -134,6 +181,8 @@ class Server:
 
     def model(self, name: str | None, version: str | None = None) -> ServedModel:
         name = name or self.default
+        if name is None:
+            raise ApiError(503, "no model is loaded", {"Retry-After": "5"})
         if name not in self.models:
             raise ApiError(404, f"no model named {name!r} (served: {', '.join(self.models)})")
         versions = self.models[name]
@@ -142,6 +191,37 @@ class Server:
         if version not in versions:
             raise ApiError(404, f"model {name!r} has no version {version!r} (versions: {', '.join(versions)})")
         return versions[version]
+
+    async def load(self, name: str, version: str, run: Path, origin: str = "spec") -> ServedModel:
+        """Load and warm up a run off the event loop (the served models keep answering), then route to it: a
+        new highest version takes the requests that name no version at once. Raises what loading raises."""
+        from .serving import load_one
+
+        m = await asyncio.get_running_loop().run_in_executor(None, load_one, name, version, run, self.opts, origin)
+        self._attach(m)
+        m.batcher.start()
+        self.models.setdefault(name, {})[version] = m
+        self.metrics.model_events.labels(name, "load").inc()
+        return m
+
+    async def retire(self, m: ServedModel) -> None:
+        """Take ``m`` out of routing, let every request that had chosen it finish (up to ``--drain-s``), then stop
+        its batcher and drop its gauges. Requests are never failed for this (a late one naming it gets 404)."""
+        versions = self.models.get(m.name, {})
+        if versions.get(m.version) is m:
+            del versions[m.version]
+        if not versions:
+            self.models.pop(m.name, None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.drain_s
+        while m.active > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        done = await m.batcher.drain(max(0.0, deadline - loop.time()))
+        if m.active > 0 or not done:
+            log.warning("model %s: requests still running after %.0f s of draining", m.key, self.opts.drain_s)
+        self.metrics.forget(m.key)
+        self.metrics.model_events.labels(m.name, "unload").inc()
+        log.info("model %s unloaded", m.key)
 
     # ------------------------------------------------------------ app
 
@@ -161,6 +241,9 @@ class Server:
             web.get(k + "/ready", self.v2_model_ready), web.get(kv + "/ready", self.v2_model_ready),
             web.get(k + "/config", self.v2_config), web.get(kv + "/config", self.v2_config),
             web.post(k + "/infer", self.v2_infer), web.post(kv + "/infer", self.v2_infer),
+            web.post("/v2/repository/index", self.v2_repository_index),
+            web.post("/v2/repository/models/{name}/load", self.v2_repository_load),
+            web.post("/v2/repository/models/{name}/unload", self.v2_repository_unload),
         ])  # fmt: skip
         app.on_startup.append(self._start)
         return app
@@ -192,6 +275,9 @@ class Server:
         except Exception:  # noqa: BLE001 - a bug of ours: say so without the traceback, log it
             log.exception("internal error on %s %s", request.method, request.path)
             resp = web.json_response({"error": "internal server error (logged)"}, status=500)
+        finally:
+            if (served := request.get("served")) is not None:
+                served.active -= 1  # a retired version waits for this before it stops
         if endpoint not in ("/metrics",):
             name = request.get("model", "-")
             mt = self.metrics
@@ -208,7 +294,9 @@ class Server:
         q = request.rel_url.query
         m = self.model(request.match_info.get("name") or q.get("model"),
                        request.match_info.get("version") or q.get("version"))  # fmt: skip
-        request["model"] = m.key
+        if request.get("served") is None:
+            request["model"], request["served"] = m.key, m
+            m.active += 1
         return m
 
     def _check_length(self, request: web.Request) -> None:
@@ -276,8 +364,12 @@ class Server:
                     raise web.HTTPRequestEntityTooLarge(max_size=request.app._client_max_size, actual_size=total)
                 # a file part has a filename in its Content-Disposition; plain form fields are ignored. (Not
                 # part.filename: aiohttp parses the header with a slow general parser, ~10 % of the loop's time)
-                if "filename" in part.headers.get("Content-Disposition", ""):
-                    files.append((f"part[{len(files)}]", bytes(data)))
+                disposition = part.headers.get("Content-Disposition", "")
+                if "filename" in disposition:
+                    name = f"part[{len(files)}]"
+                    if self.capture is not None and (fn := _FILENAME.search(disposition)):
+                        name = fn[1]  # the client's file name, kept with a captured image
+                    files.append((name, bytes(data)))
                 if len(files) > self.opts.max_images:
                     raise ApiError(413, f"more than {self.opts.max_images} images in one request")
         except (ApiError, web.HTTPException):
@@ -383,12 +475,41 @@ class Server:
         top_k = _int_param(request, "top_k", self.opts.top_k, 1, m.art.num_classes)
         self.inflight += 1
         try:
-            out = await self._run(m, self._count(await self._uploads(request)))
+            uploads = self._count(await self._uploads(request))
+            out = await self._run(m, uploads)
         finally:
             self.inflight -= 1
+        if self.capture is not None:
+            self._capture(request, m, out, uploads)
         return web.json_response(
             {"model": m.name, "version": m.version, "predictions": self._predictions(m, out, top_k)}
         )
+
+    def _capture(self, request: web.Request, m: ServedModel, out: dict[str, np.ndarray],
+                 items: np.ndarray | list[tuple[str, bytes]]) -> None:  # fmt: skip
+        """Hand the images --capture keeps to its writer (never waits: a full queue drops and counts)."""
+        from .capture import Captured
+
+        cap, probs = self.capture, out["probs"]
+        chosen = cap.choose(probs, out.get("unknown"))
+        if not chosen:
+            return
+        rid, now, names, n = request.headers.get("X-Request-Id", ""), time.time(), m.art.class_names, len(items)
+        sets = m.label_sets(probs[[i for i, _ in chosen]]) if m.trust.multi_label else None
+        for j, (i, reason) in enumerate(chosen):
+            pixels = items[i] if isinstance(items, np.ndarray) else None
+            src, data = (f"input[{i}]", None) if pixels is not None else items[i]
+            unknown = bool(out["unknown"][i]) if "unknown" in out else None
+            if sets is not None:
+                predicted = "|".join(names[c] for c in sets[j])
+            else:
+                predicted = "unknown" if unknown else names[int(probs[i].argmax())]
+            item = Captured(data, pixels, predicted, float(probs[i].max()), unknown,
+                            float(out["ood_score"][i]) if "ood_score" in out else None, m.name, m.version, reason,
+                            rid if rid and n == 1 else ":".join(x for x in (rid, src) if x), now)  # fmt: skip
+            if cap.offer(item):
+                self.metrics.child(self.metrics.captured, m.key, reason).inc()
+        self.metrics.capture_dropped.set(cap.dropped)
 
     @staticmethod
     def _predictions(m: ServedModel, out: dict[str, np.ndarray], top_k: int) -> list[dict[str, Any]]:
@@ -493,6 +614,46 @@ class Server:
             "dynamic_batching": {"max_queue_delay_microseconds": int(1000 * self.opts.max_delay_ms)},
         })  # fmt: skip
 
+    def _repository(self):
+        if self.repository is None:
+            raise ApiError(400, "this server has no model repository (start it with --repository REPO)")
+        return self.repository
+
+    async def v2_repository_index(self, request: web.Request) -> web.Response:
+        """KServe v2 repository extension: every version found or served, READY or UNAVAILABLE (with why)."""
+        repo = self._repository()
+        body = await self._body(request)
+        try:
+            ready_only = bool(json.loads(body).get("ready", False)) if body.strip() else False
+        except (ValueError, AttributeError):
+            raise ApiError(400, 'repository index: body must be empty or a JSON object {"ready": bool}') from None
+        rows = await asyncio.get_running_loop().run_in_executor(None, repo.index)
+        return web.json_response([r for r in rows if r["state"] == "READY" or not ready_only])
+
+    async def v2_repository_load(self, request: web.Request) -> web.Response:
+        """Load the highest version(s) of ``name`` from the repository now (the swap of the file watch)."""
+        repo, name = self._repository(), request.match_info["name"]
+        if self.draining:
+            raise ApiError(503, "server is shutting down", {"Retry-After": "5"})
+        try:
+            changes = await repo.sync(only=name)
+        except ImgclfError as e:
+            raise ApiError(400, str(e)) from None
+        if name not in self.models:
+            why = [r["reason"] for r in repo.index() if r["name"] == name and r["reason"]]
+            raise ApiError(400, f"model {name!r}: no version could be loaded from {repo.root}"
+                                + (f" ({why[-1]})" if why else ""))  # fmt: skip
+        return web.json_response({"changes": changes, "versions": _versions(self.models[name])})
+
+    async def v2_repository_unload(self, request: web.Request) -> web.Response:
+        """Drain and unload every version of ``name``; the watcher leaves it alone until it is loaded again."""
+        repo, name = self._repository(), request.match_info["name"]
+        try:
+            changes = await repo.unload(name)
+        except ImgclfError as e:
+            raise ApiError(400, str(e)) from None
+        return web.json_response({"changes": changes})
+
     async def v2_infer(self, request: web.Request) -> web.Response:
         m = self._model_of(request)
         if (busy := await self._refusal(request, m)) is not None:
@@ -511,6 +672,8 @@ class Server:
             out = await self._run(m, items)
         finally:
             self.inflight -= 1
+        if self.capture is not None:
+            self._capture(request, m, out, items)
         outputs = self._v2_outputs(m, doc, out, len(items))
         meta = {"model_name": m.name, "model_version": m.version, **({"id": doc["id"]} if "id" in doc else {})}
         payload, head_len = encode_response(meta, outputs)
@@ -571,6 +734,13 @@ class Server:
         return result
 
 
+def _remove(metric: Any, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # never set
+        pass
+
+
 def _resume_reading(transport: asyncio.Transport) -> None:
     if not transport.is_closing():
         transport.resume_reading()
@@ -611,11 +781,20 @@ async def _serve_async(server: Server, ready_file: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watcher = None
+    if server.repository is not None:
+        watcher = loop.create_task(server.repository.watch(opts.poll_s))
+        if hasattr(signal, "SIGHUP"):
+            loop.add_signal_handler(signal.SIGHUP, server.repository.wake.set)
     await stop.wait()
     log.info("shutting down: finishing queued requests (up to %.0f s)", opts.drain_s)
+    if watcher is not None:
+        watcher.cancel()
     await server.drain()
     await runner.cleanup()  # waits for the handlers still sending answers
     server.decode_pool.shutdown(wait=False)
+    if server.capture is not None:
+        server.capture.close()
     log.info("stopped")
 
 
@@ -625,6 +804,8 @@ def serve(specs: list[str], opts: ServeOptions | None = None, ready_file: str | 
 
     opts = opts or ServeOptions()
     server = Server(load_models(specs, opts), opts)
+    if server.repository is not None:
+        server.repository.load_initial()
     if not any(m.predictor.name.startswith("torch") for m in server.all_models()):
         # PyTorch only scores OOD and drift on small arrays here; its OpenMP pool would spin on both cores
         # after each of them and take the CPU the compiled runtime and the HTTP loop need

@@ -67,13 +67,36 @@ class ServeOptions:
         "after a 503, how long the refused connection is not read again: a client retrying at once, "
         "ignoring Retry-After, waits that long (0: off)",
     )
+    repository: str | None = opt(
+        None,
+        "model repository REPO/NAME/VERSION/ (run dirs): served, rescanned every --poll-s and on SIGHUP; a new "
+        "highest version is loaded while the old answers, then the old is drained and unloaded",
+    )
+    poll_s: float = opt(2.0, "seconds between rescans of --repository (0: on SIGHUP and load requests only)")
+    keep_versions: int = opt(1, "versions of each repository model kept loaded (the highest)")
+    capture_dir: str | None = opt(
+        None,
+        "keep served images here (off by default): every unknown and low-confidence one plus a --capture-rate "
+        "share, with labels.csv to fill in for train/audit/retrain",
+    )
+    capture_rate: float = opt(0.0, "share of the other (confident, known) images captured, 0-1")
+    capture_below: float = opt(0.5, "images whose top probability is under this are always captured (0: none)")
+    capture_max_mb: float = opt(512.0, "size cap of the captured images (MB); the oldest are removed beyond")
+    on_drift: str | None = opt(
+        None,
+        "shell command (drift report as JSON on stdin; IMGCLF_RUN, IMGCLF_CAPTURE_DIR, ... in its environment) "
+        "or http(s):// URL (report POSTed) run once per drift episode; its failure never affects serving",
+    )
+    on_drift_cooldown_s: float = opt(600.0, "drift returning within this many seconds after an episode: same episode")
+    on_drift_timeout_s: float = opt(600.0, "seconds the --on-drift command or webhook may take (killed beyond)")
 
     def __post_init__(self) -> None:
         for k in ("max_batch", "max_queue", "max_pixels", "max_images", "top_k", "drift_window", "decode_threads",
-                  "max_inflight", "drift_min_samples"):  # fmt: skip
+                  "max_inflight", "drift_min_samples", "keep_versions"):  # fmt: skip
             if getattr(self, k) < 1:
                 raise ImgclfError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(self, k)})")
-        for k in ("max_delay_ms", "timeout_s", "read_timeout_s", "drain_s", "refuse_pause_ms"):
+        for k in ("max_delay_ms", "timeout_s", "read_timeout_s", "drain_s", "refuse_pause_ms", "poll_s",
+                  "on_drift_cooldown_s", "on_drift_timeout_s"):  # fmt: skip
             if getattr(self, k) < 0:
                 raise ImgclfError(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(self, k)})")
         if self.max_body_mb <= 0:
@@ -107,6 +130,8 @@ class ServedModel:
         self.to_pixels = pixel_fn(self.art)  # PIL image -> (H, W, C) uint8: the run's resize and crop
         self.feat_dim = -1  # known after the first call
         self.busy_body = json.dumps({"error": f"model {self.key} is busy"}).encode()  # the 503's, made once
+        self.origin = "spec"  # or "repository": loaded (and retired) by the model repository watcher
+        self.active = 0  # requests that have chosen this model and are not answered yet (a retired one waits)
 
     @property
     def key(self) -> str:
@@ -162,12 +187,20 @@ def load_models(specs: list[str], opts: ServeOptions) -> dict[str, dict[str, Ser
         version = version or str(len(models.get(name, {})) + 1)
         if version in models.get(name, {}):
             raise ImgclfError(f"model {name} version {version} is given twice")
-        art = read_artifact(run)
-        require(art, "serve")
-        t0 = time.perf_counter()
-        pred = auto_predictor(art, opts.runtime, str(resolve_device(opts.device)))
-        models.setdefault(name, {})[version] = m = ServedModel(name, version, run, pred, opts)
-        log.info("model %s:%s from %s on %s (%.1f s)", name, version, run, pred.name, time.perf_counter() - t0)
-        for n in (1, opts.max_batch):  # warm-up: the first calls of a shape compile kernels
-            m.feat_dim = pred(np.zeros((n, *m.input_hwc), np.uint8))[2].shape[1]
+        models.setdefault(name, {})[version] = load_one(name, version, run, opts)
     return models
+
+
+def load_one(name: str, version: str, run: Path, opts: ServeOptions, origin: str = "spec") -> ServedModel:
+    """One run loaded on its runtime and warmed up (batch 1 and ``max_batch``: the first calls of a shape
+    compile kernels), ready to serve. Raises ImgclfError for a run that cannot be served."""
+    art = read_artifact(run)
+    require(art, "serve")
+    t0 = time.perf_counter()
+    pred = auto_predictor(art, opts.runtime, str(resolve_device(opts.device)))
+    m = ServedModel(name, version, run, pred, opts)
+    m.origin = origin
+    for n in (1, opts.max_batch):
+        m.feat_dim = pred(np.zeros((n, *m.input_hwc), np.uint8))[2].shape[1]
+    log.info("model %s:%s from %s on %s (%.1f s)", name, version, run, pred.name, time.perf_counter() - t0)
+    return m
