@@ -548,3 +548,25 @@ def print_compress(doc: dict[str, Any]) -> None:
     print(f"\nint8 student vs teacher: {v['size_ratio']}x smaller; img/s {speed}; {change} {metric} points "
           f"(--max-drop {doc['max_drop']}): {verdict}")  # fmt: skip
     print(f"student run: {doc['student']} (figures: compress.json)")
+
+
+def print_retrain(doc: dict[str, Any]) -> None:
+    """``retrain.retrain``: champion and challenger on the two held-out sets, the training mix, then the decision."""
+    metric = {"top1": "top-1", "map": "mAP"}.get(doc["metric"], doc["metric"])
+    c, h, d = doc["scores"]["champion"], doc["scores"]["challenger"], doc["data"]
+    rows = [[f"{s} ({d[s]['held_out_from']})", d[s]["held_out"], pct(c[s]), pct(h[s]),
+             f"{100 * (h[s] - c[s]):+.2f}"] for s in ("new", "old")]  # fmt: skip
+    print(f"champion {doc['champion']} vs challenger, {metric} on fixed held-out sets:")
+    print(format_table(rows, ["held-out set", "images", "champion", "challenger", "points"]))
+    r = d["replay"]
+    print(f"challenger trained on {d['train']} images: {d['new']['train']} new + {r['images']} replayed old "
+          f"({r['per_new_image']:g} per new image), {doc['epochs']} epochs at lr {doc['lr']:g}, "
+          f"{doc['seconds'] / 60:.1f} min in all")  # fmt: skip
+    dec = doc["decision"]
+    if dec["accepted"]:
+        verdict = "PROMOTED"
+    else:
+        verdict = "PROMOTED (--force)" if dec["forced"] else "NOT PROMOTED"
+    where = f" as version {doc['version']}" if doc.get("version") else ""
+    print(f"\ndecision: {verdict}{where}: {dec['reason']}")
+    print(f"challenger run: {doc['run']} (figures: retrain.json)")
