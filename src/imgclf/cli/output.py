@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -548,6 +549,25 @@ def print_compress(doc: dict[str, Any]) -> None:
     print(f"\nint8 student vs teacher: {v['size_ratio']}x smaller; img/s {speed}; {change} {metric} points "
           f"(--max-drop {doc['max_drop']}): {verdict}")  # fmt: skip
     print(f"student run: {doc['student']} (figures: compress.json)")
+
+
+def gated(run: Callable[[], dict[str, Any]], printer: Callable[[dict[str, Any]], None], refused: type,
+          json_out: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """The figures of a command with a verdict (compress's budget, retrain's promotion), printed (and written to
+    ``json_out``) whether the result is accepted or not: ``run()``'s document, or the ``doc`` of its ``refused``
+    exception, which is raised again after them (its one line comes last)."""
+    from ..io import write_json
+
+    try:
+        doc, error = run(), None
+    except refused as e:
+        doc, error = e.doc, e
+    printer(doc)
+    if json_out:
+        write_json(json_out, doc)
+    if error is not None:
+        raise error
+    return doc
 
 
 def print_retrain(doc: dict[str, Any]) -> None:

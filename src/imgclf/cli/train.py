@@ -157,25 +157,15 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from .. import api
-    from ..io import write_json
     from ..retrain import RetrainRefused
 
     ns = vars(args)
     cfg = api.retrain_config(args.run_champion, recipe=ns.get("recipe"), config_file=ns.get("config"),
                              overrides=flat_overrides(args))  # fmt: skip
-    try:
-        doc = api.retrain(cfg, args.run_champion, args.new_data, holdout=args.holdout, new_test=ns.get("new_test"),
-                          old_test=ns.get("old_test"), replay=args.replay, margin=args.margin,
-                          min_gain=args.min_gain, promote_to=ns.get("promote_to"), out=ns.get("out"),
-                          force=args.force)  # fmt: skip
-    except RetrainRefused as e:  # the figures first, then the one-line refusal (exit 3)
-        output.print_retrain(e.doc)
-        if ns.get("json_out"):
-            write_json(ns["json_out"], e.doc)
-        raise
-    output.print_retrain(doc)
-    if ns.get("json_out"):
-        write_json(ns["json_out"], doc)
+    opts = {k: ns.get(k) for k in ("new_test", "old_test", "promote_to", "out")}
+    output.gated(lambda: api.retrain(cfg, args.run_champion, args.new_data, holdout=args.holdout, replay=args.replay,
+                                     margin=args.margin, min_gain=args.min_gain, force=args.force, **opts),
+                 output.print_retrain, RetrainRefused, ns.get("json_out"))  # fmt: skip
     return 0
 
 
