@@ -201,14 +201,15 @@ def plan_data(art: Artifact, seed: int, new_data: str | Path, *, holdout: float 
     new = open_labelled(new_data, art, "--new-data")
     notes: list[str] = []
     if new_test is not None:
-        train_new, test_new, how = new, open_labelled(new_test, art, "--new-test", "test"), f"--new-test {new_test}"
+        test_new, how = open_labelled(new_test, art, "--new-test", "test"), f"--new-test {new_test}"
+        train_new = _without(new, test_new)  # an image in both is a test image
     else:
         tr, te = stratified_split(new.labels, holdout, seed)
         if len(te) == 0:
             raise ImgclfError(f"--new-data {new_data}: {len(new)} image(s), too few to hold out {holdout:g} of any "
                               "class (a class needs 2+ images); add images or pass --new-test")  # fmt: skip
         train_new, test_new = new.subset(tr), new.subset(te)
-        how = f"stratified {holdout:.0%} of --new-data (seed {seed})"
+        how = f"{holdout:.0%} of the new data (stratified, seed {seed})"
         single = [c for c, n in zip(art.class_names, new.class_counts()) if n == 1] if not new.multi_label else []
         if single:
             notes.append(f"--new-data: class(es) {', '.join(single[:5])} have a single image: used for training, "
@@ -303,7 +304,7 @@ def _old_sets(art: Artifact, old_test: str | Path | None, need_train: bool) -> t
     elif splits.test is not None:
         held, how = _readable(splits.test), f"test set {splits.test.name}"
     else:
-        held, how = _readable(splits.val), f"validation split of {splits.val.name} (seed and val_split of the run)"
+        held, how = _readable(splits.val), f"validation split of {splits.val.name} (rebuilt: the run's seed)"
     return held, how, _readable(splits.train)
 
 

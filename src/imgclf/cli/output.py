@@ -574,7 +574,7 @@ def print_retrain(doc: dict[str, Any]) -> None:
     """``retrain.retrain``: champion and challenger on the two held-out sets, the training mix, then the decision."""
     metric = {"top1": "top-1", "map": "mAP"}.get(doc["metric"], doc["metric"])
     c, h, d = doc["scores"]["champion"], doc["scores"]["challenger"], doc["data"]
-    rows = [[f"{s} ({d[s]['held_out_from']})", d[s]["held_out"], pct(c[s]), pct(h[s]),
+    rows = [[f"{s}: {d[s]['held_out_from']}", d[s]["held_out"], pct(c[s]), pct(h[s]),
              f"{100 * (h[s] - c[s]):+.2f}"] for s in ("new", "old")]  # fmt: skip
     print(f"champion {doc['champion']} vs challenger, {metric} on fixed held-out sets:")
     print(format_table(rows, ["held-out set", "images", "champion", "challenger", "points"]))
@@ -587,6 +587,9 @@ def print_retrain(doc: dict[str, Any]) -> None:
         verdict = "PROMOTED"
     else:
         verdict = "PROMOTED (--force)" if dec["forced"] else "NOT PROMOTED"
+    if dec["promoted"] and not doc.get("version"):
+        forced = " (--force)" if dec["forced"] else ""
+        verdict = f"BETTER{forced} (no model repository: it stays where it trained)"
     where = f" as version {doc['version']}" if doc.get("version") else ""
     print(f"\ndecision: {verdict}{where}: {dec['reason']}")
     print(f"challenger run: {doc['run']} (figures: retrain.json)")
