@@ -72,7 +72,7 @@ def _accuracy(run: Path, csv_path: Path) -> float:
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     truth = {str((csv_path.parent / r["path"]).resolve()): r["label"] for r in rows}
-    pred = predict(run, [str(csv_path)], progress=False).rows
+    pred = predict(run, [str(csv_path)], progress=False, num_workers=0).rows
     assert len(pred) == len(rows)
     return accuracy_score([truth[str(Path(p["path"]).resolve())] for p in pred], [p["top"][0]["label"] for p in pred])
 
@@ -110,7 +110,7 @@ def test_a_better_challenger_becomes_the_next_version(repo, tmp_path):
     for role, run in (("champion", repo / "1"), ("challenger", v2)):
         for split, csv_path in held.items():
             assert s[role][split] == pytest.approx(_accuracy(run, csv_path)), (role, split)
-    ev = run_cli("eval", v2, "--data", v2 / "retrain" / "test.csv")  # the version is a run like any other
+    ev = run_cli("eval", v2, "--data", v2 / "retrain" / "test.csv", "--workers", "0")  # a run like any other
     assert ev.code == 0, ev
 
 

@@ -456,7 +456,7 @@ def retrain(
     result = run_training(ch_cfg)
     metric = "map" if art.multi_label else "top1"
     opts = {"batch_size": cfg.data.eval_batch_size or 2 * cfg.data.batch_size, "device": cfg.train.device,
-            "progress": cfg.run.progress}  # fmt: skip
+            "progress": cfg.run.progress, "num_workers": cfg.data.num_workers}  # fmt: skip
     scores = score(run, result.run_dir, files, metric, **opts)
     doc = {"champion": str(run), "run": str(result.run_dir), "metric": metric, "scores": scores,
            "decision": decide(scores, margin=margin, min_gain=min_gain, force=force),
