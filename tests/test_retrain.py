@@ -193,3 +193,23 @@ def test_retrain_errors_are_one_line(repo, tmp_path):
 
         placement(repo / "1", promote_to=repo, out=tmp_path / "x")
     assert not list(repo.glob(".retrain-*"))  # bad input creates nothing
+
+
+@pytest.mark.unit
+def test_the_decision_needs_a_gain_on_new_and_at_most_the_margin_lost_on_old():
+    from imgclf.retrain import decide
+
+    def d(cn, co, hn, ho, **kw):
+        return decide({"champion": {"new": cn, "old": co}, "challenger": {"new": hn, "old": ho}},
+                      **({"margin": 1.0, "min_gain": 0.0, "force": False} | kw))  # fmt: skip
+
+    ok = d(0.5, 0.9, 0.8, 0.895)
+    assert ok["accepted"] and ok["promoted"] and (ok["gain_new_points"], ok["drop_old_points"]) == (30.0, 0.5)
+    assert d(0.5, 0.9, 0.8, 0.89)["accepted"]  # exactly the margin
+    worse_old = d(0.5, 0.9, 0.8, 0.88)
+    assert not worse_old["promoted"] and "2.00 points worse on the old data" in worse_old["reason"]
+    assert not d(0.5, 0.9, 0.5, 0.9)["accepted"]  # equal on new is not better
+    assert not d(0.5, 0.9, 0.52, 0.9, min_gain=2.0)["accepted"]  # 2 points is not more than --min-gain 2
+    forced = d(0.5, 0.9, 0.4, 0.9, force=True)
+    assert forced["promoted"] and forced["forced"] and not forced["accepted"]
+    assert not d(float("nan"), 0.9, 0.8, 0.9)["accepted"]  # an undefined score never promotes

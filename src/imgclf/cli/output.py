@@ -582,14 +582,13 @@ def print_retrain(doc: dict[str, Any]) -> None:
     print(f"challenger trained on {d['train']} images: {d['new']['train']} new + {r['images']} replayed old "
           f"({r['per_new_image']:g} per new image), {doc['epochs']} epochs at lr {doc['lr']:g}, "
           f"{doc['seconds'] / 60:.1f} min in all")  # fmt: skip
-    dec = doc["decision"]
-    if dec["accepted"]:
-        verdict = "PROMOTED"
+    dec, version = doc["decision"], doc.get("version")
+    if not dec["promoted"]:
+        verdict = "NOT PROMOTED"
+    elif version:
+        verdict = f"PROMOTED as version {version}" + (" (--force)" if dec["forced"] else "")
     else:
-        verdict = "PROMOTED (--force)" if dec["forced"] else "NOT PROMOTED"
-    if dec["promoted"] and not doc.get("version"):
-        forced = " (--force)" if dec["forced"] else ""
-        verdict = f"BETTER{forced} (no model repository: it stays where it trained)"
-    where = f" as version {doc['version']}" if doc.get("version") else ""
-    print(f"\ndecision: {verdict}{where}: {dec['reason']}")
+        verdict = ("BETTER" if dec["accepted"] else "NOT BETTER, kept (--force)") + " (no model repository: it stays"
+        verdict += " where it trained)"
+    print(f"\ndecision: {verdict}: {dec['reason']}")
     print(f"challenger run: {doc['run']} (figures: retrain.json)")
