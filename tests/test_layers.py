@@ -19,6 +19,7 @@ LAYERS = {
     "deploy": 5,
     # fewshot: the public re-exports of the k-NN stages
     "pipeline": 6, "predict": 6, "fewshot": 6, "compress": 6, "backbones": 6, "zeroshot": 6,
+    "retrain": 6,
     "api": 7, "cli": 8, "__init__": 9, "__main__": 9,
 }  # fmt: skip
 

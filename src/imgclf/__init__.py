@@ -28,6 +28,8 @@ __all__ = [
     "make_config",
     "predict",
     "report",
+    "retrain",
+    "retrain_config",
     "train",
 ]
 _API = frozenset(__all__) - {"Config", "ImgclfError"}
@@ -46,6 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
         make_config,
         predict,
         report,
+        retrain,
+        retrain_config,
         train,
     )
     from .config import Config

@@ -171,6 +171,39 @@ def compress(cfg: Config, teacher: str | Path, **kwargs: Any) -> dict[str, Any]:
     return compress_run(cfg, teacher, **kwargs)
 
 
+def retrain_config(
+    run: str | Path,
+    *,
+    recipe: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """The training config of the challenger that ``retrain`` fine-tunes from the run ``run``: its own config < recipe
+    (default ``retrain``: a short, gentle fine-tune) < config file < overrides, starting from its weights; see
+    ``imgclf.retrain.challenger_layers``."""
+    from .retrain import challenger_layers
+
+    layers, sources, flat = challenger_layers(run, recipe=recipe, config_file=config_file, overrides=overrides)
+    return build_config([*layers, nest(flat)], [*sources, "command line"])
+
+
+def retrain(cfg: Config, run: str | Path, new_data: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Fine-tune ``run`` on ``new_data`` mixed with replayed old images, score champion and challenger on a fixed
+    held-out set of each distribution, and promote the challenger only when it is better (``holdout``, ``new_test``,
+    ``old_test``, ``replay``, ``margin``, ``min_gain``, ``promote_to``, ``out``, ``force``); returns the
+    ``retrain.json`` document. Raises ``imgclf.retrain.RetrainRefused`` when it is not promoted; see
+    ``imgclf.retrain.retrain``.
+
+    Example:
+        >>> cfg = retrain_config("models/fmnist/1", overrides={"train.epochs": 2})  # doctest: +SKIP
+        >>> retrain(cfg, "models/fmnist/1", "capture/")["version"]                  # doctest: +SKIP
+        2
+    """
+    from .retrain import retrain as run_retrain
+
+    return run_retrain(cfg, run, new_data, **kwargs)
+
+
 def rebalance(run_dir: str | Path, method: str = "crt", **kwargs: Any) -> TrainResult:
     """cRT or tau-normalisation of a trained run's classifier, saved as a new run; see
     ``imgclf.pipeline.rebalance_run``."""

@@ -273,7 +273,7 @@ _BACKBONE_WHY = (
     "a self-supervised backbone has no classes to predict; train a head on it with `imgclf train DATA "
     "--weights RUN` (probe or finetune) or build a k-NN index with `imgclf knn build DATA --weights RUN`"
 )
-_BACKBONE_STAGES = ("export", "serve", "report", "explain", "calibrate", "rebalance", "teach")
+_BACKBONE_STAGES = ("export", "serve", "report", "explain", "calibrate", "rebalance", "teach", "retrain")
 
 
 def _zeroshot_state(model: nn.Module, art: Artifact) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -302,6 +302,7 @@ KINDS: dict[str, Kind] = {
         "calibrate": "a k-NN index has no temperature to fit (its votes are its probabilities)",
         "rebalance": "a k-NN index has no classifier head to rebalance (its votes weigh every support image)",
         "teach": "a k-NN index cannot teach (its votes are not logits); distil from a trained classifier run",
+        "retrain": "a k-NN index has no trained network to fine-tune; add the new images with `imgclf knn add`",
     }),
     # ``imgclf pretrain``: a headless timm backbone (``num_classes=0``) for ``--weights RUN``; nothing predicts with it
     "backbone": Kind(_refuse_backbone, _classifier_state, torch_only=True,
@@ -311,6 +312,8 @@ KINDS: dict[str, Kind] = {
         "report": "a zero-shot run has no training report; evaluate it with `imgclf eval`",
         "explain": "CAMs need a spatial feature map; a zero-shot model's features are its pooled image embedding",
         "rebalance": "a zero-shot head is text embeddings, not trained on class counts; nothing to rebalance",
+        "retrain": "retrain takes a trained classifier run; fine-tune a zero-shot run with `imgclf train DATA "
+                   "--weights RUN` first",
     }),
 }  # fmt: skip
 

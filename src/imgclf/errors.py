@@ -6,8 +6,11 @@ from __future__ import annotations
 class ImgclfError(Exception):
     """A problem with the user's input: the message names the file or field and the fix.
 
-    The CLI prints it as one line and exits with code 2; library callers catch it like any exception.
+    The CLI prints it as one line and exits with ``exit_code`` (2; a subclass may say otherwise, e.g. 3 for a
+    retrained model that ran but is not promoted); library callers catch it like any exception.
     """
+
+    exit_code: int = 2
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

@@ -15,6 +15,8 @@
         val_predictions.safetensors  validation outputs for the report                 pipeline
         report.html                the training report                                 eval/report
         export/                    exported graphs + export.json                       deploy/export
+        retrain/                   a retrained run's data: train/test CSVs, PNGs       retrain
+        retrain.json               its decision against the run it came from           retrain
 
 Example:
     >>> r = RunDir("runs/pets")
@@ -43,8 +45,11 @@ VAL_PREDICTIONS = "val_predictions.safetensors"
 REPORT_FILE = "report.html"
 EXPORT_DIR = "export"
 EXPORT_FILE = "export.json"
+RETRAIN_DIR = "retrain"  # written before training starts: the data the run is then trained on
 #: what a run holds before its first epoch ends (a folder with only these may be started again)
-EARLY_FILES = frozenset({CONFIG_FILE, METRICS_JSONL, METRICS_CSV, TENSORBOARD_DIR, CHECKPOINTS_DIR, LOCK_FILE})
+EARLY_FILES = frozenset(
+    {CONFIG_FILE, METRICS_JSONL, METRICS_CSV, TENSORBOARD_DIR, CHECKPOINTS_DIR, LOCK_FILE, RETRAIN_DIR}
+)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
   report), ``deploy`` (export, bench, serve), ``knn``, ``audit``, ``convert``, ``models``, ``zeroshot``; each has a
   ``VERBS`` table ``{name: (add_parser, command)}``.
 
-Errors a user can fix print one line and exit with code 2.
+Errors a user can fix print one line and exit with code 2 (``retrain``'s refusal to promote: 3).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``imgclf``; returns the exit code (0 ok, 2 usage/input error, 130 interrupted)."""
+    """Entry point for ``imgclf``; returns the exit code (0 ok, 2 usage/input error, 3 a retrained model not
+    promoted, 130 interrupted)."""
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return VERBS[args.command][1](args)
     except ImgclfError as e:
         print(f"imgclf: error: {_rank_prefix()}{_one_line(str(e))}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except torch_dist_errors() as e:
         first = " ".join(str(e).split())[:300]
         if not isinstance(e, _dist_error()) and not any(w in first for w in ("gloo", "nccl", "c10d", "onnection")):
@@ -133,7 +134,7 @@ def _stopped_by_torchrun(signum, frame) -> typing.NoReturn:
 def _unknown(command: str | None, extra: list[str]) -> typing.NoReturn:
     flag = next((x for x in extra if x.startswith("--")), extra[0])
     key = flag[2:].split("=", 1)[0]
-    if command in ("train", "lr-find") and "." in key:
+    if command in ("train", "lr-find", "retrain") and "." in key:
         sec = key.split(".", 1)[0]
         fields = section_fields()
         if sec in fields:

@@ -150,7 +150,6 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from .. import api
-    from ..io import write_json
 
     ns = vars(args)
     flat = flat_overrides(args)
@@ -160,17 +159,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
                               overrides=flat)  # fmt: skip
     from ..compress import CompressRefused
 
-    try:
-        res = api.compress(cfg, args.run_teacher, max_drop=args.max_drop, force=args.force, int8=args.int8,
-                           runtime=args.runtime, batch_sizes=tuple(args.batch_sizes))  # fmt: skip
-    except CompressRefused as e:  # the figures first, then the one-line refusal
-        output.print_compress(e.doc)
-        if ns.get("json_out"):
-            write_json(ns["json_out"], e.doc)
-        raise
-    output.print_compress(res)
-    if ns.get("json_out"):
-        write_json(ns["json_out"], res)
+    output.gated(lambda: api.compress(cfg, args.run_teacher, max_drop=args.max_drop, force=args.force, int8=args.int8,
+                                      runtime=args.runtime, batch_sizes=tuple(args.batch_sizes)),
+                 output.print_compress, CompressRefused, ns.get("json_out"))  # fmt: skip
     return 0
 
 

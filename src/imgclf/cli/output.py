@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -548,3 +549,46 @@ def print_compress(doc: dict[str, Any]) -> None:
     print(f"\nint8 student vs teacher: {v['size_ratio']}x smaller; img/s {speed}; {change} {metric} points "
           f"(--max-drop {doc['max_drop']}): {verdict}")  # fmt: skip
     print(f"student run: {doc['student']} (figures: compress.json)")
+
+
+def gated(run: Callable[[], dict[str, Any]], printer: Callable[[dict[str, Any]], None], refused: type,
+          json_out: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """The figures of a command with a verdict (compress's budget, retrain's promotion), printed (and written to
+    ``json_out``) whether the result is accepted or not: ``run()``'s document, or the ``doc`` of its ``refused``
+    exception, which is raised again after them (its one line comes last)."""
+    from ..io import write_json
+
+    try:
+        doc, error = run(), None
+    except refused as e:
+        doc, error = e.doc, e
+    printer(doc)
+    if json_out:
+        write_json(json_out, doc)
+    if error is not None:
+        raise error
+    return doc
+
+
+def print_retrain(doc: dict[str, Any]) -> None:
+    """``retrain.retrain``: champion and challenger on the two held-out sets, the training mix, then the decision."""
+    metric = {"top1": "top-1", "map": "mAP"}.get(doc["metric"], doc["metric"])
+    c, h, d = doc["scores"]["champion"], doc["scores"]["challenger"], doc["data"]
+    rows = [[f"{s}: {d[s]['held_out_from']}", d[s]["held_out"], pct(c[s]), pct(h[s]),
+             f"{100 * (h[s] - c[s]):+.2f}"] for s in ("new", "old")]  # fmt: skip
+    print(f"champion {doc['champion']} vs challenger, {metric} on fixed held-out sets:")
+    print(format_table(rows, ["held-out set", "images", "champion", "challenger", "points"]))
+    r = d["replay"]
+    print(f"challenger trained on {d['train']} images: {d['new']['train']} new + {r['images']} replayed old "
+          f"({r['per_new_image']:g} per new image), {doc['epochs']} epochs at lr {doc['lr']:g}, "
+          f"{doc['seconds'] / 60:.1f} min in all")  # fmt: skip
+    dec, version = doc["decision"], doc.get("version")
+    if not dec["promoted"]:
+        verdict = "NOT PROMOTED"
+    elif version:
+        verdict = f"PROMOTED as version {version}" + (" (--force)" if dec["forced"] else "")
+    else:
+        verdict = ("BETTER" if dec["accepted"] else "NOT BETTER, kept (--force)") + " (no model repository: it stays"
+        verdict += " where it trained)"
+    print(f"\ndecision: {verdict}: {dec['reason']}")
+    print(f"challenger run: {doc['run']} (figures: retrain.json)")

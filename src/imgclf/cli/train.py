@@ -1,4 +1,4 @@
-"""``imgclf train`` and ``imgclf lr-find``: the verbs that take the training config."""
+"""``imgclf train``, ``lr-find``, ``rebalance``, ``pretrain`` and ``retrain``: the verbs that (re)train a model."""
 
 from __future__ import annotations
 
@@ -123,5 +123,52 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_retrain(sub: argparse._SubParsersAction) -> None:
+    p = config_parser(
+        sub, "retrain", "fine-tune a run on new labelled data (+ replay of its old data); promote it only if better",
+        "Fine-tune RUN (the champion) from its weights on the labelled images of --new-data (a folder with class "
+        "sub-folders or with labels.csv, e.g. a labelled `imgclf serve --capture-dir` folder; a .csv; an .npz) mixed "
+        "with --replay old training images per new one, with the run's config, the `retrain` recipe (unless "
+        "--recipe/--config) and any training flag (--epochs, --lr, --train.*). Champion and challenger are scored "
+        "on a fixed held-out set of each distribution: --holdout of the new data (or --new-test) and the run's test "
+        "set (else its validation split, or --old-test). The challenger is promoted when it beats the champion on "
+        "the new set by more than --min-gain points and loses at most --margin points on the old: into a model "
+        "repository REPO/NAME/<version> (--promote-to; default when RUN is such a version) as the next version, "
+        "renamed in one step; else it stays in --out. Exit codes: 0 promoted, 3 ran but not promoted (figures "
+        "printed and kept; a rejected challenger is kept hidden as .rejected-<time>), 2 bad input.",
+    )  # fmt: skip
+    p.add_argument("run_champion", metavar="RUN", help="the trained run to improve (the champion)")
+    p.add_argument("--new-data", required=True, metavar="DIR", help="new labelled images (in RUN's classes)")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="stratified fraction of --new-data held out to score both models [0.2]")  # fmt: skip
+    p.add_argument("--new-test", metavar="PATH", help="labelled new-distribution test data instead of --holdout")
+    p.add_argument("--old-test", metavar="PATH", help="old-distribution test data instead of RUN's test/val split")
+    p.add_argument("--replay", type=float, default=1.0,
+                   help="old training images replayed per new training image (0: none) [1.0]")  # fmt: skip
+    p.add_argument("--margin", type=float, default=1.0,
+                   help="most points the challenger may lose on the old held-out set [1.0]")  # fmt: skip
+    p.add_argument("--min-gain", type=float, default=0.0,
+                   help="points the challenger must gain on the new held-out set, more than this [0.0]")  # fmt: skip
+    p.add_argument("--promote-to", metavar="DIR", help="model repository REPO/NAME holding versions 1/, 2/, ...")
+    p.add_argument("--out", metavar="DIR", help="without a repository: the challenger's run folder [RUN-retrain]")
+    p.add_argument("--force", action="store_true", default=False, help="promote even when not better (recorded)")
+    p.add_argument("--json", dest="json_out", help="also write the figures (JSON) to this file")
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from .. import api
+    from ..retrain import RetrainRefused
+
+    ns = vars(args)
+    cfg = api.retrain_config(args.run_champion, recipe=ns.get("recipe"), config_file=ns.get("config"),
+                             overrides=flat_overrides(args))  # fmt: skip
+    opts = {k: ns.get(k) for k in ("new_test", "old_test", "promote_to", "out")}
+    output.gated(lambda: api.retrain(cfg, args.run_champion, args.new_data, holdout=args.holdout, replay=args.replay,
+                                     margin=args.margin, min_gain=args.min_gain, force=args.force, **opts),
+                 output.print_retrain, RetrainRefused, ns.get("json_out"))  # fmt: skip
+    return 0
+
+
 VERBS = {"train": (add_train, cmd_train), "lr-find": (add_lr_find, cmd_lr_find),
-         "rebalance": (add_rebalance, cmd_rebalance), "pretrain": (add_pretrain, cmd_pretrain)}  # fmt: skip
+         "rebalance": (add_rebalance, cmd_rebalance), "pretrain": (add_pretrain, cmd_pretrain),
+         "retrain": (add_retrain, cmd_retrain)}  # fmt: skip

@@ -246,6 +246,9 @@ def write_report(
     if art.metrics.get("teachers"):
         parts.insert(1, _section("distillation", "Student vs teacher", _distill_body(art)))
         sections = (sections[0], "distillation", *sections[1:])
+    if art.extra.get("retrain"):
+        parts.insert(1, _section("retrain", "Retrained: challenger vs champion", _retrain_body(art.extra["retrain"])))
+        sections = (sections[0], "retrain", *sections[1:])
     n_losses = art.config.get("trust", {}).get("top_losses", 12)
     if art.multi_label:
         losses = multilabel_top_losses(saved, art.class_names, n_losses, trust) if saved else None
@@ -287,6 +290,21 @@ def _robustness_body(run_dir: Path) -> str:
             f"<i>rejected</i>: share answered unknown by the {html.escape(str(doc['ood_score']))} threshold.</p>"
             + _img(png, "top-1 per corruption and severity")
             + _table(["corruption", "mean top-1", "ECE", "rejected"], rows))  # fmt: skip
+
+
+def _retrain_body(doc: dict[str, Any]) -> str:
+    """This run (the challenger of ``imgclf retrain``) beside the run it was fine-tuned from, on the held-out set of
+    each distribution, and the decision."""
+    c, h, d, dec = doc["scores"]["champion"], doc["scores"]["challenger"], doc["data"], doc["decision"]
+    rows = [[f"{s}: {d[s]['held_out_from']}", d[s]["held_out"], _pct(c[s]), _pct(h[s]), f"{100 * (h[s] - c[s]):+.2f}"]
+            for s in ("new", "old")]  # fmt: skip
+    table = _table(["held-out set", "images", f"champion {doc['metric']}", f"challenger {doc['metric']}", "points"],
+                   rows)  # fmt: skip
+    verdict = "promoted" + (" (forced)" if dec["forced"] else "") if dec["promoted"] else "not promoted"
+    return (
+        f"<p>Fine-tuned from {html.escape(str(doc['champion']))} on {d['new']['train']} new and "
+        f"{d['replay']['images']} replayed old images; {verdict}: {html.escape(dec['reason'])}.</p>" + table
+    )
 
 
 def _distill_body(art: Artifact) -> str:
