@@ -15,7 +15,7 @@ retrain -> promote -> hot-swap under load.
    and with the corruption at severities 1-3 (a third each, seeded). Targets: version 2 >= 5 points better on
    the shifted images and <= 1 point worse on the clean ones.
 
-Usage: python bench/production_loop.py [--run runs/demo] [--work DIR]   (writes bench/results/production_loop.json)
+Usage: python bench/production_loop.py RUN [--work DIR]   (writes bench/results/production_loop.json)
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def get_json(port: int, path: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", type=Path, default=Path("runs/demo"))
+    ap.add_argument("run", type=Path, help="the run to serve as version 1 (make demo's run)")
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
     ap.add_argument("--corruption", default="gaussian_noise")
     ap.add_argument("--per-phase", type=int, default=1200, help="images per severity phase of the stream")
@@ -171,7 +171,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if not (a.run / "imgclf.json").is_file():
-        raise SystemExit(f"{a.run}: no trained run (make demo trains runs/demo)")
+        raise SystemExit(f"{a.run}: no trained run (make demo trains one in runs/)")
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ challenger can beat it by more than 0 points."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -105,6 +106,11 @@ def test_a_better_challenger_becomes_the_next_version(repo, tmp_path):
     assert meta["config"]["model"]["weights"] == str((repo / "1").resolve()) and meta["config"]["run"]["name"] == "2"
     assert ".retrain-" not in (v2 / "config.yaml").read_text() + (v2 / "imgclf.json").read_text()
     assert "Retrained: challenger vs champion" in (v2 / "report.html").read_text()
+    # the new data is the version's own (a capture folder rotates its images away): copies, bytes unchanged
+    shutil.rmtree(new)
+    with open(v2 / "retrain" / "new_test.csv", newline="") as f:
+        copied = [v2 / "retrain" / r["path"] for r in csv.DictReader(f)]
+    assert len(copied) == 9 and all(p.is_file() and v2 in p.parents for p in copied)
     # the four scores are what an independent computation gives on the same held-out images
     held = {"new": v2 / "retrain" / "new_test.csv", "old": v2 / "retrain" / "old_test.csv"}
     for role, run in (("champion", repo / "1"), ("challenger", v2)):

@@ -337,10 +337,13 @@ def replay_sample(pool: Samples, n: int, seed: int) -> Samples:
 
 def write_plan(plan: DataPlan, folder: Path, sep: str = "|") -> dict[str, Path]:
     """The challenger's data as CSVs in ``folder``: ``train.csv`` (new training part + replay), ``new_test.csv``,
-    ``old_test.csv`` and ``test.csv`` (both held-out sets). Files are listed by absolute path; images without one
-    (arrays, dataset rows) are written as PNG under ``folder/images/<part>/`` and listed relative to the CSV."""
-    rows = {part: _rows(s, folder, part, sep) for part, s in (("new", plan.new_train), ("replay", plan.replay),
-            ("new_test", plan.new_test), ("old_test", plan.old_test))}  # fmt: skip
+    ``old_test.csv`` and ``test.csv`` (both held-out sets). The old data's files are listed by absolute path; the
+    new data's files are copied as they are (bytes unchanged) and images without a file (arrays, dataset rows)
+    written as PNG, under ``folder/images/<part>/``, listed relative to the CSV."""
+    # the new data's files are copied in: a capture folder rotates (deletes its oldest images), and the run must
+    # keep its training and test images for resume, calibrate, report and the next retrain
+    rows = {part: _rows(s, folder, part, sep, copy=part.startswith("new")) for part, s in (("new", plan.new_train),
+            ("replay", plan.replay), ("new_test", plan.new_test), ("old_test", plan.old_test))}  # fmt: skip
     files = {"train": rows["new"] + rows["replay"], "new_test": rows["new_test"], "old_test": rows["old_test"],
              "test": rows["old_test"] + rows["new_test"]}  # fmt: skip
     column = "labels" if plan.new_train.multi_label else "label"
@@ -355,18 +358,25 @@ def write_plan(plan: DataPlan, folder: Path, sep: str = "|") -> dict[str, Path]:
     return out
 
 
-def _rows(s: Samples, folder: Path, part: str, sep: str) -> list[list[str]]:
+def _rows(s: Samples, folder: Path, part: str, sep: str, copy: bool = False) -> list[list[str]]:
+    import shutil
+
     from PIL import Image
 
     rows, names = [], s.class_names
     files = s.arrays is None and s.store is None
-    if not files:
+    if not files or copy:
         (folder / "images" / part).mkdir(parents=True, exist_ok=True)
     for i in range(len(s)):
         y = s.labels[i]
         label = sep.join(names[k] for k in np.flatnonzero(y)) if s.multi_label else names[int(y)]
-        if files:
+        if files and not copy:
             rows.append([os.path.abspath(s.items[i]), label])
+            continue
+        if files:
+            rel = f"images/{part}/{i:06d}{Path(s.items[i]).suffix}"
+            shutil.copyfile(s.items[i], folder / rel)
+            rows.append([rel, label])
             continue
         rel = f"images/{part}/{i:06d}.png"
         if s.arrays is not None:  # the decoded array itself (grey stays grey): lossless, as the source reads it

@@ -82,6 +82,8 @@ class Capture:
                  seed: int | None = None):  # fmt: skip
         if not 0 <= rate <= 1:
             raise ImgclfError(f"--capture-rate must be within [0, 1] (got {rate})")
+        if not 0 <= below <= 1:
+            raise ImgclfError(f"--capture-below must be within [0, 1] (got {below})")
         if max_mb <= 0:
             raise ImgclfError(f"--capture-max-mb must be > 0 (got {max_mb})")
         self.root, self.rate, self.below = Path(root), rate, below
