@@ -138,3 +138,44 @@ def test_uint8_pixels_normalise_to_exactly_the_eval_transform(crop_mode):
         assert (pre.eval()(img) - (px.float() / 255 - mean) / std).abs().max() < 1e-5
         assert torch.equal(pre.eval()(img), timm_eval(img))  # timm's own eval transform, to the last bit
         assert torch.equal(pre.normalize()(px[None])[0], timm_eval(img))  # the graph's normalisation too
+
+
+@pytest.mark.unit
+def test_openvino_models_dropped_out_of_order_leave_no_dangling_signal_stack():
+    """OpenVINO's CPU plugin points the thread's sigaltstack at its own buffer while a compiled model lives; dropped
+    in another order than made (a served version swapped out), the thread kept an unmapped signal stack and the next
+    handled signal (SIGCHLD, SIGTERM) died with SIGSEGV (seen on AMD Zen 5). keep_altstack gives the stack back."""
+    import ctypes
+    import gc
+    import sys
+
+    import torch
+
+    ov = pytest.importorskip("openvino")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    from imgclf.deploy.export.openvino import _StackT, keep_altstack
+
+    def stack() -> tuple[int, bool]:
+        s = _StackT()
+        assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(s)) == 0
+        sp = s.ss_sp or 0
+        with open("/proc/self/maps") as f:
+            spans = [line.split()[0].split("-") for line in f]
+        return sp, any(int(a, 16) <= sp < int(b, 16) for a, b in spans)
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)).eval()
+    m(torch.zeros(1, 3, 8, 8))
+    model = ov.convert_model(m, example_input=torch.zeros(1, 3, 8, 8))
+    before = stack()
+    with keep_altstack():
+        a = ov.Core().compile_model(model, "CPU")
+        a(np.zeros((1, 3, 8, 8), np.float32))
+    with keep_altstack():
+        b = ov.Core().compile_model(model, "CPU")
+        b(np.zeros((1, 3, 8, 8), np.float32))
+    del a
+    gc.collect()
+    del b
+    gc.collect()
+    assert stack() == before and (before[0] == 0 or before[1])

@@ -136,6 +136,8 @@ class OpenVinoPredictor(Predictor):
     def __init__(self, art: Artifact, precision: str = "f32", threads: int | None = None):
         import openvino as ov
 
+        from .export.openvino import keep_altstack
+
         self.art = art
         self.name = {"bf16": "openvino-bf16", "int8": "openvino-int8"}.get(precision, "openvino")
         path = exported(art, "openvino-int8" if precision == "int8" else "openvino")
@@ -144,8 +146,9 @@ class OpenVinoPredictor(Predictor):
             cfg["INFERENCE_PRECISION_HINT"] = precision
         if threads:
             cfg["INFERENCE_NUM_THREADS"] = threads
-        self.compiled, self.path = ov.Core().compile_model(str(path), "CPU", cfg), str(path)
-        self.request = self.compiled.create_infer_request()
+        with keep_altstack():  # (see there: a swapped-out model must not leave a dangling signal stack)
+            self.compiled, self.path = ov.Core().compile_model(str(path), "CPU", cfg), str(path)
+            self.request = self.compiled.create_infer_request()
         self.outputs = [self.compiled.output(n) for n in OUTPUTS]
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

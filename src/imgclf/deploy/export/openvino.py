@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import logging
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,46 @@ from .verification import _Job, _rows_equal
 HELD_N = 1000
 #: ... within this many points (stricter than the user's tolerance, which is judged on other images)
 HELD_MAX_DISAGREEMENT = 0.5
+
+
+class _StackT(ctypes.Structure):  # POSIX stack_t
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def keep_altstack() -> Iterator[None]:
+    """Give the calling thread back its signal stack after OpenVINO work.
+
+    Compiling a model on OpenVINO's CPU plugin (2025-2026 releases, seen on AMD Zen 5) points the thread's
+    ``sigaltstack`` at a buffer of its own and puts back what it found when the compiled model is destroyed. When
+    compiled models are destroyed in another order than they were made (a served version swapped out, NNCF's
+    candidate models, several predictors in one process), a thread is left with a signal stack that is no longer
+    mapped, and the next signal handled on it (Python's own handlers use SA_ONSTACK: SIGCHLD, SIGTERM) kills the
+    process with SIGSEGV. Restoring the stack found before (its owner, such as faulthandler, keeps it) makes every
+    saved value the same one, so no destruction order leaves it dangling. Our value: no library does this; a
+    no-op where ``sigaltstack`` is not available."""
+    libc = _libc()
+    before = _StackT()
+    if libc is None or libc.sigaltstack(None, ctypes.byref(before)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        now = _StackT()
+        read = libc.sigaltstack(None, ctypes.byref(now)) == 0
+        if read and (now.ss_sp, now.ss_size, now.ss_flags) != (before.ss_sp, before.ss_size, before.ss_flags):
+            libc.sigaltstack(ctypes.byref(before), None)  # (with SS_DISABLE as read when there was none)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    if not hasattr(os, "fork"):  # not POSIX
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def _export_openvino(onnx_path: Path, out_xml: Path, meta: dict[str, str], arch: str = "model") -> Path:
@@ -51,7 +96,8 @@ def _ov_runner(xml: Path | Any, precision: str | None = "f32"):
     import openvino as ov
 
     cfg = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
-    compiled = ov.Core().compile_model(str(xml) if isinstance(xml, Path) else xml, "CPU", cfg)
+    with keep_altstack():
+        compiled = ov.Core().compile_model(str(xml) if isinstance(xml, Path) else xml, "CPU", cfg)
     out = compiled.output("logits")
     return lambda x: compiled(x)[out]
 
@@ -91,12 +137,13 @@ def _quantize_openvino(
     level = nncf_log.level
     nncf_log.setLevel(logging.ERROR)  # NNCF reports every reverted layer at INFO
     try:
-        q = nncf.quantize_with_accuracy_control(
-            model, nncf.Dataset(calib), nncf.Dataset(held_ref), validation_fn=agreement,
-            max_drop=max(0.0, min(tolerance, HELD_MAX_DISAGREEMENT)) / 100,
-            drop_type=nncf.DropType.ABSOLUTE, preset=nncf.QuantizationPreset.MIXED,
-            subset_size=sum(len(x) for x in calib),
-        )  # fmt: skip
+        with keep_altstack():  # NNCF compiles and drops candidate models
+            q = nncf.quantize_with_accuracy_control(
+                model, nncf.Dataset(calib), nncf.Dataset(held_ref), validation_fn=agreement,
+                max_drop=max(0.0, min(tolerance, HELD_MAX_DISAGREEMENT)) / 100,
+                drop_type=nncf.DropType.ABSOLUTE, preset=nncf.QuantizationPreset.MIXED,
+                subset_size=sum(len(x) for x in calib),
+            )  # fmt: skip
     finally:
         nncf_log.setLevel(level)
     return _save_openvino(q, out_xml, meta)
