@@ -263,8 +263,10 @@ def test_metrics_count_requests_batches_and_unknowns(server, images):
 
 def test_drift_low_on_fashion_mnist_and_high_on_digits(tmp_path):
     """A model trained on Fashion-MNIST, served twice: its test images keep drift low, scanned digits raise it."""
+    # no HTML report (12 Grad-CAMs of the top losses) and OOD feature statistics from 500 of the 4500 training
+    # images: neither reaches the drift reference (the validation split's calibrated outputs) nor this test
     r = run_cli("train", "--data", "builtin:fashion-mnist", "--epochs", "1", "--output", tmp_path, "--name", "fm",
-                *TINY, "--batch-size", "64")  # fmt: skip
+                *TINY, "--batch-size", "64", "--trust.report", "false", "--trust.ood_max_train", "500")  # fmt: skip
     assert r.code == 0, r
     run = tmp_path / "fm"
     ref = json.loads((run / "imgclf.json").read_text())["drift"]
