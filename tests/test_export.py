@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from .conftest import TINY, run_cli
+from .conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def run(tiny_folder, tmp_path_factory):
-    """The tiny data trained to clear margins (10 epochs): int8 checks assert that separable classes survive 8
-    bits, which a 4-epoch run's small logits do not promise (on AMD Zen 5 its int8 agreement was 0.75-0.83)."""
-    out = tmp_path_factory.mktemp("export")
-    r = run_cli("train", "--data", tiny_folder, "--epochs", "10", "--output", out, "--name", "tiny", *TINY)
-    assert r.code == 0, r
-    return out / "tiny"
+def run(clear_run, tmp_path_factory):
+    d = tmp_path_factory.mktemp("export") / "tiny"
+    shutil.copytree(clear_run, d)
+    return d
 
 
 def _torch_reference(run, pixels_nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,9 +15,9 @@ from .conftest import make_image, run_cli
 
 
 @pytest.fixture(scope="module")
-def run(tiny_run, tmp_path_factory):
+def run(clear_run, tmp_path_factory):
     d = tmp_path_factory.mktemp("rt") / "tiny"
-    shutil.copytree(tiny_run, d)
+    shutil.copytree(clear_run, d)
     return d
 
 
