@@ -71,7 +71,7 @@ class DriftHook:
                 return False  # drift came back within the cooldown: the same episode
             self.fired += 1
         t = threading.Thread(target=self._run, args=(key, payload()), name="imgclf-on-drift", daemon=True)
-        self.threads.append(t)
+        self.threads = [*(x for x in self.threads if x.is_alive()), t]  # finished runs are not kept
         t.start()
         return True
 

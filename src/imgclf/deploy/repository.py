@@ -104,9 +104,7 @@ class Repository:
             try:
                 m = load_one(name, version, path, server.opts, "repository")
             except Exception as e:  # noqa: BLE001 - as in a rescan: one broken version must not stop the others
-                msg = (str(e) if isinstance(e, ImgclfError) else f"{type(e).__name__}: {e}").splitlines()[0][:500]
-                log.error("model repository: %s:%s from %s did not load: %s", name, version, path, msg)
-                self.failed[(name, int(version))] = (_signature(path), msg)
+                self._failed(name, int(version), path, _signature(path), e)
                 continue
             server.models.setdefault(name, {})[version] = m
             server._attach(m)
@@ -173,14 +171,18 @@ class Repository:
         try:
             await self.server.load(name, str(version), path, origin="repository")
         except Exception as e:  # noqa: BLE001 - a broken version must not stop the server: say why, keep the old
-            msg = f"{type(e).__name__}: {e}" if not isinstance(e, ImgclfError) else str(e)
-            log.error("model repository: %s:%d from %s did not load: %s", name, version, path, msg.splitlines()[0])
-            self.failed[(name, version)] = (sig, msg.splitlines()[0][:500])
-            self.server.metrics.model_events.labels(name, "load_failed").inc()
+            self._failed(name, version, path, sig, e)
             return False
         self.failed.pop((name, version), None)
         self.swaps += 1
         return True
+
+    def _failed(self, name: str, version: int, path: Path, sig: tuple, e: Exception) -> None:
+        """Log a version that did not load and remember why (listed in the index; retried when its files change)."""
+        msg = (str(e) if isinstance(e, ImgclfError) else f"{type(e).__name__}: {e}").splitlines()[0][:500]
+        log.error("model repository: %s:%d from %s did not load: %s", name, version, path, msg)
+        self.failed[(name, version)] = (sig, msg)
+        self.server.metrics.model_events.labels(name, "load_failed").inc()
 
     async def unload(self, name: str) -> list[str]:
         """Retire every served version of ``name`` and keep the watcher from loading it again."""

@@ -55,6 +55,7 @@ from prometheus_client import (
 
 from ..data.images import BadImage, decode_image
 from ..errors import ImgclfError
+from ..eval.drift import THRESHOLDS
 from .batcher import Draining, QueueFull
 from .kserve import HEADER, ProtocolError, encode_response, parse_request
 from .serving import ServedModel, ServeOptions
@@ -107,7 +108,7 @@ class Metrics:
         """Drop the gauges of an unloaded model version (its counters stay: Prometheus counters never go back)."""
         for g in (self.queue, self.unknown_rate, self.drifted):
             _remove(g, key)
-        for stat in ("psi_class", "psi_confidence", "ks_confidence", "embedding_shift"):
+        for stat in THRESHOLDS:  # the drift statistics
             _remove(self.drift, key, stat)
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -560,7 +561,7 @@ class Server:
             rep = m.monitor.last
             self.metrics.queue.labels(m.key).set(m.batcher.queued_images)
             self.metrics.unknown_rate.labels(m.key).set(rep.get("unknown_rate", 0.0))
-            for stat in ("psi_class", "psi_confidence", "ks_confidence", "embedding_shift"):
+            for stat in THRESHOLDS:  # the drift statistics
                 if stat in rep:
                     self.metrics.drift.labels(m.key, stat).set(rep[stat])
             self.metrics.drifted.labels(m.key).set(1.0 if rep.get("status") == "drift" else 0.0)
